@@ -1,0 +1,207 @@
+"""Settings of spattn_compile: one frozen dataclass and a context manager that scopes overrides.
+
+`SparseAttentionConfig` holds every knob of ALGORITHMS.md; each field is validated on construction with an error that
+names the field, the value and what is allowed. The active settings live in a `contextvars.ContextVar`, so
+`with spattn_compile.config(...)` nests, and is private to its thread and its asyncio task. Compiled graphs read the
+active settings when the op runs (never at trace time), so changing them never recompiles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+from collections.abc import Iterator
+from typing import Literal
+
+__all__ = ["SparseAttentionConfig", "config", "current_config", "set_config"]
+
+ReorderMode = Literal["hilbert", "none"]
+RectifyMode = Literal["none", "block", "query"]
+TextPosition = Literal["first", "last"]
+
+_REORDER_MODES = ("hilbert", "none")
+_RECTIFY_MODES = ("none", "block", "query")
+_TEXT_POSITIONS = ("first", "last")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _fail(field: str, value: object, allowed: str) -> None:
+    raise ValueError(f"SparseAttentionConfig.{field}={value!r} is invalid: expected {allowed}")
+
+
+def _fail_type(field: str, value: object, allowed: str) -> None:
+    raise TypeError(f"SparseAttentionConfig.{field}={value!r} has type {type(value).__name__}: expected {allowed}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseAttentionConfig:
+    """Settings of sparse attention. Frozen: derive variants with `dataclasses.replace` or `spattn_compile.config`.
+
+    Selection (stages 1-2 of ALGORITHMS.md):
+        sparsity: fraction of video key blocks each query block skips, in [0, 1). 0 keeps every block (dense).
+        block_size: tokens per block after reordering (a power of two, 16 to 256).
+        tile_size: fine pooling tile of hierarchical scoring; a power of two dividing `block_size`.
+            `tile_size == block_size` is single-level scoring.
+        mass_threshold: if set, in (0, 1]: keep adding blocks beyond the budget until the kept blocks hold this share
+            of the estimated attention mass, up to `max_density`. None selects exactly the budget.
+        max_density: upper bound, in (0, 1], on the share of video key blocks the threshold may grow a row to.
+        reorder: "hilbert" (3-D generalized Hilbert curve) or "none" (raster order).
+        neighbors: always keep the blocks holding any 26-neighbour of a token of the query block.
+    Rectification (stage 3):
+        rectify: "none" (plain block-sparse), "block" (IPAR/GAPR scalar R and vector c per query block) or "query"
+            (trusted skipped blocks enter the softmax as virtual pooled keys).
+        gapr: gate the compensation of skipped blocks by GAPR's test; False compensates every skipped block.
+    Schedule (stage 4):
+        dense_steps: number of leading denoising steps run dense.
+        dense_layers: attention layer indices (as numbered by the compiler pass) that always run dense.
+        refresh_interval: steps between recomputations of a cached plan (1: recompute every step).
+        density_decay: density removed at each refresh, in [0, 1) (DFSAttn's adaptive ratio).
+        min_seq_len: sequences shorter than this run dense attention.
+    Overrides for the compiler pass (None: infer from the graph):
+        video_grid: (frames, height, width) of the latent token grid.
+        text_len: number of text tokens in the joint sequence.
+        text_position: "first" or "last".
+    """
+
+    sparsity: float = 0.75
+    block_size: int = 128
+    tile_size: int = 32
+    mass_threshold: float | None = None
+    max_density: float = 0.5
+    reorder: ReorderMode = "hilbert"
+    rectify: RectifyMode = "block"
+    gapr: bool = True
+    neighbors: bool = False
+    dense_steps: int = 0
+    dense_layers: tuple[int, ...] = ()
+    refresh_interval: int = 1
+    density_decay: float = 0.0
+    min_seq_len: int = 2048
+    video_grid: tuple[int, int, int] | None = None
+    text_len: int | None = None
+    text_position: TextPosition | None = None
+
+    def __post_init__(self) -> None:
+        self._check_fraction("sparsity", self.sparsity, low_open=False, high_open=True, allowed="a number in [0, 1)")
+        for name in ("block_size", "tile_size"):
+            value = getattr(self, name)
+            if not _is_int(value):
+                _fail_type(name, value, "an int")
+            if value < 16 or value > 256 or value & (value - 1):
+                _fail(name, value, "a power of two from 16 to 256")
+        if self.block_size % self.tile_size:
+            _fail("tile_size", self.tile_size, f"a divisor of block_size={self.block_size}")
+        if self.mass_threshold is not None:
+            self._check_fraction(
+                "mass_threshold",
+                self.mass_threshold,
+                low_open=True,
+                high_open=False,
+                allowed="None or a number in (0, 1]",
+            )
+        self._check_fraction(
+            "max_density", self.max_density, low_open=True, high_open=False, allowed="a number in (0, 1]"
+        )
+        if self.reorder not in _REORDER_MODES:
+            _fail("reorder", self.reorder, f"one of {_REORDER_MODES}")
+        if self.rectify not in _RECTIFY_MODES:
+            _fail("rectify", self.rectify, f"one of {_RECTIFY_MODES}")
+        for name in ("gapr", "neighbors"):
+            if not isinstance(getattr(self, name), bool):
+                _fail_type(name, getattr(self, name), "a bool")
+        for name, low in (("dense_steps", 0), ("refresh_interval", 1), ("min_seq_len", 0)):
+            value = getattr(self, name)
+            if not _is_int(value):
+                _fail_type(name, value, "an int")
+            if value < low:
+                _fail(name, value, f"an int >= {low}")
+        layers = self.dense_layers
+        if isinstance(layers, (list, set, frozenset)):
+            layers = tuple(sorted(layers))
+            object.__setattr__(self, "dense_layers", layers)
+        if not isinstance(layers, tuple) or not all(_is_int(x) and x >= 0 for x in layers):
+            _fail("dense_layers", self.dense_layers, "a tuple of non-negative ints")
+        self._check_fraction(
+            "density_decay", self.density_decay, low_open=False, high_open=True, allowed="a number in [0, 1)"
+        )
+        if self.video_grid is not None:
+            grid = self.video_grid
+            if isinstance(grid, list):
+                grid = tuple(grid)
+                object.__setattr__(self, "video_grid", grid)
+            if not (isinstance(grid, tuple) and len(grid) == 3 and all(_is_int(x) and x >= 1 for x in grid)):
+                _fail("video_grid", self.video_grid, "None or a tuple of three positive ints (frames, height, width)")
+        if self.text_len is not None:
+            if not _is_int(self.text_len):
+                _fail_type("text_len", self.text_len, "None or an int")
+            if self.text_len < 0:
+                _fail("text_len", self.text_len, "None or an int >= 0")
+        if self.text_position is not None and self.text_position not in _TEXT_POSITIONS:
+            _fail("text_position", self.text_position, f"None or one of {_TEXT_POSITIONS}")
+
+    @staticmethod
+    def _check_fraction(name: str, value: object, *, low_open: bool, high_open: bool, allowed: str) -> None:
+        if not _is_real(value):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                _fail(name, value, allowed)
+            _fail_type(name, value, allowed)
+        too_low = value <= 0 if low_open else value < 0
+        too_high = value >= 1 if high_open else value > 1
+        if too_low or too_high:
+            _fail(name, value, allowed)
+
+    @property
+    def density(self) -> float:
+        """Target share of video key blocks kept per query block, `1 - sparsity`."""
+        return 1.0 - self.sparsity
+
+
+_ACTIVE: contextvars.ContextVar[SparseAttentionConfig] = contextvars.ContextVar(
+    "spattn_compile_config",
+    default=SparseAttentionConfig(),  # noqa: B039  (frozen, so sharing the default is safe)
+)
+
+
+def current_config() -> SparseAttentionConfig:
+    """The settings in force in this thread / task: the innermost `config(...)` block, else the defaults."""
+    return _ACTIVE.get()
+
+
+def set_config(new: SparseAttentionConfig) -> contextvars.Token:
+    """Replace the active settings until `reset_config(token)`; prefer the `config` context manager."""
+    if not isinstance(new, SparseAttentionConfig):
+        raise TypeError(f"set_config expects a SparseAttentionConfig, got {type(new).__name__}")
+    return _ACTIVE.set(new)
+
+
+@contextlib.contextmanager
+def config(base: SparseAttentionConfig | None = None, /, **overrides: object) -> Iterator[SparseAttentionConfig]:
+    """Scope settings: `with spattn_compile.config(sparsity=0.9, rectify="query"): ...`.
+
+    Fields not overridden keep their value from the enclosing block (or `base`, if given). Unknown names raise
+    `TypeError`; out-of-range values raise `ValueError` naming the field.
+    """
+    start = current_config() if base is None else base
+    if not isinstance(start, SparseAttentionConfig):
+        raise TypeError(
+            f"config() takes a SparseAttentionConfig as its positional argument, got {type(start).__name__}"
+        )
+    known = {f.name for f in dataclasses.fields(SparseAttentionConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"unknown SparseAttentionConfig field(s) {unknown}; known fields: {sorted(known)}")
+    new = dataclasses.replace(start, **overrides)
+    token = _ACTIVE.set(new)
+    try:
+        yield new
+    finally:
+        _ACTIVE.reset(token)

@@ -1,0 +1,1 @@
+"""Triton kernels of the sparse-attention pipeline, one concern per file. Kernels know nothing of FX or Dynamo."""
