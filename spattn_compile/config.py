@@ -15,7 +15,7 @@ import math
 from collections.abc import Iterator
 from typing import Literal
 
-__all__ = ["SparseAttentionConfig", "config", "current_config", "set_config"]
+__all__ = ["SparseAttentionConfig", "config", "current_config", "explicit_fields", "reset_config", "set_config"]
 
 ReorderMode = Literal["hilbert", "none"]
 RectifyMode = Literal["none", "block", "query"]
@@ -171,37 +171,60 @@ _ACTIVE: contextvars.ContextVar[SparseAttentionConfig] = contextvars.ContextVar(
 )
 
 
+_ALL_FIELDS: frozenset[str] = frozenset(f.name for f in dataclasses.fields(SparseAttentionConfig))
+# Names of the fields that an enclosing `config(...)` / `set_config` chose explicitly; compiled models let these win
+# over their compile-time options (see `spattn_compile.backend`).
+_EXPLICIT: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
+    "spattn_compile_explicit_fields", default=frozenset()
+)
+
+
 def current_config() -> SparseAttentionConfig:
     """The settings in force in this thread / task: the innermost `config(...)` block, else the defaults."""
     return _ACTIVE.get()
 
 
-def set_config(new: SparseAttentionConfig) -> contextvars.Token:
-    """Replace the active settings until `reset_config(token)`; prefer the `config` context manager."""
+def explicit_fields() -> frozenset[str]:
+    """The fields set explicitly by the enclosing `config(...)` blocks (all fields after `set_config` or
+    `config(base)`); the others hold library defaults."""
+    return _EXPLICIT.get()
+
+
+def set_config(new: SparseAttentionConfig) -> tuple[contextvars.Token, contextvars.Token]:
+    """Replace the active settings (all fields count as explicitly set) until `reset_config(token)`; prefer the
+    `config` context manager."""
     if not isinstance(new, SparseAttentionConfig):
         raise TypeError(f"set_config expects a SparseAttentionConfig, got {type(new).__name__}")
-    return _ACTIVE.set(new)
+    return _ACTIVE.set(new), _EXPLICIT.set(_ALL_FIELDS)
+
+
+def reset_config(token: tuple[contextvars.Token, contextvars.Token]) -> None:
+    """Undo the `set_config` call that returned `token`."""
+    config_token, explicit_token = token
+    _EXPLICIT.reset(explicit_token)
+    _ACTIVE.reset(config_token)
 
 
 @contextlib.contextmanager
 def config(base: SparseAttentionConfig | None = None, /, **overrides: object) -> Iterator[SparseAttentionConfig]:
     """Scope settings: `with spattn_compile.config(sparsity=0.9, rectify="query"): ...`.
 
-    Fields not overridden keep their value from the enclosing block (or `base`, if given). Unknown names raise
-    `TypeError`; out-of-range values raise `ValueError` naming the field.
+    Fields not overridden keep their value from the enclosing block (or `base`, if given, whose fields then all count
+    as explicitly set). Unknown names raise `TypeError`; out-of-range values raise `ValueError` naming the field.
     """
     start = current_config() if base is None else base
     if not isinstance(start, SparseAttentionConfig):
-        raise TypeError(
-            f"config() takes a SparseAttentionConfig as its positional argument, got {type(start).__name__}"
-        )
-    known = {f.name for f in dataclasses.fields(SparseAttentionConfig)}
-    unknown = sorted(set(overrides) - known)
+        raise TypeError(f"config() takes a SparseAttentionConfig as its positional argument, got {type(start).__name__}")
+    unknown = sorted(set(overrides) - _ALL_FIELDS)
     if unknown:
-        raise TypeError(f"unknown SparseAttentionConfig field(s) {unknown}; known fields: {sorted(known)}")
+        raise TypeError(f"unknown SparseAttentionConfig field(s) {unknown}; known fields: {sorted(_ALL_FIELDS)}")
     new = dataclasses.replace(start, **overrides)
-    token = _ACTIVE.set(new)
+    explicit = _ALL_FIELDS if base is not None else _EXPLICIT.get() | frozenset(overrides)
+    token = set_config(new)
+    _EXPLICIT.reset(token[1])
+    explicit_token = _EXPLICIT.set(explicit)
     try:
         yield new
     finally:
-        _ACTIVE.reset(token)
+        _EXPLICIT.reset(explicit_token)
+        _ACTIVE.reset(token[0])

@@ -1,0 +1,779 @@
+"""Token-axis analysis: which tensor dimensions of a Dynamo FX graph are sequences of video tokens, and their layout.
+
+This module owns the data-flow rules that let the attention pass know the video grid without being told. One forward
+pass over the graph (in topological order) annotates every tensor dimension that carries *token structure*: a
+`TokenAxis`, the concatenation of `GridSpan`s (tokens that are the row-major flattening of a grid of sizes
+`factors`) and `OtherSpan`s (tokens of no known grid: text, registers, padding). Structure is created where a reshape
+or flatten merges several dimensions into one (the patch embedding's `(B, C, F, H, W) -> (B, C, F*H*W)`, or the
+coordinate grid a rotary embedding is built from), grows where `torch.cat` joins sequences (video then text, or text
+then video), shrinks where slices or splits cut a sequence, and is carried by ops that keep the meaning of a
+dimension: permutes, elementwise and broadcasting ops, normalisations, linear layers (all but the last dimension),
+convolutions (the batch dimension) and attention itself (the query's sequence). An op without a rule drops the
+annotations of its output, so missing knowledge never turns into a guess; when two inputs of one op claim different
+layouts for the same dimension, that dimension is marked `Conflict`. Sizes are ints, or SymInts under dynamic shapes;
+sizes are compared with `statically_known_true`, which proves equalities on the symbolic expressions (sympy) without
+adding guards. Each grid factor remembers a `(node, dim)` whose size it is, so the pass can rebuild it as a graph value.
+The module knows nothing of attention or of Triton.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+__all__ = [
+    "Conflict",
+    "DimInfo",
+    "Factor",
+    "GridSpan",
+    "OtherSpan",
+    "TokenAxis",
+    "TokenAxisAnalysis",
+    "known_equal",
+    "node_value",
+    "size_hint",
+]
+
+Size = int | torch.SymInt
+
+logger = logging.getLogger("spattn_compile")
+
+
+def node_value(node: object) -> object:
+    """The traced example value of an FX node (a fake tensor, SymInt, tuple...), or the constant itself."""
+    if isinstance(node, fx.Node):
+        value = node.meta.get("example_value")
+        return node.meta.get("val") if value is None else value
+    return node
+
+
+def known_equal(a: Size, b: Size) -> bool:
+    """True when `a == b` holds for every value of the shape symbols (no guard is added)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return bool(statically_known_true(a == b))
+
+
+def size_hint(size: Size) -> int | None:
+    """The concrete value of a size at the traced example (the hint of a SymInt); None when it has none."""
+    if isinstance(size, int):
+        return size
+    hint = getattr(size.node, "hint", None)
+    return int(hint) if hint is not None else None
+
+
+def _product(sizes: Iterable[Size]) -> Size:
+    result: Size = 1
+    for size in sizes:
+        result = result * size
+    return result
+
+
+@dataclasses.dataclass(frozen=True)
+class Factor:
+    """One grid dimension: its size, and a tensor node and dimension whose size it is (to rebuild it in the graph)."""
+
+    size: Size
+    source: tuple[fx.Node, int] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class GridSpan:
+    """Tokens that are the row-major flattening of a grid with sizes `factors` (outermost first)."""
+
+    factors: tuple[Factor, ...]
+
+    @property
+    def length(self) -> Size:
+        return _product(f.size for f in self.factors)
+
+    def describe(self) -> str:
+        return "grid(" + "x".join(str(f.size) for f in self.factors) + ")"
+
+
+@dataclasses.dataclass(frozen=True)
+class OtherSpan:
+    """Tokens of no known grid (text, registers, padding)."""
+
+    length: Size
+
+    def describe(self) -> str:
+        return f"other({self.length})"
+
+
+Span = GridSpan | OtherSpan
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenAxis:
+    """A sequence dimension made of consecutive spans; at least one of them is a `GridSpan`."""
+
+    spans: tuple[Span, ...]
+
+    @property
+    def length(self) -> Size:
+        total: Size = 0
+        for span in self.spans:
+            total = total + span.length
+        return total
+
+    def describe(self) -> str:
+        return " + ".join(s.describe() for s in self.spans)
+
+    def same_layout(self, other: TokenAxis) -> bool:
+        """Same spans with provably equal sizes (the factor sources may differ)."""
+        if len(self.spans) != len(other.spans):
+            return False
+        for mine, theirs in zip(self.spans, other.spans):
+            if type(mine) is not type(theirs):
+                return False
+            if isinstance(mine, OtherSpan):
+                if not known_equal(mine.length, theirs.length):
+                    return False
+            elif len(mine.factors) != len(theirs.factors) or not all(
+                known_equal(a.size, b.size) for a, b in zip(mine.factors, theirs.factors)
+            ):
+                return False
+        return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Conflict:
+    """A dimension whose inputs claim different token layouts (or that descends from such a dimension)."""
+
+    reason: str
+
+    def describe(self) -> str:
+        return f"conflict ({self.reason})"
+
+
+DimInfo = TokenAxis | Conflict
+# Per tensor value: annotated dimensions only; a missing dimension carries no token structure.
+Annotation = dict[int, DimInfo]
+
+
+def _make_axis(spans: Sequence[Span]) -> TokenAxis | None:
+    """Normalise spans (drop provably empty ones, fuse neighbouring other-spans); None if no grid is left."""
+    fused: list[Span] = []
+    for span in spans:
+        if isinstance(span, OtherSpan) and known_equal(span.length, 0):
+            continue
+        if isinstance(span, OtherSpan) and fused and isinstance(fused[-1], OtherSpan):
+            fused[-1] = OtherSpan(fused[-1].length + span.length)
+        else:
+            fused.append(span)
+    if not any(isinstance(s, GridSpan) for s in fused):
+        return None
+    return TokenAxis(tuple(fused))
+
+
+def _combine(infos: Iterable[DimInfo | None], where: str) -> DimInfo | None:
+    """Merge the claims of several inputs about one output dimension."""
+    result: DimInfo | None = None
+    for info in infos:
+        if info is None:
+            continue
+        if isinstance(info, Conflict):
+            return info
+        if result is None:
+            result = info
+        elif not result.same_layout(info):
+            return Conflict(f"{where}: {result.describe()} meets {info.describe()}")
+    return result
+
+
+def _slice_axis(info: DimInfo, start: Size, stop: Size) -> DimInfo | None:
+    """The token structure of positions `[start, stop)` of an annotated dimension (0 <= start <= stop <= length)."""
+    if isinstance(info, Conflict):
+        return info
+    start_hint, stop_hint = size_hint(start), size_hint(stop)
+    if start_hint is None or stop_hint is None:
+        return None
+    kept: list[Span] = []
+    offset: Size = 0
+    for span in info.spans:
+        length = span.length
+        end_offset = offset + length
+        lo, hi = size_hint(offset), size_hint(end_offset)
+        if lo is None or hi is None:
+            return None
+        # Each case is decided at the traced sizes, then proved for every size (else: no structure).
+        if hi <= start_hint or lo >= stop_hint:
+            if not (_known_le(end_offset, start) or _known_le(stop, offset)):
+                return None
+        else:
+            starts_inside, ends_inside = lo < start_hint, hi > stop_hint
+            begin = start if starts_inside else offset
+            end = stop if ends_inside else end_offset
+            start_proved = _known_le(offset, start) if starts_inside else _known_le(start, offset)
+            stop_proved = _known_le(stop, end_offset) if ends_inside else _known_le(end_offset, stop)
+            if not (start_proved and stop_proved):
+                return None
+            if not (starts_inside or ends_inside):
+                kept.append(span)
+            elif isinstance(span, OtherSpan):
+                kept.append(OtherSpan(end - begin))  # part of a text span is still text
+            else:
+                return None  # cutting into a grid leaves no grid we can name
+        offset = end_offset
+    return _make_axis(kept)
+
+
+def _known_le(a: Size, b: Size) -> bool:
+    if isinstance(a, int) and isinstance(b, int):
+        return a <= b
+    return bool(statically_known_true(a <= b))
+
+
+def _normalize_dim(dim: object, rank: int) -> int | None:
+    if isinstance(dim, bool) or not isinstance(dim, int) or rank == 0:
+        return None
+    if not -rank <= dim < rank:
+        return None
+    return dim % rank
+
+
+def _tensor_shape(value: object) -> tuple[Size, ...] | None:
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def _reshape_groups(in_shape: Sequence[Size], out_shape: Sequence[Size]) -> list[tuple[list[int], list[int]]] | None:
+    """Pair the input and output dimensions of a row-major reshape: each group of input dimensions holds exactly the
+    elements of its group of output dimensions. Size-1 dimensions form their own groups. Computed on the traced
+    sizes, then proved for every size."""
+    a = [size_hint(s) for s in in_shape]
+    b = [size_hint(s) for s in out_shape]
+    if None in a or None in b or 0 in a or 0 in b:
+        return None
+    groups: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(a) or j < len(b):
+        if i < len(a) and a[i] == 1 and not (j < len(b) and b[j] == 1):
+            groups.append(([i], []))
+            i += 1
+            continue
+        if j < len(b) and b[j] == 1 and not (i < len(a) and a[i] == 1):
+            groups.append(([], [j]))
+            j += 1
+            continue
+        if i >= len(a) or j >= len(b):
+            return None
+        ins, outs = [i], [j]
+        product_in, product_out = a[i], b[j]
+        i += 1
+        j += 1
+        while product_in != product_out:
+            if product_in < product_out:
+                if i >= len(a):
+                    return None
+                product_in *= a[i]
+                ins.append(i)
+                i += 1
+            else:
+                if j >= len(b):
+                    return None
+                product_out *= b[j]
+                outs.append(j)
+                j += 1
+        groups.append((ins, outs))
+    for ins, outs in groups:
+        if not known_equal(_product(in_shape[d] for d in ins), _product(out_shape[d] for d in outs)):
+            return None
+    return _absorb_unit_dims(groups)
+
+
+def _absorb_unit_dims(groups: list[tuple[list[int], list[int]]]) -> list[tuple[list[int], list[int]]]:
+    """Join each dropped size-1 input dimension to the merge next to it, so that flattening a (1, H, W) grid keeps
+    three factors (a single-frame video is still a video)."""
+
+    def is_merge(group: tuple[list[int], list[int]]) -> bool:
+        return len(group[0]) >= 2 and len(group[1]) == 1
+
+    result = [(list(ins), list(outs)) for ins, outs in groups]
+    changed = True
+    while changed:
+        changed = False
+        for k, (ins, outs) in enumerate(result):
+            if len(ins) != 1 or outs:
+                continue
+            for neighbour in (k + 1, k - 1):
+                if 0 <= neighbour < len(result) and is_merge(result[neighbour]):
+                    target_ins, target_outs = result[neighbour]
+                    merged = sorted(target_ins + ins)
+                    result[neighbour] = (merged, target_outs)
+                    del result[k]
+                    changed = True
+                    break
+            if changed:
+                break
+    return result
+
+
+def _partition_factors(factors: Sequence[Factor], sizes: Sequence[Size]) -> list[list[Factor]] | None:
+    """Split a grid's factors into consecutive groups whose products are `sizes` (all > 1), or None."""
+    targets = [size_hint(s) for s in sizes]
+    parts: list[list[Factor]] = [[] for _ in sizes]
+    k, accumulated = 0, 1
+    for factor in factors:
+        hint = size_hint(factor.size)
+        if hint is None:
+            return None
+        if accumulated == targets[k] and hint != 1:
+            k += 1
+            accumulated = 1
+            if k >= len(sizes):
+                return None
+        parts[k].append(factor)
+        accumulated *= hint
+        if accumulated > targets[k]:
+            return None
+    if k != len(sizes) - 1 or accumulated != targets[k]:
+        return None
+    for part, size in zip(parts, sizes):
+        if not known_equal(_product(f.size for f in part), size):
+            return None
+    return parts
+
+
+def _axis_from_factors(factors: Sequence[Factor]) -> TokenAxis | None:
+    # One factor is a plain sequence: only a merge of two or more dimensions (not counting size-1 ones) is a grid.
+    extents = sum(1 for f in factors if not known_equal(f.size, 1))
+    return TokenAxis((GridSpan(tuple(factors)),)) if extents >= 2 else None
+
+
+# Ops whose output has the shape of their first input and keep the meaning of every dimension. Other tensor
+# arguments (type_as's template, a norm's weight) say nothing about the layout.
+_UNARY = frozenset(
+    """
+    abs bfloat16 bool ceil clamp clamp_max clamp_min clone contiguous cos cosh cumsum detach double dropout
+    dropout1d dropout2d dropout3d elu empty_like erf exp exp2 expm1 float floor full_like gelu group_norm half
+    hardsigmoid hardswish hardtanh instance_norm int layer_norm leaky_relu log log1p log2 log_softmax logical_not
+    long mish nan_to_num neg normalize ones_like rand_like randn_like reciprocal relu relu6 requires_grad_ rms_norm
+    round rsqrt selu sigmoid sign silu sin sinh softmax softplus sqrt square tanh to trunc type type_as zeros_like
+    """.split()
+)
+# Elementwise ops with broadcasting: every tensor argument's claims count (aligned from the right).
+_BROADCAST = frozenset(
+    """
+    add addcdiv addcmul and_ atan2 bitwise_and bitwise_or bitwise_xor copysign div eq floordiv fmod ge gt le lerp
+    logical_and logical_or logical_xor lt masked_fill maximum minimum mod mul ne or_ pow remainder sub true_divide
+    truediv where xor
+    """.split()
+)
+_RESHAPES = frozenset("flatten reshape squeeze unflatten unsqueeze view view_as reshape_as".split())
+# (`norm` is left out: its second positional argument is p, not dim.)
+_REDUCTIONS = frozenset("all amax amin any logsumexp mean nanmean prod std sum var".split())
+_CONVS = frozenset("conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d".split())
+_ATTENTION = frozenset({"scaled_dot_product_attention", "sparse_attention"})
+
+
+def _op_name(node: fx.Node) -> str | None:
+    if node.op == "call_method":
+        name = node.target
+    elif node.op == "call_function":
+        target = node.target
+        if isinstance(target, torch._ops.OpOverload):
+            name = target._opname
+        elif isinstance(target, torch._ops.OpOverloadPacket):
+            name = target._qualified_op_name.split("::")[-1]
+        else:
+            name = getattr(target, "__name__", None)
+    else:
+        return None
+    if not isinstance(name, str):
+        return None
+    # In-place variants (mul_, masked_fill_) keep the layout rules of their out-of-place forms.
+    if name.endswith("_") and not name.endswith("__") and name[:-1] in (_UNARY | _BROADCAST):
+        name = name[:-1]
+    return name
+
+
+class TokenAxisAnalysis:
+    """Annotate the token axes of every tensor in `graph` (see the module docstring). `axis(node, dim)` answers."""
+
+    def __init__(self, graph: fx.Graph) -> None:
+        self._values: dict[fx.Node, Annotation | tuple[Annotation, ...]] = {}
+        for node in graph.nodes:
+            try:
+                result = self._visit(node)
+            except Exception as error:
+                # An op whose arguments a rule misreads loses its annotations (so later decisions say "no grid"),
+                # and the analysis of the rest of the graph goes on.
+                logger.debug("spattn: token-axis rule for %s (%s) failed: %r", node.name, node.target, error)
+                result = {}
+            self._values[node] = result
+
+    def axis(self, node: fx.Node, dim: int) -> DimInfo | None:
+        """The token structure of dimension `dim` of `node`'s tensor value, or None if it has none."""
+        annotation = self._values.get(node)
+        if not isinstance(annotation, dict):
+            return None
+        rank = len(_tensor_shape(node_value(node)) or ())
+        dim = _normalize_dim(dim, rank)
+        return None if dim is None else annotation.get(dim)
+
+    # --------------------------------------------------------------------------------------------------------------
+
+    def _ann(self, arg: object) -> Annotation:
+        annotation = self._values.get(arg) if isinstance(arg, fx.Node) else None
+        return annotation if isinstance(annotation, dict) else {}
+
+    def _visit(self, node: fx.Node) -> Annotation | tuple[Annotation, ...]:
+        name = _op_name(node)
+        if name is None:
+            return {}
+        value = node_value(node)
+        if name == "getitem" and isinstance(node.args[0], fx.Node):
+            source = self._values.get(node.args[0])
+            if isinstance(source, tuple):
+                index = node.args[1]
+                return source[index] if isinstance(index, int) and -len(source) <= index < len(source) else {}
+        if isinstance(value, (tuple, list)):
+            return self._visit_multi(node, name, value)
+        shape = _tensor_shape(value)
+        if shape is None:
+            return {}
+        args = node.args
+        first = args[0] if args else node.kwargs.get("input", node.kwargs.get("self"))
+        first_shape = _tensor_shape(node_value(first))
+        if name in _UNARY:
+            return self._broadcast(node, shape, [first])
+        if name in _BROADCAST:
+            tensors = [a for a in (*args, *node.kwargs.values()) if isinstance(a, fx.Node)]
+            return self._broadcast(node, shape, tensors)
+        if name in ("cat", "concat", "concatenate"):
+            return self._cat(node, shape)
+        if name == "stack":
+            return self._stack(node, shape)
+        if name in _ATTENTION:
+            # Output row i belongs to query i.
+            query = node.kwargs.get("query", first)
+            query_shape = _tensor_shape(node_value(query)) or ()
+            return self._carry(query, query_shape, shape, range(len(shape) - 1))
+        if first_shape is None:
+            return {}
+        if name == "getitem":
+            return self._getitem(first, first_shape, args[1], shape)
+        if name in _RESHAPES:
+            return self._reshape(first, first_shape, shape)
+        if name in ("transpose", "swapaxes", "swapdims", "permute", "movedim", "t"):
+            return self._permute(node, name, first, first_shape, shape)
+        if name in ("expand", "expand_as", "broadcast_to"):
+            return self._broadcast(node, shape, [first])
+        if name == "repeat":
+            return self._repeat(first, first_shape, shape)
+        if name == "repeat_interleave":
+            dim = node.kwargs.get("dim", args[2] if len(args) > 2 else None)
+            dim = _normalize_dim(dim, len(first_shape))
+            return {d: i for d, i in self._ann(first).items() if d != dim} if dim is not None else {}
+        if name in ("linear", "matmul", "mm", "bmm") and len(first_shape) >= 2:
+            weight = args[1] if len(args) > 1 else node.kwargs.get("weight", node.kwargs.get("other"))
+            weight_shape = _tensor_shape(node_value(weight))
+            if weight_shape is None or (name != "linear" and len(weight_shape) != 2):
+                return {}
+            return self._carry(first, first_shape, shape, range(len(first_shape) - 1))
+        if name in _CONVS:
+            return self._carry(first, first_shape, shape, [0])
+        if name == "outer":
+            other = args[1] if len(args) > 1 else node.kwargs.get("vec2")
+            result = self._carry(first, first_shape, shape[:1], [0])
+            info = self._ann(other).get(0)
+            if info is not None and known_equal(shape[1], (_tensor_shape(node_value(other)) or (0,))[0]):
+                result[1] = info
+            return result
+        if name in _REDUCTIONS:
+            return self._reduction(node, first, first_shape, shape)
+        if name == "pad":
+            return self._pad(node, first, first_shape, shape)
+        return {}
+
+    def _carry(
+        self, source: object, source_shape: Sequence[Size], shape: Sequence[Size], dims: Iterable[int]
+    ) -> Annotation:
+        """Copy the annotations of `dims` from `source` where the output keeps their size."""
+        annotation = self._ann(source)
+        return {
+            d: annotation[d]
+            for d in dims
+            if d in annotation and d < len(shape) and d < len(source_shape) and known_equal(shape[d], source_shape[d])
+        }
+
+    def _broadcast(self, node: fx.Node, shape: Sequence[Size], inputs: Sequence[object]) -> Annotation:
+        claims: dict[int, list[DimInfo]] = {}
+        for arg in inputs:
+            annotation = self._ann(arg)
+            arg_shape = _tensor_shape(node_value(arg))
+            if not annotation or arg_shape is None:
+                continue
+            offset = len(shape) - len(arg_shape)
+            for d, info in annotation.items():
+                out = d + offset
+                if 0 <= out < len(shape) and known_equal(arg_shape[d], shape[out]):
+                    claims.setdefault(out, []).append(info)
+        result: Annotation = {}
+        for out, infos in claims.items():
+            combined = _combine(infos, node.name)
+            if combined is not None:
+                result[out] = combined
+        return result
+
+    def _getitem(self, source: object, shape: Sequence[Size], index: object, out_shape: Sequence[Size]) -> Annotation:
+        annotation = self._ann(source)
+        items = index if isinstance(index, tuple) else (index,)
+        consuming = sum(1 for item in items if item is not None and item is not Ellipsis)
+        result: Annotation = {}
+        in_dim = out_dim = 0
+        for item in items:
+            if item is None:
+                out_dim += 1
+            elif item is Ellipsis:
+                for _ in range(len(shape) - consuming):
+                    if in_dim in annotation:
+                        result[out_dim] = annotation[in_dim]
+                    in_dim += 1
+                    out_dim += 1
+            elif isinstance(item, slice):
+                if in_dim in annotation:
+                    sliced = self._slice(annotation[in_dim], shape[in_dim], item)
+                    if sliced is not None:
+                        result[out_dim] = sliced
+                in_dim += 1
+                out_dim += 1
+            elif isinstance(item, int) or isinstance(node_value(item), (int, torch.SymInt)):
+                in_dim += 1
+            else:
+                return {}  # advanced (tensor) indexing reorders tokens arbitrarily
+        for d in range(in_dim, len(shape)):
+            if d in annotation:
+                result[out_dim] = annotation[d]
+            out_dim += 1
+        if out_dim != len(out_shape):
+            return {}
+        return {d: info for d, info in result.items() if known_equal(_length(info, out_shape[d]), out_shape[d])}
+
+    def _slice(self, info: DimInfo, size: Size, item: slice) -> DimInfo | None:
+        step = node_value(item.step)
+        if step is not None and not (isinstance(step, int) and step == 1):
+            return None
+        start, stop = node_value(item.start), node_value(item.stop)
+        start = 0 if start is None else start
+        stop = size if stop is None else stop
+        if not isinstance(start, (int, torch.SymInt)) or not isinstance(stop, (int, torch.SymInt)):
+            return None
+        start_hint, stop_hint, size_value = size_hint(start), size_hint(stop), size_hint(size)
+        if start_hint is None or stop_hint is None or size_value is None:
+            return None
+        # Python slice semantics; negative bounds count from the end.
+        if start_hint < 0:
+            start = size + start
+        if stop_hint < 0:
+            stop = size + stop
+        if (size_hint(stop) or 0) > size_value:
+            stop = size
+        if known_equal(start, 0) and known_equal(stop, size):
+            return info
+        return _slice_axis(info, start, stop)
+
+    def _reshape(self, source: object, in_shape: Sequence[Size], out_shape: Sequence[Size]) -> Annotation:
+        groups = _reshape_groups(in_shape, out_shape)
+        if groups is None:
+            return {}
+        annotation = self._ann(source)
+        result: Annotation = {}
+        for ins, outs in groups:
+            infos = [annotation.get(d) for d in ins]
+            conflict = next((i for i in infos if isinstance(i, Conflict)), None)
+            if conflict is not None:
+                for o in outs:
+                    result[o] = conflict
+                continue
+            if len(ins) == 1 and len(outs) == 1:
+                if infos[0] is not None:
+                    result[outs[0]] = infos[0]
+            elif len(ins) >= 2 and len(outs) == 1:
+                factors: list[Factor] = []
+                for d, info in zip(ins, infos):
+                    if info is None:
+                        factors.append(Factor(in_shape[d], (source, d)))
+                    elif len(info.spans) == 1:
+                        factors.extend(info.spans[0].factors)
+                    else:
+                        factors = []  # a joint (video + text) sequence merged with another dimension
+                        break
+                axis = _axis_from_factors(factors)
+                if axis is not None:
+                    result[outs[0]] = axis
+            elif len(ins) == 1 and len(outs) >= 2 and infos[0] is not None and len(infos[0].spans) == 1:
+                parts = _partition_factors(infos[0].spans[0].factors, [out_shape[o] for o in outs])
+                if parts is not None:
+                    for o, part in zip(outs, parts):
+                        axis = _axis_from_factors(part)
+                        if axis is not None:
+                            result[o] = axis
+        return result
+
+    def _permute(self, node: fx.Node, name: str, source: object, in_shape, out_shape) -> Annotation:
+        rank = len(in_shape)
+        args = list(node.args[1:])
+        order = list(range(rank))
+        if name in ("transpose", "swapaxes", "swapdims", "t"):
+            if name == "t":
+                args = [0, 1] if rank == 2 else []
+            dims = [_normalize_dim(node_value(a), rank) for a in args[:2]]
+            if len(dims) != 2 or None in dims:
+                return {} if rank >= 2 else self._carry(source, in_shape, out_shape, range(rank))
+            order[dims[0]], order[dims[1]] = order[dims[1]], order[dims[0]]
+        elif name == "permute":
+            dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+            dims = node.kwargs.get("dims", dims)
+            order = [_normalize_dim(d, rank) for d in dims]
+            if sorted(o for o in order if o is not None) != list(range(rank)):
+                return {}
+        else:  # movedim
+            source_dims = node.kwargs.get("source", args[0] if args else None)
+            dest_dims = node.kwargs.get("destination", args[1] if len(args) > 1 else None)
+            source_dims = [source_dims] if isinstance(source_dims, int) else list(source_dims or [])
+            dest_dims = [dest_dims] if isinstance(dest_dims, int) else list(dest_dims or [])
+            src = [_normalize_dim(d, rank) for d in source_dims]
+            dst = [_normalize_dim(d, rank) for d in dest_dims]
+            if None in src or None in dst or len(src) != len(dst):
+                return {}
+            order = [None] * rank
+            for s, d in zip(src, dst):
+                order[d] = s
+            rest = iter(d for d in range(rank) if d not in src)
+            order = [next(rest) if o is None else o for o in order]
+        annotation = self._ann(source)
+        return {out: annotation[src] for out, src in enumerate(order) if src in annotation}
+
+    def _repeat(self, source: object, in_shape, out_shape) -> Annotation:
+        annotation = self._ann(source)
+        offset = len(out_shape) - len(in_shape)
+        return {d + offset: info for d, info in annotation.items() if known_equal(in_shape[d], out_shape[d + offset])}
+
+    def _cat(self, node: fx.Node, shape: Sequence[Size]) -> Annotation:
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        dim = _normalize_dim(node_value(dim), len(shape))
+        if not isinstance(tensors, (list, tuple)) or dim is None:
+            return {}
+        shapes = [_tensor_shape(node_value(t)) for t in tensors]
+        if any(s is None or len(s) != len(shape) for s in shapes):
+            return {}
+        annotations = [self._ann(t) for t in tensors]
+        result: Annotation = {}
+        for d in range(len(shape)):
+            if d != dim:
+                combined = _combine((a.get(d) for a in annotations), node.name)
+                if combined is not None:
+                    result[d] = combined
+        spans: list[Span] = []
+        for annotation, tensor_shape in zip(annotations, shapes):
+            info = annotation.get(dim)
+            if isinstance(info, Conflict):
+                result[dim] = info
+                return result
+            if info is None:
+                spans.append(OtherSpan(tensor_shape[dim]))
+            else:
+                spans.extend(info.spans)
+        axis = _make_axis(spans)
+        if axis is not None:
+            result[dim] = axis
+        return result
+
+    def _stack(self, node: fx.Node, shape: Sequence[Size]) -> Annotation:
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        dim = _normalize_dim(node_value(dim), len(shape))
+        if not isinstance(tensors, (list, tuple)) or dim is None:
+            return {}
+        claims: dict[int, list[DimInfo]] = {}
+        for tensor in tensors:
+            for d, info in self._ann(tensor).items():
+                claims.setdefault(d if d < dim else d + 1, []).append(info)
+        result: Annotation = {}
+        for d, infos in claims.items():
+            combined = _combine(infos, node.name)
+            if combined is not None:
+                result[d] = combined
+        return result
+
+    def _reduction(self, node: fx.Node, source: object, in_shape, out_shape) -> Annotation:
+        dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        if dims is None:
+            return {}
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        reduced = {_normalize_dim(d, len(in_shape)) for d in dims}
+        if None in reduced:
+            return {}
+        keepdim = bool(node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False))
+        annotation = self._ann(source)
+        result: Annotation = {}
+        out = 0
+        for d in range(len(in_shape)):
+            if d in reduced and not keepdim:
+                continue
+            kept = d not in reduced and d in annotation and out < len(out_shape)
+            if kept and known_equal(in_shape[d], out_shape[out]):
+                result[out] = annotation[d]
+            out += 1
+        return result if out == len(out_shape) else {}
+
+    def _pad(self, node: fx.Node, source: object, in_shape, out_shape) -> Annotation:
+        pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+        if not isinstance(pad, (list, tuple)) or len(in_shape) != len(out_shape):
+            return {}
+        padded = {len(in_shape) - 1 - i // 2 for i, amount in enumerate(pad) if not known_equal(node_value(amount), 0)}
+        return {d: info for d, info in self._ann(source).items() if d not in padded}
+
+    def _visit_multi(self, node: fx.Node, name: str, values: Sequence[object]) -> tuple[Annotation, ...]:
+        """Ops with several tensor outputs: split, chunk, unbind (per element); anything else has no structure."""
+        empty = tuple({} for _ in values)
+        args = node.args
+        source = args[0] if args else node.kwargs.get("input", node.kwargs.get("self"))
+        in_shape = _tensor_shape(node_value(source))
+        shapes = [_tensor_shape(v) for v in values]
+        if in_shape is None or any(s is None for s in shapes):
+            return empty
+        annotation = self._ann(source)
+        if not annotation:
+            return empty
+        if name == "unbind":
+            dim = _normalize_dim(node.kwargs.get("dim", args[1] if len(args) > 1 else 0), len(in_shape))
+            if dim is None:
+                return empty
+            element = {d if d < dim else d - 1: info for d, info in annotation.items() if d != dim}
+            return tuple(dict(element) for _ in values)
+        if name not in ("split", "chunk", "split_with_sizes", "tensor_split"):
+            return empty
+        # All four take (input, sizes or count or indices, dim=0).
+        dim = node.kwargs.get("dim", args[2] if len(args) > 2 else 0)
+        dim = _normalize_dim(node_value(dim), len(in_shape))
+        if dim is None or any(len(s) != len(in_shape) for s in shapes):
+            return empty
+        elements = []
+        offset: Size = 0
+        for shape in shapes:
+            element: Annotation = {}
+            for d, info in annotation.items():
+                if d != dim:
+                    element[d] = info
+                elif known_equal(shape[d], in_shape[d]):
+                    element[d] = info
+                else:
+                    sliced = _slice_axis(info, offset, offset + shape[d])
+                    if sliced is not None:
+                        element[d] = sliced
+            elements.append(element)
+            offset = offset + shape[dim]
+        return tuple(elements)
+
+
+def _length(info: DimInfo, fallback: Size) -> Size:
+    return info.length if isinstance(info, TokenAxis) else fallback
