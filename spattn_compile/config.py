@@ -214,7 +214,9 @@ def config(base: SparseAttentionConfig | None = None, /, **overrides: object) ->
     """
     start = current_config() if base is None else base
     if not isinstance(start, SparseAttentionConfig):
-        raise TypeError(f"config() takes a SparseAttentionConfig as its positional argument, got {type(start).__name__}")
+        raise TypeError(
+            f"config() takes a SparseAttentionConfig as its positional argument, got {type(start).__name__}"
+        )
     unknown = sorted(set(overrides) - _ALL_FIELDS)
     if unknown:
         raise TypeError(f"unknown SparseAttentionConfig field(s) {unknown}; known fields: {sorted(_ALL_FIELDS)}")
