@@ -1,7 +1,9 @@
 """spattn_compile: training-free sparse attention for video diffusion transformers, as a `torch.compile` backend.
 
 Public surface: `sparse_attention` (the attention function), `SparseAttentionConfig` with the `config` context manager
-and `current_config`, the `spattn` backend for `torch.compile`, and `explain` (what the backend does to a model).
+and `current_config`, the `spattn` backend for `torch.compile`, `explain` (what the backend does to a model), the
+denoising schedule's controls (`step`, `new_generation`, `set_plan_cache_limit`) and `report` (what the schedule did
+per layer and step: dense or sparse, density, estimated recall, plan cache hits; `reset_report`, `enable_timing`).
 Importing the package registers the `torch.ops.spattn.*` custom ops and the backend's name.
 """
 
@@ -13,15 +15,24 @@ from .api import sparse_attention
 from .config import SparseAttentionConfig, config, current_config
 from .explain import ExplainReport, explain
 from .reference import SparsePlan
+from .report import ScheduleReport, enable_timing, report, reset_report
+from .schedule import new_generation, set_plan_cache_limit, step
 
 __all__ = [
     "ExplainReport",
+    "ScheduleReport",
     "SparseAttentionConfig",
     "SparsePlan",
     "config",
     "current_config",
+    "enable_timing",
     "explain",
+    "new_generation",
+    "report",
+    "reset_report",
+    "set_plan_cache_limit",
     "sparse_attention",
+    "step",
 ]
 
 __version__ = "0.1.0"

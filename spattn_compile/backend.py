@@ -21,13 +21,20 @@ in `options`. Setting `video_grid`/`text_len`/`text_position` at run time to a v
 compiled with raises a RuntimeError (the graph cannot honour it without recompiling); lowering `min_seq_len` below the
 length of a call that was left dense as too short logs a warning, since that call stays dense until a recompile.
 `mode=` is accepted for Inductor without CUDA graphs only: CUDA graph replay would freeze the run-time settings.
+
+Each call of a compiled graph also advances the step tracker of its model (`spattn_compile.schedule`: denoising step
+and CFG branch, read from the graph's `timestep` input unless `spattn_compile.step(...)` names them) and runs the
+graph inside that step context, which the op reads for the dense warm-up steps and the plan cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import itertools
 import logging
+import re
 from collections.abc import Callable, Mapping
 from importlib.metadata import EntryPoint
 from typing import Any
@@ -38,6 +45,7 @@ import torch.fx as fx
 from . import ops  # noqa: F401  (registers torch.ops.spattn.sparse_attention)
 from .config import SparseAttentionConfig, config, current_config, explicit_fields
 from .passes import AttentionDecision, rewrite_attention
+from .schedule import step_context, tracker_for
 
 __all__ = ["BackendOptions", "spattn_backend"]
 
@@ -50,6 +58,11 @@ _BACKEND_FIELDS = ("compiler", "compiler_options")
 _LAYOUT_FIELDS = ("video_grid", "text_len", "text_position")
 _LIBRARY_DEFAULTS = SparseAttentionConfig()
 _CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+# Dynamo names a graph input after its source: `L_timestep_` for forward(timestep=...) passed positionally or by
+# name, `L_kwargs_timestep_` when forward takes **kwargs.
+_TIMESTEP_INPUT = re.compile(r"^L_(kwargs_)?timestep_$", re.IGNORECASE)
+# Model keys for graphs compiled outside a Dynamo frame (no compile id).
+_ANONYMOUS_MODELS = itertools.count()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,14 +167,33 @@ def _inner_compiler(
     return torch._dynamo.lookup_backend(options.compiler)
 
 
+def timestep_input_position(gm: fx.GraphModule) -> int | None:
+    """Position, among the graph's inputs, of the model's `timestep` argument; None if the graph has none."""
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    for position, node in enumerate(placeholders):
+        if _TIMESTEP_INPUT.match(str(node.target)) or _TIMESTEP_INPUT.match(node.name):
+            return position
+    return None
+
+
+def _model_key() -> object:
+    """Dynamo's frame id of the graph being compiled: the same for every recompile of one forward."""
+    compile_id = torch._guards.CompileContext.current_compile_id()
+    frame_id = getattr(compile_id, "frame_id", None)
+    return f"frame{frame_id}" if frame_id is not None else f"graph{next(_ANONYMOUS_MODELS)}"
+
+
 def _bind_settings(
     compiled: Callable,
     options: BackendOptions,
     compiled_config: SparseAttentionConfig,
     decisions: list[AttentionDecision],
+    model_key: object | None = None,
+    timestep_position: int | None = None,
 ) -> Callable:
-    """Wrap a compiled graph so that it runs under the composed settings and rejects run-time changes of the
-    settings its rewrite depends on."""
+    """Wrap a compiled graph so that it runs under the composed settings, rejects run-time changes of the settings
+    its rewrite depends on, and (with a `model_key`, when the graph has sparse calls) runs each call in the step
+    context its model's tracker assigns."""
     layout = {name: getattr(compiled_config, name) for name in _LAYOUT_FIELDS}
     short = [d for d in decisions if d.rule == "short"]
     warned_min_seq_len: set[int] = set()
@@ -191,12 +223,17 @@ def _bind_settings(
                 )
         return effective
 
+    tracker = tracker_for(model_key) if model_key is not None and any(d.sparse for d in decisions) else None
+
     # Dynamo calls a backend's compiled function with the graph inputs as positional arguments.
     def run(*args: Any) -> Any:
         effective = settings()
-        if effective is current_config():
-            return compiled(*args)
-        with config(effective):
+        with contextlib.ExitStack() as scope:
+            if effective is not current_config():
+                scope.enter_context(config(effective))
+            if tracker is not None:
+                timestep = args[timestep_position] if timestep_position is not None else None
+                scope.enter_context(step_context(tracker.advance(timestep)))
             return compiled(*args)
 
     return run
@@ -214,9 +251,10 @@ def spattn_backend(
     parsed = BackendOptions.parse(options)
     compile_inner = _inner_compiler(parsed, mode)
     compiled_config = parsed.compose(current_config())
+    timestep_position = timestep_input_position(gm)
     decisions = rewrite_attention(gm, compiled_config)
     compiled = compile_inner(gm, example_inputs)
-    return _bind_settings(compiled, parsed, compiled_config, decisions)
+    return _bind_settings(compiled, parsed, compiled_config, decisions, _model_key(), timestep_position)
 
 
 def _register() -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "block_scores",
     "build_plan",
     "canonical_key_valid",
+    "check_plan",
     "dense_attention",
     "gapr_trusted",
     "gather_canonical",
@@ -530,17 +531,42 @@ def attention_block_mass(
     column_block = torch.arange(layout.padded_len, device=query.device) // bs
     column_block = column_block.clamp(max=nb)  # all text keys collapse into column NB
     mass = torch.zeros(b, h, nb, nb + 1, dtype=compute_dtype, device=query.device)
+    # Padding rows of a partial last block are zero queries with a uniform softmax; they must not add to its mass.
+    real_query = (layout.to(query.device).source_index >= 0)[:, None]
     blocks_per_chunk = max(1, _CHUNK_BYTES // max(1, b * h * bs * layout.padded_len * q_c.element_size()))
     for start in range(0, nb, blocks_per_chunk):
         stop = min(nb, start + blocks_per_chunk)
         logits = scale * q_c[..., start * bs : stop * bs, :] @ k_c.transpose(-1, -2)
         logits = logits.masked_fill(~valid_c[..., None, :], -math.inf)
-        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0) * real_query[start * bs : stop * bs]
         per_block = torch.zeros(*probs.shape[:-1], nb + 1, dtype=compute_dtype, device=query.device)
         per_block.index_add_(-1, column_block, probs)
         mass[..., start:stop, :] = per_block.reshape(b, h, stop - start, bs, nb + 1).sum(-2)
     real_rows = layout.row_count[:nb].to(query.device, compute_dtype)
     return mass / real_rows.clamp(min=1)[:, None]
+
+
+def check_plan(plan: object, batch: int, heads: int, layout: TokenLayout) -> None:
+    """Raise TypeError / ValueError unless `plan` is a `SparsePlan` for `(batch, heads)` over `layout`'s blocks."""
+    if not isinstance(plan, SparsePlan):
+        raise TypeError(f"plan must be a SparsePlan or None, got {type(plan).__name__}")
+    nq, nb = layout.num_blocks, layout.num_video_blocks
+    expected = {
+        "kv_counts": (batch, heads, nq),
+        "kv_indices": (batch, heads, nq, nq),
+        "trusted_counts": (batch, heads, nq),
+        "trusted_indices": (batch, heads, nq, nb),
+        "block_scores": (batch, heads, nb, nb + 1),
+    }
+    for name, shape in expected.items():
+        actual = tuple(getattr(plan, name).shape)
+        if actual != shape:
+            raise ValueError(
+                f"plan.{name} has shape {actual}, but this call (batch={batch}, heads={heads}, {nq} blocks of which "
+                f"{nb} video) needs {shape}"
+            )
+    if plan.num_video_blocks != nb:
+        raise ValueError(f"plan.num_video_blocks={plan.num_video_blocks}, but this call has {nb} video blocks")
 
 
 def sparse_attention_reference(
@@ -557,11 +583,15 @@ def sparse_attention_reference(
     density: float | None = None,
     compute_dtype: torch.dtype | None = None,
     return_plan: bool = False,
+    plan: SparsePlan | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, SparsePlan]:
     """The whole pipeline in plain PyTorch (inputs assumed validated; see `spattn_compile.sparse_attention`).
 
     `density` overrides `1 - config.sparsity` (the schedule's adaptive ratio). The output has the dtype of `query`;
-    with `return_plan` the `SparsePlan` used is returned too.
+    with `return_plan` the `SparsePlan` used is returned too. A given `plan` (a cached one, see
+    `spattn_compile.schedule`) skips scoring and selection: its kept blocks, trusted lists and (block mode) its
+    `block_scores` are reused, while the pooled statistics (`k_bar`, `v_bar`) are computed fresh from these inputs;
+    `density` is then ignored.
     """
     config = SparseAttentionConfig() if config is None else config
     b, h, s, d = query.shape
@@ -573,7 +603,10 @@ def sparse_attention_reference(
     valid_c = canonical_key_valid(valid, layout, b, h, query.device)
     q_c, k_c, v_c = (gather_canonical(t.to(dtype), layout) for t in (query, key, value))
     stats = pool_statistics(q_c, k_c, v_c, valid_c, layout, config.tile_size)
-    plan = build_plan(stats, k_c, valid_c, layout, scale=scale, density=density, config=config)
+    if plan is None:
+        plan = build_plan(stats, k_c, valid_c, layout, scale=scale, density=density, config=config)
+    else:
+        check_plan(plan, b, h, layout)
     out_c = rectified_sparse_attention(q_c, k_c, v_c, valid_c, plan, stats, layout, scale=scale, rectify=config.rectify)
     out = scatter_canonical(out_c, layout).to(query.dtype)
     return (out, plan) if return_plan else out

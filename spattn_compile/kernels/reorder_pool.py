@@ -1,0 +1,436 @@
+"""Reorder + pool: one Triton kernel that gathers Q, K, V into the canonical layout and pools them in the same pass.
+
+This module owns stage 0 and stage 1.1 of ALGORITHMS.md on the device. One program per (batch, head, canonical block)
+gathers the block's `BLOCK_SIZE` rows of Q, K and V from the original sequence through `layout.source_index` (any
+input strides, last dim contiguous, so a transposed `(B, S, H, D)` buffer is read in place), writes them to contiguous
+canonical copies (padding rows as zeros), and, for video blocks, pools them in the same pass: tile means of Q and K,
+block means of Q, K, V, the per-dimension mean absolute deviations of Q and K about their block means (GAPR), and the
+unmasked key counts per tile and per block. The block goes through registers in chunks of rows; the deviations need
+the block means first, so the program reads its just-written canonical Q and K rows back (from L2: Q, K and V still
+cross HBM once in and once out). Means divide by true counts (real rows for queries, unmasked keys for keys and
+values), as `reference.pool_statistics` does; a group with nothing to count has a zero mean. All statistics are
+float32. `reorder_pool` returns them as a `reference.PooledStats`; `reorder_pool_tensors` is the tensor-level launcher
+behind the `spattn::reorder_pool` custom op.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ..layout import TokenLayout
+from ..reference import PooledStats
+
+__all__ = ["ReorderPoolOutput", "query_tile_count", "reorder_pool", "reorder_pool_tensors"]
+
+_INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _is_interpreted(kernel: object) -> bool:
+    """Under TRITON_INTERPRET=1, @triton.jit gives an interpreted function instead of a JITFunction."""
+    return not isinstance(kernel, triton.runtime.jit.JITFunction)
+
+
+@triton.jit
+def _gather_rows(X, stride_b, stride_h, stride_s, off_b, off_h, source, real, offs_d):
+    """Rows `source` (int64, `real` False for padding) of one (batch, head) of `X`, padding rows as zeros."""
+    base = X + off_b * stride_b + off_h * stride_h
+    return tl.load(base + source[:, None] * stride_s + offs_d[None, :], mask=real[:, None], other=0.0)
+
+
+@triton.jit
+def _reorder_pool_kernel(
+    Q,
+    K,
+    V,
+    SourceIndex,
+    KeyValid,
+    QC,
+    KC,
+    VC,
+    KeyValidC,
+    QTile,
+    KTile,
+    KTileCount,
+    QBlock,
+    QBlockMad,
+    KBlock,
+    KBlockMad,
+    VBlock,
+    KeyBlockCount,
+    num_heads,
+    num_video_blocks,
+    num_blocks,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_valid_b,
+    stride_valid_h,
+    stride_valid_s,
+    BLOCK_SIZE: tl.constexpr,
+    TILE_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HAS_KEY_VALID: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    # The block is processed in chunks of CHUNK rows (CHUNK divides TILE_SIZE): a whole 128 x 128 block of three
+    # tensors held in registers spills to the stack.
+    CHUNKS: tl.constexpr = BLOCK_SIZE // CHUNK
+    CHUNKS_PER_TILE: tl.constexpr = TILE_SIZE // CHUNK
+    TILES_PER_BLOCK: tl.constexpr = BLOCK_SIZE // TILE_SIZE
+    block = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // num_heads).to(tl.int64)
+    off_h = (pid_bh % num_heads).to(tl.int64)
+    bh = pid_bh.to(tl.int64)
+    is_video = block < num_video_blocks
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_c = tl.arange(0, CHUNK)
+    # Canonical copies are contiguous (B, H, P, D); P = num_blocks * BLOCK_SIZE.
+    block_rows = bh * num_blocks * BLOCK_SIZE + block.to(tl.int64) * BLOCK_SIZE
+    tile_base = (bh * num_video_blocks + block) * TILES_PER_BLOCK
+    block_row = (bh * num_video_blocks + block) * HEAD_DIM + offs_d
+
+    # Pass 1: gather, store the canonical rows, and sum them per tile and per block. A loop, not unrolled: unrolling
+    # lets the compiler hoist every chunk's loads and run out of registers.
+    q_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    k_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    v_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    q_count = tl.sum(tl.zeros([CHUNK], dtype=tl.float32), 0)
+    k_count = tl.sum(tl.zeros([CHUNK], dtype=tl.float32), 0)
+    for tile in range(TILES_PER_BLOCK):
+        q_tile_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+        k_tile_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+        q_tile_count = tl.sum(tl.zeros([CHUNK], dtype=tl.float32), 0)
+        k_tile_count = tl.sum(tl.zeros([CHUNK], dtype=tl.float32), 0)
+        for part in tl.static_range(CHUNKS_PER_TILE):
+            offset = tile * TILE_SIZE + part * CHUNK
+            source = tl.load(SourceIndex + block.to(tl.int64) * BLOCK_SIZE + offset + offs_c).to(tl.int64)
+            real = source >= 0
+            source = tl.where(real, source, 0)
+            if HAS_KEY_VALID:
+                unmasked = tl.load(
+                    KeyValid + off_b * stride_valid_b + off_h * stride_valid_h + source * stride_valid_s,
+                    mask=real,
+                    other=0,
+                )
+                key_ok = real & (unmasked != 0)
+            else:
+                key_ok = real
+            canonical = (block_rows + offset + offs_c)[:, None] * HEAD_DIM + offs_d[None, :]
+            q = _gather_rows(Q, stride_qb, stride_qh, stride_qs, off_b, off_h, source, real, offs_d)
+            tl.store(QC + canonical, q)
+            k = _gather_rows(K, stride_kb, stride_kh, stride_ks, off_b, off_h, source, real, offs_d)
+            tl.store(KC + canonical, k)
+            v = _gather_rows(V, stride_vb, stride_vh, stride_vs, off_b, off_h, source, real, offs_d)
+            tl.store(VC + canonical, v)
+            tl.store(KeyValidC + block_rows + offset + offs_c, key_ok.to(tl.int8))
+            query_weight = real.to(tl.float32)
+            key_weight = key_ok.to(tl.float32)
+            q_tile_sum += tl.sum(q.to(tl.float32) * query_weight[:, None], 0)
+            k_tile_sum += tl.sum(k.to(tl.float32) * key_weight[:, None], 0)
+            v_sum += tl.sum(v.to(tl.float32) * key_weight[:, None], 0)
+            q_tile_count += tl.sum(query_weight, 0)
+            k_tile_count += tl.sum(key_weight, 0)
+        tile_row = tile_base + tile
+        # (A vector mask: the interpreter cannot mask a vector store with a scalar.)
+        tile_mask = (offs_d * 0 + block) < num_video_blocks
+        tl.store(QTile + tile_row * HEAD_DIM + offs_d, q_tile_sum / tl.maximum(q_tile_count, 1.0), mask=tile_mask)
+        tl.store(KTile + tile_row * HEAD_DIM + offs_d, k_tile_sum / tl.maximum(k_tile_count, 1.0), mask=tile_mask)
+        tl.store(KTileCount + tile_row, k_tile_count, mask=is_video)
+        q_sum += q_tile_sum
+        k_sum += k_tile_sum
+        q_count += q_tile_count
+        k_count += k_tile_count
+    tl.store(KeyBlockCount + bh * num_blocks + block, k_count)
+
+    if is_video:
+        q_mean = q_sum / tl.maximum(q_count, 1.0)
+        k_mean = k_sum / tl.maximum(k_count, 1.0)
+        tl.store(QBlock + block_row, q_mean)
+        tl.store(KBlock + block_row, k_mean)
+        tl.store(VBlock + block_row, v_sum / tl.maximum(k_count, 1.0))
+        # Pass 2: deviations about the block means, read back from the canonical rows this program just wrote (they
+        # are in L2; the barrier makes every thread's stores visible to the others).
+        tl.debug_barrier()
+        q_dev = tl.zeros([HEAD_DIM], dtype=tl.float32)
+        k_dev = tl.zeros([HEAD_DIM], dtype=tl.float32)
+        for chunk in range(CHUNKS):
+            written = block_rows + chunk * CHUNK + offs_c
+            row_real = tl.load(SourceIndex + block.to(tl.int64) * BLOCK_SIZE + chunk * CHUNK + offs_c) >= 0
+            row_key_ok = tl.load(KeyValidC + written) != 0
+            q_back = tl.load(QC + written[:, None] * HEAD_DIM + offs_d[None, :]).to(tl.float32)
+            k_back = tl.load(KC + written[:, None] * HEAD_DIM + offs_d[None, :]).to(tl.float32)
+            q_dev += tl.sum(tl.where(row_real[:, None], tl.abs(q_back - q_mean[None, :]), 0.0), 0)
+            k_dev += tl.sum(tl.where(row_key_ok[:, None], tl.abs(k_back - k_mean[None, :]), 0.0), 0)
+        tl.store(QBlockMad + block_row, q_dev / tl.maximum(q_count, 1.0))
+        tl.store(KBlockMad + block_row, k_dev / tl.maximum(k_count, 1.0))
+
+
+# (CHUNK rows held at once, warps): the chunk must divide the tile. The kernel only writes its outputs, so timing
+# candidates on the real buffers is harmless.
+_REORDER_POOL_CANDIDATES = ((16, 4), (16, 8), (32, 4), (32, 8), (64, 8))
+
+
+def _prune_reorder_pool_configs(configs: list[triton.Config], named_args: dict, **kwargs: object):
+    tile_size = {**named_args, **kwargs}["TILE_SIZE"]
+    return [c for c in configs if tile_size % c.kwargs["CHUNK"] == 0]
+
+
+_autotuned_reorder_pool = triton.autotune(
+    configs=[triton.Config({"CHUNK": chunk}, num_warps=warps) for chunk, warps in _REORDER_POOL_CANDIDATES],
+    key=["BLOCK_SIZE", "TILE_SIZE", "HEAD_DIM", "HAS_KEY_VALID"],
+    prune_configs_by={"early_config_prune": _prune_reorder_pool_configs},
+)(_reorder_pool_kernel)
+
+
+def _check_power_of_two(name: str, value: object, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two in [{low}, {high}], got {value!r}")
+    return value
+
+
+def reorder_pool_tensors(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    source_index: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    *,
+    num_video_blocks: int,
+    block_size: int,
+    tile_size: int,
+) -> tuple[torch.Tensor, ...]:
+    """Launch the reorder + pool kernel; the tensor-level interface of the `spattn::reorder_pool` op.
+
+    Args:
+        query, key, value: `(B, H, S, D)`, one dtype (float16, bfloat16, float32) and device, any strides with a
+            contiguous last dim; `D` a power of two in [16, 256].
+        source_index: int32/int64 `(P,)`, `P = NQ * block_size`: original position of canonical row p, -1 for padding
+            (`TokenLayout.source_index`). Entries must lie in [-1, S) (not checked: that would synchronise).
+        key_valid: bool `(B, H, S)` (stride-0 views fine), False for masked keys; None: every key counts.
+        num_video_blocks: NB, the leading canonical blocks that are video (pooled); the other NQ - NB are text.
+        block_size, tile_size: powers of two, `tile_size` dividing `block_size`.
+
+    Returns, with NT = NB * block_size / tile_size (statistics float32, zero for a group with nothing counted):
+        q_c, k_c, v_c `(B, H, P, D)` contiguous in the input dtype; key_valid_c bool `(B, H, P)`;
+        q_tile, k_tile `(B, H, NT, D)`; k_tile_count `(B, H, NT)`;
+        q_block, q_block_mad, k_block, k_block_mad, v_block `(B, H, NB, D)`;
+        key_block_count `(B, H, NQ)`: unmasked keys of every canonical block, text blocks included.
+    """
+    for name, tensor in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dim() != 4:
+            raise ValueError(f"{name} must have shape (B, H, S, D), got {tuple(tensor.shape)}")
+        if tensor.dtype not in _INPUT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {tensor.dtype}")
+        if tensor.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dimension, got strides {tensor.stride()}")
+    if key.shape != query.shape or value.shape != query.shape:
+        raise ValueError(
+            f"query, key and value must have one shape, got {tuple(query.shape)}, {tuple(key.shape)}, "
+            f"{tuple(value.shape)}"
+        )
+    if key.dtype != query.dtype or value.dtype != query.dtype:
+        raise TypeError(f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
+    device = query.device
+    if key.device != device or value.device != device:
+        raise ValueError(f"query, key and value must be on one device, got {device}, {key.device}, {value.device}")
+    if device.type != "cuda" and not _is_interpreted(_reorder_pool_kernel):
+        raise ValueError(
+            f"query is on {device}: the kernel runs on CUDA, or on the CPU under the Triton interpreter "
+            "(TRITON_INTERPRET=1 set before triton is first imported)"
+        )
+    batch, heads, seq_len, head_dim = query.shape
+    if batch == 0 or heads == 0 or seq_len == 0:
+        raise ValueError(f"query has an empty dimension: {tuple(query.shape)}")
+    _check_power_of_two("head dim (query.shape[-1])", head_dim, 16, 256)
+    _check_power_of_two("block_size", block_size, 16, 256)
+    _check_power_of_two("tile_size", tile_size, 16, 256)
+    if block_size % tile_size:
+        raise ValueError(f"tile_size={tile_size} must divide block_size={block_size}")
+    if not isinstance(source_index, torch.Tensor):
+        raise TypeError(f"source_index must be a torch.Tensor, got {type(source_index).__name__}")
+    if source_index.dim() != 1 or source_index.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"source_index must be a 1-D int32/int64 tensor, got shape {tuple(source_index.shape)} and "
+            f"dtype {source_index.dtype}"
+        )
+    if source_index.device != device:
+        raise ValueError(f"source_index is on {source_index.device}, expected {device} (the device of query)")
+    padded_len = source_index.numel()
+    if padded_len == 0 or padded_len % block_size:
+        raise ValueError(f"source_index has {padded_len} rows: expected a positive multiple of block_size={block_size}")
+    num_blocks = padded_len // block_size
+    if isinstance(num_video_blocks, bool) or not isinstance(num_video_blocks, int):
+        raise TypeError(f"num_video_blocks must be an int, got {type(num_video_blocks).__name__}")
+    if not 1 <= num_video_blocks <= num_blocks:
+        raise ValueError(
+            f"num_video_blocks must be in [1, {num_blocks}] (the canonical blocks), got {num_video_blocks}"
+        )
+    if key_valid is not None:
+        if not isinstance(key_valid, torch.Tensor):
+            raise TypeError(f"key_valid must be a torch.Tensor or None, got {type(key_valid).__name__}")
+        if key_valid.dtype != torch.bool or tuple(key_valid.shape) != (batch, heads, seq_len):
+            raise ValueError(
+                f"key_valid must be a bool tensor of shape {(batch, heads, seq_len)}, got dtype {key_valid.dtype} "
+                f"and shape {tuple(key_valid.shape)}"
+            )
+        if key_valid.device != device:
+            raise ValueError(f"key_valid is on {key_valid.device}, expected {device} (the device of query)")
+
+    source_index = source_index.contiguous()
+    num_tiles = num_video_blocks * (block_size // tile_size)
+    stats = dict(device=device, dtype=torch.float32)
+    q_c = torch.empty(batch, heads, padded_len, head_dim, device=device, dtype=query.dtype)
+    k_c = torch.empty_like(q_c)
+    v_c = torch.empty_like(q_c)
+    key_valid_c = torch.empty(batch, heads, padded_len, device=device, dtype=torch.bool)
+    q_tile = torch.empty(batch, heads, num_tiles, head_dim, **stats)
+    k_tile = torch.empty_like(q_tile)
+    k_tile_count = torch.empty(batch, heads, num_tiles, **stats)
+    q_block = torch.empty(batch, heads, num_video_blocks, head_dim, **stats)
+    q_block_mad, k_block, k_block_mad, v_block = (torch.empty_like(q_block) for _ in range(4))
+    key_block_count = torch.empty(batch, heads, num_blocks, **stats)
+
+    valid_arg = key_valid if key_valid is not None else key_valid_c
+    valid_strides = key_valid.stride() if key_valid is not None else (0, 0, 0)
+    if _is_interpreted(_reorder_pool_kernel):
+        kernel, launch = _reorder_pool_kernel, {"CHUNK": min(tile_size, 32), "num_warps": 4}
+    else:
+        kernel, launch = _autotuned_reorder_pool, {}
+    kernel[(num_blocks, batch * heads)](
+        query,
+        key,
+        value,
+        source_index,
+        valid_arg,
+        q_c,
+        k_c,
+        v_c,
+        key_valid_c.view(torch.int8),
+        q_tile,
+        k_tile,
+        k_tile_count,
+        q_block,
+        q_block_mad,
+        k_block,
+        k_block_mad,
+        v_block,
+        key_block_count,
+        heads,
+        num_video_blocks,
+        num_blocks,
+        *query.stride()[:3],
+        *key.stride()[:3],
+        *value.stride()[:3],
+        *valid_strides,
+        BLOCK_SIZE=block_size,
+        TILE_SIZE=tile_size,
+        HEAD_DIM=head_dim,
+        HAS_KEY_VALID=key_valid is not None,
+        **launch,
+    )
+    return (
+        q_c,
+        k_c,
+        v_c,
+        key_valid_c,
+        q_tile,
+        k_tile,
+        k_tile_count,
+        q_block,
+        q_block_mad,
+        k_block,
+        k_block_mad,
+        v_block,
+        key_block_count,
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _query_tile_count(layout: TokenLayout, tile_size: int) -> torch.Tensor:
+    rows = layout.num_video_blocks * layout.block_size
+    return (layout.source_index[:rows] >= 0).view(-1, tile_size).sum(-1).to(torch.float32)
+
+
+def query_tile_count(layout: TokenLayout, tile_size: int, device: torch.device | str) -> torch.Tensor:
+    """float32 `(NT,)`: real query rows of each video tile; depends only on the layout (cached per device)."""
+    return _query_tile_count(layout.to(device), tile_size)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ReorderPoolOutput:
+    """The canonical inputs and their pooled statistics.
+
+    q, k, v: `(B, H, P, D)` canonical copies; key_valid: bool `(B, H, P)`; stats: float32 `PooledStats`;
+    key_block_count: float32 `(B, H, NQ)`, unmasked keys of every canonical block (text blocks too).
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    key_valid: torch.Tensor
+    stats: PooledStats
+    key_block_count: torch.Tensor
+
+
+def reorder_pool(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layout: TokenLayout,
+    *,
+    tile_size: int,
+    key_valid: torch.Tensor | None = None,
+) -> ReorderPoolOutput:
+    """Gather `(B, H, S, D)` Q, K, V into `layout` and pool them in one pass (see `reorder_pool_tensors`).
+
+    Equals `reference.gather_canonical` + `reference.canonical_key_valid` + `reference.pool_statistics` (statistics
+    in float32). `key_valid` is the bool `(B, H, S)` key-padding mask in the original order
+    (`reference.key_padding_valid`).
+    """
+    if not isinstance(layout, TokenLayout):
+        raise TypeError(f"layout must be a TokenLayout, got {type(layout).__name__}")
+    if not isinstance(query, torch.Tensor):
+        raise TypeError(f"query must be a torch.Tensor, got {type(query).__name__}")
+    if query.dim() != 4 or query.shape[-2] != layout.seq_len:
+        raise ValueError(f"query must have shape (B, H, {layout.seq_len}, D) for this layout, got {tuple(query.shape)}")
+    device = query.device
+    on_device = layout.to(device)
+    (q_c, k_c, v_c, key_valid_c, q_tile, k_tile, k_tile_count, q_block, q_block_mad, k_block, k_block_mad, v_block,
+     key_block_count) = reorder_pool_tensors(
+        query,
+        key,
+        value,
+        on_device.source_index,
+        key_valid,
+        num_video_blocks=layout.num_video_blocks,
+        block_size=layout.block_size,
+        tile_size=tile_size,
+    )  # fmt: skip
+    stats = PooledStats(
+        tile_size=tile_size,
+        q_tile=q_tile,
+        q_tile_count=query_tile_count(layout, tile_size, device),
+        k_tile=k_tile,
+        k_tile_count=k_tile_count,
+        q_block=q_block,
+        q_block_mad=q_block_mad,
+        k_block=k_block,
+        k_block_mad=k_block_mad,
+        v_block=v_block,
+        k_block_count=key_block_count[..., : layout.num_video_blocks],
+    )
+    return ReorderPoolOutput(q_c, k_c, v_c, key_valid_c, stats, key_block_count)

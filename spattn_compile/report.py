@@ -1,0 +1,263 @@
+"""`spattn_compile.report()`: what the sparse attention of compiled models did, per layer, step and branch.
+
+This module owns the run-time record. The op (`spattn_compile.ops`) appends one `AttentionRecord` per rewritten
+attention call that runs inside a compiled model (so with a step context, see `spattn_compile.schedule`): dense or
+sparse and why, the density and estimated recall of the plan it used, whether the plan was refreshed or taken from
+the cache, and, when `enable_timing(True)` is in force on CUDA, a pair of CUDA events around the call. Numbers stay
+device tensors while the model runs (no host sync in the hot path) and are read when `report()` is called. The
+record is bounded (the oldest calls are dropped beyond `max_records`); `reset_report()` empties it. `print(report())`
+shows a table; `report().plot(path)` draws the kept-block share of the latest plan of each layer and the density per
+layer and step to a PNG (needs matplotlib: `pip install spattn_compile[plot]`).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+from collections.abc import Hashable
+
+import torch
+
+__all__ = ["AttentionRecord", "ScheduleReport", "enable_timing", "record", "report", "reset_report"]
+
+# What the schedule did with a call: sparse, or dense because of the warm-up steps, a dense layer or a short sequence.
+KINDS = ("sparse", "dense_step", "dense_layer", "short")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionRecord:
+    """One attention call of a compiled model, as read by `report()`.
+
+    kind: one of "sparse", "dense_step" (a warm-up step), "dense_layer" (`dense_layers`), "short" (`min_seq_len`).
+    cache: for sparse calls "refresh" (plan selected and cached), "hit" (cached plan reused) or "recompute" (a
+        cached plan was due for reuse but the implementation cannot take one: selected again at its density); ""
+        for dense calls.
+    density: share of video key blocks kept (1.0 when dense). recall: estimated share of the attention mass in the
+        kept blocks (from the pooled estimate `P_hat` at the plan's refresh; 1.0 when dense).
+    time_ms: CUDA-event time of the call, None unless timing was enabled on CUDA.
+    """
+
+    model_key: Hashable
+    generation: int
+    step: int
+    branch: int
+    layer_index: int
+    kind: str
+    cache: str
+    density: float
+    recall: float
+    time_ms: float | None
+
+
+@dataclasses.dataclass
+class _PendingRecord:
+    model_key: Hashable
+    generation: int
+    step: int
+    branch: int
+    layer_index: int
+    kind: str
+    cache: str
+    density: torch.Tensor | float
+    recall: torch.Tensor | float
+    events: tuple[torch.cuda.Event, torch.cuda.Event] | None
+
+
+class _Recorder:
+    def __init__(self, max_records: int = 100_000) -> None:
+        self.lock = threading.Lock()
+        self.records: collections.deque[_PendingRecord] = collections.deque(maxlen=max_records)
+        # (model_key, layer_index, branch) -> (step, kept share (NB, NB)) of the latest refresh.
+        self.masks: dict[tuple[Hashable, int, int], tuple[int, torch.Tensor]] = {}
+        self.timing = False
+
+
+_RECORDER = _Recorder()
+
+
+def enable_timing(enabled: bool = True) -> None:
+    """Time each sparse-capable attention call of compiled models with CUDA events (adds two event records per call,
+    no sync); `report()` then fills `time_ms`."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    _RECORDER.timing = enabled
+
+
+def timing_enabled() -> bool:
+    """Whether `enable_timing(True)` is in force."""
+    return _RECORDER.timing
+
+
+def record(
+    context,
+    layer_index: int,
+    kind: str,
+    cache: str,
+    density: torch.Tensor | float,
+    recall: torch.Tensor | float,
+    events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None,
+    keep_share: torch.Tensor | None = None,
+) -> None:
+    """Append one call (`context`: its `StepContext`); `keep_share` `(NB, NB)` is kept for `plot` (latest only)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    pending = _PendingRecord(
+        context.model_key,
+        context.generation,
+        context.step,
+        context.branch,
+        layer_index,
+        kind,
+        cache,
+        density,
+        recall,
+        events,
+    )
+    with _RECORDER.lock:
+        _RECORDER.records.append(pending)
+        if keep_share is not None:
+            _RECORDER.masks[(context.model_key, layer_index, context.branch)] = (context.step, keep_share)
+
+
+def reset_report(max_records: int | None = None) -> None:
+    """Forget every record (and optionally change how many the report keeps, 100,000 by default)."""
+    if max_records is not None and (not isinstance(max_records, int) or max_records < 1):
+        raise ValueError(f"max_records must be None or a positive int, got {max_records!r}")
+    with _RECORDER.lock:
+        size = max_records or _RECORDER.records.maxlen
+        _RECORDER.records = collections.deque(maxlen=size)
+        _RECORDER.masks = {}
+
+
+def _value(x: torch.Tensor | float) -> float:
+    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
+
+
+def report() -> ScheduleReport:
+    """Read the record (one host sync per stored tensor) into a `ScheduleReport`."""
+    with _RECORDER.lock:
+        pending = list(_RECORDER.records)
+        masks = dict(_RECORDER.masks)
+    if any(p.events is not None for p in pending):
+        torch.cuda.synchronize()
+    records = tuple(
+        AttentionRecord(
+            p.model_key,
+            p.generation,
+            p.step,
+            p.branch,
+            p.layer_index,
+            p.kind,
+            p.cache,
+            _value(p.density),
+            _value(p.recall),
+            None if p.events is None else p.events[0].elapsed_time(p.events[1]),
+        )
+        for p in pending
+    )
+    mask_values = {key: (step, share.detach().float().cpu()) for key, (step, share) in masks.items()}
+    return ScheduleReport(records, mask_values)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ScheduleReport:
+    """The calls recorded since the last `reset_report()`, oldest first (see `AttentionRecord`).
+
+    masks: (model_key, layer_index, branch) -> (step, kept share `(NB, NB)` on the CPU) of the latest refresh.
+    """
+
+    records: tuple[AttentionRecord, ...]
+    masks: dict[tuple[Hashable, int, int], tuple[int, torch.Tensor]]
+
+    def count(self, kind: str | None = None, cache: str | None = None) -> int:
+        """Number of records of a kind and/or cache outcome (None matches any)."""
+        return sum((kind is None or r.kind == kind) and (cache is None or r.cache == cache) for r in self.records)
+
+    @property
+    def sparse_calls(self) -> int:
+        return self.count("sparse")
+
+    @property
+    def dense_calls(self) -> int:
+        return len(self.records) - self.sparse_calls
+
+    @property
+    def cache_hits(self) -> int:
+        return self.count("sparse", "hit")
+
+    @property
+    def refreshes(self) -> int:
+        return self.count("sparse", "refresh")
+
+    def __str__(self) -> str:
+        if not self.records:
+            return "spattn report: no attention call recorded (run a model compiled with backend='spattn')"
+        header = ("model", "gen", "step", "branch", "layer", "mode", "plan", "density", "recall", "time ms")
+        rows = [
+            (
+                str(r.model_key),
+                str(r.generation),
+                str(r.step),
+                str(r.branch),
+                str(r.layer_index),
+                r.kind,
+                r.cache or "-",
+                f"{r.density:.3f}",
+                f"{r.recall:.3f}",
+                "-" if r.time_ms is None else f"{r.time_ms:.3f}",
+            )
+            for r in self.records
+        ]
+        widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+        lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in (header, *rows)]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.append(
+            f"{len(self.records)} calls: {self.sparse_calls} sparse ({self.refreshes} plan refreshes, "
+            f"{self.cache_hits} cache hits), {self.dense_calls} dense"
+        )
+        return "\n".join(lines)
+
+    def plot(self, path: str) -> None:
+        """Draw the kept-block share of each layer's latest plan (branch 0 first) and the mean density per layer and
+        step to a PNG at `path`. Needs matplotlib (the `plot` extra)."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError as error:
+            raise ImportError(
+                "report().plot needs matplotlib: pip install 'spattn_compile[plot]' (or pip install matplotlib)"
+            ) from error
+        if not self.records:
+            raise ValueError("report().plot: nothing recorded yet; run a model compiled with backend='spattn' first")
+        masks = sorted(self.masks.items(), key=lambda item: (str(item[0][0]), item[0][2], item[0][1]))
+        panels = len(masks) + 1
+        columns = min(4, panels)
+        rows = -(-panels // columns)
+        figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.0 * rows), squeeze=False)
+        flat = [axis for row in axes for axis in row]
+        for axis, ((model_key, layer, branch), (step, share)) in zip(flat, masks):
+            axis.imshow(share.numpy(), vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest")
+            axis.set_title(f"model {model_key} layer {layer} branch {branch} (step {step})", fontsize=7)
+            axis.set_xlabel("key block", fontsize=7)
+            axis.set_ylabel("query block", fontsize=7)
+        density = flat[len(masks)]
+        by_layer: dict[int, dict[int, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+        for r in self.records:
+            by_layer[r.layer_index][r.step].append(r.density)
+        for layer in sorted(by_layer):
+            steps = sorted(by_layer[layer])
+            density.plot(steps, [sum(by_layer[layer][s]) / len(by_layer[layer][s]) for s in steps], label=f"{layer}")
+        density.set_xlabel("step")
+        density.set_ylabel("density")
+        density.set_ylim(0, 1.05)
+        density.set_title("density per layer", fontsize=8)
+        if len(by_layer) <= 12:
+            density.legend(title="layer", fontsize=6)
+        for axis in flat[panels:]:
+            axis.axis("off")
+        figure.tight_layout()
+        figure.savefig(path, dpi=100)
+        plt.close(figure)

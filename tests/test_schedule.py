@@ -1,0 +1,330 @@
+"""Unit tests of the schedule (step tracking, plan cache, adaptive density), plan reuse in the reference, and the
+report's table and plot."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import spattn_compile
+from spattn_compile import schedule
+from spattn_compile.config import SparseAttentionConfig
+from spattn_compile.layout import token_layout
+from spattn_compile.reference import (
+    canonical_key_valid,
+    gather_canonical,
+    key_padding_valid,
+    pool_statistics,
+    rectified_sparse_attention,
+    scatter_canonical,
+    sparse_attention_reference,
+)
+from spattn_compile.report import record
+
+
+def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.double()
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_state():
+    schedule.plan_cache().clear()
+    spattn_compile.reset_report()
+    yield
+    schedule.plan_cache().clear()
+    spattn_compile.reset_report()
+
+
+def _t(value: float, batch: int = 1) -> torch.Tensor:
+    return torch.full((batch,), value)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Step tracking
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _positions(tracker: schedule.StepTracker, calls) -> list[tuple[int, int, int]]:
+    out = []
+    for timestep in calls:
+        context = tracker.advance(timestep)
+        out.append((context.generation, context.step, context.branch))
+    return out
+
+
+def test_tracker_two_calls_per_step_is_cfg_branches():
+    tracker = schedule.StepTracker("wan")
+    calls = [_t(999), _t(999), _t(750), _t(750), _t(500), _t(500)]
+    assert _positions(tracker, calls) == [(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (0, 2, 0), (0, 2, 1)]
+
+
+def test_tracker_one_call_per_step_and_batched_timesteps():
+    tracker = schedule.StepTracker("cogvideox")
+    calls = [_t(999, 2), _t(800, 2), _t(600, 2)]
+    assert _positions(tracker, calls) == [(0, 0, 0), (0, 1, 0), (0, 2, 0)]
+
+
+def test_tracker_per_token_timesteps_use_the_maximum():
+    # Wan 2.2 TI2V expands the timestep per token and zeroes the first frame's: the step is the largest value.
+    tracker = schedule.StepTracker("ti2v")
+    first = torch.tensor([[0.0, 900.0, 900.0]])
+    second = torch.tensor([[0.0, 700.0, 700.0]])
+    assert _positions(tracker, [first, first, second]) == [(0, 0, 0), (0, 0, 1), (0, 1, 0)]
+
+
+def test_tracker_larger_timestep_starts_a_new_generation_and_drops_its_plans():
+    tracker = schedule.StepTracker("model-a")
+    cache = schedule.plan_cache()
+    context = tracker.advance(_t(900))
+    plan = _tiny_plan()
+    cache.store(("model-a", 0, 0), context, "sig", plan, 0, 0.5, (torch.tensor(0.5), torch.tensor(0.9)))
+    cache.store(("model-b", 0, 0), context, "sig", plan, 0, 0.5, (torch.tensor(0.5), torch.tensor(0.9)))
+    tracker.advance(_t(500))
+    assert len(cache) == 2
+    assert _positions(tracker, [_t(900)]) == [(1, 0, 0)]
+    assert len(cache) == 1, "the new generation of model-a must drop model-a's plans, and only those"
+
+
+def test_new_generation_resets_every_tracker():
+    tracker = schedule.StepTracker("m")
+    assert _positions(tracker, [_t(900), _t(800)]) == [(0, 0, 0), (0, 1, 0)]
+    spattn_compile.new_generation()
+    # Same timestep as before: without the explicit call this would be branch 1 of step 1.
+    assert _positions(tracker, [_t(800)]) == [(1, 0, 0)]
+
+
+def test_step_override_takes_precedence_and_counts_branches():
+    tracker = schedule.StepTracker("m")
+    with spattn_compile.step(0):
+        assert _positions(tracker, [_t(5), _t(5)]) == [(0, 0, 0), (0, 0, 1)]
+    with spattn_compile.step(1, branch=1):
+        assert _positions(tracker, [_t(5), _t(5)]) == [(0, 1, 1), (0, 1, 1)]
+    with spattn_compile.step(0):
+        assert _positions(tracker, [None]) == [(1, 0, 0)]
+    assert tracker.advance(None).source == "call_count"
+
+
+def test_tracker_repeated_timestep_is_bounded_in_branches():
+    tracker = schedule.StepTracker("bench")
+    positions = _positions(tracker, [_t(500)] * (2 * schedule.MAX_BRANCHES + 1))
+    assert max(branch for _, _, branch in positions) == schedule.MAX_BRANCHES - 1
+    assert positions[schedule.MAX_BRANCHES] == (1, 0, 0)
+    assert positions[-1] == (2, 0, 0)
+
+
+def test_tracker_without_timestep_counts_calls_as_steps():
+    tracker = schedule.StepTracker("m")
+    assert _positions(tracker, [None, None, None]) == [(0, 0, 0), (0, 1, 0), (0, 2, 0)]
+
+
+@pytest.mark.parametrize(
+    ("index", "branch", "error"), [(-1, None, ValueError), (1.0, None, TypeError), (0, -2, ValueError)]
+)
+def test_step_rejects_bad_arguments(index, branch, error):
+    with pytest.raises(error, match="step index|branch"):
+        with spattn_compile.step(index, branch=branch):
+            pass
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Adaptive density and the plan cache
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@given(
+    density=st.floats(0.05, 1.0),
+    decay=st.floats(0.0, 0.99),
+    refresh=st.integers(0, 50),
+    blocks=st.integers(1, 600),
+)
+def test_refresh_density_formula(density, decay, refresh, blocks):
+    value = schedule.refresh_density(density, decay, refresh, blocks)
+    assert value == max(1.0 / blocks, density - refresh * decay)
+    assert 1.0 / blocks <= value <= max(density, 1.0 / blocks)
+    if refresh:
+        assert value <= schedule.refresh_density(density, decay, refresh - 1, blocks)
+
+
+def test_refresh_density_follows_dfsattn_ratios():
+    assert [round(schedule.refresh_density(0.3, 0.1, r, 100), 6) for r in range(5)] == [0.3, 0.2, 0.1, 0.01, 0.01]
+
+
+def _tiny_plan(batch: int = 1, heads: int = 1, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, heads, 3 * 4 * 4, 16)
+    q, k, v = (torch.randn(*shape, generator=g) for _ in range(3))
+    config = SparseAttentionConfig(block_size=16, tile_size=16, sparsity=0.5)
+    return sparse_attention_reference(q, k, v, video_grid=(3, 4, 4), config=config, return_plan=True)[1]
+
+
+def _context(step: int, generation: int = 0, branch: int = 0) -> schedule.StepContext:
+    return schedule.StepContext("m", generation, step, branch, "override")
+
+
+def test_cache_reuses_for_refresh_interval_steps_of_one_generation_and_signature():
+    cache = schedule.PlanCache()
+    plan = _tiny_plan()
+    summary = (torch.tensor(0.5), torch.tensor(0.8))
+    cache.store(("m", 0, 0), _context(4), "sig", plan, 0, 0.5, summary)
+    assert cache.lookup(("m", 0, 0), _context(4), "sig", 3).plan is plan
+    assert cache.lookup(("m", 0, 0), _context(6), "sig", 3).plan is plan
+    assert cache.lookup(("m", 0, 0), _context(7), "sig", 3) is None, "refresh_interval=3: step 7 refreshes"
+    assert cache.lookup(("m", 0, 0), _context(5), "other", 3) is None, "a shape or setting change refreshes"
+    assert cache.lookup(("m", 0, 0), _context(5, generation=1), "sig", 3) is None
+    assert cache.lookup(("m", 0, 1), _context(5, branch=1), "sig", 3) is None, "branches never share a plan"
+    assert cache.next_refresh_count(("m", 0, 0), _context(7), "sig") == 1
+    assert cache.next_refresh_count(("m", 0, 0), _context(7), "other") == 0
+    assert cache.next_refresh_count(("m", 0, 0), _context(7, generation=1), "sig") == 0
+
+
+def test_cache_is_bounded_with_lru_eviction_and_keeps_refresh_counts():
+    plan = _tiny_plan()
+    summary = (torch.tensor(0.5), torch.tensor(0.8))
+    size = schedule._plan_bytes(plan)
+    cache = schedule.PlanCache(max_bytes=2 * size)
+    for layer in range(3):
+        cache.store(("m", layer, 0), _context(0), "sig", plan, 0, 0.5, summary)
+        assert cache.nbytes <= 2 * size
+    assert len(cache) == 2
+    assert cache.lookup(("m", 0, 0), _context(0), "sig", 1) is None, "the least recently used entry went first"
+    assert cache.lookup(("m", 2, 0), _context(0), "sig", 1) is not None
+    assert cache.next_refresh_count(("m", 0, 0), _context(1), "sig") == 1, "eviction keeps the refresh count"
+    spattn_compile.set_plan_cache_limit(0)
+    try:
+        assert len(schedule.plan_cache()) == 0
+    finally:
+        spattn_compile.set_plan_cache_limit(8 << 30)
+    with pytest.raises(ValueError, match="max_bytes"):
+        spattn_compile.set_plan_cache_limit(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Plan reuse in the reference: the plan is taken as given, the pooled statistics are fresh
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=25)
+@given(
+    grid=st.tuples(st.integers(1, 3), st.integers(2, 5), st.integers(2, 6)),
+    text_len=st.integers(0, 20),
+    text_first=st.booleans(),
+    rectify=st.sampled_from(["none", "block", "query"]),
+    sparsity=st.floats(0.2, 0.9),
+    masked=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 2**16),
+)
+def test_reference_reuses_a_given_plan_with_fresh_statistics(
+    grid, text_len, text_first, rectify, sparsity, masked, dtype, seed
+):
+    g = torch.Generator().manual_seed(seed)
+    seq_len = math.prod(grid) + text_len
+    shape = (2, 2, seq_len, 16)
+    old = [torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype) for _ in range(3)]
+    new = [torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype) for _ in range(3)]
+    attn_mask = None
+    if masked and text_len:
+        attn_mask = torch.ones(2, 1, 1, seq_len, dtype=torch.bool)
+        attn_mask[0, ..., -1] = False
+    config = SparseAttentionConfig(block_size=16, tile_size=16, sparsity=sparsity, rectify=rectify)
+    args = dict(video_grid=grid, text_len=text_len, text_first=text_first, attn_mask=attn_mask, config=config)
+    _, plan = sparse_attention_reference(*old, return_plan=True, compute_dtype=torch.float64, **args)
+    reused, returned = sparse_attention_reference(
+        *new, plan=plan, return_plan=True, compute_dtype=torch.float64, **args
+    )
+    assert returned is plan
+
+    # Expected: stages 0-1 on the new inputs, stage 3 with the old plan.
+    layout = token_layout(grid, text_len, text_first, 16, "hilbert")
+    valid = canonical_key_valid(key_padding_valid(attn_mask, 2, 2, seq_len), layout, 2, 2, torch.device("cpu"))
+    q_c, k_c, v_c = (gather_canonical(t.double(), layout) for t in new)
+    stats = pool_statistics(q_c, k_c, v_c, valid, layout, 16)
+    out_c = rectified_sparse_attention(q_c, k_c, v_c, valid, plan, stats, layout, scale=0.25, rectify=rectify)
+    expected = scatter_canonical(out_c, layout)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    assert _relative_error(reused, expected) < tolerance
+
+    fresh = sparse_attention_reference(*new, compute_dtype=torch.float64, **args)
+    again = sparse_attention_reference(
+        *new, plan=sparse_attention_reference(*new, return_plan=True, compute_dtype=torch.float64, **args)[1], **args
+    )
+    assert _relative_error(again, fresh) < tolerance
+
+
+def test_reference_rejects_a_plan_of_another_shape():
+    plan = _tiny_plan(batch=1, heads=1)
+    q = torch.randn(1, 2, 48, 16)
+    config = SparseAttentionConfig(block_size=16, tile_size=16)
+    with pytest.raises(ValueError, match=r"plan\.kv_counts has shape"):
+        sparse_attention_reference(q, q, q, video_grid=(3, 4, 4), config=config, plan=plan)
+    with pytest.raises(TypeError, match="plan must be a SparsePlan"):
+        sparse_attention_reference(q, q, q, video_grid=(3, 4, 4), config=config, plan="plan")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _recorded_report():
+    plan = _tiny_plan()
+    kept, recall, share = schedule.plan_summary(plan)
+    record(_context(0), 0, "dense_step", "", 1.0, 1.0)
+    record(_context(1), 0, "sparse", "refresh", kept, recall, keep_share=share)
+    record(_context(2), 0, "sparse", "hit", kept, recall)
+    return spattn_compile.report(), plan
+
+
+def test_plan_summary_matches_the_plan():
+    plan = _tiny_plan(batch=2, heads=2)
+    kept, recall, share = schedule.plan_summary(plan)
+    nb = plan.num_video_blocks
+    keep = plan.keep_mask()[..., :nb, :nb]
+    assert kept.item() == pytest.approx(plan.density().mean().item())
+    expected_recall = ((plan.block_scores[..., :nb] * keep).sum(-1) + plan.block_scores[..., nb]).mean()
+    assert recall.item() == pytest.approx(expected_recall.item())
+    assert 0 < recall.item() <= 1 + 1e-6
+    assert share.shape == (nb, nb)
+    assert torch.equal(share.diagonal(), torch.ones(nb)), "the diagonal block is always kept"
+
+
+def test_report_table_and_counts():
+    result, plan = _recorded_report()
+    assert (result.sparse_calls, result.dense_calls, result.refreshes, result.cache_hits) == (2, 1, 1, 1)
+    text = str(result)
+    assert "dense_step" in text and "refresh" in text and "hit" in text
+    assert "3 calls: 2 sparse (1 plan refreshes, 1 cache hits), 1 dense" in text
+    assert result.records[1].density == pytest.approx(plan.density().mean().item())
+    spattn_compile.reset_report()
+    assert spattn_compile.report().records == ()
+    with pytest.raises(ValueError, match="kind must be one of"):
+        record(_context(0), 0, "sparse-ish", "", 1.0, 1.0)
+
+
+def test_report_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    result, _ = _recorded_report()
+    path = tmp_path / "report.png"
+    result.plot(str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_plot_without_matplotlib_says_how_to_get_it(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("no matplotlib here")
+        return real_import(name, *args, **kwargs)
+
+    result, _ = _recorded_report()
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.raises(ImportError, match=r"spattn_compile\[plot\]"):
+        result.plot("unused.png")

@@ -1,0 +1,222 @@
+"""The schedule through whole denoising loops of tiny diffusers models compiled with the spattn backend: warm-up steps
+are dense (latents equal the dense loop's), cached steps reuse plans, refresh steps select again at the decayed
+density, CFG branches never share a plan, a second generation starts fresh, and the report counts what happened."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import SETTINGS, cogvideox, compile_spattn, hunyuan_video, relative_error, reset_dynamo, wan
+
+import spattn_compile
+from spattn_compile import ops, schedule
+
+
+@pytest.fixture(autouse=True)
+def _fresh_state():
+    reset_dynamo()
+    schedule.reset_schedule()
+    spattn_compile.reset_report()
+    yield
+    reset_dynamo()
+    schedule.reset_schedule()
+    spattn_compile.reset_report()
+
+
+class PlanCounter:
+    """Counts the op's calls of `run_sparse_attention` that select a plan and those that reuse one, per branch."""
+
+    def __init__(self, monkeypatch):
+        self.selected: list[tuple[int, int]] = []  # (step, branch)
+        self.reused: list[tuple[int, int, int]] = []  # (step, branch, id of the plan)
+        self.plans: dict[int, set[int]] = {}  # branch -> ids of the plans selected for it
+        self._alive: list[object] = []  # holds every plan, so that no id is reused by a later one
+        original = ops.run_sparse_attention
+
+        def counting(*args, plan=None, return_plan=False, **kwargs):
+            context = schedule.current_step()
+            result = original(*args, plan=plan, return_plan=return_plan, **kwargs)
+            if plan is None:
+                self.selected.append((context.step, context.branch))
+                self.plans.setdefault(context.branch, set()).add(id(result[1]))
+                self._alive.append(result[1])
+            else:
+                self.reused.append((context.step, context.branch, id(plan)))
+            return result
+
+        monkeypatch.setattr(ops, "run_sparse_attention", counting)
+
+
+def _scheduler(steps: int):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def _wan_cfg_loop(model, tiny, steps: int = 4, guidance: float = 5.0, seed: int = 0) -> list[torch.Tensor]:
+    """Wan's pipeline loop: two transformer calls per step (conditional, then unconditional)."""
+    inputs = tiny.make_inputs(seed=seed)
+    cond = inputs["encoder_hidden_states"]
+    uncond = torch.randn(cond.shape, generator=torch.Generator().manual_seed(seed + 1))
+    latents = inputs["hidden_states"]
+    scheduler = _scheduler(steps)
+    trajectory = []
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            timestep = t.expand(latents.shape[0])
+            noise_cond = model(hidden_states=latents, timestep=timestep, encoder_hidden_states=cond, return_dict=False)
+            noise_uncond = model(
+                hidden_states=latents, timestep=timestep, encoder_hidden_states=uncond, return_dict=False
+            )
+            noise = noise_uncond[0] + guidance * (noise_cond[0] - noise_uncond[0])
+            latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+            trajectory.append(latents)
+    return trajectory
+
+
+SCHEDULE = dict(sparsity=0.5, dense_steps=2, refresh_interval=2, density_decay=0.2)
+
+
+def test_wan_cfg_loop_warmup_cache_refresh_and_report(monkeypatch):
+    tiny = wan(num_layers=2)
+    layers, branches, steps = 2, 2, 5
+    compiled = compile_spattn(tiny.model, **SCHEDULE)
+    counter = PlanCounter(monkeypatch)
+    sparse = _wan_cfg_loop(compiled, tiny, steps)
+    dense = _wan_cfg_loop(tiny.model, tiny, steps)
+
+    # Warm-up: steps 0 and 1 are dense, so the latents equal the dense loop's; the sparse steps then differ.
+    for index in range(SCHEDULE["dense_steps"]):
+        assert relative_error(sparse[index], dense[index]) < 1e-5, index
+    assert relative_error(sparse[2], dense[2]) > 1e-4, "step 2 is sparse and must change the result"
+
+    # refresh_interval=2: plans are selected at steps 2 and 4, reused at step 3, for each layer and branch.
+    assert sorted(counter.selected) == sorted((s, b) for s in (2, 4) for b in range(branches) for _ in range(layers))
+    assert sorted((s, b) for s, b, _ in counter.reused) == sorted(
+        (3, b) for b in range(branches) for _ in range(layers)
+    )
+    # The two CFG branches never share a plan: each reuse takes a plan selected for its own branch.
+    assert not counter.plans[0] & counter.plans[1]
+    for _, branch, plan_id in counter.reused:
+        assert plan_id in counter.plans[branch]
+
+    result = spattn_compile.report()
+    assert result.dense_calls == SCHEDULE["dense_steps"] * branches * layers
+    assert result.refreshes == len(counter.selected)
+    assert result.cache_hits == len(counter.reused)
+    assert result.sparse_calls == (steps - SCHEDULE["dense_steps"]) * branches * layers
+    assert {(r.step, r.branch) for r in result.records} == {(s, b) for s in range(steps) for b in range(branches)}
+    # The adaptive ratio: density 0.5 at the first refresh, 0.3 at the second (5 video blocks: 3 then 2 kept).
+    by_step = {r.step: r.density for r in result.records if r.kind == "sparse" and r.cache == "refresh"}
+    assert by_step == {2: pytest.approx(3 / 5), 4: pytest.approx(2 / 5)}
+    assert all(0 < r.recall <= 1 + 1e-6 for r in result.records)
+    assert "dense_step" in str(result)
+
+
+def test_second_generation_starts_fresh(monkeypatch):
+    tiny = wan(num_layers=1)
+    compiled = compile_spattn(tiny.model, **SCHEDULE)
+    counter = PlanCounter(monkeypatch)
+    first = _wan_cfg_loop(compiled, tiny, 4)
+    second = _wan_cfg_loop(compiled, tiny, 4)
+    # The first step's timestep is larger than the last one's: a new generation, dense warm-up, no stale plan.
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    generations = {(r.generation, r.step) for r in spattn_compile.report().records}
+    assert generations == {(g, s) for g in (0, 1) for s in range(4)}
+    assert len(counter.selected) == 2 * 2 and len(counter.reused) == 2 * 2
+    reused_ids = [plan_id for _, _, plan_id in counter.reused]
+    assert len(set(reused_ids[:2]) & set(reused_ids[2:])) == 0, "generation 1 must not reuse generation 0's plans"
+
+
+def test_cogvideox_batched_cfg_is_one_branch_per_step():
+    tiny = cogvideox(num_layers=1)
+    compiled = compile_spattn(tiny.model, sparsity=0.5, dense_steps=1, refresh_interval=3)
+    inputs = tiny.make_inputs(batch=2)
+    with torch.no_grad():
+        for t in (900, 700, 500):
+            compiled(**{**inputs, "timestep": torch.full((2,), t)})
+    result = spattn_compile.report()
+    assert [(r.step, r.branch, r.kind, r.cache) for r in result.records] == [
+        (0, 0, "dense_step", ""),
+        (1, 0, "sparse", "refresh"),
+        (2, 0, "sparse", "hit"),
+    ]
+
+
+def test_hunyuan_one_call_per_step_and_explicit_steps():
+    tiny = hunyuan_video()
+    compiled = compile_spattn(tiny.model, sparsity=0.5, refresh_interval=1)
+    inputs = tiny.make_inputs()
+    with torch.no_grad():
+        for t in (900, 800):
+            compiled(**{**inputs, "timestep": torch.full((1,), t)})
+        # The explicit override: a constant timestep, steps named by the caller.
+        for index in range(2):
+            with spattn_compile.step(index):
+                compiled(**inputs)
+    records = spattn_compile.report().records
+    per_call = [(r.generation, r.step, r.branch, r.cache) for r in records[:: tiny.joint_attentions]]
+    assert per_call == [(0, 0, 0, "refresh"), (0, 1, 0, "refresh"), (1, 0, 0, "refresh"), (1, 1, 0, "refresh")]
+    assert len(records) == 4 * tiny.joint_attentions
+
+
+def test_direct_calls_have_no_step_context_and_are_not_recorded():
+    q = torch.randn(1, 2, 72, 16)
+    with spattn_compile.config(**SETTINGS, dense_steps=100):
+        out = torch.ops.spattn.sparse_attention(q, q, q, [3, 4, 6], 0, False, None, None, 0)
+        expected = spattn_compile.sparse_attention(q, q, q, video_grid=(3, 4, 6), impl="reference")
+    assert torch.equal(out, expected), "dense_steps needs a step: outside a compiled model the call is sparse"
+    assert spattn_compile.report().records == ()
+    assert len(schedule.plan_cache()) == 0
+
+
+def test_wan_pipeline_end_to_end():
+    pytest.importorskip("transformers", reason="diffusers' WanPipeline needs transformers")
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+
+    def make_pipeline(transformer):
+        torch.manual_seed(0)
+        vae = AutoencoderKLWan(
+            base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+        ).eval()
+        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+        return WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=vae, scheduler=scheduler)
+
+    tiny = wan(num_layers=2)
+    g = torch.Generator().manual_seed(0)
+    embeds = dict(
+        prompt_embeds=torch.randn(1, 7, 32, generator=g), negative_prompt_embeds=torch.randn(1, 7, 32, generator=g)
+    )
+
+    def run(pipe):
+        latents = []
+
+        def keep(_pipe, _step, _timestep, kwargs):
+            latents.append(kwargs["latents"].clone())
+            return kwargs
+
+        pipe(
+            **embeds,
+            height=64,
+            width=96,
+            num_frames=9,
+            num_inference_steps=4,
+            guidance_scale=5.0,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(1),
+            callback_on_step_end=keep,
+        )
+        return latents
+
+    dense = run(make_pipeline(tiny.model))
+    sparse = run(make_pipeline(compile_spattn(tiny.model, **SCHEDULE)))
+    assert len(sparse) == 4
+    for index in range(SCHEDULE["dense_steps"]):
+        assert relative_error(sparse[index], dense[index]) < 1e-5
+    assert relative_error(sparse[2], dense[2]) > 1e-4
+    result = spattn_compile.report()
+    assert {(r.step, r.branch) for r in result.records} == {(s, b) for s in range(4) for b in range(2)}
+    assert (result.refreshes, result.cache_hits) == (2 * 2, 2 * 2)
