@@ -14,6 +14,11 @@ one process (triton.testing.do_bench medians, the variants interleaved over roun
     block     rectify "block" (epilogue R * O + c)
     query     rectify "query" with every skipped non-empty video block trusted (the most virtual keys: upper bound)
     text rows not first   (shapes with text) ours without `priority_query_blocks`
+    pipeline  the whole sparse pipeline as the compiled model runs it (`kernels.pipeline.triton_sparse_attention`):
+              (B, S, H, D)-strided inputs in the original token order, Hilbert reorder + pooling, hierarchical
+              scoring + selection at the same target density (its own plan, from the inputs' scores, so its
+              density is printed), block rectification with GAPR, attention, inverse reorder into the output
+    cached    the same with the plan given (a step that reuses a cached plan: no scoring or selection)
 
 The plan: per query block, the diagonal block plus the top-scoring video key blocks of uniform random scores up to
 `ceil(density * NB)` video blocks (so the density is exact), plus every text block; text query rows keep all blocks
@@ -42,7 +47,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spattn_compile import reference  # noqa: E402
+from spattn_compile.config import SparseAttentionConfig  # noqa: E402
 from spattn_compile.kernels import block_sparse_attention as bsa  # noqa: E402
+from spattn_compile.kernels.pipeline import triton_sparse_attention  # noqa: E402
 from spattn_compile.layout import token_layout  # noqa: E402
 
 # Everything runs on the GPU; a smoke test may point this at the CPU (Triton interpreter, tiny shapes).
@@ -144,6 +151,18 @@ class Problem:
         self.scale = 1.0 / math.sqrt(HEAD_DIM)
         self.seq_len = layout.seq_len
         self.nonempty = self.key_valid.reshape(1, heads, layout.num_blocks, BLOCK_SIZE).any(-1)
+        # The whole pipeline's inputs: original token order, (B, S, H, D) memory as a DiT's projections make them.
+        self.grid, self.text_len = tuple(grid), text_len
+        self.original = tuple(
+            torch.randn(
+                1, layout.seq_len, heads, HEAD_DIM, generator=generator, device=device, dtype=torch.bfloat16
+            ).transpose(1, 2)
+            for _ in range(3)
+        )
+        self.attn_mask = None
+        if text_padding:
+            self.attn_mask = torch.ones(1, 1, 1, layout.seq_len, dtype=torch.bool, device=device)
+            self.attn_mask[..., layout.seq_len - text_padding :] = False
 
     def plan(self, density: float, seed: int = 1):
         layout = self.layout
@@ -308,6 +327,27 @@ def _time_density(problem: Problem, density: float, flex, dense, args, sweep: bo
         "block": lambda: ours("block", block_args),
         "query": lambda: ours("query", query_args),
     }
+    pipeline_config = SparseAttentionConfig(block_size=BLOCK_SIZE, min_seq_len=0, max_density=max(0.5, density))
+
+    def pipeline(plan=None, return_plan=False):
+        return triton_sparse_attention(
+            *problem.original,
+            video_grid=problem.grid,
+            text_len=problem.text_len,
+            text_first=False,
+            attn_mask=problem.attn_mask,
+            scale=None,
+            config=pipeline_config,
+            density=density,
+            plan=plan,
+            return_plan=return_plan,
+        )
+
+    _, pipeline_plan = pipeline(return_plan=True)
+    nb = layout.num_video_blocks
+    pipeline_density = float(pipeline_plan.keep_mask()[..., :nb, :nb].float().mean())
+    variants["pipeline"] = pipeline
+    variants["cached"] = lambda: pipeline(plan=pipeline_plan)
     if layout.num_text_blocks:
         # The text query rows attend to every block: without scheduling them first they may finish last.
         variants["no_priority"] = lambda: ours(priority=0)
@@ -322,6 +362,7 @@ def _time_density(problem: Problem, density: float, flex, dense, args, sweep: bo
         "ours_tflops": kept_flops / times["ours"] / 1e9,
         "flex_tflops": kept_flops / times["flex"] / 1e9,
         "dense_tflops": dense_flops / times["dense"] / 1e9,
+        "pipeline_density": pipeline_density,
     }
     line = (
         f"  d={density:.2f} work {row['work']:.3f}: ours {times['ours']:.2f} ms ({row['ours_tflops']:.0f} TFLOP/s, "
@@ -331,6 +372,10 @@ def _time_density(problem: Problem, density: float, flex, dense, args, sweep: bo
     )
     if "no_priority" in times:
         line += f", text rows not scheduled first {times['no_priority']:.2f}"
+    line += (
+        f"; pipeline {times['pipeline']:.2f} ms at video density {pipeline_density:.3f}, with a cached plan "
+        f"{times['cached']:.2f} ms"
+    )
     print(line)
     if sweep:
         # Diagnostic only (wrong where keys are padding): the cost of the key-validity select in the inner loop.
@@ -394,7 +439,8 @@ def main() -> None:
 
     header = (
         "| shape | density | work | cuDNN dense ms | flex ms | ours ms | ours TFLOP/s | flex TFLOP/s | ours/flex speed "
-        "| dense/ours | of ideal | +scatter ms | block ms | query ms | text rows not first ms |"
+        "| dense/ours | of ideal | +scatter ms | block ms | query ms | text rows not first ms | pipeline ms "
+        "| pipeline density | dense/pipeline | cached-plan pipeline ms | dense/cached |"
     )
     print()
     print(header)
@@ -404,7 +450,9 @@ def main() -> None:
             f"| {r['shape']} | {r['density']:.2f} | {r['work']:.3f} | {r['dense']:.2f} | {r['flex']:.2f} | "
             f"{r['ours']:.2f} | {r['ours_tflops']:.0f} | {r['flex_tflops']:.0f} | {r['flex'] / r['ours']:.2f}x | "
             f"{r['dense'] / r['ours']:.2f}x | {r['ours_tflops'] / r['dense_tflops']:.0%} | {r['scatter']:.2f} | "
-            f"{r['block']:.2f} | {r['query']:.2f} | {r.get('no_priority', math.nan):.2f} |"
+            f"{r['block']:.2f} | {r['query']:.2f} | {r.get('no_priority', math.nan):.2f} | {r['pipeline']:.2f} | "
+            f"{r['pipeline_density']:.3f} | {r['dense'] / r['pipeline']:.2f}x | {r['cached']:.2f} | "
+            f"{r['dense'] / r['cached']:.2f}x |"
         )
 
 

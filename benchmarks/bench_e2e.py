@@ -1,0 +1,460 @@
+"""One transformer forward of real video DiTs, compiled dense (Inductor) against `backend="spattn"`, on a GPU.
+
+Owns the end-to-end benchmark: Wan 2.1 1.3B at 480p (21 x 30 x 52 = 32,760 tokens), Wan 2.1 14B at 720p
+(21 x 45 x 80 = 75,600 tokens) and HunyuanVideo 13B at 720p (33 x 45 x 80 = 118,800 video tokens + 256 text tokens,
+a third of them padding), diffusers' own model classes at their published configurations with random weights, bf16,
+batch 1. For each model it times, in one process, `torch.compile(model)` (Inductor, dense SDPA) and
+`torch.compile(model, backend="spattn")` (Inductor as the inner compiler) at each sparsity, both on a *refresh* step
+(the plan is scored and selected) and on a *cached* step (the plan comes from the plan cache), and prints per
+forward: ms, speedup, the share of GPU time spent in attention (kernels classified by name from one profiled forward),
+peak memory above the weights and inputs, and the output's relative error against the dense output on the same
+weights. It then projects a 50-step generation (Wan: two CFG calls per step; HunyuanVideo is guidance-distilled: one)
+for the library's default schedule and for a cached schedule, from the measured per-forward times.
+
+`--layers-fraction f` builds every model with `ceil(f * L)` of its L transformer blocks (HunyuanVideo: of each block
+kind): every block of a model has the same shapes and cost, and the parts outside the blocks (patch embedding,
+condition embedders, output projection) take well under 1% of one block at these sizes, so the speedup of the
+shortened model is that of the full one; "full ms" scales the measured time by L / layers run. Random weights make
+attention more diffuse than a trained model's, so the error column is a pessimistic stand-in for quality (see
+BENCHMARKS.md's fidelity table for video-like inputs).
+
+    python benchmarks/bench_e2e.py                                   # every model, full depth (long: ~15 min)
+    python benchmarks/bench_e2e.py --models wan14b-720p --layers-fraction 0.1 --sparsities 0.75 0.9
+    python benchmarks/bench_e2e.py --smoke                           # tiny configs on the CPU: checks the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import functools
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import spattn_compile  # noqa: E402
+from spattn_compile import schedule  # noqa: E402
+
+WAN_1_3B = {
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 12,
+    "attention_head_dim": 128,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 4096,
+    "freq_dim": 256,
+    "ffn_dim": 8960,
+    "num_layers": 30,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+    "rope_max_seq_len": 1024,
+}
+WAN_14B = {**WAN_1_3B, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}
+# diffusers' HunyuanVideoTransformer3DModel defaults are the 13B model; spelled out so that the table states them.
+HUNYUAN_13B = {
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_attention_heads": 24,
+    "attention_head_dim": 128,
+    "num_layers": 20,
+    "num_single_layers": 40,
+    "num_refiner_layers": 2,
+    "mlp_ratio": 4.0,
+    "patch_size": 2,
+    "patch_size_t": 1,
+    "qk_norm": "rms_norm",
+    "guidance_embeds": True,
+    "text_embed_dim": 4096,
+    "pooled_projection_dim": 768,
+    "rope_theta": 256.0,
+    "rope_axes_dim": (16, 56, 56),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCase:
+    """A model to benchmark: its diffusers class, config, the config keys that count its blocks, the latent size
+    (frames, height, width) before patching, text tokens (valid ones), and transformer calls per denoising step."""
+
+    name: str
+    family: str
+    config: dict
+    layer_keys: tuple[str, ...]
+    latent: tuple[int, int, int]
+    text_len: int
+    valid_text: int
+    calls_per_step: int
+
+
+CASES = {
+    case.name: case
+    for case in (
+        ModelCase("wan1.3b-480p", "wan", WAN_1_3B, ("num_layers",), (21, 60, 104), 512, 512, 2),
+        ModelCase("wan14b-720p", "wan", WAN_14B, ("num_layers",), (21, 90, 160), 512, 512, 2),
+        ModelCase(
+            "hunyuan-720p", "hunyuan", HUNYUAN_13B, ("num_layers", "num_single_layers"), (33, 90, 160), 256, 171, 1
+        ),
+    )
+}
+SMOKE_CASES = {
+    "wan-smoke": ModelCase(
+        "wan-smoke",
+        "wan",
+        {
+            **WAN_1_3B,
+            "num_attention_heads": 2,
+            "attention_head_dim": 32,
+            "text_dim": 32,
+            "freq_dim": 32,
+            "ffn_dim": 64,
+            "num_layers": 2,
+        },
+        ("num_layers",),
+        (3, 16, 24),
+        8,
+        8,
+        2,
+    ),
+    "hunyuan-smoke": ModelCase(
+        "hunyuan-smoke",
+        "hunyuan",
+        {
+            **HUNYUAN_13B,
+            "in_channels": 4,
+            "out_channels": 4,
+            "num_attention_heads": 2,
+            "attention_head_dim": 32,
+            "num_layers": 1,
+            "num_single_layers": 1,
+            "num_refiner_layers": 1,
+            "text_embed_dim": 32,
+            "pooled_projection_dim": 16,
+            "rope_axes_dim": (8, 12, 12),
+        },
+        ("num_layers", "num_single_layers"),
+        (3, 16, 24),
+        12,
+        8,
+        1,
+    ),
+}
+
+# CUDA kernels that compute attention: the dense SDPA backends, and spattn's pipeline (its Triton kernels; the small
+# torch ops of block rectification are not counted).
+_ATTENTION_KERNELS = (
+    "fmha",
+    "flash",
+    "cudnn",
+    "sdpa",
+    "attention",
+    "_reorder_pool",
+    "_block_scores",
+    "_gapr_gate",
+    "_select_kernel",
+)
+
+
+def build_model(case: ModelCase, layers_fraction: float, device: str, dtype: torch.dtype):
+    """The model with `ceil(fraction * L)` blocks of each kind, random weights (never zero), in eval mode."""
+    import diffusers
+
+    config = dict(case.config)
+    for key in case.layer_keys:
+        config[key] = max(1, math.ceil(layers_fraction * config[key]))
+    cls = diffusers.WanTransformer3DModel if case.family == "wan" else diffusers.HunyuanVideoTransformer3DModel
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    # Built directly on the device and in the target dtype: a 14B model never exists in float32 on the host.
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(**config)
+    finally:
+        torch.set_default_dtype(previous)
+    with torch.no_grad():
+        # diffusers zero-initialises some gates and output projections: an attention error must not hide behind one.
+        for parameter in model.parameters():
+            if not parameter.any():
+                parameter.normal_(0.0, 0.02)
+    full_layers = sum(case.config[key] for key in case.layer_keys)
+    run_layers = sum(config[key] for key in case.layer_keys)
+    return model.eval().to(device=device, dtype=dtype), run_layers, full_layers
+
+
+def make_inputs(case: ModelCase, model, device: str, dtype: torch.dtype) -> dict:
+    generator = torch.Generator(device).manual_seed(0)
+    config = model.config
+    frames, height, width = case.latent
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
+
+    hidden = randn(1, config.in_channels, frames, height, width)
+    if case.family == "wan":
+        return {
+            "hidden_states": hidden,
+            "timestep": torch.tensor([900], device=device),
+            "encoder_hidden_states": randn(1, case.text_len, config.text_dim),
+            "return_dict": False,
+        }
+    mask = torch.zeros(1, case.text_len, dtype=torch.long, device=device)
+    mask[:, : case.valid_text] = 1
+    return {
+        "hidden_states": hidden,
+        "timestep": torch.tensor([900], device=device),
+        "encoder_hidden_states": randn(1, case.text_len, config.text_embed_dim),
+        "encoder_attention_mask": mask,
+        "pooled_projections": randn(1, config.pooled_projection_dim),
+        "guidance": torch.tensor([6000.0], device=device, dtype=dtype),
+        "return_dict": False,
+    }
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_forward(fn: Callable[[int], torch.Tensor], repeats: int, device: str) -> tuple[torch.Tensor, float]:
+    """Median wall time in ms of `fn(i)` for i = 1..repeats (the caller has warmed up), and the last output."""
+    times, out = [], None
+    for i in range(1, repeats + 1):
+        synchronize(device)
+        start = time.perf_counter()
+        out = fn(i)
+        synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return out, statistics.median(times)
+
+
+def peak_extra_memory(fn: Callable[[], torch.Tensor], device: str) -> float:
+    """GiB allocated at the peak of `fn()` above what was allocated before it (weights, inputs)."""
+    if not device.startswith("cuda"):
+        return float("nan")
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    synchronize(device)
+    return (torch.cuda.max_memory_allocated() - before) / 2**30
+
+
+def attention_profile(fn: Callable[[], torch.Tensor], device: str, top: int) -> tuple[float, list[tuple[str, float]]]:
+    """Share of GPU kernel time in attention kernels during `fn()`, and the `top` kernels by total time (ms)."""
+    if not device.startswith("cuda"):
+        return float("nan"), []
+    from torch.profiler import ProfilerActivity, profile
+
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        synchronize(device)
+    totals: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[event.name] = totals.get(event.name, 0.0) + event.device_time_total / 1e3
+    everything = sum(totals.values())
+    attention = sum(ms for name, ms in totals.items() if any(k in name.lower() for k in _ATTENTION_KERNELS))
+    ranked = sorted(totals.items(), key=lambda item: -item[1])[:top]
+    return attention / max(everything, 1e-9), ranked
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+@dataclasses.dataclass
+class Row:
+    model: str
+    variant: str
+    ms: float
+    full_ms: float
+    speedup: float
+    attention_share: float
+    peak_gib: float
+    error: float
+    density: float
+
+
+def run_case(case: ModelCase, args: argparse.Namespace, rows: list[Row], projections: list[str]) -> None:
+    device, dtype = args.device, getattr(torch, args.dtype)
+    model, run_layers, full_layers = build_model(case, args.layers_fraction, device, dtype)
+    inputs = make_inputs(case, model, device, dtype)
+    scale_to_full = full_layers / run_layers
+    print(f"\n== {case.name}: {run_layers} of {full_layers} blocks, latent {case.latent}, text {case.text_len}")
+
+    def forward(compiled):
+        with torch.no_grad():
+            return compiled(**inputs)[0]
+
+    # Dense: Inductor on the unmodified model.
+    torch._dynamo.reset()
+    dense_model = torch.compile(model, **({"backend": "eager"} if args.smoke else {}))
+    start = time.perf_counter()
+    forward(dense_model)
+    synchronize(device)
+    print(f"dense compile + first forward: {time.perf_counter() - start:.1f} s")
+    dense_out, dense_ms = time_forward(lambda i: forward(dense_model), args.repeats, device)
+    dense_peak = peak_extra_memory(lambda: forward(dense_model), device)
+    dense_share, dense_top = attention_profile(lambda: forward(dense_model), device, args.top)
+    rows.append(
+        Row(case.name, "dense (Inductor)", dense_ms, dense_ms * scale_to_full, 1.0, dense_share, dense_peak, 0.0, 1.0)
+    )
+    if dense_top:
+        print("dense top kernels (ms): " + "; ".join(f"{name[:60]} {ms:.1f}" for name, ms in dense_top))
+    dense_out = dense_out.float()
+    dense_model = None  # frees Inductor's buffers before the sparse model compiles
+
+    torch._dynamo.reset()
+    schedule.reset_schedule()
+    options = {"compiler": "eager" if args.smoke else "inductor"}
+    if args.smoke:
+        options.update(min_seq_len=0, block_size=32, tile_size=16)
+    sparse_model = torch.compile(model, backend="spattn", options=options)
+    with torch.no_grad():
+        print(spattn_compile.explain(model, **inputs))
+
+    for sparsity in args.sparsities:
+        timings = {}
+        for mode, refresh_interval in (("refresh", 1), ("cached", 10**6)):
+            schedule.reset_schedule()
+            spattn_compile.reset_report()
+            with spattn_compile.config(sparsity=sparsity, refresh_interval=refresh_interval, dense_steps=0):
+
+                def at_step(i: int) -> torch.Tensor:
+                    with spattn_compile.step(i):
+                        return forward(sparse_model)
+
+                start = time.perf_counter()
+                first = at_step(0)  # compiles on the first pass; selects the plan that "cached" then reuses
+                synchronize(device)
+                if mode == "refresh" and sparsity == args.sparsities[0]:
+                    print(f"spattn compile + first forward: {time.perf_counter() - start:.1f} s")
+                out, ms = time_forward(at_step, args.repeats, device)
+                peak = peak_extra_memory(functools.partial(at_step, args.repeats + 1), device)
+                share, top = attention_profile(functools.partial(at_step, args.repeats + 2), device, args.top)
+                records = spattn_compile.report().records
+                sparse = [r for r in records if r.kind == "sparse"]
+                hits = sum(r.cache == "hit" for r in sparse)
+                density = statistics.fmean(float(r.density) for r in sparse) if sparse else 1.0
+            error = relative_error(first.float(), dense_out)
+            timings[mode] = ms
+            rows.append(
+                Row(
+                    case.name,
+                    f"spattn {sparsity:.2f} {mode}",
+                    ms,
+                    ms * scale_to_full,
+                    dense_ms / ms,
+                    share,
+                    peak,
+                    error,
+                    density,
+                )
+            )
+            print(f"sparsity {sparsity} {mode}: {len(sparse)} sparse calls, {hits} cache hits, density {density:.3f}")
+            if top:
+                print("  top kernels (ms): " + "; ".join(f"{name[:60]} {t:.1f}" for name, t in top))
+        projections.extend(project_generation(case, sparsity, dense_ms * scale_to_full, timings, scale_to_full))
+    sparse_model = model = None
+    torch._dynamo.reset()
+    schedule.reset_schedule()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def project_generation(
+    case: ModelCase, sparsity: float, dense_ms: float, timings: dict[str, float], scale: float, steps: int = 50
+) -> list[str]:
+    """50-step generation time (s) at full depth: under the default schedule and under a cached one (refresh every
+    5 steps), from per-forward times; steps before `dense_steps` cost a dense forward."""
+    lines = []
+    defaults = spattn_compile.SparseAttentionConfig()
+    for label, dense_steps, refresh_interval in (
+        ("default schedule", defaults.dense_steps, defaults.refresh_interval),
+        ("refresh every 5 steps", defaults.dense_steps, 5),
+    ):
+        total = 0.0
+        for step_index in range(steps):
+            if step_index < dense_steps:
+                total += dense_ms
+            elif (step_index - dense_steps) % refresh_interval == 0:
+                total += timings["refresh"] * scale
+            else:
+                total += timings["cached"] * scale
+        total *= case.calls_per_step
+        dense_total = dense_ms * steps * case.calls_per_step
+        lines.append(
+            f"| {case.name} | {sparsity:.2f} | {label} (dense_steps={dense_steps}, refresh_interval="
+            f"{refresh_interval}) | {dense_total / 1e3:.1f} | {total / 1e3:.1f} | {dense_total / total:.2f}x |"
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="*", default=list(CASES), help=f"subset of {list(CASES)}")
+    parser.add_argument("--sparsities", nargs="*", type=float, default=[0.75, 0.9])
+    parser.add_argument("--layers-fraction", type=float, default=1.0, help="share of each model's blocks to build")
+    parser.add_argument("--repeats", type=int, default=3, help="timed forwards per variant (median)")
+    parser.add_argument("--top", type=int, default=8, help="kernels listed per profiled forward")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--smoke", action="store_true", help="tiny configs on the CPU, eager inner compiler")
+    args = parser.parse_args()
+    if not 0 < args.layers_fraction <= 1:
+        parser.error(f"--layers-fraction must be in (0, 1], got {args.layers_fraction}")
+    if args.smoke:
+        args.device, args.dtype, args.repeats = "cpu", "float32", 1
+        cases = list(SMOKE_CASES.values())
+    else:
+        if not torch.cuda.is_available():
+            parser.error("needs a CUDA GPU (or --smoke)")
+        args.device = "cuda"
+        unknown = set(args.models) - set(CASES)
+        if unknown:
+            parser.error(f"unknown models {sorted(unknown)}; choose from {list(CASES)}")
+        cases = [CASES[name] for name in args.models]
+
+    import diffusers
+    import triton
+
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    header = (
+        f"{device_name}, torch {torch.__version__}, triton {triton.__version__}, diffusers {diffusers.__version__}, "
+        f"{args.dtype}, {datetime.date.today()}, layers fraction {args.layers_fraction}"
+    )
+    rows: list[Row] = []
+    projections: list[str] = []
+    for case in cases:
+        run_case(case, args, rows, projections)
+
+    print(f"\n{header}")
+    print(
+        "| model | variant | ms | full-depth ms | speedup | attention share | peak extra GiB | rel. error | density |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r.model} | {r.variant} | {r.ms:.1f} | {r.full_ms:.0f} | {r.speedup:.2f}x | {r.attention_share:.0%} "
+            f"| {r.peak_gib:.2f} | {r.error:.3f} | {r.density:.3f} |"
+        )
+    print("\n| model | sparsity | schedule | dense 50 steps s | spattn 50 steps s | speedup |")
+    print("|---|---|---|---|---|---|")
+    for line in projections:
+        print(line)
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
