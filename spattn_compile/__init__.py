@@ -4,7 +4,8 @@ Public surface: `sparse_attention` (the attention function), `SparseAttentionCon
 and `current_config`, the `spattn` backend for `torch.compile`, `explain` (what the backend does to a model), the
 denoising schedule's controls (`step`, `new_generation`, `set_plan_cache_limit`) and `report` (what the schedule did
 per layer and step: dense or sparse, density, estimated recall, plan cache hits; `reset_report`, `enable_timing`).
-Importing the package registers the `torch.ops.spattn.*` custom ops and the backend's name.
+Importing the package registers the `torch.ops.spattn.*` custom ops (the pipeline's `sparse_attention`, and with
+Triton installed the kernels' `block_sparse_attention`, `reorder_pool`, `score_select`) and the backend's name.
 """
 
 from . import (
@@ -17,6 +18,14 @@ from .explain import ExplainReport, explain
 from .reference import SparsePlan
 from .report import ScheduleReport, enable_timing, report, reset_report
 from .schedule import new_generation, set_plan_cache_limit, step
+
+try:
+    import triton  # noqa: F401
+except ImportError:  # no Triton on this platform: the reference path (CPU) still works
+    pass
+else:
+    # Registers the kernels' own ops: torch.ops.spattn.block_sparse_attention, .reorder_pool and .score_select.
+    from .kernels import attention_op, pooling_ops  # noqa: F401
 
 __all__ = [
     "ExplainReport",

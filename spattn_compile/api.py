@@ -8,8 +8,6 @@ shares `run_sparse_attention` below.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 
 import torch
@@ -18,7 +16,7 @@ import torch.nn.functional as F
 from .config import SparseAttentionConfig, current_config
 from .reference import SparsePlan, key_padding_valid, sparse_attention_reference
 
-__all__ = ["sparse_attention", "run_sparse_attention", "supports_plan_reuse", "validate_attention_inputs"]
+__all__ = ["sparse_attention", "run_sparse_attention", "validate_attention_inputs"]
 
 _IMPLS = ("auto", "triton", "reference")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -95,19 +93,6 @@ def _resolve_impl(impl: str, device: torch.device) -> str:
     return impl
 
 
-@functools.cache
-def _triton_accepts_plan() -> bool:
-    from .kernels.pipeline import triton_sparse_attention
-
-    return "plan" in inspect.signature(triton_sparse_attention).parameters
-
-
-def supports_plan_reuse(impl: str, device: torch.device) -> bool:
-    """Whether `run_sparse_attention(..., impl=impl, plan=...)` can reuse a cached plan on `device`: always for the
-    reference; for the Triton pipeline once it takes a `plan` argument."""
-    return _resolve_impl(impl, device) == "reference" or _triton_accepts_plan()
-
-
 def run_sparse_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -126,8 +111,8 @@ def run_sparse_attention(
 ) -> torch.Tensor | tuple[torch.Tensor, SparsePlan | None]:
     """Run validated inputs: dense SDPA below `config.min_seq_len`, else the sparse pipeline with `impl`.
 
-    `density` overrides `config.density`; `plan` reuses a cached `SparsePlan` instead of scoring and selecting (see
-    `supports_plan_reuse`); with `return_plan` the result is `(output, plan)`, the plan being None for dense SDPA.
+    `density` overrides `config.density`; `plan` reuses a cached `SparsePlan` instead of scoring and selecting;
+    with `return_plan` the result is `(output, plan)`, the plan being None for dense SDPA.
     """
     if query.shape[-2] < config.min_seq_len:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, scale=scale)
@@ -135,10 +120,6 @@ def run_sparse_attention(
     if _resolve_impl(impl, query.device) == "triton":
         from .kernels.pipeline import triton_sparse_attention
 
-        if plan is not None and not _triton_accepts_plan():
-            raise NotImplementedError("the Triton pipeline does not take a cached plan yet; use impl='reference'")
-        # Passed only when given, so that this works with a pipeline that does not take `plan` yet.
-        reuse = {} if plan is None else {"plan": plan}
         return triton_sparse_attention(
             query,
             key,
@@ -150,8 +131,8 @@ def run_sparse_attention(
             scale=scale,
             config=config,
             density=density,
+            plan=plan,
             return_plan=return_plan,
-            **reuse,
         )
     return sparse_attention_reference(
         query,

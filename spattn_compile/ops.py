@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import schedule
-from .api import run_sparse_attention, supports_plan_reuse
+from .api import run_sparse_attention
 from .config import SparseAttentionConfig, current_config
 from .layout import token_layout
 from .report import record, timing_enabled
@@ -131,15 +131,9 @@ def _scheduled_attention(
     )
     entry = cache.lookup(cache_key, context, signature, config.refresh_interval)
     if entry is not None:
-        if supports_plan_reuse("auto", query.device):
-            out = run_sparse_attention(query, key, value, plan=entry.plan, **arguments)
-            kept, recall = entry.summary
-            return out, ("sparse", "hit", kept, recall, None)
-        # An implementation that cannot take a plan selects again, at the density of the cached refresh, so that
-        # the schedule (and the adaptive ratio) stays the same.
-        out, plan = run_sparse_attention(query, key, value, density=entry.density, return_plan=True, **arguments)
-        kept, recall, _ = schedule.plan_summary(plan)
-        return out, ("sparse", "recompute", kept, recall, None)
+        out = run_sparse_attention(query, key, value, plan=entry.plan, **arguments)
+        kept, recall = entry.summary
+        return out, ("sparse", "hit", kept, recall, None)
 
     refresh_count = cache.next_refresh_count(cache_key, context, signature)
     layout = token_layout(video_grid, text_len, text_first, config.block_size, config.reorder)

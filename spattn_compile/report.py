@@ -30,9 +30,7 @@ class AttentionRecord:
     """One attention call of a compiled model, as read by `report()`.
 
     kind: one of "sparse", "dense_step" (a warm-up step), "dense_layer" (`dense_layers`), "short" (`min_seq_len`).
-    cache: for sparse calls "refresh" (plan selected and cached), "hit" (cached plan reused) or "recompute" (a
-        cached plan was due for reuse but the implementation cannot take one: selected again at its density); ""
-        for dense calls.
+    cache: for sparse calls "refresh" (plan selected and cached) or "hit" (cached plan reused); "" for dense calls.
     density: share of video key blocks kept (1.0 when dense). recall: estimated share of the attention mass in the
         kept blocks (from the pooled estimate `P_hat` at the plan's refresh; 1.0 when dense).
     time_ms: CUDA-event time of the call, None unless timing was enabled on CUDA.

@@ -228,3 +228,21 @@ def test_non_contiguous_inputs_match_contiguous():
         q.contiguous(), k.contiguous(), v.contiguous(), video_grid=GRID, text_len=TEXT, config=config
     )
     assert relative_error(strided, dense) < 1e-14
+
+
+@pytest.mark.parametrize("text_first", [False, True])
+def test_pipeline_op_passes_opcheck(text_first):
+    """The op that compiled graphs call: schema, fake tensor and AOT dispatch agree with the real kernel."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 80, 16, generator=generator) for _ in range(3))
+    mask = torch.ones(1, 1, 1, 80, dtype=torch.bool)
+    mask[..., 72 if not text_first else 5] = False
+    with spattn_compile.config(block_size=16, tile_size=16, min_seq_len=0, sparsity=0.5):
+        torch.library.opcheck(
+            torch.ops.spattn.sparse_attention.default, (q, k, v, [3, 4, 6], 8, text_first, mask, 0.3, 1)
+        )
+
+
+def test_importing_the_package_registers_every_op():
+    for name in ("sparse_attention", "block_sparse_attention", "reorder_pool", "score_select"):
+        assert hasattr(torch.ops.spattn, name), name
