@@ -65,10 +65,8 @@ SHAPES = [
 DENSITIES = (0.25, 0.10, 0.05)
 
 
-def _bench(fn, quick: bool) -> float:
-    """Median milliseconds of `fn` (triton.testing.do_bench, which flushes the L2 cache between runs)."""
-    import triton.testing
-
+def _estimate_ms(fn) -> float:
+    """Milliseconds of one call of `fn`, after a first call that compiles / autotunes outside the timing."""
     fn()
     torch.cuda.synchronize()
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -76,7 +74,14 @@ def _bench(fn, quick: bool) -> float:
     fn()
     stop.record()
     torch.cuda.synchronize()
-    estimate = start.elapsed_time(stop)
+    return start.elapsed_time(stop)
+
+
+def _bench(fn, quick: bool) -> float:
+    """Median milliseconds of `fn` (triton.testing.do_bench, which flushes the L2 cache between runs)."""
+    import triton.testing
+
+    estimate = _estimate_ms(fn)
     # At least ~10 timed runs, more for short kernels; warm-up of a few runs.
     rep = max(estimate * (5 if quick else 10), 60 if quick else 200)
     return triton.testing.do_bench(fn, warmup=max(3 * estimate, 25), rep=rep, return_mode="median")
@@ -89,14 +94,7 @@ def _bench_interleaved(fns: dict, quick: bool) -> dict[str, float]:
 
     estimates = {}
     for name, fn in fns.items():
-        fn()  # compile / autotune outside the timing
-        torch.cuda.synchronize()
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        torch.cuda.synchronize()
-        estimates[name] = start.elapsed_time(stop)
+        estimates[name] = _estimate_ms(fn)
     rounds = 2 if quick else 3
     names = list(fns)
     samples: dict[str, list[float]] = {name: [] for name in names}

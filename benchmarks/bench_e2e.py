@@ -39,27 +39,17 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPOSITORY = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPOSITORY), str(REPOSITORY / "examples")]
+
+from quickstart import PRESETS as QUICKSTART_PRESETS  # noqa: E402
 
 import spattn_compile  # noqa: E402
 from spattn_compile import schedule  # noqa: E402
 
-WAN_1_3B = {
-    "patch_size": (1, 2, 2),
-    "num_attention_heads": 12,
-    "attention_head_dim": 128,
-    "in_channels": 16,
-    "out_channels": 16,
-    "text_dim": 4096,
-    "freq_dim": 256,
-    "ffn_dim": 8960,
-    "num_layers": 30,
-    "cross_attn_norm": True,
-    "qk_norm": "rms_norm_across_heads",
-    "eps": 1e-6,
-    "rope_max_seq_len": 1024,
-}
-WAN_14B = {**WAN_1_3B, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}
+# The published Wan 2.1 transformer configs, as the quickstart builds them.
+WAN_1_3B = QUICKSTART_PRESETS["wan2.1-1.3b"][0]
+WAN_14B = QUICKSTART_PRESETS["wan2.1-14b"][0]
 # diffusers' HunyuanVideoTransformer3DModel defaults are the 13B model; spelled out so that the table states them.
 HUNYUAN_13B = {
     "in_channels": 16,

@@ -140,7 +140,7 @@ def _scheduled_attention(
     density = schedule.refresh_density(config.density, config.density_decay, refresh_count, layout.num_video_blocks)
     out, plan = run_sparse_attention(query, key, value, density=density, return_plan=True, **arguments)
     kept, recall, keep_share = schedule.plan_summary(plan)
-    cache.store(cache_key, context, signature, plan, refresh_count, density, (kept, recall))
+    cache.store(cache_key, context, signature, plan, refresh_count, (kept, recall))
     return out, ("sparse", "refresh", kept, recall, keep_share)
 
 

@@ -239,14 +239,13 @@ def plan_summary(plan: SparsePlan) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 @dataclasses.dataclass
 class CachedPlan:
     """One cache entry: the plan, when it was refreshed (generation, step, refresh number), what it was built for
-    (signature), the density it was selected at, its size, and its (kept share, recall) from `plan_summary`."""
+    (signature), its size, and its (kept share, recall) from `plan_summary`."""
 
     plan: SparsePlan
     generation: int
     refresh_step: int
     refresh_count: int
     signature: Hashable
-    density: float
     nbytes: int
     summary: tuple[torch.Tensor, torch.Tensor]
 
@@ -310,13 +309,10 @@ class PlanCache:
         signature: Hashable,
         plan: SparsePlan,
         refresh_count: int,
-        density: float,
         summary: tuple[torch.Tensor, torch.Tensor],
     ) -> CachedPlan:
         """Cache `plan`, built at `context` as refresh number `refresh_count`, evicting old entries over the cap."""
-        entry = CachedPlan(
-            plan, context.generation, context.step, refresh_count, signature, density, _plan_bytes(plan), summary
-        )
+        entry = CachedPlan(plan, context.generation, context.step, refresh_count, signature, _plan_bytes(plan), summary)
         with self._lock:
             self._refreshes[key] = (context.generation, signature, refresh_count + 1)
             old = self._entries.pop(key, None)

@@ -351,11 +351,18 @@ def compile_spattn(model: Callable, *, dynamic: bool | None = None, compiler: st
 
 
 def reset_dynamo() -> None:
-    """Forget every compiled graph and zero Dynamo's counters (`torch._dynamo.reset()` keeps the counters)."""
+    """Forget every compiled graph and zero Dynamo's counters (`torch._dynamo.reset()` keeps the counters), and the
+    schedule state and report records tied to the forgotten graphs (their model keys are Dynamo frame ids, which a
+    later compile may reuse)."""
     from torch._dynamo.utils import counters
+
+    import spattn_compile
+    from spattn_compile import schedule
 
     torch._dynamo.reset()
     counters.clear()
+    schedule.reset_schedule()
+    spattn_compile.reset_report()
 
 
 def compiled_graph_count() -> int:

@@ -14,7 +14,6 @@ import torch
 from models import reset_dynamo
 
 import spattn_compile
-from spattn_compile import schedule
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -37,12 +36,8 @@ def example():
 @pytest.fixture(autouse=True)
 def _fresh_state():
     reset_dynamo()
-    schedule.reset_schedule()
-    spattn_compile.reset_report()
     yield
     reset_dynamo()
-    schedule.reset_schedule()
-    spattn_compile.reset_report()
 
 
 STEPS, DENSE_STEPS, REFRESH_INTERVAL = 3, 1, 2

@@ -82,8 +82,8 @@ def test_tracker_larger_timestep_starts_a_new_generation_and_drops_its_plans():
     cache = schedule.plan_cache()
     context = tracker.advance(_t(900))
     plan = _tiny_plan()
-    cache.store(("model-a", 0, 0), context, "sig", plan, 0, 0.5, (torch.tensor(0.5), torch.tensor(0.9)))
-    cache.store(("model-b", 0, 0), context, "sig", plan, 0, 0.5, (torch.tensor(0.5), torch.tensor(0.9)))
+    cache.store(("model-a", 0, 0), context, "sig", plan, 0, (torch.tensor(0.5), torch.tensor(0.9)))
+    cache.store(("model-b", 0, 0), context, "sig", plan, 0, (torch.tensor(0.5), torch.tensor(0.9)))
     tracker.advance(_t(500))
     assert len(cache) == 2
     assert _positions(tracker, [_t(900)]) == [(1, 0, 0)]
@@ -170,7 +170,7 @@ def test_cache_reuses_for_refresh_interval_steps_of_one_generation_and_signature
     cache = schedule.PlanCache()
     plan = _tiny_plan()
     summary = (torch.tensor(0.5), torch.tensor(0.8))
-    cache.store(("m", 0, 0), _context(4), "sig", plan, 0, 0.5, summary)
+    cache.store(("m", 0, 0), _context(4), "sig", plan, 0, summary)
     assert cache.lookup(("m", 0, 0), _context(4), "sig", 3).plan is plan
     assert cache.lookup(("m", 0, 0), _context(6), "sig", 3).plan is plan
     assert cache.lookup(("m", 0, 0), _context(7), "sig", 3) is None, "refresh_interval=3: step 7 refreshes"
@@ -188,7 +188,7 @@ def test_cache_is_bounded_with_lru_eviction_and_keeps_refresh_counts():
     size = schedule._plan_bytes(plan)
     cache = schedule.PlanCache(max_bytes=2 * size)
     for layer in range(3):
-        cache.store(("m", layer, 0), _context(0), "sig", plan, 0, 0.5, summary)
+        cache.store(("m", layer, 0), _context(0), "sig", plan, 0, summary)
         assert cache.nbytes <= 2 * size
     assert len(cache) == 2
     assert cache.lookup(("m", 0, 0), _context(0), "sig", 1) is None, "the least recently used entry went first"

@@ -15,12 +15,8 @@ from spattn_compile import ops, schedule
 @pytest.fixture(autouse=True)
 def _fresh_state():
     reset_dynamo()
-    schedule.reset_schedule()
-    spattn_compile.reset_report()
     yield
     reset_dynamo()
-    schedule.reset_schedule()
-    spattn_compile.reset_report()
 
 
 class PlanCounter:
