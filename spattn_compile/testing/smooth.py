@@ -99,14 +99,43 @@ def _apply_rope(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return torch.cat(pieces, dim=-1)
 
 
-def _smooth_field(generator: torch.Generator, batch: int, grid: tuple[int, int, int]) -> torch.Tensor:
-    """`(batch, F*H*W, channels)`: coarse Gaussian noise, trilinearly upsampled to the grid, unit mean square."""
-    coarse = tuple(max(2, math.ceil(n / s) + 1) for n, s in zip(grid, _FIELD_SPACING))
-    noise = torch.randn(batch, _FIELD_CHANNELS, *coarse, generator=generator, dtype=torch.float64)
+def _smooth_field(
+    generator: torch.Generator,
+    batch: int,
+    grid: tuple[int, int, int],
+    channels: int = _FIELD_CHANNELS,
+    spacing: tuple[float, float, float] = _FIELD_SPACING,
+) -> torch.Tensor:
+    """`(batch, F*H*W, channels)`: coarse Gaussian noise with nodes `spacing` cells apart, trilinearly upsampled to
+    the grid, unit mean square."""
+    coarse = tuple(max(2, math.ceil(n / s) + 1) for n, s in zip(grid, spacing))
+    noise = torch.randn(batch, channels, *coarse, generator=generator, dtype=torch.float64)
     field = F.interpolate(noise, size=grid, mode="trilinear", align_corners=True)
     field = field.flatten(2).transpose(1, 2)
     # Interpolation shrinks the variance between coarse nodes; restore unit mean square (per batch element).
     return field / field.pow(2).mean(dim=(1, 2), keepdim=True).sqrt()
+
+
+def calibrated_key_length(
+    sampled_queries: torch.Tensor,
+    log_partition: torch.Tensor,
+    scale: float | torch.Tensor,
+    direction: torch.Tensor,
+    share: float | torch.Tensor,
+    count: int,
+) -> torch.Tensor:
+    """`(B, H, 1, 1)`: the length of `count` keys along `direction (H, 1, D)` that take `share` of the attention of
+    `sampled_queries (B, H, n, D)` next to keys whose log-partition per query is `log_partition (B, H, n)` (bisection:
+    the mean share grows with the length). `scale` and `share` may be per-head tensors `(H, 1)`."""
+    batch, heads = sampled_queries.shape[:2]
+    along = scale * (sampled_queries @ direction.transpose(-1, -2)).squeeze(-1)  # (B, H, n)
+    low = torch.zeros(batch, heads, 1, dtype=torch.float64)
+    high = torch.full_like(low, 1e4)
+    for _ in range(60):
+        mid = (low + high) / 2
+        mean_share = torch.sigmoid(math.log(count) + mid * along - log_partition).mean(-1, keepdim=True)
+        low, high = torch.where(mean_share < share, mid, low), torch.where(mean_share < share, high, mid)
+    return low[..., None]
 
 
 def _check_int(name: str, value: object, low: int) -> int:
@@ -235,21 +264,9 @@ def video_attention_inputs(
     sampled = q[:, :, torch.randperm(num_video, generator=generator)[:256]]
     log_partition = torch.logsumexp(scale * sampled @ k.transpose(-1, -2), dim=-1)  # (B, H, 256)
 
-    def key_length(direction: torch.Tensor, share: float, count: int) -> torch.Tensor:
-        """`(B, H, 1, 1)` length of `count` keys along `direction` that take `share` of the sampled queries' mass
-        next to the video keys (bisection: the mean share grows with the length)."""
-        along = scale * (sampled @ direction.transpose(-1, -2)).squeeze(-1)  # (B, H, 256)
-        low = torch.zeros(batch, heads, 1, dtype=torch.float64)
-        high = torch.full_like(low, 1e4)
-        for _ in range(60):
-            mid = (low + high) / 2
-            mean_share = torch.sigmoid(math.log(count) + mid * along - log_partition).mean(-1, keepdim=True)
-            low, high = torch.where(mean_share < share, mid, low), torch.where(mean_share < share, high, mid)
-        return low[..., None]
-
     if num_sinks:
         sink_positions = torch.randperm(num_video, generator=generator)[:num_sinks]
-        length = key_length(sink_direction, _SINK_SHARE, num_sinks)
+        length = calibrated_key_length(sampled, log_partition, scale, sink_direction, _SINK_SHARE, num_sinks)
         k[:, :, sink_positions] = length * sink_direction + _NOISE_GAIN * unit * randn(
             batch, heads, num_sinks, head_dim
         )
@@ -258,12 +275,16 @@ def video_attention_inputs(
         text_q = unit * randn(batch, heads, text_len, head_dim) + _GLOBAL_BIAS * unit * sink_direction
         text_k = _NOISE_GAIN * unit * randn(batch, heads, text_len, head_dim)
         if text_len > text_padding:
-            text_k = text_k + key_length(text_direction, _TEXT_SHARE, text_len - text_padding) * text_direction
+            text_k = text_k + calibrated_key_length(
+                sampled, log_partition, scale, text_direction, _TEXT_SHARE, text_len - text_padding
+            ) * text_direction
         text_v = 0.5 + 0.8 * randn(batch, heads, text_len, head_dim)
         if text_padding:
             # Padding keys that would dominate every row, with large values, if the mask were ignored.
             pad = slice(text_len - text_padding, text_len)
-            text_k[:, :, pad] = key_length(text_direction, 0.9, text_padding) * text_direction
+            text_k[:, :, pad] = calibrated_key_length(
+                sampled, log_partition, scale, text_direction, 0.9, text_padding
+            ) * text_direction
             text_v[:, :, pad] = 10.0
         parts = (text_q, q), (text_k, k), (text_v, v)
         q, k, v = (torch.cat(p if text_first else p[::-1], dim=2) for p in parts)
