@@ -14,7 +14,7 @@ one process (triton.testing.do_bench medians, the variants interleaved over roun
     block     rectify "block" (epilogue R * O + c)
     query     rectify "query" with every skipped non-empty video block trusted (the most virtual keys: upper bound)
     text rows not first   (shapes with text) ours without `priority_query_blocks`
-    pipeline  the whole sparse pipeline as the compiled model runs it (`kernels.pipeline.triton_sparse_attention`):
+    pipeline  the whole sparse pipeline as the compiled model runs it (`pipeline.run_attention`, Triton stages):
               (B, S, H, D)-strided inputs in the original token order, Hilbert reorder + pooling, hierarchical
               scoring + selection at the same target density (its own plan, from the inputs' scores, so its
               density is printed), block rectification with GAPR, attention, inverse reorder into the output
@@ -49,8 +49,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from spattn_compile import reference  # noqa: E402
 from spattn_compile.config import SparseAttentionConfig  # noqa: E402
 from spattn_compile.kernels import block_sparse_attention as bsa  # noqa: E402
-from spattn_compile.kernels.pipeline import triton_sparse_attention  # noqa: E402
+from spattn_compile.kernels.stages import TritonStages  # noqa: E402
 from spattn_compile.layout import token_layout  # noqa: E402
+from spattn_compile.pipeline import attend_with_plan, run_attention  # noqa: E402
+from spattn_compile.plan import SparsePlan, indices_from_mask  # noqa: E402
 
 # Everything runs on the GPU; a smoke test may point this at the CPU (Triton interpreter, tiny shapes).
 DEVICE = "cuda"
@@ -177,8 +179,8 @@ def _flex_block_mask(problem: Problem, keep: torch.Tensor):
     from torch.nn.attention.flex_attention import BlockMask
 
     has_masked_key = (~problem.key_valid_row).reshape(-1, BLOCK_SIZE).any(-1)
-    partial_counts, partial_indices = reference.indices_from_mask(keep & has_masked_key)
-    full_counts, full_indices = reference.indices_from_mask(keep & ~has_masked_key)
+    partial_counts, partial_indices = indices_from_mask(keep & has_masked_key)
+    full_counts, full_indices = indices_from_mask(keep & ~has_masked_key)
     valid = problem.key_valid_row
 
     # The compiled kernel evaluates mask_mod only inside partial blocks and skips unlisted blocks, but eager
@@ -226,12 +228,12 @@ def _rectify_args(problem: Problem, keep: torch.Tensor, rectify: str) -> dict:
     stats = reference.pool_statistics(q, k, v, problem.key_valid, layout, BLOCK_SIZE)
     trusted = torch.zeros(1, problem.heads, nq, nb, dtype=torch.bool, device=DEVICE)
     trusted[..., :nb, :] = ~keep[..., :nb, :nb] & problem.nonempty[..., None, :nb]
-    trusted_counts, trusted_indices = reference.indices_from_mask(trusted)
+    trusted_counts, trusted_indices = indices_from_mask(trusted)
     if rectify == "block":
         scores = torch.rand(1, problem.heads, nb, nb + 1, device=DEVICE)
         scores = scores / scores.sum(-1, keepdim=True)
-        counts, indices = reference.indices_from_mask(keep)
-        plan = reference.SparsePlan(counts, indices, trusted_counts, trusted_indices, scores, nb)
+        counts, indices = indices_from_mask(keep)
+        plan = SparsePlan(layout, counts, indices, trusted_counts, trusted_indices, scores, "random")
         rescale, correction = reference.block_rectification(plan, stats, nq)
         return {"rescale": rescale, "correction": correction}
     return {
@@ -266,7 +268,7 @@ def _time_density(problem: Problem, density: float, flex, dense, args, sweep: bo
     """Check (optionally) and time every variant on one plan; returns one table row."""
     layout = problem.layout
     keep = problem.plan(density)
-    kv_counts, kv_indices = reference.indices_from_mask(keep)
+    kv_counts, kv_indices = indices_from_mask(keep)
     kept_flops = 4 * int(kv_counts.sum()) * BLOCK_SIZE**2 * HEAD_DIM
     dense_flops = 4 * problem.seq_len**2 * HEAD_DIM * problem.heads
     name = f"{problem.name} d={density:.2f}"
@@ -327,25 +329,16 @@ def _time_density(problem: Problem, density: float, flex, dense, args, sweep: bo
     }
     pipeline_config = SparseAttentionConfig(block_size=BLOCK_SIZE, min_seq_len=0, max_density=max(0.5, density))
 
-    def pipeline(plan=None, return_plan=False):
-        return triton_sparse_attention(
-            *problem.original,
-            video_grid=problem.grid,
-            text_len=problem.text_len,
-            text_first=False,
-            attn_mask=problem.attn_mask,
-            scale=None,
-            config=pipeline_config,
-            density=density,
-            plan=plan,
-            return_plan=return_plan,
-        )
+    valid = reference.key_padding_valid(problem.attn_mask, 1, problem.heads, problem.seq_len)
+    arguments = dict(key_valid=valid, scale=None, config=pipeline_config, stages=TritonStages())
 
-    _, pipeline_plan = pipeline(return_plan=True)
-    nb = layout.num_video_blocks
-    pipeline_density = float(pipeline_plan.keep_mask()[..., :nb, :nb].float().mean())
+    def pipeline():
+        return run_attention(*problem.original, layout=layout, density=density, **arguments)
+
+    _, pipeline_plan = pipeline()
+    pipeline_density = float(pipeline_plan.density().mean())
     variants["pipeline"] = pipeline
-    variants["cached"] = lambda: pipeline(plan=pipeline_plan)
+    variants["cached"] = lambda: attend_with_plan(*problem.original, plan=pipeline_plan, **arguments)
     if layout.num_text_blocks:
         # The text query rows attend to every block: without scheduling them first they may finish last.
         variants["no_priority"] = lambda: ours(priority=0)

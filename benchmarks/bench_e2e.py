@@ -310,7 +310,7 @@ def run_case(case: ModelCase, args: argparse.Namespace, rows: list[Row], project
     schedule.reset_schedule()
     options = {"compiler": "eager" if args.smoke else "inductor"}
     if args.smoke:
-        options.update(min_seq_len=0, block_size=32, tile_size=16)
+        options.update(min_seq_len=0, block_size=32)
     sparse_model = torch.compile(model, backend="spattn", options=options)
     with torch.no_grad():
         print(spattn_compile.explain(model, **inputs))

@@ -1,36 +1,24 @@
-"""Fidelity of the sparse attention variants at equal density: relative error vs float64 dense attention, and recall.
+"""Fidelity of block selection against the oracle at equal density: every estimator, rectification and threshold.
 
-Owns the ablation of ALGORITHMS.md's "What to measure": on video-like inputs (`spattn_compile.testing`), for each
-case (grid, text, padding), seed and density, it runs every variant through the plain-PyTorch reference and reports
+Owns the study on which the selection defaults are chosen (docs/DESIGN.md, "Choosing the defaults"). For each case
+of a suite it builds one attention call, computes dense attention and the true block mass in float64 (one pass, with
+`spattn_compile.testing.PlanEvaluator`), and for each variant selects a plan with the plain-PyTorch reference (float64)
+and measures
 
-- relative error `||out - dense|| / ||dense||` over the whole output (float64 dense attention as ground truth);
-- recall: the share of the true full-attention mass of the video queries that falls in their kept blocks (text keys
-  always kept), from `reference.attention_block_mass` in the variant's own layout;
-- for the rectified variants, why they help or not: the share of skipped blocks GAPR trusts, and the true and
-  estimated (`P_hat`) attention mass of the trusted blocks (is block mode's `R = 1 - sum P_hat` calibrated?).
+- **error**: `||out - dense|| / ||dense||` over the whole output; **x oracle**: that error over the oracle's (the true
+  top blocks per query block at the same budget, no rectification);
+- **recall**: the share of the video queries' true attention mass inside their kept blocks (text always kept);
+- **density**: kept video key blocks / video blocks; **cost**: the estimator's dense-`QK^T` share (probes per block
+  over the block size; the pooled estimator ~`2 / tile^2`).
 
-Variants (all at the same kept-block budget per query block):
+Suites:
+- `hard` (`dit_attention_inputs`: token-scale heterogeneity, head kinds, temperatures, sinks, padded text): where
+  decisions are made. Default grid: Wan 2.1 1.3B's 21x30x52 (use a GPU: `--device cuda`); `--grid 8 24 40` on a CPU.
+- `smooth` (`video_attention_inputs`, block-smooth content): the regression set of the first version.
+- `drift`: consecutive denoising steps (`dit_attention_inputs(step=s, drift=...)`): does a plan from the true mass of
+  step 0 (what the last dense step measures) stay better than a fresh estimate, and for how many steps?
 
-| name | what changes |
-|---|---|
-| raster top-k | reorder none, tile = block, rectify none: plain single-level block top-k |
-| + hilbert | reorder hilbert |
-| + hierarchical | tile < block |
-| + block rect | rectify block (GAPR-gated R and c) |
-| + query rect | rectify query (trusted blocks as virtual pooled keys) |
-| block rect, no GAPR | block mode compensating every skipped block |
-| block rect, true R, c | block mode, R and c from the true block mass instead of `P_hat` (a diagnostic) |
-| oracle | the true top blocks by full-attention mass (`build_plan(..., scores=true mass)`), no compensation |
-| oracle + query rect | oracle selection, query rectification of its GAPR-trusted skipped blocks |
-
-"block rect, true R, c" separates the error of the estimate `P_hat` from the error of applying one scalar R and
-one vector c to all the queries of a block.
-
-Run: `python benchmarks/fidelity.py` (3 seeds x 2 heads of the default ~7k-token cases: 811 s on a busy 2-core CPU);
-`--cases quick` for a smoke run of seconds; `--cases real --device cuda` for Wan 1.3B's, CogVideoX's and a
-HunyuanVideo-like real grid on a GPU, still in float64 (about 100 s on an H100 for 6 seeds x 4 heads). It prints a
-markdown report and writes it to `--output` (default `benchmarks/fidelity_results.md`, replacing that file: keep
-hand-written analysis elsewhere), after every case, so that a run stopped early keeps what it measured.
+Run: `python benchmarks/fidelity.py --suite hard --device cuda` (tables printed last, also written to `--output`).
 """
 
 from __future__ import annotations
@@ -38,338 +26,270 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import math
-import platform
-import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from spattn_compile.config import SparseAttentionConfig
+from spattn_compile.estimators import EstimatorConfig, PooledTiles, QueryTiles, SampledRows
 from spattn_compile.layout import token_layout
-from spattn_compile.reference import (
-    attention_block_mass,
-    build_plan,
-    canonical_key_valid,
-    dense_attention,
-    gather_canonical,
-    key_padding_valid,
-    pool_statistics,
-    rectified_sparse_attention,
-    scatter_canonical,
-)
-from spattn_compile.testing import VideoAttentionInputs, video_attention_inputs
+from spattn_compile.pipeline import ReferenceStages, plan_attention
+from spattn_compile.plan import SparsePlan
+from spattn_compile.reference import key_padding_valid, select_plan_reference
+from spattn_compile.testing import PlanEvaluator, VideoAttentionInputs, dit_attention_inputs, video_attention_inputs
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
     name: str
-    video_grid: tuple[int, int, int]
-    block_size: int
-    tile_size: int
-    text_len: int = 0
-    text_first: bool = False
-    text_padding: int = 0
-    num_sinks: int = 2
+    make: Callable[..., VideoAttentionInputs]  # (grid, device, seed) -> inputs
 
 
-@dataclasses.dataclass(frozen=True)
-class Variant:
-    name: str
-    reorder: str
-    hierarchical: bool
-    rectify: str
-    gapr: bool = True
-    oracle: bool = False
-    true_weights: bool = False  # block mode's R and c from the true block mass instead of P_hat (a diagnostic)
+def _dit(**kwargs) -> Callable[..., VideoAttentionInputs]:
+    def make(grid, device, seed):
+        return dit_attention_inputs(
+            grid, heads=4, head_dim=128, dtype=torch.float64, device=device, seed=seed, **kwargs
+        )
+
+    return make
 
 
-VARIANTS = (
-    Variant("raster top-k", "none", False, "none"),
-    Variant("+ hilbert", "hilbert", False, "none"),
-    Variant("+ hierarchical", "hilbert", True, "none"),
-    Variant("+ block rect", "hilbert", True, "block"),
-    Variant("+ query rect", "hilbert", True, "query"),
-    Variant("block rect, no GAPR", "hilbert", True, "block", gapr=False),
-    Variant("block rect, true R, c", "hilbert", True, "block", true_weights=True),
-    Variant("oracle", "hilbert", True, "none", oracle=True),
-    Variant("oracle + query rect", "hilbert", True, "query", oracle=True),
+def _smooth(**kwargs) -> Callable[..., VideoAttentionInputs]:
+    def make(grid, device, seed):
+        return video_attention_inputs(
+            grid, heads=4, head_dim=128, dtype=torch.float64, device=device, seed=seed, **kwargs
+        )
+
+    return make
+
+
+HARD = (
+    Case("moderate heads, 4 sinks", _dit()),
+    Case("moderate heads, no sinks", _dit(num_sinks=0)),
+    Case("2x sharper heads, 4 sinks", _dit(temperatures=2.0)),
+    Case("2x sharper local heads", _dit(head_kinds=("spatial", "temporal"), temperatures=2.0)),
+    Case("temperatures 1-2.5, heterogeneity 2", _dit(temperatures=(1.0, 1.5, 2.0, 2.5), heterogeneity=2.0)),
+    Case("256 text last, 128 padded", _dit(text_len=256, text_padding=128, temperatures=(1.0, 1.5, 2.0, 1.0))),
+    Case("226 text first", _dit(text_len=226, text_first=True)),
 )
-
-CASES = (
-    Case("8x24x32, block 128, tile 32", (8, 24, 32), 128, 32),
-    Case("8x24x32, block 128, tile 32, no sinks", (8, 24, 32), 128, 32, num_sinks=0),
-    Case("6x30x40, block 64, tile 16", (6, 30, 40), 64, 16),
-    Case("6x30x40 + 64 text last (16 padded), block 128, tile 32", (6, 30, 40), 128, 32, 64, False, 16),
-    Case("8x24x32 + 48 text first, block 64, tile 16", (8, 24, 32), 64, 16, 48, True, 0),
+SMOOTH = (
+    Case("smooth, 2 sinks", _smooth(num_sinks=2)),
+    Case("smooth, no sinks", _smooth(num_sinks=0)),
+    Case("smooth, 64 text last (16 padded)", _smooth(text_len=64, text_padding=16)),
 )
-
-REAL_CASES = (
-    Case("Wan 1.3B 21x30x52, block 128, tile 32", (21, 30, 52), 128, 32),
-    Case("Wan 1.3B 21x30x52, block 128, tile 32, no sinks", (21, 30, 52), 128, 32, num_sinks=0),
-    Case("CogVideoX 11x24x40 + 226 text first, block 128, tile 32", (11, 24, 40), 128, 32, 226, True, 0),
-    Case(
-        "HunyuanVideo-like 9x30x52 + 256 text last (128 padded), block 128, tile 32",
-        (9, 30, 52),
-        128,
-        32,
-        256,
-        False,
-        128,
-    ),
-)
-
-QUICK_CASES = (
-    Case("4x12x16, block 64, tile 16", (4, 12, 16), 64, 16),
-    Case("4x12x16 + 24 text last (8 padded), block 64, tile 16", (4, 12, 16), 64, 16, 24, False, 8),
-)
+ESTIMATORS: dict[str, EstimatorConfig] = {
+    "pooled 32 (v1)": PooledTiles(tile_size=32, outliers=False),
+    "pooled 32 + outliers": PooledTiles(tile_size=32, outliers=True),
+    "pooled 16 + outliers": PooledTiles(tile_size=16, outliers=True),
+    "query tiles 32": QueryTiles(tile_size=32),
+    "query tiles 16": QueryTiles(tile_size=16),
+    "sampled rows 4": SampledRows(rows=4),
+    "sampled rows 8": SampledRows(rows=8),
+    "sampled rows 16": SampledRows(rows=16),
+}
 
 
-CASE_SETS = {"default": CASES, "real": REAL_CASES, "quick": QUICK_CASES}
+def _cost(estimator: EstimatorConfig, block_size: int) -> float:
+    probes = estimator.query_probes_per_block(block_size)
+    if probes:
+        return probes / block_size
+    tile = estimator.pool_tile_size(block_size)
+    return (2 if getattr(estimator, "outliers", False) else 1) / tile**2
 
 
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref).norm() / ref.norm()).item()
+def _plans(inputs, layout, evaluator, densities, rectify_modes, defaults: SparseAttentionConfig):
+    """name -> (plan, rectify, density, estimator name)."""
+    b, h, s, _ = inputs.query.shape
+    valid = key_padding_valid(inputs.attn_mask, b, h, s)
+    stages = ReferenceStages(torch.float64)
+    plans = {}
+    mass = evaluator.true_mass()
+    for density in densities:
+        for rectify in rectify_modes:
+            config = dataclasses.replace(defaults, sparsity=1 - density, rectify=rectify, mass_threshold=None)
+            _, prepared = plan_attention(
+                inputs.query, inputs.key, inputs.value, layout=layout, key_valid=valid, scale=None, config=config,
+                stages=stages, estimator=PooledTiles(tile_size=defaults.block_size, outliers=False),
+            )  # fmt: skip
+            oracle = select_plan_reference(
+                mass, prepared.stats, prepared.key_valid, layout, density=density, config=config, estimator="oracle"
+            )
+            plans[f"oracle|{rectify}|{density}"] = (oracle, rectify, density, "oracle")
+            for label, estimator in ESTIMATORS.items():
+                estimated, _ = plan_attention(
+                    inputs.query, inputs.key, inputs.value, layout=layout, key_valid=valid, scale=None,
+                    config=config, stages=stages, estimator=estimator,
+                )  # fmt: skip
+                plans[f"{label}|{rectify}|{density}"] = (estimated, rectify, density, label)
+        threshold = dataclasses.replace(defaults, sparsity=1 - density, mass_threshold=0.95, max_density=0.5)
+        plan, _ = plan_attention(
+            inputs.query, inputs.key, inputs.value, layout=layout, key_valid=valid, scale=None, config=threshold,
+            stages=stages,
+        )  # fmt: skip
+        plans[f"default + mass_threshold 0.95|{defaults.rectify}|{density}"] = (plan, defaults.rectify, density, "")
+    return plans
 
 
-@dataclasses.dataclass
-class Measurement:
-    error: float
-    recall: float
-    density: float
-    trusted_share: float = math.nan  # of the skipped non-empty video blocks
-    trusted_mass_true: float = math.nan  # true mass in the trusted blocks, per query block
-    trusted_mass_estimated: float = math.nan  # the same by P_hat (1 - R in block mode)
-    skipped_mass_true: float = math.nan
+def run_case(case: Case, grid, device, seed, densities, defaults) -> list[dict]:
+    inputs = case.make(grid, device, seed)
+    layout = token_layout(grid, inputs.text_len, inputs.text_first, defaults.block_size, defaults.reorder)
+    evaluator = PlanEvaluator(inputs.query, inputs.key, inputs.value, layout, attn_mask=inputs.attn_mask)
+    plans = _plans(inputs, layout, evaluator, densities, ("none", "block", "query"), defaults)
+    results = evaluator.evaluate({name: (plan, rectify) for name, (plan, rectify, _, _) in plans.items()})
+    rows = []
+    for name, result in results.items():
+        label, rectify, density = name.split("|")
+        estimator = ESTIMATORS.get(label)
+        rows.append(
+            dict(
+                case=case.name,
+                variant=label,
+                rectify=rectify,
+                density=float(density),
+                error=result.error,
+                oracle_error=results[f"oracle|none|{density}"].error,
+                recall=result.recall,
+                kept=result.density,
+                cost=_cost(estimator, layout.block_size) if estimator is not None else math.nan,
+            )
+        )
+    return rows
 
 
-def run_variant(
-    inputs: VideoAttentionInputs,
-    case: Case,
-    variant: Variant,
-    density: float,
-    dense: torch.Tensor,
-    true_mass: dict[str, torch.Tensor],
-) -> Measurement:
-    """One variant on one input: the whole reference pipeline (stages 0-3), with the oracle's scores if asked."""
-    config = SparseAttentionConfig(
-        sparsity=1.0 - density,
-        block_size=case.block_size,
-        tile_size=case.tile_size if variant.hierarchical else case.block_size,
-        reorder=variant.reorder,
-        rectify=variant.rectify,
-        gapr=variant.gapr,
-        min_seq_len=0,
-    )
-    query, key, value = inputs.query, inputs.key, inputs.value
-    b, h, s, d = query.shape
-    scale = 1.0 / math.sqrt(d)
-    layout = token_layout(case.video_grid, case.text_len, case.text_first, case.block_size, variant.reorder)
-    valid_c = canonical_key_valid(key_padding_valid(inputs.attn_mask, b, h, s), layout, b, h, query.device)
-    q_c, k_c, v_c = (gather_canonical(t, layout) for t in (query, key, value))
-    stats = pool_statistics(q_c, k_c, v_c, valid_c, layout, config.tile_size)
-    mass = true_mass[variant.reorder]
-    plan = build_plan(
-        stats,
-        k_c,
-        valid_c,
-        layout,
-        scale=scale,
-        density=density,
-        config=config,
-        scores=mass if variant.oracle else None,
-    )
-    if variant.true_weights:
-        plan = dataclasses.replace(plan, block_scores=mass)
-    out_c = rectified_sparse_attention(q_c, k_c, v_c, valid_c, plan, stats, layout, scale=scale, rectify=config.rectify)
-    out = scatter_canonical(out_c, layout)
-
-    nb = layout.num_video_blocks
-    keep = plan.keep_mask()[..., :nb, :nb]
-    real_rows = (layout.row_count[:nb] > 0).to(query.device)
-    kept_mass = (mass[..., :nb] * keep).sum(-1) + mass[..., nb]
-    result = Measurement(
-        error=relative_error(out, dense),
-        recall=kept_mass[..., real_rows].mean().item(),
-        density=plan.density().mean().item(),
-    )
-    if variant.rectify != "none":
-        trusted = plan.trusted_mask()[..., :nb, :]
-        nonempty = valid_c[..., : nb * case.block_size].reshape(b, h, nb, case.block_size).any(-1)
-        skipped = ~keep & nonempty[..., None, :]
-        result.trusted_share = (trusted.sum() / skipped.sum().clamp(min=1)).item()
-        result.trusted_mass_true = (mass[..., :nb] * trusted).sum(-1).mean().item()
-        result.trusted_mass_estimated = (plan.block_scores[..., :nb] * trusted).sum(-1).mean().item()
-        result.skipped_mass_true = (mass[..., :nb] * skipped).sum(-1).mean().item()
-    return result
+def render(rows: list[dict], densities, defaults: SparseAttentionConfig) -> str:
+    lines = []
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    variants = list(dict.fromkeys((r["variant"], r["rectify"]) for r in rows))
+    lines += ["## Error as a multiple of the oracle's (oracle: true top blocks, no rectification)", ""]
+    header = "| variant | rectify | cost | " + " | ".join(f"{c} {d:.0%}" for c in cases for d in densities) + " |"
+    lines += [header, "|" + "---|" * (3 + len(cases) * len(densities))]
+    for variant, rectify in variants:
+        cells = []
+        for case in cases:
+            for density in densities:
+                match = [r for r in rows if (r["case"], r["variant"], r["rectify"], r["density"]) ==
+                         (case, variant, rectify, density)]  # fmt: skip
+                cells.append(f"{match[0]['error'] / match[0]['oracle_error']:.2f}" if match else "")
+        cost = [r["cost"] for r in rows if r["variant"] == variant]
+        cost_cell = f"{cost[0]:.2%}" if cost and not math.isnan(cost[0]) else ""
+        lines.append(f"| {variant} | {rectify} | {cost_cell} | " + " | ".join(cells) + " |")
+    lines += ["", "## Error, recall and kept density", ""]
+    lines += ["| case | density | variant | rectify | error | x oracle | recall | kept |", "|---" * 8 + "|"]
+    for r in rows:
+        lines.append(
+            f"| {r['case']} | {r['density']:.0%} | {r['variant']} | {r['rectify']} | {r['error']:.4f} | "
+            f"{r['error'] / r['oracle_error']:.2f} | {r['recall']:.4f} | {r['kept']:.3f} |"
+        )
+    return "\n".join(lines)
 
 
-def summarize(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
-def summary_table(
-    results: dict[str, dict[float, dict[str, list[Measurement]]]],
-    cases: tuple[Case, ...],
-    densities: list[float],
-    field: str,
-    title: str,
-) -> list[str]:
-    """One row per (case, density), one column per variant: the mean of `field` over seeds."""
-    # Rectification does not change the kept blocks, so recall needs only the unrectified variants.
-    names = [v.name for v in VARIANTS if field != "recall" or v.rectify == "none"]
-    lines = [f"## {title}", "", "| case | density | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
-    for case in cases:
-        if case.name not in results:
-            continue
-        for density in densities:
-            rows = results[case.name][density]
-            cells = [f"{statistics.mean(getattr(m, field) for m in rows[name]):.3f}" for name in names]
-            lines.append(f"| {case.name} | {density:.0%} | " + " | ".join(cells) + " |")
-    return [*lines, ""]
-
-
-def render_report(
-    results: dict[str, dict[float, dict[str, list[Measurement]]]],
-    cases: tuple[Case, ...],
-    header: str,
-    densities: list[float],
-) -> str:
-    """The markdown report of the cases measured so far."""
+def run_drift(grid, device, defaults: SparseAttentionConfig, steps: int, drifts, densities) -> str:
+    """Plans from the true mass of step 0 (a dense step's exact mass) and from step 0's estimate, reused at later
+    steps, against a fresh estimate at each step; errors as multiples of that step's oracle."""
     lines = [
-        "# Fidelity of sparse attention variants at equal density",
+        "## Drift: reusing a plan across denoising steps",
         "",
-        header,
+        "Error at step s as a multiple of step s's oracle (no rectification in the oracle), default estimator and "
+        f"rectify={defaults.rectify!r}. `exact@0`: the plan of step 0's true block mass (what the last dense step "
+        "measures); `estimate@0`: step 0's estimated plan; `fresh`: a new estimate at step s.",
         "",
-        "- **error**: `||out - dense|| / ||dense||` over the whole output, dense = float64 SDPA.",
-        "- **recall**: share of the video queries' true attention mass inside their kept blocks (text always kept).",
-        "- **density**: kept video key blocks / video blocks, averaged over video query blocks (the budget plus the "
-        "forced diagonal; equal for all variants of a row by construction).",
-        "- **trusted**: share of the skipped (non-empty) blocks GAPR trusts; **T mass true / est.**: attention mass "
-        "of the trusted blocks per query block, true and as estimated by `P_hat` (block mode rescales the sparse "
-        "output by `R = 1 - est.`); **skipped mass**: true mass of all skipped blocks.",
-        "",
+        "| drift / step | density | " + " | ".join(f"s={s}" for s in range(steps + 1)) + " |",
+        "|---|---|" + "---|" * (steps + 1),
     ]
-    lines += summary_table(results, cases, densities, "error", "Relative error (mean over seeds)")
-    lines += summary_table(results, cases, densities, "recall", "Recall (mean over seeds)")
-    for case in cases:
-        if case.name not in results:
-            continue
+    stages = ReferenceStages(torch.float64)
+    for drift in drifts:
+        per_step = []
+        for s in range(steps + 1):
+            inputs = dit_attention_inputs(
+                grid, heads=4, head_dim=128, temperatures=(1.0, 1.5, 2.0, 1.0), step=s, drift=drift,
+                dtype=torch.float64, device=device,
+            )  # fmt: skip
+            layout = token_layout(grid, 0, False, defaults.block_size, defaults.reorder)
+            per_step.append((inputs, layout, PlanEvaluator(inputs.query, inputs.key, inputs.value, layout)))
         for density in densities:
-            rows = results[case.name][density]
-            lines += [
-                f"## {case.name}: density {density:.0%}",
-                "",
-                "| variant | error | recall | density | trusted | T mass true | T mass est. | skipped mass |",
-                "|---|---|---|---|---|---|---|---|",
-            ]
-            for variant in VARIANTS:
-                ms = rows[variant.name]
-                cells = [
-                    summarize([m.error for m in ms]),
-                    summarize([m.recall for m in ms]),
-                    f"{statistics.mean(m.density for m in ms):.3f}",
-                ]
-                if variant.rectify == "none":
-                    cells += ["", "", "", ""]
-                else:
-                    cells += [
-                        summarize([m.trusted_share for m in ms]),
-                        summarize([m.trusted_mass_true for m in ms]),
-                        summarize([m.trusted_mass_estimated for m in ms]),
-                        summarize([m.skipped_mass_true for m in ms]),
-                    ]
-                lines.append(f"| {variant.name} | " + " | ".join(cells) + " |")
-            lines.append("")
+            config = dataclasses.replace(defaults, sparsity=1 - density)
+            base_inputs, layout, base_evaluator = per_step[0]
+            _, prepared = plan_attention(
+                base_inputs.query, base_inputs.key, base_inputs.value, layout=layout, key_valid=None, scale=None,
+                config=config, stages=stages,
+            )  # fmt: skip
+            exact0 = select_plan_reference(
+                base_evaluator.true_mass(), prepared.stats, prepared.key_valid, layout, density=density,
+                config=config, estimator="exact",
+            )  # fmt: skip
+            estimate0, _ = plan_attention(
+                base_inputs.query, base_inputs.key, base_inputs.value, layout=layout, key_valid=None, scale=None,
+                config=config, stages=stages,
+            )  # fmt: skip
+            series: dict[str, list[str]] = {"exact@0": [], "estimate@0": [], "fresh": []}
+            for inputs, _, evaluator in per_step:
+                fresh, step_prepared = plan_attention(
+                    inputs.query, inputs.key, inputs.value, layout=layout, key_valid=None, scale=None, config=config,
+                    stages=stages,
+                )  # fmt: skip
+                oracle = select_plan_reference(
+                    evaluator.true_mass(), step_prepared.stats, step_prepared.key_valid, layout, density=density,
+                    config=dataclasses.replace(config, rectify="none"), estimator="oracle",
+                )  # fmt: skip
+                # The reused plans' block scores are step 0's; block mode reads them, as the cache does.
+                plans: dict[str, tuple[SparsePlan, str]] = {
+                    "oracle": (oracle, "none"),
+                    "exact@0": (exact0, config.rectify),
+                    "estimate@0": (estimate0, config.rectify),
+                    "fresh": (fresh, config.rectify),
+                }
+                results = evaluator.evaluate(plans)
+                for name in series:
+                    series[name].append(f"{results[name].error / results['oracle'].error:.2f}")
+            for name, cells in series.items():
+                lines.append(f"| {drift} {name} | {density:.0%} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per case")
-    parser.add_argument("--heads", type=int, default=2)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--densities", type=float, nargs="+", default=[0.10, 0.25])
-    parser.add_argument(
-        "--cases",
-        choices=sorted(CASE_SETS),
-        default="default",
-        help="default: ~7k-token grids (CPU); real: real model grids (use a GPU); quick: a smoke run of seconds",
-    )
+    parser.add_argument("--suite", choices=["hard", "smooth", "drift"], default="hard")
+    parser.add_argument("--grid", type=int, nargs=3, default=(21, 30, 52))
+    parser.add_argument("--densities", type=float, nargs="+", default=[0.25, 0.10])
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--cases", type=int, nargs="*", default=None, help="indices of the suite's cases to run")
+    parser.add_argument("--steps", type=int, default=6, help="drift suite: steps after step 0")
+    parser.add_argument("--drifts", type=float, nargs="+", default=[0.03, 0.1])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--output", type=Path, default=Path(__file__).with_name("fidelity_results.md"))
-    parser.add_argument("--json", type=Path, default=None, help="also write every measurement to this JSON file")
+    parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
-    cases = CASE_SETS[args.cases]
-    seeds = range(args.seeds)
     device = torch.device(args.device)
-    command = " ".join(["python benchmarks/fidelity.py", *(sys.argv[1:] if argv is None else argv)])
-    if device.type == "cuda":
-        device_name = torch.cuda.get_device_name(device)
-    else:
-        device_name = f"{platform.machine()} CPU ({torch.get_num_threads()} threads)"
-
+    grid = tuple(args.grid)
+    defaults = SparseAttentionConfig()
     started = time.perf_counter()
-    # results[case][density][variant] -> one Measurement per seed
-    results: dict[str, dict[float, dict[str, list[Measurement]]]] = {}
-    for done, case in enumerate(cases, start=1):
-        per_density = {density: {variant.name: [] for variant in VARIANTS} for density in args.densities}
-        for seed in seeds:
-            inputs = video_attention_inputs(
-                case.video_grid,
-                heads=args.heads,
-                head_dim=args.head_dim,
-                text_len=case.text_len,
-                text_first=case.text_first,
-                text_padding=case.text_padding,
-                num_sinks=case.num_sinks,
-                dtype=torch.float64,
-                device=device,
-                seed=seed,
-            )
-            dense = dense_attention(inputs.query, inputs.key, inputs.value, inputs.attn_mask)
-            true_mass = {
-                reorder: attention_block_mass(
-                    inputs.query,
-                    inputs.key,
-                    token_layout(case.video_grid, case.text_len, case.text_first, case.block_size, reorder),
-                    inputs.attn_mask,
-                )
-                for reorder in ("none", "hilbert")
-            }
-            for density in args.densities:
-                for variant in VARIANTS:
-                    per_density[density][variant.name].append(
-                        run_variant(inputs, case, variant, density, dense, true_mass)
-                    )
-            print(f"[{time.perf_counter() - started:6.1f}s] {case.name}, seed {seed}", file=sys.stderr)
-        results[case.name] = per_density
-        header = (
-            f"Measured {datetime.date.today().isoformat()} with `{command}` on {device_name}, torch "
-            f"{torch.__version__}, float64; {len(seeds)} seed(s) per case, batch 1, {args.heads} heads, head dim "
-            f"{args.head_dim}, inputs from `spattn_compile.testing.video_attention_inputs` (default peakedness; 2 "
-            "sinks unless the case says otherwise). Mean ± standard deviation over seeds. "
-            f"Wall time {time.perf_counter() - started:.0f} s"
-            + ("." if done == len(cases) else f", {done} of {len(cases)} cases so far.")
-        )
-        # Written after every case, so that a run stopped early keeps what it measured.
-        args.output.write_text(render_report(results, cases, header, args.densities) + "\n")
-        if args.json is not None:
-            raw = {
-                name: {
-                    str(density): {variant: [dataclasses.asdict(m) for m in ms] for variant, ms in by_variant.items()}
-                    for density, by_variant in per_case.items()
-                }
-                for name, per_case in results.items()
-            }
-            args.json.write_text(json.dumps({"header": header, "results": raw}, indent=1))
-    print(render_report(results, cases, header, args.densities))
-    print(f"wrote {args.output}", file=sys.stderr)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    header = (
+        f"# Fidelity, suite `{args.suite}`\n\nMeasured {datetime.date.today().isoformat()} with `python "
+        f"benchmarks/fidelity.py {' '.join(sys.argv[1:] if argv is None else argv)}` on {name}, torch "
+        f"{torch.__version__}, float64; grid {grid}, 4 heads, head dim 128, block {defaults.block_size}; defaults: "
+        f"estimator {defaults.estimator}, rectify {defaults.rectify!r}."
+    )
+    if args.suite == "drift":
+        report = header + "\n\n" + run_drift(grid, device, defaults, args.steps, args.drifts, args.densities)
+    else:
+        suite = HARD if args.suite == "hard" else SMOOTH
+        cases = suite if args.cases is None else tuple(suite[i] for i in args.cases)
+        rows: list[dict] = []
+        for case in cases:
+            for seed in range(args.seeds):
+                rows += run_case(case, grid, device, seed, args.densities, defaults)
+                print(f"[{time.perf_counter() - started:6.0f} s] {case.name}, seed {seed}", file=sys.stderr, flush=True)
+                report = header + f"\n\nWall time {time.perf_counter() - started:.0f} s.\n\n"
+                report += render(rows, args.densities, defaults)
+                if args.output is not None:
+                    args.output.write_text(report + "\n")
+    if args.output is not None:
+        args.output.write_text(report + "\n")
+    print(report)
     return 0
 
 

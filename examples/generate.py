@@ -45,7 +45,7 @@ TINY_STEPS = 6
 # Compile-time settings of the tiny pipelines. The default blocks of 128 tokens would leave their 2304 video tokens
 # only 18 blocks to choose from; blocks of 32 (tiles of 16, the smallest allowed) give 72. min_seq_len=0 keeps smaller
 # videos (--height 64 ...) sparse as well instead of dense as too short.
-TINY_SETTINGS = {"block_size": 32, "tile_size": 16, "min_seq_len": 0}
+TINY_SETTINGS = {"block_size": 32, "min_seq_len": 0}
 # Text tokens of the tiny pipelines' prompts (the checkpoints use 226 to 512). The tokenizer is character-level, so
 # this is the prompt length in characters (longer prompts are truncated, with a warning from diffusers).
 TINY_TEXT_LEN = 96
@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> GenerationResult:
         defaults = spattn_compile.SparseAttentionConfig()
         print(
             f"tiny model: compiling with {TINY_SETTINGS} instead of the library defaults (block_size="
-            f"{defaults.block_size}, tile_size={defaults.tile_size}, min_seq_len={defaults.min_seq_len}), for its "
+            f"{defaults.block_size}, estimator={defaults.estimator}, min_seq_len={defaults.min_seq_len}), for its "
             "short sequences"
         )
     pipe.transformer = torch.compile(pipe.transformer, backend="spattn", options=compile_options)

@@ -86,9 +86,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--latent", type=int, nargs=3, metavar=("F", "H", "W"), help="latent frames, height, width")
     parser.add_argument("--text-len", type=int, default=32, help="text tokens (cross-attention only, in Wan)")
     parser.add_argument("--sparsity", type=float, default=0.75, help="share of video key blocks each block skips")
-    parser.add_argument("--rectify", default="block", choices=("none", "block", "query"))
+    parser.add_argument("--rectify", default=None, choices=("none", "block", "query"), help="default: the library's")
     parser.add_argument("--block-size", type=int, help="tokens per block (default: 64 for 'small', else 128)")
-    parser.add_argument("--tile-size", type=int, help="pooling tile (default: 16 for 'small', else 32)")
+    parser.add_argument(
+        "--estimator",
+        default=None,
+        help="block-importance estimator: 'pooled', 'query_tiles' or 'sampled_rows' (default: the library's)",
+    )
     parser.add_argument("--min-seq-len", type=int, help="shorter sequences stay dense (default: 0 for 'small')")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: bf16 on CUDA, else fp32")
@@ -140,12 +144,14 @@ def main() -> None:
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device != "cpu" else torch.float32)
     settings = {
         "sparsity": args.sparsity,
-        "rectify": args.rectify,
         # The small demo has ~1.5k video tokens: small blocks, and no minimum length, so that attention is sparse.
         "block_size": args.block_size or (64 if small else 128),
-        "tile_size": args.tile_size or (16 if small else 32),
         "min_seq_len": args.min_seq_len if args.min_seq_len is not None else (0 if small else 2048),
     }
+    if args.estimator is not None:
+        settings["estimator"] = args.estimator
+    if args.rectify is not None:
+        settings["rectify"] = args.rectify
     compiler = args.compiler if args.compiler != "auto" else ("inductor" if args.device != "cpu" else "eager")
 
     model, (frames, height, width) = load_model(args, dtype)

@@ -1,31 +1,25 @@
 """spattn_compile: training-free sparse attention for video diffusion transformers, as a `torch.compile` backend.
 
-Public surface: `sparse_attention` (the attention function), `SparseAttentionConfig` with the `config` context manager
-and `current_config`, the `spattn` backend for `torch.compile`, `explain` (what the backend does to a model), the
-denoising schedule's controls (`step`, `new_generation`, `set_plan_cache_limit`) and `report` (what the schedule did
-per layer and step: dense or sparse, density, estimated recall, plan cache hits; `reset_report`, `enable_timing`).
-Importing the package registers the `torch.ops.spattn.*` custom ops (the pipeline's `sparse_attention`, and with
-Triton installed the kernels' `block_sparse_attention`, `reorder_pool`, `score_select`) and the backend's name.
+Public surface: `select_plan` (which key blocks each query block attends to, as a `SparsePlan`) and
+`sparse_attention` (attend, with a plan or a fresh one); `SparseAttentionConfig` with the `config` context manager
+and `current_config`, and the block-importance estimators in `spattn_compile.estimators`; the `spattn` backend for
+`torch.compile`, `explain` (what the backend does to a model), the denoising schedule's controls (`step`,
+`new_generation`, `set_plan_cache_limit`) and `report` (what the schedule did per layer and step: dense or sparse,
+density, recall by the estimator, plan cache hits; `reset_report`, `enable_timing`). Importing the package registers
+the `torch.ops.spattn.sparse_attention` custom op and the backend's name. The design: docs/DESIGN.md.
 """
 
 from . import (
     backend,  # noqa: F401  (registers the "spattn" torch.compile backend)
+    estimators,
     ops,  # noqa: F401  (registers torch.ops.spattn.sparse_attention)
 )
-from .api import sparse_attention
+from .api import select_plan, sparse_attention
 from .config import SparseAttentionConfig, config, current_config
 from .explain import ExplainReport, explain
-from .reference import SparsePlan
+from .plan import SparsePlan
 from .report import ScheduleReport, enable_timing, report, reset_report
 from .schedule import new_generation, set_plan_cache_limit, step
-
-try:
-    import triton  # noqa: F401
-except ImportError:  # no Triton on this platform: the reference path (CPU) still works
-    pass
-else:
-    # Registers the kernels' own ops: torch.ops.spattn.block_sparse_attention, .reorder_pool and .score_select.
-    from .kernels import attention_op, pooling_ops  # noqa: F401
 
 __all__ = [
     "ExplainReport",
@@ -40,6 +34,8 @@ __all__ = [
     "report",
     "reset_report",
     "set_plan_cache_limit",
+    "estimators",
+    "select_plan",
     "sparse_attention",
     "step",
 ]

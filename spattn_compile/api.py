@@ -1,25 +1,37 @@
-"""The public entry point `sparse_attention`: argument validation and the choice of implementation.
+"""The public functions: `select_plan` (stages 1-3: which blocks to attend) and `sparse_attention` (attend, with a
+given plan or a fresh one), their argument validation and the choice of implementation.
 
-This module owns what a user may pass and the errors they get back. It validates once, then runs the pipeline with
-the Triton kernels (CUDA; or on the CPU under `TRITON_INTERPRET=1`) or with the plain-PyTorch reference. The compiler
-pass does not come through here: it inserts the `spattn::sparse_attention` custom op (`spattn_compile.ops`), which
-shares `run_sparse_attention` below.
+Planning is separate from attending (FlashInfer's plan / run; FlexAttention's `BlockMask`): `select_plan` returns a
+`SparsePlan` that can be inspected, cached, edited or reused; `sparse_attention(..., plan=plan)` attends with it.
+Without a plan `sparse_attention` selects one itself (one preparation shared by both). This module owns what a user may
+pass and the errors they get back; the stages run in `spattn_compile.pipeline`. The compiler pass does not come
+through here: it inserts the `spattn::sparse_attention` custom op (`spattn_compile.ops`), which uses the same pipeline.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
 
 from .config import SparseAttentionConfig, current_config
-from .reference import SparsePlan, key_padding_valid, sparse_attention_reference
+from .layout import token_layout
+from .pipeline import IMPLS, attend_with_plan, plan_attention, resolve_impl, stages_for
+from .plan import SparsePlan
+from .reference import key_padding_valid
 
-__all__ = ["sparse_attention", "run_sparse_attention", "validate_attention_inputs"]
+__all__ = ["select_plan", "sparse_attention", "validate_attention_inputs"]
 
-_IMPLS = ("auto", "triton", "reference")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _as_int(name: str, value: object) -> int:
+    """A Python int from an int-like value (Python or NumPy integer, not bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}={value!r} has type {type(value).__name__}: expected an int")
+    return int(value)
 
 
 def validate_attention_inputs(
@@ -32,9 +44,9 @@ def validate_attention_inputs(
     text_first: object,
     attn_mask: object,
     scale: object,
-) -> tuple[int, int, int]:
-    """Raise TypeError / ValueError naming the argument for anything `sparse_attention` cannot take; returns the
-    video grid as a tuple of ints."""
+) -> tuple[tuple[int, int, int], int, float | None]:
+    """Raise TypeError / ValueError naming the argument for anything `sparse_attention` cannot take; returns the video
+    grid, the text length and the scale as Python numbers (NumPy scalars are accepted wherever numbers are)."""
     for name, tensor in (("query", query), ("key", key), ("value", value)):
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
@@ -42,6 +54,7 @@ def validate_attention_inputs(
             raise ValueError(f"{name} must have shape (batch, heads, seq_len, head_dim), got {tuple(tensor.shape)}")
         if tensor.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {tensor.dtype}")
+    assert isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and isinstance(value, torch.Tensor)
     if key.shape != query.shape or value.shape != query.shape:
         raise ValueError(
             "query, key and value must have the same shape (self-attention, equal heads and head dim): got "
@@ -54,100 +67,104 @@ def validate_attention_inputs(
             f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}"
         )
     batch, heads, seq_len, head_dim = query.shape
-    if 0 in (batch, heads, seq_len, head_dim):
-        raise ValueError(f"query has an empty dimension: {tuple(query.shape)}")
+    if 0 in (heads, seq_len, head_dim):
+        raise ValueError(f"query has an empty heads, sequence or head dimension: {tuple(query.shape)}")
 
-    if (
-        not isinstance(video_grid, (tuple, list, torch.Size))
-        or len(video_grid) != 3
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in video_grid)
-    ):
+    if not isinstance(video_grid, (tuple, list, torch.Size)) or len(video_grid) != 3:
         raise ValueError(f"video_grid must be three positive ints (frames, height, width), got {video_grid!r}")
-    if not isinstance(text_len, int) or isinstance(text_len, bool) or text_len < 0:
+    grid = tuple(_as_int("video_grid entry", v) for v in video_grid)
+    if min(grid) < 1:
+        raise ValueError(f"video_grid must be three positive ints (frames, height, width), got {video_grid!r}")
+    text = _as_int("text_len", text_len)
+    if text < 0:
         raise ValueError(f"text_len must be an int >= 0, got {text_len!r}")
     if not isinstance(text_first, bool):
         raise TypeError(f"text_first must be a bool, got {type(text_first).__name__}")
-    expected = math.prod(video_grid) + text_len
+    expected = math.prod(grid) + text
     if expected != seq_len:
         raise ValueError(
-            f"video_grid {tuple(video_grid)} holds {math.prod(video_grid)} tokens; with text_len={text_len} that is "
-            f"{expected}, but the sequence length is {seq_len}"
+            f"video_grid {grid} holds {math.prod(grid)} tokens; with text_len={text} that is {expected}, but the "
+            f"sequence length is {seq_len}"
         )
+    checked_scale = None
     if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-            raise ValueError(f"scale must be None or a positive finite float, got {scale!r}")
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"scale must be None or a positive finite number, got {scale!r}")
+        checked_scale = float(scale)
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
             raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
         if attn_mask.device != query.device:
             raise ValueError(f"attn_mask is on {attn_mask.device}, query on {query.device}")
         key_padding_valid(attn_mask, batch, heads, seq_len)
-    return tuple(int(v) for v in video_grid)
+    return grid, text, checked_scale
 
 
-def _resolve_impl(impl: str, device: torch.device) -> str:
-    if impl not in _IMPLS:
-        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "triton" if device.type == "cuda" else "reference"
-    return impl
+def _check_config_and_impl(config: object, impl: object, device: torch.device) -> SparseAttentionConfig:
+    if config is None:
+        config = current_config()
+    elif not isinstance(config, SparseAttentionConfig):
+        raise TypeError(f"config must be a SparseAttentionConfig or None, got {type(config).__name__}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    return config
 
 
-def run_sparse_attention(
+def _check_autograd(impl: str, device: torch.device, *tensors: torch.Tensor) -> None:
+    if resolve_impl(impl, device) == "triton" and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise RuntimeError(
+            "sparse_attention(impl='triton') has no backward (it is an inference kernel), but an input requires "
+            "grad: run it under torch.no_grad() / torch.inference_mode(), detach the inputs, or use "
+            "impl='reference' (plain PyTorch, differentiable) for gradients"
+        )
+
+
+def select_plan(
     query: torch.Tensor,
     key: torch.Tensor,
-    value: torch.Tensor,
+    value: torch.Tensor | None = None,
     *,
     video_grid: tuple[int, int, int],
-    text_len: int,
-    text_first: bool,
-    attn_mask: torch.Tensor | None,
-    scale: float | None,
-    config: SparseAttentionConfig,
+    text_len: int = 0,
+    text_first: bool = False,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    config: SparseAttentionConfig | None = None,
     impl: str = "auto",
-    density: float | None = None,
-    plan: SparsePlan | None = None,
-    return_plan: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, SparsePlan | None]:
-    """Run validated inputs: dense SDPA below `config.min_seq_len`, else the sparse pipeline with `impl`.
+) -> SparsePlan:
+    """Choose the key blocks each query block attends to (stages 1-3), without attending.
 
-    `density` overrides `config.density`; `plan` reuses a cached `SparsePlan` instead of scoring and selecting;
-    with `return_plan` the result is `(output, plan)`, the plan being None for dense SDPA.
+    Args: as `sparse_attention` (`value` is optional: selection reads only queries and keys). The plan is selected at
+    `config.density` with `config.estimator` (plus `config.mass_threshold`, `max_density`, `neighbors`) and lists
+    the blocks rectification compensates for `config.rectify` / `config.gapr`.
+
+    Returns:
+        a `SparsePlan` over the canonical layout of (`video_grid`, `text_len`, `text_first`, `config.block_size`,
+        `config.reorder`), for `(B, H)` of the inputs, on their device. Attend with it with
+        `sparse_attention(query, key, value, ..., plan=plan)`.
     """
-    if query.shape[-2] < config.min_seq_len:
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, scale=scale)
-        return (out, None) if return_plan else out
-    if _resolve_impl(impl, query.device) == "triton":
-        from .kernels.pipeline import triton_sparse_attention
-
-        return triton_sparse_attention(
+    value = key if value is None else value
+    grid, text, checked_scale = validate_attention_inputs(
+        query, key, value, video_grid=video_grid, text_len=text_len, text_first=text_first, attn_mask=attn_mask,
+        scale=scale,
+    )  # fmt: skip
+    config = _check_config_and_impl(config, impl, query.device)
+    if query.shape[0] == 0:
+        raise ValueError(f"query has an empty batch dimension: {tuple(query.shape)}; there is nothing to plan")
+    batch, heads, seq_len, _ = query.shape
+    layout = token_layout(grid, text, text_first, config.block_size, config.reorder)
+    with torch.no_grad():
+        plan, _ = plan_attention(
             query,
             key,
             value,
-            video_grid=video_grid,
-            text_len=text_len,
-            text_first=text_first,
-            attn_mask=attn_mask,
-            scale=scale,
+            layout=layout,
+            key_valid=key_padding_valid(attn_mask, batch, heads, seq_len),
+            scale=checked_scale,
             config=config,
-            density=density,
-            plan=plan,
-            return_plan=return_plan,
+            stages=stages_for(impl, query.device),
         )
-    return sparse_attention_reference(
-        query,
-        key,
-        value,
-        video_grid=video_grid,
-        text_len=text_len,
-        text_first=text_first,
-        attn_mask=attn_mask,
-        scale=scale,
-        config=config,
-        density=density,
-        plan=plan,
-        return_plan=return_plan,
-    )
+    return plan
 
 
 def sparse_attention(
@@ -162,6 +179,7 @@ def sparse_attention(
     scale: float | None = None,
     config: SparseAttentionConfig | None = None,
     impl: str = "auto",
+    plan: SparsePlan | None = None,
 ) -> torch.Tensor:
     """Block-sparse, rectified self-attention over a video token grid, with SDPA's layout and semantics.
 
@@ -169,39 +187,46 @@ def sparse_attention(
         query, key, value: `(B, H, S, D)`, one float dtype and device. `S = F*Hh*W + text_len`.
         video_grid: `(F, Hh, W)`, the latent grid; the video tokens are in raster order (t, y, x) in the sequence.
         text_len: number of text tokens, placed after the video (`text_first=False`) or before it.
-        attn_mask: optional boolean key-padding mask broadcastable to `(B, H, 1, S)`; True keeps a key.
+        attn_mask: optional boolean key-padding mask broadcastable (SDPA's rules) to `(B, H, 1, S)`; True keeps a key.
         scale: softmax scale, `1/sqrt(D)` by default.
         config: settings; `spattn_compile.current_config()` by default.
         impl: "auto" (Triton on CUDA, the reference on the CPU), "triton" (on the CPU: the Triton interpreter,
             `TRITON_INTERPRET=1` must be set before triton is imported), or "reference".
+        plan: a `SparsePlan` from `select_plan` (or `SparsePlan.from_mask`) for this call's layout and `(B, H)` (a
+            batch-1 plan applies to every sample). None: select one now, at `config.density`.
 
     Returns:
-        `(B, H, S, D)` in the dtype of `query`. Sequences shorter than `config.min_seq_len` get exact dense attention.
+        `(B, H, S, D)` in the dtype and memory order of `query`. Without a plan, sequences shorter than
+        `config.min_seq_len` get exact dense attention. A batch of 0 gives an empty output, as SDPA does.
     """
-    grid = validate_attention_inputs(
-        query,
-        key,
-        value,
-        video_grid=video_grid,
-        text_len=text_len,
-        text_first=text_first,
-        attn_mask=attn_mask,
+    grid, text, checked_scale = validate_attention_inputs(
+        query, key, value, video_grid=video_grid, text_len=text_len, text_first=text_first, attn_mask=attn_mask,
         scale=scale,
-    )
-    if config is None:
-        config = current_config()
-    elif not isinstance(config, SparseAttentionConfig):
-        raise TypeError(f"config must be a SparseAttentionConfig or None, got {type(config).__name__}")
-    _resolve_impl(impl, query.device)
-    return run_sparse_attention(
-        query,
-        key,
-        value,
-        video_grid=grid,
-        text_len=text_len,
-        text_first=text_first,
-        attn_mask=attn_mask,
-        scale=None if scale is None else float(scale),
-        config=config,
-        impl=impl,
+    )  # fmt: skip
+    config = _check_config_and_impl(config, impl, query.device)
+    batch, heads, seq_len, _ = query.shape
+    layout = token_layout(grid, text, text_first, config.block_size, config.reorder)
+    if plan is not None:
+        if not isinstance(plan, SparsePlan):
+            raise TypeError(f"plan must be a SparsePlan or None, got {type(plan).__name__}")
+        plan.check_compatible(batch, heads, layout, query.device)
+    if batch == 0 or (plan is None and seq_len < config.min_seq_len):
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, scale=checked_scale)
+    _check_autograd(impl, query.device, query, key, value)
+    stages = stages_for(impl, query.device)
+    key_valid = key_padding_valid(attn_mask, batch, heads, seq_len)
+    if plan is None:
+        with torch.no_grad():
+            plan, prepared = plan_attention(
+                query, key, value, layout=layout, key_valid=key_valid, scale=checked_scale, config=config,
+                stages=stages,
+            )  # fmt: skip
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+            prepared = None  # the reference path differentiates: prepare again with autograd on
+        return attend_with_plan(
+            query, key, value, plan=plan, key_valid=key_valid, scale=checked_scale, config=config, stages=stages,
+            prepared=prepared,
+        )  # fmt: skip
+    return attend_with_plan(
+        query, key, value, plan=plan, key_valid=key_valid, scale=checked_scale, config=config, stages=stages
     )

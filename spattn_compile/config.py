@@ -12,8 +12,11 @@ import contextlib
 import contextvars
 import dataclasses
 import math
+import numbers
 from collections.abc import Iterator
 from typing import Literal
+
+from .estimators import EstimatorConfig, PooledTiles, parse_estimator
 
 __all__ = ["SparseAttentionConfig", "config", "current_config", "explicit_fields", "reset_config", "set_config"]
 
@@ -27,11 +30,17 @@ _TEXT_POSITIONS = ("first", "last")
 
 
 def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_real(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# Fields holding numbers: NumPy scalars (np.int64, np.float32) are accepted and stored as Python numbers, so that
+# configs compare, hash and print alike whatever built them.
+_INT_FIELDS = ("block_size", "dense_steps", "refresh_interval", "exact_plan_steps", "min_seq_len", "text_len")
+_FLOAT_FIELDS = ("sparsity", "mass_threshold", "max_density", "density_decay")
 
 
 def _fail(field: str, value: object, allowed: str) -> None:
@@ -46,11 +55,12 @@ def _fail_type(field: str, value: object, allowed: str) -> None:
 class SparseAttentionConfig:
     """Settings of sparse attention. Frozen: derive variants with `dataclasses.replace` or `spattn_compile.config`.
 
-    Selection (stages 1-2 of ALGORITHMS.md):
+    Selection (stages 1-2 of docs/DESIGN.md):
         sparsity: fraction of video key blocks each query block skips, in [0, 1). 0 keeps every block (dense).
         block_size: tokens per block after reordering (a power of two, 16 to 256).
-        tile_size: fine pooling tile of hierarchical scoring; a power of two dividing `block_size`.
-            `tile_size == block_size` is single-level scoring.
+        estimator: the block-importance estimator: an `EstimatorConfig` (`spattn_compile.estimators`:
+            `QueryTiles(tile_size)`, `SampledRows(rows)`, `PooledTiles(tile_size, outliers)`) or a registered name
+            ("query_tiles", "sampled_rows", "pooled") for its default settings.
         mass_threshold: if set, in (0, 1]: keep adding blocks beyond the budget until the kept blocks hold this share
             of the estimated attention mass, up to `max_density`. None selects exactly the budget.
         max_density: upper bound, in (0, 1], on the share of video key blocks the threshold may grow a row to.
@@ -64,6 +74,8 @@ class SparseAttentionConfig:
         dense_steps: number of leading denoising steps run dense.
         dense_layers: attention layer indices (as numbered by the compiler pass) that always run dense.
         refresh_interval: steps between recomputations of a cached plan (1: recompute every step).
+        exact_plan_steps: with `dense_steps > 0`, the last dense step also measures the true block mass (a second,
+            `Q K^T`-only pass) and its plan serves this many sparse steps before estimates take over (0: never).
         density_decay: density removed at each refresh, in [0, 1) (DFSAttn's adaptive ratio).
         min_seq_len: sequences shorter than this run dense attention.
     Overrides for the compiler pass (None: infer from the graph):
@@ -74,16 +86,17 @@ class SparseAttentionConfig:
 
     sparsity: float = 0.75
     block_size: int = 128
-    tile_size: int = 32
+    estimator: EstimatorConfig = PooledTiles(tile_size=16, outliers=True)  # noqa: RUF009  (frozen: safe to share)
     mass_threshold: float | None = None
     max_density: float = 0.5
     reorder: ReorderMode = "hilbert"
-    rectify: RectifyMode = "block"
+    rectify: RectifyMode = "query"
     gapr: bool = True
     neighbors: bool = False
     dense_steps: int = 0
     dense_layers: tuple[int, ...] = ()
     refresh_interval: int = 1
+    exact_plan_steps: int = 5
     density_decay: float = 0.0
     min_seq_len: int = 2048
     video_grid: tuple[int, int, int] | None = None
@@ -91,15 +104,26 @@ class SparseAttentionConfig:
     text_position: TextPosition | None = None
 
     def __post_init__(self) -> None:
-        self._check_fraction("sparsity", self.sparsity, low_open=False, high_open=True, allowed="a number in [0, 1)")
-        for name in ("block_size", "tile_size"):
+        for name in _INT_FIELDS:
             value = getattr(self, name)
-            if not _is_int(value):
-                _fail_type(name, value, "an int")
-            if value < 16 or value > 256 or value & (value - 1):
-                _fail(name, value, "a power of two from 16 to 256")
-        if self.block_size % self.tile_size:
-            _fail("tile_size", self.tile_size, f"a divisor of block_size={self.block_size}")
+            if _is_int(value):
+                object.__setattr__(self, name, int(value))
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if _is_real(value) and not isinstance(value, numbers.Integral):
+                object.__setattr__(self, name, float(value))
+        for name in ("dense_layers", "video_grid"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)) and all(_is_int(x) for x in value):
+                object.__setattr__(self, name, type(value)(int(x) for x in value))
+        self._check_fraction("sparsity", self.sparsity, low_open=False, high_open=True, allowed="a number in [0, 1)")
+        if not _is_int(self.block_size):
+            _fail_type("block_size", self.block_size, "an int")
+        if self.block_size < 16 or self.block_size > 256 or self.block_size & (self.block_size - 1):
+            _fail("block_size", self.block_size, "a power of two from 16 to 256")
+        estimator = parse_estimator(self.estimator)
+        estimator.check_block_size(self.block_size)
+        object.__setattr__(self, "estimator", estimator)
         if self.mass_threshold is not None:
             self._check_fraction(
                 "mass_threshold",
@@ -118,7 +142,7 @@ class SparseAttentionConfig:
         for name in ("gapr", "neighbors"):
             if not isinstance(getattr(self, name), bool):
                 _fail_type(name, getattr(self, name), "a bool")
-        for name, low in (("dense_steps", 0), ("refresh_interval", 1), ("min_seq_len", 0)):
+        for name, low in (("dense_steps", 0), ("refresh_interval", 1), ("exact_plan_steps", 0), ("min_seq_len", 0)):
             value = getattr(self, name)
             if not _is_int(value):
                 _fail_type(name, value, "an int")

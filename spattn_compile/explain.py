@@ -68,7 +68,7 @@ class ExplainReport:
         summary = (
             f"{len(self.sparse)} of {len(self.decisions)} attention calls sparse; {self.graph_count} graph(s), "
             f"{self.graph_break_count} graph break(s); sparsity={self.config.sparsity}, "
-            f"block_size={self.config.block_size}, tile_size={self.config.tile_size}, "
+            f"block_size={self.config.block_size}, estimator={self.config.estimator}, "
             f"min_seq_len={self.config.min_seq_len}, rectify={self.config.rectify!r}"
         )
         if self.break_reasons:

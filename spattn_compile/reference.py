@@ -1,51 +1,47 @@
-"""Plain-PyTorch reference of every stage in ALGORITHMS.md: the specification and the CPU execution path.
+"""Plain-PyTorch reference of every stage in docs/DESIGN.md: the specification and the CPU execution path.
 
 Each stage is a function on SDPA-layout tensors `(B, H, S, D)` (or on the canonical block layout of
 `spattn_compile.layout`), of any float dtype, computing in `compute_dtype` (float64 for tests; by default float32 or
 wider). The stages are:
 
 0. `gather_canonical` / `scatter_canonical`: the Hilbert reorder into, and back out of, the canonical layout.
-1. `pool_statistics`, `block_scores`: tile and block means, mean absolute deviations, and the hierarchical block
-   score `P_hat` with isolated text keys and multiplicity weights.
+1. `pool_statistics`: tile and block means and mean absolute deviations (`plan.PooledStats`). The block scores
+   `P_hat` are the estimators' (`spattn_compile.estimators`, each with its own reference function).
 2. `select_blocks`: budget, mass threshold, max density, forced diagonal / neighbour / text blocks.
-   `gapr_trusted`: GAPR's gate. `build_plan` packs both into a `SparsePlan` of int32 index lists.
+   `gapr_trusted`: GAPR's gate. `select_plan_reference` packs both into a `plan.SparsePlan` of int32 index lists.
 3. `rectified_sparse_attention`: exact attention over the kept blocks, with block- or query-mode rectification.
 
-`sparse_attention_reference` runs them in order. `dense_attention` and `attention_block_mass` give the float64 ground
+`spattn_compile.pipeline` runs them in order. `dense_attention` and `attention_block_mass` give the float64 ground
 truth (they cost O(S^2) memory in query chunks and are meant for tests, benchmarks and the oracle).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
 
 from .config import SparseAttentionConfig
-from .layout import TokenLayout, neighbor_block_mask, token_layout
+from .layout import TokenLayout, neighbor_block_mask
+from .plan import PooledStats, SparsePlan, indices_from_mask
 
 __all__ = [
-    "PooledStats",
-    "SparsePlan",
     "attention_block_mass",
     "block_budget",
+    "block_non_finite",
     "block_rectification",
-    "block_scores",
-    "build_plan",
     "canonical_key_valid",
-    "check_plan",
     "dense_attention",
+    "finite_rows",
     "gapr_trusted",
     "gather_canonical",
-    "indices_from_mask",
     "key_padding_valid",
-    "mask_from_indices",
+    "key_usable",
     "pool_statistics",
     "rectified_sparse_attention",
     "scatter_canonical",
     "select_blocks",
-    "sparse_attention_reference",
+    "select_plan_reference",
 ]
 
 # Bytes of logits one chunk of query rows may materialise in the O(S^2) reference attention.
@@ -81,10 +77,11 @@ def scatter_canonical(y: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
 
 
 def key_padding_valid(attn_mask: torch.Tensor | None, batch: int, heads: int, seq_len: int) -> torch.Tensor | None:
-    """Validate a boolean key-padding mask in SDPA's broadcastable form and return it as bool `(B, H, S)` (a view).
+    """Validate a boolean key-padding mask by SDPA's broadcasting rules and return it as bool `(B, H, S)` (a view).
 
-    Accepted shapes broadcast to `(B, H, 1, S)`: `(S,)`, `(1, S)`, `(B|1, 1, S)`, `(B|1, H|1, 1, S)`. True keeps a
-    key, as in SDPA. Masks that vary over queries, or float masks, are not key-padding masks and raise ValueError.
+    SDPA broadcasts a mask of 2 to 4 dims, aligned right, to `(B, H, L, S)`; a key-padding mask is one whose query
+    dimension is 1: `(1, S)`, `(H|1, 1, S)`, `(B|1, H|1, 1, S)`. True keeps a key, as in SDPA. A 1-D mask (SDPA rejects
+    it), masks that vary over queries and float masks raise.
     """
     if attn_mask is None:
         return None
@@ -93,8 +90,11 @@ def key_padding_valid(attn_mask: torch.Tensor | None, batch: int, heads: int, se
     if attn_mask.dtype != torch.bool:
         raise TypeError(f"attn_mask must be a boolean key-padding mask (True = attend), got dtype {attn_mask.dtype}")
     shape = tuple(attn_mask.shape)
-    if attn_mask.dim() < 1 or attn_mask.dim() > 4 or shape[-1] != seq_len:
-        raise ValueError(f"attn_mask of shape {shape} is not a key-padding mask: expected (..., 1, {seq_len})")
+    if attn_mask.dim() < 2 or attn_mask.dim() > 4 or shape[-1] != seq_len:
+        raise ValueError(
+            f"attn_mask of shape {shape} is not a key-padding mask: expected 2 to 4 dims broadcastable to "
+            f"({batch}, {heads}, 1, {seq_len}) (SDPA's rules: aligned right)"
+        )
     full = (1,) * (4 - attn_mask.dim()) + shape
     if full[2] != 1 or full[0] not in (1, batch) or full[1] not in (1, heads):
         raise ValueError(
@@ -120,44 +120,40 @@ def canonical_key_valid(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class PooledStats:
-    """Pooled summaries of the video part of the canonical layout. `NT = num_video_blocks * block_size / tile_size`
-    tiles, `NB` video blocks. Means use true counts (real rows for queries, unmasked keys for keys and values); a
-    tile or block with no counted row has a zero mean.
-
-    q_tile, k_tile: `(B, H, NT, D)`; q_tile_count: `(NT,)`; k_tile_count: `(B, H, NT)`.
-    q_block, q_block_mad, k_block, k_block_mad, v_block: `(B, H, NB, D)`; k_block_count: `(B, H, NB)`.
-    """
-
-    tile_size: int
-    q_tile: torch.Tensor
-    q_tile_count: torch.Tensor
-    k_tile: torch.Tensor
-    k_tile_count: torch.Tensor
-    q_block: torch.Tensor
-    q_block_mad: torch.Tensor
-    k_block: torch.Tensor
-    k_block_mad: torch.Tensor
-    v_block: torch.Tensor
-    k_block_count: torch.Tensor
-
-
 def _group_mean(x: torch.Tensor, weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weighted mean over consecutive groups of `group` rows: x `(B, H, N, D)`, weight `(B|1, H|1, N)`."""
+    """Mean over consecutive groups of `group` rows of the rows where `weight` is True: x `(B, H, N, D)`, weight bool
+    `(B|1, H|1, N)`. Rows left out never reach the sum (a NaN times zero would)."""
     b, h, n, d = x.shape
-    w = weight.to(x.dtype)
-    total = (x * w[..., None]).reshape(b, h, n // group, group, d).sum(-2)
-    count = w.expand(b, h, n).reshape(b, h, n // group, group).sum(-1)
+    w = weight.expand(b, h, n)
+    total = x.masked_fill(~w[..., None], 0).reshape(b, h, n // group, group, d).sum(-2)
+    count = w.to(x.dtype).reshape(b, h, n // group, group).sum(-1)
     return total / count.clamp(min=1)[..., None], count
 
 
 def _group_mad(x: torch.Tensor, mean: torch.Tensor, weight: torch.Tensor, group: int) -> torch.Tensor:
     b, h, n, d = x.shape
-    w = weight.to(x.dtype)
-    dev = (x - mean.repeat_interleave(group, dim=-2)).abs() * w[..., None]
-    count = w.expand(b, h, n).reshape(b, h, n // group, group).sum(-1)
+    w = weight.expand(b, h, n)
+    dev = (x - mean.repeat_interleave(group, dim=-2)).abs().masked_fill(~w[..., None], 0)
+    count = w.to(x.dtype).reshape(b, h, n // group, group).sum(-1)
     return dev.reshape(b, h, n // group, group, d).sum(-2) / count.clamp(min=1)[..., None]
+
+
+def finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """bool `x.shape[:-1]`: the row holds no NaN and no infinity."""
+    return torch.isfinite(x).all(-1)
+
+
+def key_usable(k_c: torch.Tensor, v_c: torch.Tensor, key_valid_c: torch.Tensor) -> torch.Tensor:
+    """bool `(B, H, P)`: a real, unmasked key whose key and value rows are finite. Statistics and estimators read only
+    these; attention reads every valid key (a non-finite one spreads exactly as in dense attention)."""
+    return key_valid_c & finite_rows(k_c) & finite_rows(v_c)
+
+
+def block_non_finite(k_c: torch.Tensor, v_c: torch.Tensor, key_valid_c: torch.Tensor, layout: TokenLayout):
+    """bool `(B, H, NQ)`: the block holds a valid key whose key or value row is not finite. Dense attention sees such
+    a key from every query, so selection keeps its block for every query block."""
+    bad = key_valid_c & ~(finite_rows(k_c) & finite_rows(v_c))
+    return bad.reshape(*bad.shape[:2], layout.num_blocks, layout.block_size).any(-1)
 
 
 def pool_statistics(
@@ -168,71 +164,35 @@ def pool_statistics(
     layout: TokenLayout,
     tile_size: int,
 ) -> PooledStats:
-    """Stage 1.1 and GAPR's statistics from canonical Q, K, V `(B, H, padded_len, D)` (compute in their dtype)."""
+    """Stage 1.1 and GAPR's statistics from canonical Q, K, V `(B, H, padded_len, D)` (compute in their dtype), over
+    the usable rows: real queries with finite entries, and `key_usable` keys (values over the same rows)."""
     bs = layout.block_size
     if bs % tile_size:
         raise ValueError(f"tile_size={tile_size} must divide block_size={bs}")
     n_video_rows = layout.num_video_blocks * bs
     q, k, v = q_c[..., :n_video_rows, :], k_c[..., :n_video_rows, :], v_c[..., :n_video_rows, :]
     q_real = (layout.to(q_c.device).source_index[:n_video_rows] >= 0)[None, None]
-    k_valid = key_valid_c[..., :n_video_rows]
+    q_ok = q_real & finite_rows(q)
+    k_ok = key_usable(k, v, key_valid_c[..., :n_video_rows])
 
-    q_tile, q_tile_count = _group_mean(q, q_real, tile_size)
-    k_tile, k_tile_count = _group_mean(k, k_valid, tile_size)
-    q_block, _ = _group_mean(q, q_real, bs)
-    k_block, k_block_count = _group_mean(k, k_valid, bs)
-    v_block, _ = _group_mean(v, k_valid, bs)
+    q_tile, q_tile_count = _group_mean(q, q_ok, tile_size)
+    k_tile, k_tile_count = _group_mean(k, k_ok, tile_size)
+    q_block, _ = _group_mean(q, q_ok, bs)
+    k_block, k_block_count = _group_mean(k, k_ok, bs)
+    v_block, _ = _group_mean(v, k_ok, bs)
     return PooledStats(
         tile_size=tile_size,
         q_tile=q_tile,
-        q_tile_count=q_tile_count[0, 0],
+        q_tile_count=q_tile_count,
         k_tile=k_tile,
         k_tile_count=k_tile_count,
         q_block=q_block,
-        q_block_mad=_group_mad(q, q_block, q_real, bs),
+        q_block_mad=_group_mad(q, q_block, q_ok, bs),
         k_block=k_block,
-        k_block_mad=_group_mad(k, k_block, k_valid, bs),
+        k_block_mad=_group_mad(k, k_block, k_ok, bs),
         v_block=v_block,
         k_block_count=k_block_count,
     )
-
-
-def block_scores(
-    stats: PooledStats,
-    k_c: torch.Tensor,
-    key_valid_c: torch.Tensor,
-    layout: TokenLayout,
-    scale: float,
-) -> torch.Tensor:
-    """Stage 1.2-1.4: `P_hat (B, H, NB, NB + 1)`: estimated share of query block i's attention mass on video key block
-    j (columns 0..NB-1) and on all text keys together (column NB). Each row sums to 1 (rows of blocks with no real
-    query are uniform over nothing and set to 0). Computed in at least float32."""
-    dtype = torch.promote_types(stats.q_tile.dtype, torch.float32)
-    q_tile = stats.q_tile.to(dtype)
-    logits = scale * q_tile @ stats.k_tile.to(dtype).transpose(-1, -2)  # (B, H, NT, NT)
-    log_mult = torch.log(stats.k_tile_count.to(dtype))[..., None, :]  # -inf for empty tiles
-    logits = logits + log_mult
-    text = k_c[..., layout.text_offset :, :].to(dtype)
-    if text.shape[-2]:
-        text_logits = scale * q_tile @ text.transpose(-1, -2)
-        text_logits = text_logits.masked_fill(~key_valid_c[..., None, layout.text_offset :], -math.inf)
-        logits = torch.cat([logits, text_logits], dim=-1)
-    # Every valid query tile has at least one finite logit unless all keys are masked; guard that row to zeros.
-    row_max = logits.amax(dim=-1, keepdim=True).clamp(min=torch.finfo(dtype).min)
-    weights = torch.exp(logits - row_max)
-    weights = weights / weights.sum(-1, keepdim=True).clamp(min=torch.finfo(dtype).tiny)
-
-    n_tiles = stats.q_tile.shape[-2]
-    tiles_per_block = layout.block_size // stats.tile_size
-    video = weights[..., :n_tiles]
-    b, h = video.shape[:2]
-    per_block = video.reshape(b, h, n_tiles, layout.num_video_blocks, tiles_per_block).sum(-1)
-    text_col = weights[..., n_tiles:].sum(-1, keepdim=True)
-    tile_scores = torch.cat([per_block, text_col], dim=-1)  # (B, H, NT, NB + 1)
-    q_count = stats.q_tile_count.to(dtype)[:, None]
-    summed = (tile_scores * q_count).reshape(b, h, layout.num_video_blocks, tiles_per_block, -1).sum(-2)
-    block_count = q_count.reshape(layout.num_video_blocks, tiles_per_block, 1).sum(-2)
-    return summed / block_count.clamp(min=1)
 
 
 def gapr_trusted(stats: PooledStats) -> torch.Tensor:
@@ -256,26 +216,6 @@ def block_budget(density: float, num_blocks: int) -> int:
     return max(1, min(num_blocks, math.ceil(density * num_blocks - 1e-9)))
 
 
-def indices_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """bool `(..., N)` -> (counts int32 `(...)`, indices int32 `(..., N)` ascending, padded with -1)."""
-    n = mask.shape[-1]
-    position = torch.arange(n, device=mask.device, dtype=torch.int32)
-    keyed = torch.where(mask, position, torch.full_like(position, n))
-    indices = keyed.sort(dim=-1).values
-    indices = torch.where(indices == n, torch.full_like(indices, -1), indices)
-    return mask.sum(-1, dtype=torch.int32), indices
-
-
-def mask_from_indices(counts: torch.Tensor, indices: torch.Tensor, num: int) -> torch.Tensor:
-    """Inverse of `indices_from_mask`: bool `(..., num)` from the first `counts` entries of each index row."""
-    slot = torch.arange(indices.shape[-1], device=indices.device)
-    used = slot < counts[..., None]
-    mask = torch.zeros(*indices.shape[:-1], num + 1, dtype=torch.bool, device=indices.device)
-    target = torch.where(used, indices.long(), torch.full_like(indices, num, dtype=torch.long))
-    mask.scatter_(-1, target, True)
-    return mask[..., :num]
-
-
 def select_blocks(
     scores: torch.Tensor,
     layout: TokenLayout,
@@ -285,10 +225,12 @@ def select_blocks(
     mass_threshold: float | None = None,
     max_density: float = 1.0,
     neighbors: bool = False,
+    forced_blocks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Stage 2: bool keep mask `(B, H, num_blocks, num_blocks)` over (query block, key block) of the canonical layout.
 
-    Video query rows keep: the diagonal, the neighbour blocks if asked, every text block, and the highest-scoring
+    Video query rows keep: the diagonal, the neighbour blocks if asked, the key blocks `forced_blocks` (bool
+    `(B, H, num_blocks)`: blocks holding a non-finite key) for every row, every text block, and the highest-scoring
     video blocks up to `block_budget(density, NB)` video blocks in all; with `mass_threshold`, more blocks in
     descending score until the kept video blocks plus text hold that share of the row, up to
     `block_budget(max_density, NB)` (never below the budget). Text query rows keep every block. Blocks without an
@@ -301,8 +243,10 @@ def select_blocks(
     forced = torch.eye(nb, dtype=torch.bool, device=device)
     if neighbors:
         forced = forced | neighbor_block_mask(layout).to(device)
+    if forced_blocks is not None:
+        forced = forced | forced_blocks[..., None, :nb]
     # Forced blocks rank first; scores are in [0, 1], so adding 2 orders them ahead without changing the rest.
-    priority = video_scores + 2.0 * forced
+    priority = video_scores.nan_to_num(0.0) + 2.0 * forced
     order = priority.argsort(dim=-1, descending=True, stable=True)
     rank = order.argsort(dim=-1)
     budget = block_budget(density, nb)
@@ -320,54 +264,21 @@ def select_blocks(
     return keep & key_block_nonempty[..., None, :]
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class SparsePlan:
-    """The block plan of one attention call, over the canonical layout's `NQ = NK = num_blocks` blocks.
-
-    kv_counts: int32 `(B, H, NQ)`, kv_indices: int32 `(B, H, NQ, NK)` ascending, -1 after the count.
-    trusted_counts: int32 `(B, H, NQ)`, trusted_indices: int32 `(B, H, NQ, NB)`: skipped video key blocks whose pooled
-        summary compensates them (rectification); empty for text query rows.
-    block_scores: `(B, H, NB, NB + 1)`, the estimate `P_hat` the plan was selected from.
-    """
-
-    kv_counts: torch.Tensor
-    kv_indices: torch.Tensor
-    trusted_counts: torch.Tensor
-    trusted_indices: torch.Tensor
-    block_scores: torch.Tensor
-    num_video_blocks: int
-
-    def keep_mask(self) -> torch.Tensor:
-        """bool `(B, H, NQ, NK)`."""
-        return mask_from_indices(self.kv_counts, self.kv_indices, self.kv_indices.shape[-1])
-
-    def trusted_mask(self) -> torch.Tensor:
-        """bool `(B, H, NQ, NB)`."""
-        return mask_from_indices(self.trusted_counts, self.trusted_indices, self.num_video_blocks)
-
-    def density(self) -> torch.Tensor:
-        """Share of video key blocks kept, averaged over video query blocks, per (B, H) (a device tensor)."""
-        nb = self.num_video_blocks
-        kept = self.keep_mask()[..., :nb, :nb].sum(-1, dtype=torch.float32)
-        return kept.mean(-1) / nb
-
-
-def build_plan(
+def select_plan_reference(
+    scores: torch.Tensor,
     stats: PooledStats,
-    k_c: torch.Tensor,
     key_valid_c: torch.Tensor,
     layout: TokenLayout,
     *,
-    scale: float,
     density: float,
     config: SparseAttentionConfig,
-    scores: torch.Tensor | None = None,
+    estimator: str,
+    forced_blocks: torch.Tensor | None = None,
 ) -> SparsePlan:
-    """Stages 1-2 and GAPR: score, select, and list the trusted skipped blocks. `scores` overrides `P_hat` (the
-    oracle passes the true block mass)."""
+    """Stage 2 and GAPR: select from the block scores `P_hat (B, H, NB, NB + 1)` (`estimator` names their origin) and
+    list the trusted skipped blocks (none with `rectify="none"`). `key_valid_c` (bool `(B, H, P)`) says which keys
+    exist; `forced_blocks` (bool `(B, H, NQ)`) are kept for every query block (`block_non_finite`)."""
     nb = layout.num_video_blocks
-    if scores is None:
-        scores = block_scores(stats, k_c, key_valid_c, layout, scale)
     nonempty = key_valid_c.reshape(*key_valid_c.shape[:2], layout.num_blocks, layout.block_size).any(-1)
     keep = select_blocks(
         scores,
@@ -377,9 +288,11 @@ def build_plan(
         mass_threshold=config.mass_threshold,
         max_density=config.max_density,
         neighbors=config.neighbors,
+        forced_blocks=forced_blocks,
     )
     kv_counts, kv_indices = indices_from_mask(keep)
-    skipped = ~keep[..., :nb, :nb] & nonempty[..., None, :nb]
+    # Only blocks with a usable key can stand in for their keys.
+    skipped = ~keep[..., :nb, :nb] & (stats.k_block_count > 0)[..., None, :]
     trusted = skipped & gapr_trusted(stats) if config.gapr else skipped
     if config.rectify == "none":
         trusted = torch.zeros_like(trusted)
@@ -387,7 +300,7 @@ def build_plan(
     trusted_rows = torch.zeros(b, h, layout.num_blocks, nb, dtype=torch.bool, device=keep.device)
     trusted_rows[..., :nb, :] = trusted
     trusted_counts, trusted_indices = indices_from_mask(trusted_rows)
-    return SparsePlan(kv_counts, kv_indices, trusted_counts, trusted_indices, scores, nb)
+    return SparsePlan(layout, kv_counts, kv_indices, trusted_counts, trusted_indices, scores, estimator)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -446,7 +359,7 @@ def rectified_sparse_attention(
     if rectify != "none" and stats is None:
         raise ValueError(f"rectify={rectify!r} needs the pooled statistics")
     bs = layout.block_size
-    keep = plan.keep_mask()
+    keep = plan.to_dense()
     b, h, n, _ = q_c.shape
     nq = layout.num_blocks
     nb = layout.num_video_blocks
@@ -544,69 +457,3 @@ def attention_block_mass(
         mass[..., start:stop, :] = per_block.reshape(b, h, stop - start, bs, nb + 1).sum(-2)
     real_rows = layout.row_count[:nb].to(query.device, compute_dtype)
     return mass / real_rows.clamp(min=1)[:, None]
-
-
-def check_plan(plan: object, batch: int, heads: int, layout: TokenLayout) -> None:
-    """Raise TypeError / ValueError unless `plan` is a `SparsePlan` for `(batch, heads)` over `layout`'s blocks."""
-    if not isinstance(plan, SparsePlan):
-        raise TypeError(f"plan must be a SparsePlan or None, got {type(plan).__name__}")
-    nq, nb = layout.num_blocks, layout.num_video_blocks
-    expected = {
-        "kv_counts": (batch, heads, nq),
-        "kv_indices": (batch, heads, nq, nq),
-        "trusted_counts": (batch, heads, nq),
-        "trusted_indices": (batch, heads, nq, nb),
-        "block_scores": (batch, heads, nb, nb + 1),
-    }
-    for name, shape in expected.items():
-        actual = tuple(getattr(plan, name).shape)
-        if actual != shape:
-            raise ValueError(
-                f"plan.{name} has shape {actual}, but this call (batch={batch}, heads={heads}, {nq} blocks of which "
-                f"{nb} video) needs {shape}"
-            )
-    if plan.num_video_blocks != nb:
-        raise ValueError(f"plan.num_video_blocks={plan.num_video_blocks}, but this call has {nb} video blocks")
-
-
-def sparse_attention_reference(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    *,
-    video_grid: tuple[int, int, int],
-    text_len: int = 0,
-    text_first: bool = False,
-    attn_mask: torch.Tensor | None = None,
-    scale: float | None = None,
-    config: SparseAttentionConfig | None = None,
-    density: float | None = None,
-    compute_dtype: torch.dtype | None = None,
-    return_plan: bool = False,
-    plan: SparsePlan | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, SparsePlan]:
-    """The whole pipeline in plain PyTorch (inputs assumed validated; see `spattn_compile.sparse_attention`).
-
-    `density` overrides `1 - config.sparsity` (the schedule's adaptive ratio). The output has the dtype of `query`;
-    with `return_plan` the `SparsePlan` used is returned too. A given `plan` (a cached one, see
-    `spattn_compile.schedule`) skips scoring and selection: its kept blocks, trusted lists and (block mode) its
-    `block_scores` are reused, while the pooled statistics (`k_bar`, `v_bar`) are computed fresh from these inputs;
-    `density` is then ignored.
-    """
-    config = SparseAttentionConfig() if config is None else config
-    b, h, s, d = query.shape
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    density = config.density if density is None else density
-    dtype = _compute_dtype(query.dtype, compute_dtype)
-    layout = token_layout(tuple(video_grid), text_len, text_first, config.block_size, config.reorder)
-    valid = key_padding_valid(attn_mask, b, h, s)
-    valid_c = canonical_key_valid(valid, layout, b, h, query.device)
-    q_c, k_c, v_c = (gather_canonical(t.to(dtype), layout) for t in (query, key, value))
-    stats = pool_statistics(q_c, k_c, v_c, valid_c, layout, config.tile_size)
-    if plan is None:
-        plan = build_plan(stats, k_c, valid_c, layout, scale=scale, density=density, config=config)
-    else:
-        check_plan(plan, b, h, layout)
-    out_c = rectified_sparse_attention(q_c, k_c, v_c, valid_c, plan, stats, layout, scale=scale, rectify=config.rectify)
-    out = scatter_canonical(out_c, layout).to(query.dtype)
-    return (out, plan) if return_plan else out

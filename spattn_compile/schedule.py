@@ -47,7 +47,7 @@ from collections.abc import Hashable, Iterator
 
 import torch
 
-from .reference import SparsePlan
+from .plan import SparsePlan
 
 __all__ = [
     "PlanCache",
@@ -229,7 +229,7 @@ def plan_summary(plan: SparsePlan) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     held by the kept video blocks plus the text column, same mean) and the kept share per block pair, float32
     `(NB, NB)` averaged over batch and heads."""
     nb = plan.num_video_blocks
-    keep = plan.keep_mask()[..., :nb, :nb]
+    keep = plan.to_dense()[..., :nb, :nb]
     scores = plan.block_scores.float()
     recall = (scores[..., :nb] * keep).sum(-1) + scores[..., nb]
     keep_share = keep.float().mean((0, 1))
@@ -248,6 +248,7 @@ class CachedPlan:
     signature: Hashable
     nbytes: int
     summary: tuple[torch.Tensor, torch.Tensor]
+    lifetime: int | None = None  # steps this entry serves; None: the caller's refresh_interval
 
 
 def _plan_bytes(plan: SparsePlan) -> int:
@@ -284,10 +285,11 @@ class PlanCache:
             entry = self._entries.get(key)
             if entry is None:
                 return None
+            lifetime = refresh_interval if entry.lifetime is None else entry.lifetime
             fresh = (
                 entry.generation == context.generation
                 and entry.signature == signature
-                and 0 <= context.step - entry.refresh_step < refresh_interval
+                and 0 <= context.step - entry.refresh_step < lifetime
             )
             if not fresh:
                 return None
@@ -310,9 +312,13 @@ class PlanCache:
         plan: SparsePlan,
         refresh_count: int,
         summary: tuple[torch.Tensor, torch.Tensor],
+        lifetime: int | None = None,
     ) -> CachedPlan:
-        """Cache `plan`, built at `context` as refresh number `refresh_count`, evicting old entries over the cap."""
-        entry = CachedPlan(plan, context.generation, context.step, refresh_count, signature, _plan_bytes(plan), summary)
+        """Cache `plan`, built for `context` as refresh number `refresh_count` and valid for `lifetime` steps from
+        `context.step` (default: the `refresh_interval` of each lookup), evicting old entries over the cap."""
+        entry = CachedPlan(
+            plan, context.generation, context.step, refresh_count, signature, _plan_bytes(plan), summary, lifetime
+        )
         with self._lock:
             self._refreshes[key] = (context.generation, signature, refresh_count + 1)
             old = self._entries.pop(key, None)

@@ -20,8 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import INTERPRETED, padded_head_dim
+
 __all__ = [
-    "SUPPORTED_HEAD_DIMS",
     "RECTIFY_MODES",
     "TileConfig",
     "autotune_configs",
@@ -31,7 +32,6 @@ __all__ = [
 ]
 
 RECTIFY_MODES = ("none", "block", "query")
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 _RECTIFY_CODES = {"none": 0, "block": 1, "query": 2}
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The rectification inputs and the mode that reads each of them.
@@ -106,6 +106,7 @@ def _block_sparse_attention_kernel(
     stride_valid_h,
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    HEAD_PAD: tl.constexpr,
     RECTIFY: tl.constexpr,
     HAS_KEY_VALID: tl.constexpr,
     HAS_OUT_INDEX: tl.constexpr,
@@ -146,7 +147,10 @@ def _block_sparse_attention_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, HEAD_PAD)
+    # Head dims that are not a power of two are padded to one in registers: the extra lanes load as zeros (adding
+    # nothing to q . k) and are never stored.
+    d_ok = offs_d < HEAD_DIM
     k_base = K + off_b * stride_kb + off_h * stride_kh
     v_base = V + off_b * stride_vb + off_h * stride_vh
     # Offsets of a key tile from its first row: loop invariant, so each step only adds one scalar row offset.
@@ -156,11 +160,15 @@ def _block_sparse_attention_kernel(
     block_full_base = KeyBlockFull + pid_bh.to(tl.int64) * num_q_blocks
 
     # Q stays in registers for the whole program: it is loaded once.
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qp + offs_d[None, :])
+    q = tl.load(
+        Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qp + offs_d[None, :],
+        mask=d_ok[None, :],
+        other=0.0,
+    )
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_PAD], dtype=tl.float32)
 
     # Real keys: one flat loop over (listed key block, sub-tile) so that the compiler pipelines a single loop.
     kv_count = tl.load(KvCounts + plan_row)
@@ -168,8 +176,8 @@ def _block_sparse_attention_kernel(
     for step in range(0, kv_count * TILES_PER_BLOCK):
         kv_block = tl.load(kv_list + step // TILES_PER_BLOCK).to(tl.int64)
         start_n = kv_block * BLOCK_SIZE + (step % TILES_PER_BLOCK) * BLOCK_N
-        k = tl.load(k_base + start_n * stride_kp + k_tile)
-        v = tl.load(v_base + start_n * stride_vp + v_tile)
+        k = tl.load(k_base + start_n * stride_kp + k_tile, mask=d_ok[None, :], other=0.0)
+        v = tl.load(v_base + start_n * stride_vp + v_tile, mask=d_ok[None, :], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if HAS_KEY_VALID:
             # Only blocks holding a masked key pay for the select (most blocks are full).
@@ -189,8 +197,9 @@ def _block_sparse_attention_kernel(
             slot = first + offs_t
             listed = slot < trusted_count
             pooled = pooled_base + tl.load(trusted_list + slot, mask=listed, other=0)
-            k_bar = tl.load(KBlock + pooled[:, None] * HEAD_DIM + offs_d[None, :], mask=listed[:, None], other=0.0)
-            v_bar = tl.load(VBlock + pooled[:, None] * HEAD_DIM + offs_d[None, :], mask=listed[:, None], other=0.0)
+            pooled_mask = listed[:, None] & d_ok[None, :]
+            k_bar = tl.load(KBlock + pooled[:, None] * HEAD_DIM + offs_d[None, :], mask=pooled_mask, other=0.0)
+            v_bar = tl.load(VBlock + pooled[:, None] * HEAD_DIM + offs_d[None, :], mask=pooled_mask, other=0.0)
             log_count = tl.load(KBlockLogCount + pooled, mask=listed, other=float("-inf"))
             qk = tl.dot(q, tl.trans(k_bar.to(q.dtype)), input_precision=DOT_PRECISION)
             qk = qk + log_count[None, :] / sm_scale
@@ -200,7 +209,7 @@ def _block_sparse_attention_kernel(
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     if RECTIFY == 1:
         rescale = tl.load(Rescale + plan_row)
-        correction = tl.load(Correction + plan_row * HEAD_DIM + offs_d)
+        correction = tl.load(Correction + plan_row * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
         out = out * rescale + correction[None, :]
 
     if HAS_OUT_INDEX:
@@ -208,7 +217,7 @@ def _block_sparse_attention_kernel(
     else:
         dest = offs_m.to(tl.int64)
     out_ptrs = Out + off_b * stride_ob + off_h * stride_oh + dest[:, None] * stride_os + offs_d[None, :]
-    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=(dest >= 0)[:, None])
+    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=(dest >= 0)[:, None] & d_ok[None, :])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -249,8 +258,11 @@ def prune_tile_configs(configs: list[triton.Config], named_args: dict, **kwargs:
     (one program per query block reads the kv list and the block's statistics once)."""
     args = {**named_args, **kwargs}
     block_size = args["BLOCK_SIZE"]
-    head_dim = args["HEAD_DIM"]
+    head_dim = args["HEAD_PAD"]
     fitting = [c for c in configs if c.kwargs["BLOCK_M"] <= block_size and c.kwargs["BLOCK_N"] <= block_size]
+    if head_dim > 128:
+        # A 256-wide accumulator of 128 rows does not fit in registers next to the tiles.
+        fitting = [c for c in fitting if c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 64] or fitting
     largest_m = max(c.kwargs["BLOCK_M"] for c in fitting)
     kept = [c for c in fitting if c.kwargs["BLOCK_M"] == largest_m]
     if head_dim <= 64:
@@ -261,7 +273,7 @@ def prune_tile_configs(configs: list[triton.Config], named_args: dict, **kwargs:
 
 _autotuned_kernel = triton.autotune(
     configs=autotune_configs(),
-    key=["BLOCK_SIZE", "HEAD_DIM", "RECTIFY", "HAS_KEY_VALID", "HAS_OUT_INDEX"],
+    key=["BLOCK_SIZE", "HEAD_DIM", "HEAD_PAD", "RECTIFY", "HAS_KEY_VALID", "HAS_OUT_INDEX"],
     prune_configs_by={"early_config_prune": prune_tile_configs},
 )(_block_sparse_attention_kernel)
 
@@ -273,7 +285,7 @@ def chosen_tile_config() -> triton.Config | None:
 
 # Under TRITON_INTERPRET=1, @triton.jit gives an interpreted function instead of a JITFunction; the launcher then runs
 # a fixed configuration (timing candidates under the interpreter would measure numpy).
-_INTERPRETED = not isinstance(_block_sparse_attention_kernel, triton.runtime.jit.JITFunction)
+_INTERPRETED = INTERPRETED
 
 
 def _interpreter_config(block_size: int) -> TileConfig:
@@ -339,7 +351,8 @@ def block_sparse_attention(
 
     Args:
         q, k, v: `(B, H, P, D)` in the canonical layout (`P = layout.padded_len`, a multiple of `block_size`),
-            float16, bfloat16 or float32 (one dtype), last dim contiguous, `D` in `SUPPORTED_HEAD_DIMS`.
+            float16, bfloat16 or float32 (one dtype), last dim contiguous, `D` in [1, 256] (padded to a power of two
+            in registers).
         kv_counts: int32 `(B, H, NQ)`, `NQ = P // block_size`: the number of key blocks query block i attends to.
         kv_indices: int32 `(B, H, NQ, L)`: their indices in `[0, NQ)`, first `kv_counts` entries read (ascending order
             keeps the key reads sequential; -1 padding after the count is never read).
@@ -394,8 +407,8 @@ def block_sparse_attention(
         raise ValueError(f"block_size must be a power of two in [16, 256], got {block_size}")
     if padded_len == 0 or padded_len % block_size:
         raise ValueError(f"q has {padded_len} rows: expected a positive multiple of block_size={block_size}")
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head dim {head_dim} is not supported: expected one of {SUPPORTED_HEAD_DIMS}")
+    if not 1 <= head_dim <= 256:
+        raise ValueError(f"head dim {head_dim} is not supported: expected 1 to 256 (padded to a power of two)")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite float, got {scale!r}")
     if rectify not in RECTIFY_MODES:
@@ -524,6 +537,7 @@ def block_sparse_attention(
     constants = {
         "BLOCK_SIZE": block_size,
         "HEAD_DIM": head_dim,
+        "HEAD_PAD": padded_head_dim(head_dim),
         "RECTIFY": _RECTIFY_CODES[rectify],
         "HAS_KEY_VALID": key_valid is not None,
         "HAS_OUT_INDEX": out_index is not None,

@@ -9,37 +9,45 @@ unmasked key counts per tile and per block. The block goes through registers in 
 the block means first, so the program reads its just-written canonical Q and K rows back (from L2: Q, K and V still
 cross HBM once in and once out). Means divide by true counts (real rows for queries, unmasked keys for keys and
 values), as `reference.pool_statistics` does; a group with nothing to count has a zero mean. All statistics are
-float32. `reorder_pool` returns them as a `reference.PooledStats`; `reorder_pool_tensors` is the tensor-level launcher
+float32. `reorder_pool` returns them as a `plan.PooledStats`; `reorder_pool_tensors` is the tensor-level launcher
 behind the `spattn::reorder_pool` custom op.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from ..layout import TokenLayout
-from ..reference import PooledStats
+from ..plan import PooledStats
+from .common import INTERPRETED, check_device, padded_head_dim
 
-__all__ = ["ReorderPoolOutput", "query_tile_count", "reorder_pool", "reorder_pool_tensors"]
+__all__ = ["ReorderPoolOutput", "reorder_pool", "reorder_pool_tensors"]
 
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _is_interpreted(kernel: object) -> bool:
-    """Under TRITON_INTERPRET=1, @triton.jit gives an interpreted function instead of a JITFunction."""
-    return not isinstance(kernel, triton.runtime.jit.JITFunction)
+@triton.jit
+def _gather_rows(X, stride_b, stride_h, stride_s, off_b, off_h, source, real, offs_d, HEAD_DIM: tl.constexpr):
+    """Rows `source` (int64, `real` False for padding) of one (batch, head) of `X`, padding rows and lanes as zeros."""
+    base = X + off_b * stride_b + off_h * stride_h
+    mask = real[:, None] & (offs_d < HEAD_DIM)[None, :]
+    return tl.load(base + source[:, None] * stride_s + offs_d[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
-def _gather_rows(X, stride_b, stride_h, stride_s, off_b, off_h, source, real, offs_d):
-    """Rows `source` (int64, `real` False for padding) of one (batch, head) of `X`, padding rows as zeros."""
-    base = X + off_b * stride_b + off_h * stride_h
-    return tl.load(base + source[:, None] * stride_s + offs_d[None, :], mask=real[:, None], other=0.0)
+def _row_finite(x):
+    """Per row: every element is finite (x - x is 0 for finite x, NaN for NaN and +-inf)."""
+    return tl.sum(((x - x) != 0.0).to(tl.int32), 1) == 0
+
+
+@triton.jit
+def _vector_not_finite(x):
+    """A NaN or an infinity in the vector (x - x is 0 for finite x, NaN otherwise)."""
+    return tl.sum(((x - x) != 0.0).to(tl.int32), 0) > 0
 
 
 @triton.jit
@@ -53,7 +61,9 @@ def _reorder_pool_kernel(
     KC,
     VC,
     KeyValidC,
+    KeyUsableC,
     QTile,
+    QTileCount,
     KTile,
     KTileCount,
     QBlock,
@@ -62,6 +72,7 @@ def _reorder_pool_kernel(
     KBlockMad,
     VBlock,
     KeyBlockCount,
+    BlockNonFinite,
     num_heads,
     num_video_blocks,
     num_blocks,
@@ -80,6 +91,7 @@ def _reorder_pool_kernel(
     BLOCK_SIZE: tl.constexpr,
     TILE_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    HEAD_PAD: tl.constexpr,
     HAS_KEY_VALID: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
@@ -94,23 +106,32 @@ def _reorder_pool_kernel(
     off_h = (pid_bh % num_heads).to(tl.int64)
     bh = pid_bh.to(tl.int64)
     is_video = block < num_video_blocks
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, HEAD_PAD)
+    d_ok = offs_d < HEAD_DIM
     offs_c = tl.arange(0, CHUNK)
     # Canonical copies are contiguous (B, H, P, D); P = num_blocks * BLOCK_SIZE.
     block_rows = bh * num_blocks * BLOCK_SIZE + block.to(tl.int64) * BLOCK_SIZE
     tile_base = (bh * num_video_blocks + block) * TILES_PER_BLOCK
     block_row = (bh * num_video_blocks + block) * HEAD_DIM + offs_d
 
-    # Pass 1: gather, store the canonical rows, and sum them per tile and per block. A loop, not unrolled: unrolling
-    # lets the compiler hoist every chunk's loads and run out of registers.
-    q_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    k_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    v_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    # Pass 1: gather, store the canonical rows, and sum them per tile and per block. Rows with a NaN or an infinity
+    # are left out of every statistic (so one bad token cannot spread to its block's summaries); a key whose key or
+    # value row is not finite flags its block, which selection then keeps for every query (as dense attention sees
+    # that key from every query). Checking every row costs a reduction across the head dim per row, so the sums run
+    # unchecked and only a tile whose sums came out non-finite is summed again row by row (`_tile_rows_again`). A
+    # loop, not unrolled: unrolling lets the compiler hoist every chunk's loads and run out of registers.
+    q_sum = tl.zeros([HEAD_PAD], dtype=tl.float32)
+    k_sum = tl.zeros([HEAD_PAD], dtype=tl.float32)
+    v_sum = tl.zeros([HEAD_PAD], dtype=tl.float32)
     q_count = tl.sum(tl.zeros([CHUNK], dtype=tl.float32), 0)
     k_count = tl.sum(tl.zeros([CHUNK], dtype=tl.float32), 0)
+    valid_count = tl.sum(tl.zeros([CHUNK], dtype=tl.float32), 0)
+    non_finite = tl.sum(tl.zeros([CHUNK], dtype=tl.int32), 0)
+    block_clean = non_finite == 0
     for tile in range(TILES_PER_BLOCK):
-        q_tile_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
-        k_tile_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+        q_tile_sum = tl.zeros([HEAD_PAD], dtype=tl.float32)
+        k_tile_sum = tl.zeros([HEAD_PAD], dtype=tl.float32)
+        v_tile_sum = tl.zeros([HEAD_PAD], dtype=tl.float32)
         q_tile_count = tl.sum(tl.zeros([CHUNK], dtype=tl.float32), 0)
         k_tile_count = tl.sum(tl.zeros([CHUNK], dtype=tl.float32), 0)
         for part in tl.static_range(CHUNKS_PER_TILE):
@@ -128,53 +149,93 @@ def _reorder_pool_kernel(
             else:
                 key_ok = real
             canonical = (block_rows + offset + offs_c)[:, None] * HEAD_DIM + offs_d[None, :]
-            q = _gather_rows(Q, stride_qb, stride_qh, stride_qs, off_b, off_h, source, real, offs_d)
-            tl.store(QC + canonical, q)
-            k = _gather_rows(K, stride_kb, stride_kh, stride_ks, off_b, off_h, source, real, offs_d)
-            tl.store(KC + canonical, k)
-            v = _gather_rows(V, stride_vb, stride_vh, stride_vs, off_b, off_h, source, real, offs_d)
-            tl.store(VC + canonical, v)
+            store_mask = (offs_c >= 0)[:, None] & d_ok[None, :]
+            q = _gather_rows(Q, stride_qb, stride_qh, stride_qs, off_b, off_h, source, real, offs_d, HEAD_DIM)
+            tl.store(QC + canonical, q, mask=store_mask)
+            k = _gather_rows(K, stride_kb, stride_kh, stride_ks, off_b, off_h, source, real, offs_d, HEAD_DIM)
+            tl.store(KC + canonical, k, mask=store_mask)
+            v = _gather_rows(V, stride_vb, stride_vh, stride_vs, off_b, off_h, source, real, offs_d, HEAD_DIM)
+            tl.store(VC + canonical, v, mask=store_mask)
             tl.store(KeyValidC + block_rows + offset + offs_c, key_ok.to(tl.int8))
-            query_weight = real.to(tl.float32)
-            key_weight = key_ok.to(tl.float32)
-            q_tile_sum += tl.sum(q.to(tl.float32) * query_weight[:, None], 0)
-            k_tile_sum += tl.sum(k.to(tl.float32) * key_weight[:, None], 0)
-            v_sum += tl.sum(v.to(tl.float32) * key_weight[:, None], 0)
-            q_tile_count += tl.sum(query_weight, 0)
-            k_tile_count += tl.sum(key_weight, 0)
+            tl.store(KeyUsableC + block_rows + offset + offs_c, key_ok.to(tl.int8))
+            # Padding rows load as zeros, so they add nothing to the query sums. Masked keys are left out by a
+            # select, not a product: 0 * inf is NaN.
+            q_tile_sum += tl.sum(q.to(tl.float32), 0)
+            k_tile_sum += tl.sum(tl.where(key_ok[:, None], k.to(tl.float32), 0.0), 0)
+            v_tile_sum += tl.sum(tl.where(key_ok[:, None], v.to(tl.float32), 0.0), 0)
+            q_tile_count += tl.sum(real.to(tl.float32), 0)
+            k_tile_count += tl.sum(key_ok.to(tl.float32), 0)
+            valid_count += tl.sum(key_ok.to(tl.float32), 0)
+        tile_dirty = _vector_not_finite(q_tile_sum) | _vector_not_finite(k_tile_sum) | _vector_not_finite(v_tile_sum)
+        if tile_dirty:
+            # Rare: a NaN or an infinity in the tile. Sum it again from the canonical rows, row by row.
+            tl.debug_barrier()
+            q_tile_sum = tl.zeros([HEAD_PAD], dtype=tl.float32)
+            k_tile_sum = tl.zeros([HEAD_PAD], dtype=tl.float32)
+            v_tile_sum = tl.zeros([HEAD_PAD], dtype=tl.float32)
+            q_tile_count = tl.sum(tl.zeros([CHUNK], dtype=tl.float32), 0)
+            k_tile_count = tl.sum(tl.zeros([CHUNK], dtype=tl.float32), 0)
+            for part in tl.static_range(CHUNKS_PER_TILE):
+                offset = tile * TILE_SIZE + part * CHUNK
+                rows = block_rows + offset + offs_c
+                real = tl.load(SourceIndex + block.to(tl.int64) * BLOCK_SIZE + offset + offs_c) >= 0
+                key_ok = tl.load(KeyValidC + rows) != 0
+                load_mask = (offs_c >= 0)[:, None] & d_ok[None, :]
+                q = tl.load(QC + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=load_mask, other=0.0).to(tl.float32)
+                k = tl.load(KC + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=load_mask, other=0.0).to(tl.float32)
+                v = tl.load(VC + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=load_mask, other=0.0).to(tl.float32)
+                query_ok = real & _row_finite(q)
+                kv_finite = _row_finite(k) & _row_finite(v)
+                key_usable = key_ok & kv_finite
+                tl.store(KeyUsableC + rows, key_usable.to(tl.int8))
+                non_finite += tl.sum((key_ok & ~kv_finite).to(tl.int32), 0)
+                q_tile_sum += tl.sum(tl.where(query_ok[:, None], q, 0.0), 0)
+                k_tile_sum += tl.sum(tl.where(key_usable[:, None], k, 0.0), 0)
+                v_tile_sum += tl.sum(tl.where(key_usable[:, None], v, 0.0), 0)
+                q_tile_count += tl.sum(query_ok.to(tl.float32), 0)
+                k_tile_count += tl.sum(key_usable.to(tl.float32), 0)
+            block_clean = block_clean & False
         tile_row = tile_base + tile
         # (A vector mask: the interpreter cannot mask a vector store with a scalar.)
-        tile_mask = (offs_d * 0 + block) < num_video_blocks
+        tile_mask = ((offs_d * 0 + block) < num_video_blocks) & d_ok
         tl.store(QTile + tile_row * HEAD_DIM + offs_d, q_tile_sum / tl.maximum(q_tile_count, 1.0), mask=tile_mask)
         tl.store(KTile + tile_row * HEAD_DIM + offs_d, k_tile_sum / tl.maximum(k_tile_count, 1.0), mask=tile_mask)
+        tl.store(QTileCount + tile_row, q_tile_count, mask=is_video)
         tl.store(KTileCount + tile_row, k_tile_count, mask=is_video)
         q_sum += q_tile_sum
         k_sum += k_tile_sum
+        v_sum += v_tile_sum
         q_count += q_tile_count
         k_count += k_tile_count
-    tl.store(KeyBlockCount + bh * num_blocks + block, k_count)
+    tl.store(KeyBlockCount + bh * num_blocks + block, valid_count)
+    tl.store(BlockNonFinite + bh * num_blocks + block, (non_finite > 0).to(tl.int8))
 
     if is_video:
         q_mean = q_sum / tl.maximum(q_count, 1.0)
         k_mean = k_sum / tl.maximum(k_count, 1.0)
-        tl.store(QBlock + block_row, q_mean)
-        tl.store(KBlock + block_row, k_mean)
-        tl.store(VBlock + block_row, v_sum / tl.maximum(k_count, 1.0))
+        tl.store(QBlock + block_row, q_mean, mask=d_ok)
+        tl.store(KBlock + block_row, k_mean, mask=d_ok)
+        tl.store(VBlock + block_row, v_sum / tl.maximum(k_count, 1.0), mask=d_ok)
         # Pass 2: deviations about the block means, read back from the canonical rows this program just wrote (they
         # are in L2; the barrier makes every thread's stores visible to the others).
         tl.debug_barrier()
-        q_dev = tl.zeros([HEAD_DIM], dtype=tl.float32)
-        k_dev = tl.zeros([HEAD_DIM], dtype=tl.float32)
+        q_dev = tl.zeros([HEAD_PAD], dtype=tl.float32)
+        k_dev = tl.zeros([HEAD_PAD], dtype=tl.float32)
         for chunk in range(CHUNKS):
             written = block_rows + chunk * CHUNK + offs_c
             row_real = tl.load(SourceIndex + block.to(tl.int64) * BLOCK_SIZE + chunk * CHUNK + offs_c) >= 0
-            row_key_ok = tl.load(KeyValidC + written) != 0
-            q_back = tl.load(QC + written[:, None] * HEAD_DIM + offs_d[None, :]).to(tl.float32)
-            k_back = tl.load(KC + written[:, None] * HEAD_DIM + offs_d[None, :]).to(tl.float32)
-            q_dev += tl.sum(tl.where(row_real[:, None], tl.abs(q_back - q_mean[None, :]), 0.0), 0)
-            k_dev += tl.sum(tl.where(row_key_ok[:, None], tl.abs(k_back - k_mean[None, :]), 0.0), 0)
-        tl.store(QBlockMad + block_row, q_dev / tl.maximum(q_count, 1.0))
-        tl.store(KBlockMad + block_row, k_dev / tl.maximum(k_count, 1.0))
+            row_key_ok = tl.load(KeyUsableC + written) != 0
+            load_mask = (offs_c >= 0)[:, None] & d_ok[None, :]
+            q_back = tl.load(QC + written[:, None] * HEAD_DIM + offs_d[None, :], mask=load_mask, other=0.0)
+            k_back = tl.load(KC + written[:, None] * HEAD_DIM + offs_d[None, :], mask=load_mask, other=0.0)
+            q_back = q_back.to(tl.float32)
+            q_deviation = tl.where(row_real[:, None], tl.abs(q_back - q_mean[None, :]), 0.0)
+            if not block_clean:
+                q_deviation = tl.where(_row_finite(q_back)[:, None], q_deviation, 0.0)
+            q_dev += tl.sum(q_deviation, 0)
+            k_dev += tl.sum(tl.where(row_key_ok[:, None], tl.abs(k_back.to(tl.float32) - k_mean[None, :]), 0.0), 0)
+        tl.store(QBlockMad + block_row, q_dev / tl.maximum(q_count, 1.0), mask=d_ok)
+        tl.store(KBlockMad + block_row, k_dev / tl.maximum(k_count, 1.0), mask=d_ok)
 
 
 # (CHUNK rows held at once, warps): the chunk must divide the tile. The kernel only writes its outputs, so timing
@@ -189,7 +250,7 @@ def _prune_reorder_pool_configs(configs: list[triton.Config], named_args: dict, 
 
 _autotuned_reorder_pool = triton.autotune(
     configs=[triton.Config({"CHUNK": chunk}, num_warps=warps) for chunk, warps in _REORDER_POOL_CANDIDATES],
-    key=["BLOCK_SIZE", "TILE_SIZE", "HEAD_DIM", "HAS_KEY_VALID"],
+    key=["BLOCK_SIZE", "TILE_SIZE", "HEAD_PAD", "HAS_KEY_VALID"],
     prune_configs_by={"early_config_prune": _prune_reorder_pool_configs},
 )(_reorder_pool_kernel)
 
@@ -211,22 +272,24 @@ def reorder_pool_tensors(
     block_size: int,
     tile_size: int,
 ) -> tuple[torch.Tensor, ...]:
-    """Launch the reorder + pool kernel; the tensor-level interface of the `spattn::reorder_pool` op.
+    """Launch the reorder + pool kernel.
 
     Args:
         query, key, value: `(B, H, S, D)`, one dtype (float16, bfloat16, float32) and device, any strides with a
-            contiguous last dim; `D` a power of two in [16, 256].
+            contiguous last dim; `D` in [1, 256] (padded to a power of two in registers).
         source_index: int32/int64 `(P,)`, `P = NQ * block_size`: original position of canonical row p, -1 for padding
             (`TokenLayout.source_index`). Entries must lie in [-1, S) (not checked: that would synchronise).
         key_valid: bool `(B, H, S)` (stride-0 views fine), False for masked keys; None: every key counts.
         num_video_blocks: NB, the leading canonical blocks that are video (pooled); the other NQ - NB are text.
         block_size, tile_size: powers of two, `tile_size` dividing `block_size`.
 
-    Returns, with NT = NB * block_size / tile_size (statistics float32, zero for a group with nothing counted):
-        q_c, k_c, v_c `(B, H, P, D)` contiguous in the input dtype; key_valid_c bool `(B, H, P)`;
-        q_tile, k_tile `(B, H, NT, D)`; k_tile_count `(B, H, NT)`;
-        q_block, q_block_mad, k_block, k_block_mad, v_block `(B, H, NB, D)`;
-        key_block_count `(B, H, NQ)`: unmasked keys of every canonical block, text blocks included.
+    Returns, with NT = NB * block_size / tile_size (statistics float32 over the *usable* rows: real queries with
+    finite entries, unmasked keys whose key and value rows are finite; zero for a group with nothing counted):
+        q_c, k_c, v_c `(B, H, P, D)` contiguous in the input dtype; key_valid_c bool `(B, H, P)` (real, unmasked);
+        key_usable_c bool `(B, H, P)` (also finite); q_tile, k_tile `(B, H, NT, D)`; q_tile_count, k_tile_count
+        `(B, H, NT)`; q_block, q_block_mad, k_block, k_block_mad, v_block `(B, H, NB, D)`;
+        key_block_count `(B, H, NQ)`: unmasked keys of every canonical block, text blocks included;
+        block_non_finite bool `(B, H, NQ)`: the block holds an unmasked key whose key or value row is not finite.
     """
     for name, tensor in (("query", query), ("key", key), ("value", value)):
         if not isinstance(tensor, torch.Tensor):
@@ -247,15 +310,12 @@ def reorder_pool_tensors(
     device = query.device
     if key.device != device or value.device != device:
         raise ValueError(f"query, key and value must be on one device, got {device}, {key.device}, {value.device}")
-    if device.type != "cuda" and not _is_interpreted(_reorder_pool_kernel):
-        raise ValueError(
-            f"query is on {device}: the kernel runs on CUDA, or on the CPU under the Triton interpreter "
-            "(TRITON_INTERPRET=1 set before triton is first imported)"
-        )
+    check_device(device, "query")
     batch, heads, seq_len, head_dim = query.shape
     if batch == 0 or heads == 0 or seq_len == 0:
         raise ValueError(f"query has an empty dimension: {tuple(query.shape)}")
-    _check_power_of_two("head dim (query.shape[-1])", head_dim, 16, 256)
+    if not 1 <= head_dim <= 256:
+        raise ValueError(f"head dim (query.shape[-1]) must be in [1, 256], got {head_dim}")
     _check_power_of_two("block_size", block_size, 16, 256)
     _check_power_of_two("tile_size", tile_size, 16, 256)
     if block_size % tile_size:
@@ -297,16 +357,19 @@ def reorder_pool_tensors(
     k_c = torch.empty_like(q_c)
     v_c = torch.empty_like(q_c)
     key_valid_c = torch.empty(batch, heads, padded_len, device=device, dtype=torch.bool)
+    key_usable_c = torch.empty_like(key_valid_c)
     q_tile = torch.empty(batch, heads, num_tiles, head_dim, **stats)
     k_tile = torch.empty_like(q_tile)
-    k_tile_count = torch.empty(batch, heads, num_tiles, **stats)
+    q_tile_count = torch.empty(batch, heads, num_tiles, **stats)
+    k_tile_count = torch.empty_like(q_tile_count)
     q_block = torch.empty(batch, heads, num_video_blocks, head_dim, **stats)
     q_block_mad, k_block, k_block_mad, v_block = (torch.empty_like(q_block) for _ in range(4))
     key_block_count = torch.empty(batch, heads, num_blocks, **stats)
+    block_non_finite = torch.empty(batch, heads, num_blocks, device=device, dtype=torch.bool)
 
     valid_arg = key_valid if key_valid is not None else key_valid_c
     valid_strides = key_valid.stride() if key_valid is not None else (0, 0, 0)
-    if _is_interpreted(_reorder_pool_kernel):
+    if INTERPRETED:
         kernel, launch = _reorder_pool_kernel, {"CHUNK": min(tile_size, 32), "num_warps": 4}
     else:
         kernel, launch = _autotuned_reorder_pool, {}
@@ -320,7 +383,9 @@ def reorder_pool_tensors(
         k_c,
         v_c,
         key_valid_c.view(torch.int8),
+        key_usable_c.view(torch.int8),
         q_tile,
+        q_tile_count,
         k_tile,
         k_tile_count,
         q_block,
@@ -329,6 +394,7 @@ def reorder_pool_tensors(
         k_block_mad,
         v_block,
         key_block_count,
+        block_non_finite.view(torch.int8),
         heads,
         num_video_blocks,
         num_blocks,
@@ -339,6 +405,7 @@ def reorder_pool_tensors(
         BLOCK_SIZE=block_size,
         TILE_SIZE=tile_size,
         HEAD_DIM=head_dim,
+        HEAD_PAD=padded_head_dim(head_dim),
         HAS_KEY_VALID=key_valid is not None,
         **launch,
     )
@@ -347,7 +414,9 @@ def reorder_pool_tensors(
         k_c,
         v_c,
         key_valid_c,
+        key_usable_c,
         q_tile,
+        q_tile_count,
         k_tile,
         k_tile_count,
         q_block,
@@ -356,34 +425,27 @@ def reorder_pool_tensors(
         k_block_mad,
         v_block,
         key_block_count,
+        block_non_finite,
     )
-
-
-@functools.lru_cache(maxsize=64)
-def _query_tile_count(layout: TokenLayout, tile_size: int) -> torch.Tensor:
-    rows = layout.num_video_blocks * layout.block_size
-    return (layout.source_index[:rows] >= 0).view(-1, tile_size).sum(-1).to(torch.float32)
-
-
-def query_tile_count(layout: TokenLayout, tile_size: int, device: torch.device | str) -> torch.Tensor:
-    """float32 `(NT,)`: real query rows of each video tile; depends only on the layout (cached per device)."""
-    return _query_tile_count(layout.to(device), tile_size)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ReorderPoolOutput:
     """The canonical inputs and their pooled statistics.
 
-    q, k, v: `(B, H, P, D)` canonical copies; key_valid: bool `(B, H, P)`; stats: float32 `PooledStats`;
-    key_block_count: float32 `(B, H, NQ)`, unmasked keys of every canonical block (text blocks too).
+    q, k, v: `(B, H, P, D)` canonical copies; key_valid: bool `(B, H, P)` (real and unmasked); key_usable: bool
+    `(B, H, P)` (also finite); stats: float32 `PooledStats`; key_block_count: float32 `(B, H, NQ)`, unmasked keys of
+    every canonical block (text blocks too); block_non_finite: bool `(B, H, NQ)`.
     """
 
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
     key_valid: torch.Tensor
+    key_usable: torch.Tensor
     stats: PooledStats
     key_block_count: torch.Tensor
+    block_non_finite: torch.Tensor
 
 
 def reorder_pool(
@@ -407,10 +469,9 @@ def reorder_pool(
         raise TypeError(f"query must be a torch.Tensor, got {type(query).__name__}")
     if query.dim() != 4 or query.shape[-2] != layout.seq_len:
         raise ValueError(f"query must have shape (B, H, {layout.seq_len}, D) for this layout, got {tuple(query.shape)}")
-    device = query.device
-    on_device = layout.to(device)
-    (q_c, k_c, v_c, key_valid_c, q_tile, k_tile, k_tile_count, q_block, q_block_mad, k_block, k_block_mad, v_block,
-     key_block_count) = reorder_pool_tensors(
+    on_device = layout.to(query.device)
+    (q_c, k_c, v_c, key_valid_c, key_usable_c, q_tile, q_tile_count, k_tile, k_tile_count, q_block, q_block_mad,
+     k_block, k_block_mad, v_block, key_block_count, block_non_finite) = reorder_pool_tensors(
         query,
         key,
         value,
@@ -420,10 +481,12 @@ def reorder_pool(
         block_size=layout.block_size,
         tile_size=tile_size,
     )  # fmt: skip
+    batch, heads = query.shape[:2]
+    tiles_per_block = layout.block_size // tile_size
     stats = PooledStats(
         tile_size=tile_size,
         q_tile=q_tile,
-        q_tile_count=query_tile_count(layout, tile_size, device),
+        q_tile_count=q_tile_count,
         k_tile=k_tile,
         k_tile_count=k_tile_count,
         q_block=q_block,
@@ -431,6 +494,6 @@ def reorder_pool(
         k_block=k_block,
         k_block_mad=k_block_mad,
         v_block=v_block,
-        k_block_count=key_block_count[..., : layout.num_video_blocks],
+        k_block_count=k_tile_count.view(batch, heads, layout.num_video_blocks, tiles_per_block).sum(-1),
     )
-    return ReorderPoolOutput(q_c, k_c, v_c, key_valid_c, stats, key_block_count)
+    return ReorderPoolOutput(q_c, k_c, v_c, key_valid_c, key_usable_c, stats, key_block_count, block_non_finite)

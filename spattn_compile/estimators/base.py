@@ -1,0 +1,140 @@
+"""What every block-importance estimator is: a frozen settings class, a reference function and a kernel function.
+
+An estimator turns the canonical Q, K (and their pooled statistics) of one call into `P_hat (B, H, NB, NB + 1)`: for
+each video query block, its estimated share of attention mass on each video key block (columns 0..NB-1) and on all
+text keys together (column NB); each row sums to 1. Selection (stage 2) then keeps the highest-scoring blocks.
+
+The registry maps a settings type to its `Estimator` (torchao's pattern: config type -> handler), so the pipeline never
+names an estimator. Adding one is: a frozen dataclass deriving from `EstimatorConfig`, a plain-PyTorch reference
+function, a kernel function (Triton, imported lazily so the package works without Triton), one
+`register_estimator(...)` call, and their tests. Nothing else changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+
+from ..layout import TokenLayout
+from ..plan import PooledStats
+
+__all__ = [
+    "Estimator",
+    "EstimatorConfig",
+    "EstimatorInputs",
+    "estimator_for",
+    "parse_estimator",
+    "register_estimator",
+    "registered_estimators",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class EstimatorConfig:
+    """Base class of the estimators' settings. Subclasses are frozen dataclasses (hashable: they are part of
+    `SparseAttentionConfig`) with a unique `name`, validate their fields in `__post_init__`, and say which pooled
+    statistics they read through `pool_tile_size`."""
+
+    name: ClassVar[str] = ""
+    # True when the scores are the exact attention mass of real query rows (so recall computed from them is a
+    # measurement, not an estimate of an estimate).
+    measures_mass: ClassVar[bool] = False
+
+    def pool_tile_size(self, block_size: int) -> int:
+        """The tile size of the `PooledStats` this estimator reads (`block_size`: it reads no tile statistics)."""
+        return block_size
+
+    def check_block_size(self, block_size: int) -> None:
+        """Raise ValueError naming the field when these settings cannot work with `block_size`."""
+
+    def query_probes_per_block(self, block_size: int) -> int:
+        """Query vectors scored against the keys per query block (the cost in units of `1 / block_size` of the dense
+        `Q K^T`); 0 when no query is scored against every key."""
+        return 0
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EstimatorInputs:
+    """What an estimator may read, on the canonical layout of one call.
+
+    q, k: `(B, H, P, D)` canonical queries and keys (P = layout.padded_len; padding rows are zero).
+    key_valid: bool `(B, H, P)`: the row is a real, unmasked key.
+    stats: pooled statistics at the estimator's `pool_tile_size` (float32 on the Triton path).
+    layout: the canonical layout. scale: the softmax scale.
+    masked_keys: False promises that every real key is valid (the call has no key-padding mask), so kernels may
+        skip per-key masking outside the padding rows of the last video block and the text blocks.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    key_valid: torch.Tensor
+    stats: PooledStats
+    layout: TokenLayout
+    scale: float
+    masked_keys: bool = True
+
+
+ScoreFunction = Callable[[EstimatorInputs, EstimatorConfig], torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimator:
+    """One registered estimator: its settings type, its reference function (the specification, any dtype, computing
+    in at least float32) and its kernel function (CUDA, or the CPU under TRITON_INTERPRET=1; float32 scores)."""
+
+    config_type: type[EstimatorConfig]
+    reference: ScoreFunction
+    kernel: ScoreFunction
+
+
+_REGISTRY: dict[type[EstimatorConfig], Estimator] = {}
+_BY_NAME: dict[str, type[EstimatorConfig]] = {}
+
+
+def register_estimator(config_type: type[EstimatorConfig], *, reference: ScoreFunction, kernel: ScoreFunction) -> None:
+    """Register the estimator whose settings are `config_type` (a frozen `EstimatorConfig` subclass with a unique
+    `name`)."""
+    if not (isinstance(config_type, type) and issubclass(config_type, EstimatorConfig)):
+        raise TypeError(f"config_type must be a subclass of EstimatorConfig, got {config_type!r}")
+    name = config_type.name
+    if not name or (name in _BY_NAME and _BY_NAME[name] is not config_type):
+        raise ValueError(f"estimator name {name!r} of {config_type.__name__} is empty or taken")
+    _REGISTRY[config_type] = Estimator(config_type, reference, kernel)
+    _BY_NAME[name] = config_type
+
+
+def registered_estimators() -> dict[str, type[EstimatorConfig]]:
+    """Estimator names and their settings types."""
+    return dict(_BY_NAME)
+
+
+def estimator_for(config: EstimatorConfig) -> Estimator:
+    """The registered estimator of these settings."""
+    try:
+        return _REGISTRY[type(config)]
+    except KeyError:
+        raise TypeError(
+            f"no estimator is registered for settings of type {type(config).__name__}; registered: "
+            f"{sorted(_BY_NAME)}"
+        ) from None
+
+
+def parse_estimator(value: object) -> EstimatorConfig:
+    """An `EstimatorConfig` instance as is, or a registered name with default settings."""
+    if isinstance(value, EstimatorConfig):
+        estimator_for(value)
+        return value
+    if isinstance(value, str):
+        if value not in _BY_NAME:
+            raise ValueError(
+                f"SparseAttentionConfig.estimator={value!r} is invalid: expected one of {sorted(_BY_NAME)} or an "
+                "EstimatorConfig instance (e.g. spattn_compile.estimators.QueryTiles(tile_size=16))"
+            )
+        return _BY_NAME[value]()
+    raise TypeError(
+        f"SparseAttentionConfig.estimator={value!r} has type {type(value).__name__}: expected an estimator name "
+        f"({sorted(_BY_NAME)}) or an EstimatorConfig instance"
+    )

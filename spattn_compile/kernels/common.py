@@ -1,0 +1,45 @@
+"""What every kernel module shares: whether Triton runs interpreted, the dot precision of fp32 statistics, the device
+check, and the head-dim padding rule.
+
+Under `TRITON_INTERPRET=1` (CPU tests), `@triton.jit` yields an interpreted function instead of a `JITFunction`; the
+launchers then use small fixed tile configurations instead of autotuning (timing candidates would time numpy).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["INTERPRETED", "LOG2E", "STATS_DOT_PRECISION", "check_device", "padded_head_dim"]
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _probe_kernel():
+    pass
+
+
+INTERPRETED: bool = not isinstance(_probe_kernel, triton.runtime.jit.JITFunction)
+# fp32 statistics: exact fp32 products under the interpreter; on the GPU three tf32 products per dot (tf32x3) give
+# about fp32 accuracy on the tensor cores, where plain fp32 ("ieee") would run the products on the FMA units.
+STATS_DOT_PRECISION = "ieee" if INTERPRETED else "tf32x3"
+
+
+def check_device(device: torch.device, name: str) -> None:
+    """Raise ValueError unless the kernels can run on `device` (CUDA, or the CPU under the interpreter)."""
+    if device.type != "cuda" and not INTERPRETED:
+        raise ValueError(
+            f"{name} is on {device}: the kernels run on CUDA, or on the CPU under the Triton interpreter "
+            "(TRITON_INTERPRET=1 set before triton is first imported)"
+        )
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """The power of two (>= 16) the kernels compute with for a head dim; loads and stores mask the extra lanes."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+# Keep `tl` importable from here for kernels that only need the language module.
+__all__ += ["tl"]
