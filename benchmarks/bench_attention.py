@@ -1,6 +1,6 @@
 """Speed of the block-sparse attention kernel against cuDNN dense SDPA and FlexAttention on the identical block mask.
 
-Owns the kernel benchmark of ALGORITHMS.md's "What to measure": bf16, head dim 128, batch 1, at the video shapes of
+Owns the kernel benchmark (docs/DESIGN.md): bf16, head dim 128, batch 1, at the video shapes of
 Wan 2.1 1.3B (32,760 tokens, 12 heads), Wan 2.1 14B (75,600 tokens, 40 heads) and HunyuanVideo (118,800 video + 256
 text tokens, a third of the text padded, 24 heads), at densities 25%, 10% and 5%. For each it times, side by side in
 one process (triton.testing.do_bench medians, the variants interleaved over rounds; the median of the rounds):

@@ -1,6 +1,6 @@
 """Settings of spattn_compile: one frozen dataclass and a context manager that scopes overrides.
 
-`SparseAttentionConfig` holds every knob of ALGORITHMS.md; each field is validated on construction with an error that
+`SparseAttentionConfig` holds every knob of docs/DESIGN.md; each field is validated on construction with an error that
 names the field, the value and what is allowed. The active settings live in a `contextvars.ContextVar`, so
 `with spattn_compile.config(...)` nests, and is private to its thread and its asyncio task. Compiled graphs read the
 active settings when the op runs (never at trace time), so changing them never recompiles.

@@ -1,4 +1,4 @@
-"""Rectified block-sparse attention: one Triton kernel (stage 3 of ALGORITHMS.md) and its Python launcher.
+"""Rectified block-sparse attention: one Triton kernel (stage 3 of docs/DESIGN.md) and its Python launcher.
 
 This module owns the attention kernel of the canonical layout and nothing else: each program takes `BLOCK_M` query
 rows of one query block of one (batch, head), runs a FlashAttention-style online softmax (fp32 statistics, `exp2`

@@ -1,16 +1,16 @@
 """Reorder + pool: one Triton kernel that gathers Q, K, V into the canonical layout and pools them in the same pass.
 
-This module owns stage 0 and stage 1.1 of ALGORITHMS.md on the device. One program per (batch, head, canonical block)
+This module owns stage 0 of docs/DESIGN.md on the device. One program per (batch, head, canonical block)
 gathers the block's `BLOCK_SIZE` rows of Q, K and V from the original sequence through `layout.source_index` (any
 input strides, last dim contiguous, so a transposed `(B, S, H, D)` buffer is read in place), writes them to contiguous
 canonical copies (padding rows as zeros), and, for video blocks, pools them in the same pass: tile means of Q and K,
 block means of Q, K, V, the per-dimension mean absolute deviations of Q and K about their block means (GAPR), and the
 unmasked key counts per tile and per block. The block goes through registers in chunks of rows; the deviations need
 the block means first, so the program reads its just-written canonical Q and K rows back (from L2: Q, K and V still
-cross HBM once in and once out). Means divide by true counts (real rows for queries, unmasked keys for keys and
-values), as `reference.pool_statistics` does; a group with nothing to count has a zero mean. All statistics are
-float32. `reorder_pool` returns them as a `plan.PooledStats`; `reorder_pool_tensors` is the tensor-level launcher
-behind the `spattn::reorder_pool` custom op.
+cross HBM once in and once out). Means divide by true counts of the usable rows (real queries with finite entries;
+unmasked keys whose key and value rows are finite, for keys and values), as `reference.pool_statistics` does; a group
+with nothing to count has a zero mean. All statistics are float32. `reorder_pool` returns them as a
+`plan.PooledStats`; `reorder_pool_tensors` is the tensor-level launcher.
 """
 
 from __future__ import annotations
