@@ -72,7 +72,8 @@ def validate_attention_inputs(
 
     if not isinstance(video_grid, (tuple, list, torch.Size)) or len(video_grid) != 3:
         raise ValueError(f"video_grid must be three positive ints (frames, height, width), got {video_grid!r}")
-    grid = tuple(_as_int("video_grid entry", v) for v in video_grid)
+    frames, height, width = (_as_int("video_grid entry", v) for v in video_grid)
+    grid = (frames, height, width)
     if min(grid) < 1:
         raise ValueError(f"video_grid must be three positive ints (frames, height, width), got {video_grid!r}")
     text = _as_int("text_len", text_len)
@@ -221,11 +222,11 @@ def sparse_attention(
                 query, key, value, layout=layout, key_valid=key_valid, scale=checked_scale, config=config,
                 stages=stages,
             )  # fmt: skip
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
-            prepared = None  # the reference path differentiates: prepare again with autograd on
+        # The reference path differentiates: with autograd on, prepare again outside no_grad.
+        differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
         return attend_with_plan(
             query, key, value, plan=plan, key_valid=key_valid, scale=checked_scale, config=config, stages=stages,
-            prepared=prepared,
+            prepared=None if differentiable else prepared,
         )  # fmt: skip
     return attend_with_plan(
         query, key, value, plan=plan, key_valid=key_valid, scale=checked_scale, config=config, stages=stages

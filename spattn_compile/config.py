@@ -178,8 +178,10 @@ class SparseAttentionConfig:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 _fail(name, value, allowed)
             _fail_type(name, value, allowed)
-        too_low = value <= 0 if low_open else value < 0
-        too_high = value >= 1 if high_open else value > 1
+        # A finite real number, checked above.
+        number = float(value)  # type: ignore[arg-type]
+        too_low = number <= 0 if low_open else number < 0
+        too_high = number >= 1 if high_open else number > 1
         if too_low or too_high:
             _fail(name, value, allowed)
 
@@ -244,7 +246,8 @@ def config(base: SparseAttentionConfig | None = None, /, **overrides: object) ->
     unknown = sorted(set(overrides) - _ALL_FIELDS)
     if unknown:
         raise TypeError(f"unknown SparseAttentionConfig field(s) {unknown}; known fields: {sorted(_ALL_FIELDS)}")
-    new = dataclasses.replace(start, **overrides)
+    # Values of any type reach __post_init__, which validates them with errors naming the field.
+    new = dataclasses.replace(start, **overrides)  # type: ignore[arg-type]
     explicit = _ALL_FIELDS if base is not None else _EXPLICIT.get() | frozenset(overrides)
     token = set_config(new)
     _EXPLICIT.reset(token[1])

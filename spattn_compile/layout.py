@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -31,15 +31,21 @@ def _sign(value: int) -> int:
     return (value > 0) - (value < 0)
 
 
-def _walk(
-    x: int, y: int, z: int, a: tuple[int, int, int], b: tuple[int, int, int], c: tuple[int, int, int]
-) -> Iterator[tuple[int, int, int]]:
+Vector = tuple[int, int, int]
+
+
+def _vector(values: Iterable[int]) -> Vector:
+    x, y, z = values
+    return (x, y, z)
+
+
+def _walk(x: int, y: int, z: int, a: Vector, b: Vector, c: Vector) -> Iterator[Vector]:
     """Cover the box spanned at (x, y, z) by the axis vectors a, b, c, entering at its origin corner and leaving at
     the corner reached along `a`; the traversal halves the box and recurses (Cerveny's generalized Hilbert scheme)."""
     width, height, depth = abs(sum(a)), abs(sum(b)), abs(sum(c))
-    step_a = tuple(_sign(v) for v in a)
-    step_b = tuple(_sign(v) for v in b)
-    step_c = tuple(_sign(v) for v in c)
+    step_a = _vector(_sign(v) for v in a)
+    step_b = _vector(_sign(v) for v in b)
+    step_c = _vector(_sign(v) for v in c)
 
     # Degenerate boxes are straight lines.
     if height == 1 and depth == 1:
@@ -55,23 +61,23 @@ def _walk(
             yield (x + i * step_c[0], y + i * step_c[1], z + i * step_c[2])
         return
 
-    def half(vector: tuple[int, int, int], step: tuple[int, int, int], length: int) -> tuple[int, int, int]:
-        halved = tuple(v // 2 for v in vector)
+    def half(vector: Vector, step: Vector, length: int) -> Vector:
+        halved = _vector(v // 2 for v in vector)
         # An odd half-length would end the sub-curve on the wrong corner; move the split by one step.
         if abs(sum(halved)) % 2 and length > 2:
-            halved = tuple(h + s for h, s in zip(halved, step))
+            halved = _vector(h + s for h, s in zip(halved, step))
         return halved
 
     a2, b2, c2 = half(a, step_a, width), half(b, step_b, height), half(c, step_c, depth)
 
-    def add(*vectors: tuple[int, int, int]) -> tuple[int, int, int]:
-        return tuple(sum(parts) for parts in zip(*vectors))
+    def add(*vectors: Vector) -> Vector:
+        return _vector(sum(parts) for parts in zip(*vectors))
 
-    def sub(u: tuple[int, int, int], v: tuple[int, int, int]) -> tuple[int, int, int]:
-        return tuple(p - q for p, q in zip(u, v))
+    def sub(u: Vector, v: Vector) -> Vector:
+        return _vector(p - q for p, q in zip(u, v))
 
-    def neg(u: tuple[int, int, int]) -> tuple[int, int, int]:
-        return tuple(-p for p in u)
+    def neg(u: Vector) -> Vector:
+        return _vector(-p for p in u)
 
     origin = (x, y, z)
     if 2 * width > 3 * height and 2 * width > 3 * depth:
@@ -109,9 +115,9 @@ def hilbert_curve_3d(frames: int, height: int, width: int) -> list[tuple[int, in
     for k in range(3):
         v = [0, 0, 0]
         v[k] = sizes[axes[k]]
-        vectors.append(tuple(v))
+        vectors.append(_vector(v))
     cells = []
-    for point in _walk(0, 0, 0, *vectors):
+    for point in _walk(0, 0, 0, vectors[0], vectors[1], vectors[2]):
         coord = dict(zip(axes, point))
         cells.append((coord["t"], coord["y"], coord["x"]))
     return cells
@@ -151,7 +157,7 @@ def _check_grid(video_grid: object) -> tuple[int, int, int]:
         or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in video_grid)
     ):
         raise ValueError(f"video_grid={video_grid!r}: expected three positive ints (frames, height, width)")
-    return tuple(video_grid)  # type: ignore[return-value]
+    return _vector(video_grid)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -45,7 +45,8 @@ def sparse_attention_op(
     (-1 when unknown); layers listed in `config.dense_layers` run dense attention."""
     config = current_config()
     context = schedule.current_step()
-    grid = tuple(video_grid)
+    frames, height, width = video_grid
+    grid = (frames, height, width)
     if context is None:
         if layer_index in config.dense_layers or query.shape[-2] < config.min_seq_len:
             return _dense(query, key, value, attn_mask, scale)

@@ -365,8 +365,10 @@ def rectified_sparse_attention(
     nb = layout.num_video_blocks
     out = torch.empty_like(q_c)
     if rectify == "block":
+        assert stats is not None
         rescale, correction = block_rectification(plan, stats, nq)
     if rectify == "query":
+        assert stats is not None
         trusted = plan.trusted_mask()
         k_bar = stats.k_block.to(q_c.dtype)
         v_bar = stats.v_block.to(q_c.dtype)

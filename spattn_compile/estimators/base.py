@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -77,7 +77,8 @@ class EstimatorInputs:
     masked_keys: bool = True
 
 
-ScoreFunction = Callable[[EstimatorInputs, EstimatorConfig], torch.Tensor]
+# The settings argument is the registered settings type; `Any` keeps each function typed by its own settings class.
+ScoreFunction = Callable[[EstimatorInputs, Any], torch.Tensor]
 
 
 @dataclasses.dataclass(frozen=True)

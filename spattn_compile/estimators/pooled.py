@@ -89,13 +89,14 @@ def pooled_scores_reference(inputs: EstimatorInputs, config: PooledTiles) -> tor
     nb, tile = layout.num_video_blocks, stats.tile_size
     n_tiles = stats.q_tile.shape[-2]
     q_tile = stats.q_tile.to(dtype)
+    key_sets: list[tuple[torch.Tensor, torch.Tensor]]
     if config.outliers:
         rest, rest_count, outlier, outlier_count = tile_outliers_reference(
             inputs.k.to(dtype), inputs.key_valid, n_tiles, tile
         )
-        key_sets = ((rest, rest_count), (outlier, outlier_count))
+        key_sets = [(rest, rest_count), (outlier, outlier_count)]
     else:
-        key_sets = ((stats.k_tile.to(dtype), stats.k_tile_count.to(dtype)),)
+        key_sets = [(stats.k_tile.to(dtype), stats.k_tile_count.to(dtype))]
     columns = [inputs.scale * q_tile @ keys.transpose(-1, -2) + counts.log()[..., None, :] for keys, counts in key_sets]
     text = inputs.k[..., layout.text_offset :, :].to(dtype)
     if text.shape[-2]:
@@ -109,10 +110,11 @@ def pooled_scores_reference(inputs: EstimatorInputs, config: PooledTiles) -> tor
 
     b, h = weights.shape[:2]
     tiles_per_block = layout.block_size // tile
-    per_block = 0
-    for index in range(len(key_sets)):
-        video = weights[..., index * n_tiles : (index + 1) * n_tiles]
-        per_block = per_block + video.reshape(b, h, n_tiles, nb, tiles_per_block).sum(-1)
+    per_block = sum(
+        weights[..., index * n_tiles : (index + 1) * n_tiles].reshape(b, h, n_tiles, nb, tiles_per_block).sum(-1)
+        for index in range(len(key_sets))
+    )
+    assert isinstance(per_block, torch.Tensor)
     text_col = weights[..., len(key_sets) * n_tiles :].sum(-1, keepdim=True)
     tile_scores = torch.cat([per_block, text_col], dim=-1)  # (B, H, NT, NB + 1)
     q_count = stats.q_tile_count.to(dtype)[..., None]  # (B, H, NT, 1): finite real query rows per tile

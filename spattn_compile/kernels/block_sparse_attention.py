@@ -446,18 +446,20 @@ def block_sparse_attention(
         "v_block": v_block,
         "k_block_log_count": k_block_log_count,
     }
-    for name, tensor in given.items():
+    for name, given_tensor in given.items():
         mode = _RECTIFY_INPUTS[name]
-        if mode == rectify and tensor is None:
+        if mode == rectify and given_tensor is None:
             raise ValueError(f"rectify={rectify!r} needs {name}")
-        if mode != rectify and tensor is not None:
+        if mode != rectify and given_tensor is not None:
             raise ValueError(f"{name} is only used by rectify={mode!r}, got rectify={rectify!r}")
     trusted_list_len = num_pooled = 1
     if rectify == "block":
+        assert rescale is not None and correction is not None  # checked above, by mode
         _check_tensor("rescale", rescale, (batch, heads, num_q_blocks), float_stats, device)
         _check_tensor("correction", correction, (batch, heads, num_q_blocks, head_dim), float_stats, device)
         rescale, correction = rescale.contiguous(), correction.contiguous()
     if rectify == "query":
+        assert trusted_counts is not None and v_block is not None and k_block_log_count is not None
         _check_tensor("trusted_counts", trusted_counts, (batch, heads, num_q_blocks), (torch.int32,), device)
         if not isinstance(trusted_indices, torch.Tensor) or trusted_indices.dim() != 4:
             raise ValueError("trusted_indices must be an int32 tensor of shape (B, H, NQ, T)")

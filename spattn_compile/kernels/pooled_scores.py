@@ -266,9 +266,9 @@ def tile_outliers(
     the first `num_tiles` key tiles of the canonical keys; equals `estimators.pooled.tile_outliers_reference`."""
     batch, heads, padded_len, head_dim = k_c.shape
     check_device(k_c.device, "k_c")
-    stats = dict(device=k_c.device, dtype=torch.float32)
-    rest_mean = torch.empty(batch, heads, num_tiles, head_dim, **stats)
-    rest_count = torch.empty(batch, heads, num_tiles, **stats)
+    device = k_c.device
+    rest_mean = torch.empty(batch, heads, num_tiles, head_dim, device=device, dtype=torch.float32)
+    rest_count = torch.empty(batch, heads, num_tiles, device=device, dtype=torch.float32)
     outlier = torch.empty_like(rest_mean)
     outlier_count = torch.empty_like(rest_count)
     tiles_per_program = 1 if INTERPRETED else 8

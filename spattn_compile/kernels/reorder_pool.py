@@ -352,19 +352,18 @@ def reorder_pool_tensors(
 
     source_index = source_index.contiguous()
     num_tiles = num_video_blocks * (block_size // tile_size)
-    stats = dict(device=device, dtype=torch.float32)
     q_c = torch.empty(batch, heads, padded_len, head_dim, device=device, dtype=query.dtype)
     k_c = torch.empty_like(q_c)
     v_c = torch.empty_like(q_c)
     key_valid_c = torch.empty(batch, heads, padded_len, device=device, dtype=torch.bool)
     key_usable_c = torch.empty_like(key_valid_c)
-    q_tile = torch.empty(batch, heads, num_tiles, head_dim, **stats)
+    q_tile = torch.empty(batch, heads, num_tiles, head_dim, device=device, dtype=torch.float32)
     k_tile = torch.empty_like(q_tile)
-    q_tile_count = torch.empty(batch, heads, num_tiles, **stats)
+    q_tile_count = torch.empty(batch, heads, num_tiles, device=device, dtype=torch.float32)
     k_tile_count = torch.empty_like(q_tile_count)
-    q_block = torch.empty(batch, heads, num_video_blocks, head_dim, **stats)
+    q_block = torch.empty(batch, heads, num_video_blocks, head_dim, device=device, dtype=torch.float32)
     q_block_mad, k_block, k_block_mad, v_block = (torch.empty_like(q_block) for _ in range(4))
-    key_block_count = torch.empty(batch, heads, num_blocks, **stats)
+    key_block_count = torch.empty(batch, heads, num_blocks, device=device, dtype=torch.float32)
     block_non_finite = torch.empty(batch, heads, num_blocks, device=device, dtype=torch.bool)
 
     valid_arg = key_valid if key_valid is not None else key_valid_c

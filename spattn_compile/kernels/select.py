@@ -291,7 +291,7 @@ def select_plan(
     cols = max(16, triton.next_power_of_2(nq))
     _select_kernel[(nq, batch * heads)](
         scores.contiguous(),
-        gate.contiguous() if use_gate else kv_counts,
+        gate.contiguous() if gate is not None and use_gate else kv_counts,
         neighbors,
         forced_blocks.contiguous().view(torch.int8) if forced_blocks is not None else kv_counts,
         key_block_count.contiguous(),

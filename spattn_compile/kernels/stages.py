@@ -15,6 +15,8 @@ CUDA graph once its layout is cached. On the CPU it runs under the Triton interp
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ..config import SparseAttentionConfig
@@ -85,7 +87,7 @@ class TritonStages:
         layout = prepared.layout
         plan = plan.expand_batch(prepared.q.shape[0])
         stats = prepared.stats
-        rectification: dict[str, torch.Tensor] = {}
+        rectification: dict[str, Any] = {}
         if rectify == "block":
             rescale, correction = block_rectification(plan, stats, layout.num_blocks)
             rectification = {"rescale": rescale.float(), "correction": correction.float()}

@@ -106,12 +106,14 @@ class PlanEvaluator:
         """Dense attention `(B, H, S, D)` in the original order (compute dtype)."""
         if self._dense is None:
             self._run()
+        assert self._dense is not None
         return self._dense
 
     def true_mass(self) -> torch.Tensor:
         """The true block mass `(B, H, NB, NB + 1)`, as `reference.attention_block_mass` (the oracle's scores)."""
         if self._mass is None:
             self._run()
+        assert self._mass is not None
         return self._mass
 
     def _run(self) -> None:
@@ -151,7 +153,9 @@ class PlanEvaluator:
         for start, stop, (m, l, o) in self._chunks():  # noqa: E741
             rows = slice(start * bs, stop * bs)
             virtual_logits = None
-            factors, denominators, virtual = [], [], []
+            factors: list[torch.Tensor] = []
+            denominators: list[torch.Tensor] = []
+            virtual: list[torch.Tensor | None] = []
             for keep, rectify, extra in prepared:
                 kept = m.masked_fill(~keep[..., start:stop, :].repeat_interleave(bs, -2), -math.inf)
                 top = kept.amax(-1)
@@ -168,7 +172,7 @@ class PlanEvaluator:
                 factor = torch.exp(kept - shift[..., None]).nan_to_num(0.0)
                 denominator = (l * factor).sum(-1)
                 extra_numerator = None
-                if allowed is not None:
+                if allowed is not None and virtual_logits is not None:
                     e = torch.exp(virtual_logits.masked_fill(~allowed, -math.inf) - shift[..., None]).nan_to_num(0.0)
                     denominator = denominator + e.sum(-1)
                     extra_numerator = e @ self.stats.v_block
@@ -178,8 +182,9 @@ class PlanEvaluator:
             numerators = torch.einsum("pbhrj,bhrjd->pbhrd", torch.stack(factors), o)
             for index, (_, rectify, extra) in enumerate(prepared):
                 numerator = numerators[index]
-                if virtual[index] is not None:
-                    numerator = numerator + virtual[index]
+                extra_numerator = virtual[index]
+                if extra_numerator is not None:
+                    numerator = numerator + extra_numerator
                 result = numerator / denominators[index].clamp(min=torch.finfo(self.dtype).tiny)[..., None]
                 if rectify == "block":
                     rescale, correction = extra

@@ -194,7 +194,8 @@ def video_attention_inputs(
         or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in video_grid)
     ):
         raise ValueError(f"video_grid must be three positive ints (frames, height, width), got {video_grid!r}")
-    grid = tuple(video_grid)
+    frames, height, width = video_grid
+    grid = (int(frames), int(height), int(width))
     batch = _check_int("batch", batch, 1)
     heads = _check_int("heads", heads, 1)
     head_dim = _check_int("head_dim", head_dim, 6)
