@@ -148,10 +148,14 @@ _ATTENTION_KERNELS = (
     "sdpa",
     "attention",
     "_reorder_pool",
-    "_block_scores",
+    "_pooled_scores",
+    "_tile_outliers",
+    "_probe_",
     "_gapr_gate",
     "_select_kernel",
 )
+# Kernels that only move data (layout copies): Inductor's fused clones and to-copies, and ATen's copy kernels.
+_COPY_KERNELS = ("clone", "_to_copy", "copy_", "contiguous", "direct_copy")
 
 
 def build_model(case: ModelCase, layers_fraction: float, device: str, dtype: torch.dtype):
@@ -239,10 +243,13 @@ def peak_extra_memory(fn: Callable[[], torch.Tensor], device: str) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2**30
 
 
-def attention_profile(fn: Callable[[], torch.Tensor], device: str, top: int) -> tuple[float, list[tuple[str, float]]]:
-    """Share of GPU kernel time in attention kernels during `fn()`, and the `top` kernels by total time (ms)."""
+def attention_profile(
+    fn: Callable[[], torch.Tensor], device: str, top: int
+) -> tuple[float, list[tuple[str, float]], tuple[int, float]]:
+    """Share of GPU kernel time in attention kernels during `fn()`, the `top` kernels by total time (ms), and the
+    launches and milliseconds of data-movement (copy) kernels."""
     if not device.startswith("cuda"):
-        return float("nan"), []
+        return float("nan"), [], (0, 0.0)
     from torch.profiler import ProfilerActivity, profile
 
     synchronize(device)
@@ -250,13 +257,17 @@ def attention_profile(fn: Callable[[], torch.Tensor], device: str, top: int) -> 
         fn()
         synchronize(device)
     totals: dict[str, float] = {}
+    copies, copy_ms = 0, 0.0
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             totals[event.name] = totals.get(event.name, 0.0) + event.device_time_total / 1e3
+            if any(k in event.name.lower() for k in _COPY_KERNELS):
+                copies += 1
+                copy_ms += event.device_time_total / 1e3
     everything = sum(totals.values())
     attention = sum(ms for name, ms in totals.items() if any(k in name.lower() for k in _ATTENTION_KERNELS))
     ranked = sorted(totals.items(), key=lambda item: -item[1])[:top]
-    return attention / max(everything, 1e-9), ranked
+    return attention / max(everything, 1e-9), ranked, (copies, copy_ms)
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -297,7 +308,8 @@ def run_case(case: ModelCase, args: argparse.Namespace, rows: list[Row], project
     print(f"dense compile + first forward: {time.perf_counter() - start:.1f} s")
     dense_out, dense_ms = time_forward(lambda i: forward(dense_model), args.repeats, device)
     dense_peak = peak_extra_memory(lambda: forward(dense_model), device)
-    dense_share, dense_top = attention_profile(lambda: forward(dense_model), device, args.top)
+    dense_share, dense_top, dense_copies = attention_profile(lambda: forward(dense_model), device, args.top)
+    print(f"dense: {dense_copies[0]} copy kernels per forward ({dense_copies[1]:.2f} ms)")
     rows.append(
         Row(case.name, "dense (Inductor)", dense_ms, dense_ms * scale_to_full, 1.0, dense_share, dense_peak, 0.0, 1.0)
     )
@@ -333,7 +345,8 @@ def run_case(case: ModelCase, args: argparse.Namespace, rows: list[Row], project
                     print(f"spattn compile + first forward: {time.perf_counter() - start:.1f} s")
                 out, ms = time_forward(at_step, args.repeats, device)
                 peak = peak_extra_memory(functools.partial(at_step, args.repeats + 1), device)
-                share, top = attention_profile(functools.partial(at_step, args.repeats + 2), device, args.top)
+                share, top, copies = attention_profile(functools.partial(at_step, args.repeats + 2), device, args.top)
+                print(f"  {copies[0]} copy kernels per forward ({copies[1]:.2f} ms; dense: {dense_copies[0]})")
                 records = spattn_compile.report().records
                 sparse = [r for r in records if r.kind == "sparse"]
                 hits = sum(r.cache == "hit" for r in sparse)
