@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import relative_error
 
 import spattn_compile
 from spattn_compile import SparseAttentionConfig, sparse_attention
@@ -15,11 +16,6 @@ from spattn_compile.testing import video_attention_inputs
 GRID, TEXT = (2, 3, 5), 4  # 30 video tokens + 4 text tokens
 SEQ = 34
 EXACT = SparseAttentionConfig(sparsity=0.0, block_size=16, tile_size=16, min_seq_len=0)
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert ref.norm() > 0
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def qkv(batch=2, heads=2, seq=SEQ, dim=8, dtype=torch.float64, seed=0):

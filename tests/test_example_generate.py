@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from models import reset_dynamo
 
 import spattn_compile
 
@@ -31,13 +30,6 @@ def example():
     spec.loader.exec_module(module)
     yield module
     del sys.modules[name]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_state():
-    reset_dynamo()
-    yield
-    reset_dynamo()
 
 
 STEPS, DENSE_STEPS, REFRESH_INTERVAL = 3, 1, 2

@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+from helpers import relative_error
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -30,15 +31,6 @@ from spattn_compile.layout import token_layout
 # ||out - ref|| / ||ref|| bounds: fp32 products are exact fp32 ("ieee"); fp16 and bf16 round P (and the pooled keys of
 # query mode) to 16 bits before the products.
 _TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-
-
-def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref||; a plan that keeps nothing has an all-zero reference, which must then match exactly."""
-    difference = (out.double() - ref.double()).norm()
-    reference_norm = ref.double().norm()
-    if reference_norm == 0:
-        return 0.0 if difference == 0 else math.inf
-    return float(difference / reference_norm)
 
 
 @dataclasses.dataclass
@@ -160,7 +152,7 @@ def _run_and_check(
         result = block_sparse_attention(q, case.k, case.v, out=out, tile_config=tile_config, **common)
         assert result is out
         assert not out.isnan().any(), "unwritten output elements"
-        error = _relative_error(out, case.expected)
+        error = relative_error(out, case.expected)
         assert error < tolerance, f"relative error {error:.3g} >= {tolerance:g}"
         return error
 
@@ -185,7 +177,7 @@ def _run_and_check(
     assert out[:, :, untouched].isnan().all(), "the kernel wrote rows that out_index does not map to"
     assert not out[:, :, written].isnan().any(), "unwritten output elements"
     expected_rows = case.expected[:, :, out_index >= 0]
-    error = _relative_error(out[:, :, written], expected_rows)
+    error = relative_error(out[:, :, written], expected_rows)
     assert error < tolerance, f"relative error {error:.3g} >= {tolerance:g}"
     return error
 
@@ -338,7 +330,7 @@ def test_dense_plan_equals_dense_attention():
     )
     original = [reference.scatter_canonical(t, layout) for t in (case.q, case.k, case.v)]
     truth = reference.dense_attention(*original, scale=case.scale)
-    assert _relative_error(out, truth) < _TOLERANCE[torch.float32]
+    assert relative_error(out, truth) < _TOLERANCE[torch.float32]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -446,7 +438,7 @@ def test_custom_op(rectify, scatter):
 
     out = block_sparse_attention_op(*args, **kwargs)
     expected = reference.scatter_canonical(case.expected, layout) if scatter else case.expected
-    assert _relative_error(out, expected) < _TOLERANCE[torch.float32]
+    assert relative_error(out, expected) < _TOLERANCE[torch.float32]
 
 
 def test_custom_op_checks_out_len():

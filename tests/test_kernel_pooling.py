@@ -15,6 +15,7 @@ import math
 
 import pytest
 import torch
+from helpers import relative_error
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -38,14 +39,6 @@ STAT_FIELDS = (
     "v_block",
     "k_block_count",
 )
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64 (the reference must not be all zeros: such a test could not fail)."""
-    ref = ref.double()
-    norm = ref.norm()
-    assert norm > 0, "reference is all zeros"
-    return float((out.double() - ref).norm() / norm)
 
 
 @contextlib.contextmanager

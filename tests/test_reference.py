@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import relative_error
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -38,12 +39,6 @@ from spattn_compile.reference import (
 from spattn_compile.testing import video_attention_inputs
 
 F64 = torch.float64
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert out.shape == ref.shape
-    assert ref.norm() > 0, "never compare against zeros"
-    return ((out.to(F64) - ref.to(F64)).norm() / ref.to(F64).norm()).item()
 
 
 @dataclasses.dataclass
