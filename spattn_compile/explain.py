@@ -23,7 +23,7 @@ import torch
 
 from .config import SparseAttentionConfig, current_config
 from .passes import AttentionDecision, LayoutOverrideError, analyze_attention, context_seeds
-from .tracking import ModelRegistry, Owner
+from .tracking import ModelRegistry, Owner, only
 
 __all__ = ["ExplainReport", "explain"]
 
@@ -181,12 +181,14 @@ def explain(model: Callable, /, *args: object, **kwargs: object) -> ExplainRepor
     saved = [block._compiled_call_impl for block in blocks]
     torch._dynamo.reset()
     try:
-        if blocks:
-            for block in blocks:
-                block._compiled_call_impl = torch.compile(block._call_impl, backend=capture)
-            model(*args, **kwargs)
-        else:
-            torch.compile(model, backend=capture)(*args, **kwargs)
+        # The hooks the backend put on a compiled model stand still: explaining it is not one of its forwards.
+        with only(registry):
+            if blocks:
+                for block in blocks:
+                    block._compiled_call_impl = torch.compile(block._call_impl, backend=capture)
+                model(*args, **kwargs)
+            else:
+                torch.compile(model, backend=capture)(*args, **kwargs)
     except torch._dynamo.exc.BackendCompilerFailed as failure:
         # The analysis's own errors (settings that contradict the graph) reach the user as they are.
         inner = getattr(failure, "inner_exception", None)

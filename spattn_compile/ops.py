@@ -20,6 +20,8 @@ every call selects a fresh plan and nothing is recorded.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
 import torch
@@ -140,19 +142,16 @@ def _call_layout(
     return grid, text
 
 
-# Settings that change which plan a call selects: a cached plan is reused only if they are unchanged.
-_SELECTION_FIELDS = (
-    "sparsity",
-    "block_size",
-    "tile_size",
-    "mass_threshold",
-    "max_density",
-    "reorder",
-    "rectify",
-    "gapr",
-    "neighbors",
-    "density_decay",
+# Settings that do not change which plan a call selects (the schedule's and the layout's); every other field does,
+# and a cached plan is reused only while those are unchanged.
+_NOT_SELECTION = frozenset(
+    {"dense_steps", "dense_layers", "refresh_interval", "min_seq_len", "video_grid", "text_len", "text_position"}
 )
+
+
+@functools.cache
+def _selection_fields(config_type: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(config_type) if f.name not in _NOT_SELECTION)
 
 
 def _scheduled_attention(
@@ -204,7 +203,7 @@ def _scheduled_attention(
         text_len,
         text_first,
         None if attn_mask is None else tuple(attn_mask.shape),
-        tuple(getattr(config, name) for name in _SELECTION_FIELDS),
+        tuple(getattr(config, name) for name in _selection_fields(type(config))),
     )
     entry = cache.lookup(cache_key, context, signature, config.refresh_interval)
     if entry is not None:

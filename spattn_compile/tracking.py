@@ -7,8 +7,9 @@ inputs: each compiled graph maps the parameters it meets to their `Owner` (the m
 path of the compiled block in the model, "" for a whole-model graph). A parameter seen for the first time is placed
 by `ModelRegistry.resolve`, which looks at the modules being called on the Python stack (the `nn.Module._call_impl`
 frames): the innermost module holding the parameter is the compiled one; it is a block of the innermost enclosing
-module whose `forward` takes a `timestep` (the denoiser), if there is one, else a model of its own. The registry
-keeps one `ModelState` per model.
+module whose `forward` takes a `timestep` (the denoiser), if there is one; else a model of its own when it takes the
+timestep itself or nothing calls it, and otherwise a block of the module that calls it. The registry keeps one
+`ModelState` per model.
 
 For a model with compiled blocks (regional compilation, or a whole-model compile whose graph breaks leave blocks to
 be compiled on their own), the registry puts a forward pre-hook on the model: once per forward it advances the
@@ -26,6 +27,8 @@ on every call that the grid holds exactly the block's video tokens, and runs the
 from __future__ import annotations
 
 import collections
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import inspect
@@ -199,11 +202,13 @@ class ModelRegistry:
             return self._new_state(label, None)
 
     def state_of(self, module: torch.nn.Module) -> ModelState:
-        """The state of `module` as a compiled model, created on first use."""
+        """The state of `module` as a compiled model, created on first use. When the model is garbage collected its
+        cached plans (device memory) go with it; its report records stay until `reset_report()`."""
         with self._lock:
             state = self._states.get(module)
             if state is None:
                 state = self._states[module] = self._new_state(type(module).__name__, module)
+                weakref.finalize(module, state.plan_cache.clear)
             return state
 
     def resolve(self, parameter: torch.Tensor | None, frame: FrameType | None = None) -> Owner | None:
@@ -224,8 +229,11 @@ class ModelRegistry:
             return None
         compiled = _unwrap(calls[index].module)
         outer = [c for c in calls[index + 1 :] if _unwrap(c.module) is not compiled]
-        # A block of the innermost enclosing module that takes a timestep (the denoiser), else a model of its own.
+        # A block of the innermost enclosing module that takes a timestep (the denoiser). Without one: a model of its
+        # own if it takes the timestep itself, else a block of the module that calls it (whose calls count steps).
         root = next((c for c in outer if _takes_timestep(c.module)), None)
+        if root is None and outer and not _takes_timestep(compiled):
+            root = outer[0]
         with self._lock:
             if root is not None:
                 block = next((name for name, m in root.module.named_modules() if m is compiled), None)
@@ -249,14 +257,14 @@ class ModelRegistry:
         @_hook_safe
         def before_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             current = state_ref()
-            if current is not None:
+            if current is not None and _ACTIVE.get() in (None, self):
                 check_nothing_sparse(current)
                 current.forward = forward_context(current, module, args, kwargs)
 
         @_hook_safe
         def after_forward(module: torch.nn.Module, args: tuple, kwargs: dict, output: object) -> None:
             current = state_ref()
-            if current is not None:
+            if current is not None and _ACTIVE.get() in (None, self):
                 current.forward = None
 
         self._hooks.append(model.register_forward_pre_hook(before_forward, with_kwargs=True))
@@ -269,6 +277,20 @@ class ModelRegistry:
             state.forward = dataclasses.replace(state.forward, video_grid=grid, grid_note=note)
         else:
             state.forward = forward_context(state, model, call.args, call.kwargs)
+
+
+# While set (by `explain`), only this registry's hooks act: explaining a model does not advance its real steps.
+_ACTIVE: contextvars.ContextVar[ModelRegistry | None] = contextvars.ContextVar("spattn_compile_registry", default=None)
+
+
+@contextlib.contextmanager
+def only(registry: ModelRegistry) -> Iterator[None]:
+    """Inside the block, the forward hooks of other registries do nothing."""
+    token = _ACTIVE.set(registry)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
 
 
 def forward_context(state: ModelState, model: torch.nn.Module, args: tuple, kwargs: dict) -> StepContext:

@@ -21,6 +21,7 @@ from helpers import (
 )
 
 import spattn_compile
+from spattn_compile import tracking
 
 
 def _check_decisions(family: Family, report: spattn_compile.ExplainReport, grid_from: str) -> None:
@@ -41,6 +42,23 @@ def test_family_decisions(family: Family):
     assert report.graph_break_count == family.graph_breaks, report.break_reasons
     # HunyuanVideo 1.5's blocks are compiled on their own after its graph break: their grid comes from the forward.
     _check_decisions(family, report, "context" if family.graph_breaks else "graph")
+
+
+@pytest.mark.parametrize("family", families())
+def test_family_latent_grid_from_the_forward_arguments(family: Family):
+    # What the forward hook of a regionally compiled model reads: the attention grid, from the latent's shape and the
+    # model's patch sizes, whatever the family's latent layout (channels first, second or last, or packed tokens).
+    tiny = family.build()
+    arguments = tracking._bind(tiny.model, (), tiny.make_inputs(*family.latent))
+    assert tracking.latent_grid(tiny.model, arguments) == (family.grid, "")
+
+
+def test_latent_grid_says_why_it_has_none():
+    grid, note = tracking.latent_grid(torch.nn.Linear(2, 2), {"hidden_states": torch.zeros(1, 4, 3, 8, 8)})
+    assert grid is None and "no config.patch_size" in note
+    tiny = BY_NAME["ltx_video"].build()
+    grid, note = tracking.latent_grid(tiny.model, {"hidden_states": torch.zeros(1, 72, 4)})
+    assert grid is None and "num_frames, height and width" in note
 
 
 @pytest.mark.parametrize("family", families(sparse=True))
@@ -183,3 +201,22 @@ def test_wan_through_inductor():
     assert result.reference_at_sparsity < 1e-4
     assert result.dense_at_sparsity > 1e-4
     assert compiled_graph_count() == 1
+
+
+@pytest.mark.gpu
+def test_max_autotune_on_cuda_keeps_the_run_time_settings():
+    # mode="max-autotune" would turn on CUDA graphs, whose replay skips the op's Python; spattn compiles without them,
+    # so a run-time setting still changes the output and every call is recorded.
+    tiny = BY_NAME["wan"].build()
+    tiny.model.cuda()
+    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in tiny.make_inputs(batch=2).items()}
+    compiled = torch.compile(tiny.model, backend=spattn_compile.backend(**SETTINGS), mode="max-autotune")
+    with torch.no_grad():
+        outputs = []
+        for sparsity in (0.0, 0.5, 0.0):
+            with spattn_compile.config(sparsity=sparsity):
+                outputs.append(compiled(**inputs)[0])
+        dense = tiny.model(**inputs)[0]
+    assert relative_error(outputs[0], dense) < 1e-3 and relative_error(outputs[2], dense) < 1e-3
+    assert relative_error(outputs[1], dense) > 1e-4
+    assert len(spattn_compile.report().records) == 3 * len(BY_NAME["wan"].sparse_modules)

@@ -227,6 +227,19 @@ def test_reset_schedule_forgets_the_models_of_compiled_graphs(regional):
     assert compiled_graph_count() == 1
 
 
+def test_explaining_a_regional_model_is_not_one_of_its_forwards():
+    tiny = zoo.wan(num_layers=1)
+    compiled, _ = _compile(lambda: zoo.wan(num_layers=1), True)
+    inputs = tiny.make_inputs()
+    with torch.no_grad():
+        compiled(**inputs)
+        with spattn_compile.config(**SETTINGS):
+            assert spattn_compile.explain(compiled, **inputs).regional
+        compiled(**inputs)  # the same timestep: the second CFG branch of step 0, explain or not
+    records = spattn_compile.report().records
+    assert [(r.step, r.branch) for r in records] == [(0, 0), (0, 1)]
+
+
 def test_direct_calls_have_no_step_context_and_are_not_recorded():
     q = torch.randn(1, 2, 72, 16)
     with spattn_compile.config(**SETTINGS, dense_steps=100):
