@@ -186,7 +186,7 @@ class StepTracker:
     """Step and branch counting of one compiled model (see the module docstring). Thread-safe."""
 
     def __init__(self, model: ModelState) -> None:
-        self._model = weakref.ref(model)
+        self._model = model
         self._lock = threading.Lock()
         self._epoch = _CLOCK.latest
         self._generation = -1
@@ -197,9 +197,7 @@ class StepTracker:
     def _start_generation(self) -> None:
         self._generation += 1
         self._step, self._branch, self._timestep = -1, -1, None
-        model = self._model()
-        if model is not None:
-            model.plan_cache.clear()
+        self._model.plan_cache.clear()
 
     def advance(self, timestep: object) -> StepContext:
         """Account for one forward of the model, whose `timestep` argument is given (None if it has none)."""
@@ -238,7 +236,7 @@ class StepTracker:
             else:
                 self._step, self._branch, self._timestep = self._step + 1, 0, None
                 source = "call_count"
-            return StepContext(self._model(), self._generation, self._step, self._branch, source)
+            return StepContext(self._model, self._generation, self._step, self._branch, source)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -84,7 +84,7 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
 
 
 @functools.cache
-def _forward_parameters(cls: type) -> Mapping[str, inspect.Parameter] | None:
+def _forward_parameters(cls: type[torch.nn.Module]) -> Mapping[str, inspect.Parameter] | None:
     try:
         return inspect.signature(cls.forward).parameters
     except (TypeError, ValueError):
@@ -92,7 +92,8 @@ def _forward_parameters(cls: type) -> Mapping[str, inspect.Parameter] | None:
 
 
 def _takes_timestep(module: torch.nn.Module) -> bool:
-    parameters = _forward_parameters(type(module))
+    # Classes hash by identity; mypy reads Module.__hash__ as an instance method.
+    parameters = _forward_parameters(type(module))  # type: ignore[arg-type]
     return parameters is not None and "timestep" in parameters
 
 
@@ -141,18 +142,19 @@ def latent_grid(model: torch.nn.Module, arguments: Mapping[str, Any]) -> tuple[t
         channel_dim = matches[0] if len(matches) == 1 else family
         sizes = [latent.shape[d] for d in range(1, 5) if d != channel_dim]
     elif latent.dim() == 3:
-        sizes = [_size(arguments.get(name)) for name in ("num_frames", "height", "width")]
-        if None in sizes:
+        given = [_size(arguments.get(name)) for name in ("num_frames", "height", "width")]
+        sizes = [size for size in given if size is not None]
+        if len(sizes) != 3:
             return None, (
                 f"{type(model).__name__}'s latent is packed {tuple(latent.shape)} and its forward has no num_frames, "
                 "height and width to give its grid"
             )
     else:
         return None, f"{type(model).__name__}'s latent has shape {tuple(latent.shape)}, not a video's"
-    grid = tuple(int(size) // step for size, step in zip(sizes, patch))
-    if min(grid) < 1:
+    frames, height, width = (int(size) // step for size, step in zip(sizes, patch))
+    if min(frames, height, width) < 1:
         return None, f"latent {tuple(latent.shape)} is smaller than the patch {tuple(patch)}"
-    return grid, ""
+    return (frames, height, width), ""
 
 
 def _hook_safe(function: Callable) -> Callable:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -77,7 +78,7 @@ def _name(node: fx.Node) -> str | None:
     return None
 
 
-def _shape(node: object) -> tuple | None:
+def _shape(node: object) -> tuple[Any, ...] | None:
     value = node_value(node)
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
@@ -87,7 +88,7 @@ def _is_bool(node: object) -> bool:
     return isinstance(value, torch.Tensor) and value.dtype == torch.bool
 
 
-def _is_one(size: object) -> bool:
+def _is_one(size: Any) -> bool:
     return known_equal(size, 1)
 
 
@@ -130,8 +131,9 @@ class _Prover:
             parent = self.roles(source)
             return None if parent is None else parent.then(node, parent.roles)
         parent = self.roles(source) if isinstance(source, fx.Node) and name is not None else None
-        if parent is not None:
-            derived = self._derive(node, name, parent, _shape(source), shape)
+        source_shape = _shape(source)
+        if parent is not None and name is not None and source_shape is not None:
+            derived = self._derive(node, name, parent, source_shape, shape)
             if derived is not None:
                 return derived
         if len(shape) == 2:
@@ -140,7 +142,7 @@ class _Prover:
         return None
 
     def _derive(
-        self, node: fx.Node, name: str, parent: _Roles, in_shape: Sequence, out_shape: Sequence
+        self, node: fx.Node, name: str, parent: _Roles, in_shape: Sequence[Any], out_shape: Sequence[Any]
     ) -> _Roles | None:
         roles = parent.roles
         if name in ("view", "reshape", "unsqueeze", "squeeze", "flatten", "unflatten", "view_as", "reshape_as"):
@@ -156,27 +158,30 @@ class _Prover:
                 new.append(role if known_equal(in_shape[d], out_shape[d + offset]) else "1")
             return parent.then(node, new)
         if name in ("transpose", "swapaxes", "swapdims"):
-            dims = [node_value(a) for a in node.args[1:3]]
-            if len(dims) != 2 or not all(isinstance(d, int) for d in dims):
+            pair = [node_value(a) for a in node.args[1:3]]
+            if len(pair) != 2 or not all(isinstance(d, int) for d in pair):
                 return None
-            order = list(range(len(roles)))
-            a, b = (d % len(roles) for d in dims)
-            order[a], order[b] = order[b], order[a]
-            return parent.then(node, [roles[i] for i in order])
+            swapped = list(range(len(roles)))
+            a, b = (int(d) % len(roles) for d in pair)  # type: ignore[call-overload]
+            swapped[a], swapped[b] = swapped[b], swapped[a]
+            return parent.then(node, [roles[i] for i in swapped])
         if name == "permute":
-            dims = node.args[1:]
-            if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
-                dims = dims[0]
-            order = [node_value(d) for d in dims]
-            if sorted(d % len(roles) for d in order if isinstance(d, int)) != list(range(len(roles))):
+            given: Sequence[Any] = node.args[1:]
+            if len(given) == 1 and isinstance(given[0], (list, tuple)):
+                given = given[0]
+            values: list[Any] = [node_value(d) for d in given]
+            if not all(isinstance(d, int) for d in values):
                 return None
-            return parent.then(node, [roles[d % len(roles)] for d in order])
+            indices = [int(d) % len(roles) for d in values]
+            if sorted(indices) != list(range(len(roles))):
+                return None
+            return parent.then(node, [roles[i] for i in indices])
         if name in ("getitem", "__getitem__"):
             return self._getitem(node, parent, node.args[1] if len(node.args) > 1 else None, out_shape)
         return None
 
     @staticmethod
-    def _reshape(node: fx.Node, parent: _Roles, in_shape: Sequence, out_shape: Sequence) -> _Roles | None:
+    def _reshape(node: fx.Node, parent: _Roles, in_shape: Sequence[Any], out_shape: Sequence[Any]) -> _Roles | None:
         # Only size-1 dims may appear or disappear; the others keep their order and sizes.
         kept_in = [(size, role) for size, role in zip(in_shape, parent.roles) if not _is_one(size)]
         kept_out = [d for d, size in enumerate(out_shape) if not _is_one(size)]
@@ -190,7 +195,7 @@ class _Prover:
         return parent.then(node, new)
 
     @staticmethod
-    def _getitem(node: fx.Node, parent: _Roles, index: object, out_shape: Sequence) -> _Roles | None:
+    def _getitem(node: fx.Node, parent: _Roles, index: object, out_shape: Sequence[Any]) -> _Roles | None:
         items = index if isinstance(index, tuple) else (index,)
         new: list[str] = []
         position = 0
@@ -210,7 +215,7 @@ class _Prover:
         return parent.then(node, new) if len(new) == len(out_shape) else None
 
 
-def _form(roles: _Roles, shape: Sequence, batch: object, seq_len: object) -> str | None:
+def _form(roles: _Roles, shape: Sequence[Any], batch: Any, seq_len: Any) -> str | None:
     """ "key" or "query" when `roles` (aligned to 4 dims) describe a (B|1, 1, S, S) mask of that form."""
     padded = ("1",) * (4 - len(roles.roles)) + roles.roles
     full = (1,) * (4 - len(shape)) + tuple(shape)
@@ -230,14 +235,16 @@ def _form(roles: _Roles, shape: Sequence, batch: object, seq_len: object) -> str
     return None
 
 
-def prove_padding_mask(mask: fx.Node, batch: object, seq_len: object) -> MaskForm | str:
+def prove_padding_mask(mask: fx.Node, batch: Any, seq_len: Any) -> MaskForm | str:
     """The form of the boolean attention mask `mask` of a self-attention over `seq_len` tokens with batch `batch`
     (see the module docstring), or why it cannot be proved, in words."""
     shape = _shape(mask)
     if shape is None or not _is_bool(mask):
         return "the mask has no traced boolean value"
     node = mask
-    while _name(node) in ("bool", "to", "type") and node.args and _is_bool(node.args[0]):
+    while _name(node) in ("bool", "to", "type") and node.args and isinstance(node.args[0], fx.Node):
+        if not _is_bool(node.args[0]):
+            break
         if _writes(node):
             return f"the mask {node.name} is written in place"
         node = node.args[0]
