@@ -45,7 +45,7 @@ sys.path[:0] = [str(REPOSITORY), str(REPOSITORY / "examples")]
 from quickstart import PRESETS as QUICKSTART_PRESETS  # noqa: E402
 
 import spattn_compile  # noqa: E402
-from spattn_compile import schedule  # noqa: E402
+from spattn_compile import schedule, zoo  # noqa: E402
 
 # The published Wan 2.1 transformer configs, as the quickstart builds them.
 WAN_1_3B = QUICKSTART_PRESETS["wan2.1-1.3b"][0]
@@ -96,41 +96,13 @@ CASES = {
         ),
     )
 }
+# The tiny models of the tests and examples (`spattn_compile.zoo`), for `--smoke`.
 SMOKE_CASES = {
-    "wan-smoke": ModelCase(
-        "wan-smoke",
-        "wan",
-        {
-            **WAN_1_3B,
-            "num_attention_heads": 2,
-            "attention_head_dim": 32,
-            "text_dim": 32,
-            "freq_dim": 32,
-            "ffn_dim": 64,
-            "num_layers": 2,
-        },
-        ("num_layers",),
-        (3, 16, 24),
-        8,
-        8,
-        2,
-    ),
+    "wan-smoke": ModelCase("wan-smoke", "wan", zoo.wan_config(num_layers=2), ("num_layers",), (3, 16, 24), 8, 8, 2),
     "hunyuan-smoke": ModelCase(
         "hunyuan-smoke",
         "hunyuan",
-        {
-            **HUNYUAN_13B,
-            "in_channels": 4,
-            "out_channels": 4,
-            "num_attention_heads": 2,
-            "attention_head_dim": 32,
-            "num_layers": 1,
-            "num_single_layers": 1,
-            "num_refiner_layers": 1,
-            "text_embed_dim": 32,
-            "pooled_projection_dim": 16,
-            "rope_axes_dim": (8, 12, 12),
-        },
+        zoo.hunyuan_video_config(num_layers=1, num_single_layers=1),
         ("num_layers", "num_single_layers"),
         (3, 16, 24),
         12,

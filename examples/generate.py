@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 import spattn_compile
+from spattn_compile import zoo
 
 MODELS = ("wan", "hunyuan", "cogvideox")
 PIPELINE_CLASSES = {"wan": "WanPipeline", "hunyuan": "HunyuanVideoPipeline", "cogvideox": "CogVideoXPipeline"}
@@ -110,7 +111,7 @@ SPECIAL_IDS = {"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3}
 
 def tiny_wan(tokenizer, height: int, width: int, frames: int) -> tuple:
     """WanPipeline with a 2-layer transformer, a 2-layer UMT5 text encoder and a 4-channel Wan VAE."""
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
     text_encoder = UMT5EncoderModel(
@@ -126,28 +127,9 @@ def tiny_wan(tokenizer, height: int, width: int, frames: int) -> tuple:
             **SPECIAL_IDS,
         )
     )
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=4,
-        out_channels=4,
-        text_dim=32,
-        freq_dim=32,
-        ffn_dim=64,
-        num_layers=2,
-        rope_max_seq_len=64,
-    )
-    # The pipeline normalises latents with one mean and std per latent channel: 4 here, not the checkpoint's 16.
-    vae = AutoencoderKLWan(
-        base_dim=8,
-        z_dim=4,
-        dim_mult=[1, 1, 1, 1],
-        num_res_blocks=1,
-        temperal_downsample=[False, True, True],
-        latents_mean=[0.0] * 4,
-        latents_std=[1.0] * 4,
-    )
+    # The zoo's tiny Wan transformer and VAE: the ones the tests run.
+    transformer = WanTransformer3DModel(**zoo.wan_config(num_layers=2))
+    vae = zoo.wan_vae()
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
     pipe = WanPipeline(
         tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler
@@ -186,20 +168,7 @@ def tiny_hunyuan(tokenizer, height: int, width: int, frames: int) -> tuple:
             **SPECIAL_IDS,
         )
     )
-    transformer = HunyuanVideoTransformer3DModel(
-        in_channels=4,
-        out_channels=4,
-        num_attention_heads=2,
-        attention_head_dim=16,
-        num_layers=1,
-        num_single_layers=1,
-        num_refiner_layers=1,
-        patch_size=2,
-        patch_size_t=1,
-        text_embed_dim=32,
-        pooled_projection_dim=16,
-        rope_axes_dim=(4, 6, 6),
-    )
+    transformer = HunyuanVideoTransformer3DModel(**zoo.hunyuan_video_config(num_layers=1, num_single_layers=1))
     vae = AutoencoderKLHunyuanVideo(
         in_channels=3,
         out_channels=3,

@@ -3,10 +3,12 @@
 Public surface: `select_plan` (which key blocks each query block attends to, as a `SparsePlan`) and
 `sparse_attention` (attend, with a plan or a fresh one); `SparseAttentionConfig` with the `config` context manager
 and `current_config`, and the block-importance estimators in `spattn_compile.estimators`; the `spattn` backend for
-`torch.compile`, `explain` (what the backend does to a model), the denoising schedule's controls (`step`,
-`new_generation`, `set_plan_cache_limit`) and `report` (what the schedule did per layer and step: dense or sparse,
-density, recall by the estimator, plan cache hits; `reset_report`, `enable_timing`). Importing the package registers
-the `torch.ops.spattn.sparse_attention` custom op and the backend's name. The design: docs/DESIGN.md.
+`torch.compile` (also `backend(**options)`, a backend with preset options for `torch.compile(..., mode=...)`),
+`explain` (what the backend does to a model), `check_capability` (which inputs can run sparse), the denoising
+schedule's controls (`step`, `new_generation`, `set_plan_cache_limit`) and `report` (what the schedule did per model,
+layer and step: dense or sparse, density, recall by the estimator, plan cache hits; `reset_report`,
+`enable_timing`). Importing the package registers the `torch.ops.spattn.sparse_attention` custom op and the backend's
+name. The design: docs/DESIGN.md.
 """
 
 from . import (
@@ -15,17 +17,23 @@ from . import (
     ops,  # noqa: F401  (registers torch.ops.spattn.sparse_attention)
 )
 from .api import select_plan, sparse_attention
+from .capability import Capability, check_capability
 from .config import SparseAttentionConfig, config, current_config
 from .explain import ExplainReport, explain
+from .passes import LayoutOverrideError
 from .plan import SparsePlan
 from .report import ScheduleReport, enable_timing, report, reset_report
 from .schedule import new_generation, set_plan_cache_limit, step
 
 __all__ = [
+    "Capability",
     "ExplainReport",
+    "LayoutOverrideError",
     "ScheduleReport",
     "SparseAttentionConfig",
     "SparsePlan",
+    "backend",
+    "check_capability",
     "config",
     "current_config",
     "enable_timing",

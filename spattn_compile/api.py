@@ -16,6 +16,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
+from .capability import check_capability, kernel_limits
 from .config import SparseAttentionConfig, current_config
 from .layout import token_layout
 from .pipeline import IMPLS, attend_with_plan, plan_attention, resolve_impl, stages_for
@@ -101,13 +102,21 @@ def validate_attention_inputs(
     return grid, text, checked_scale
 
 
-def _check_config_and_impl(config: object, impl: object, device: torch.device) -> SparseAttentionConfig:
+def _check_config_and_impl(config: object, impl: object, query: torch.Tensor) -> SparseAttentionConfig:
     if config is None:
         config = current_config()
     elif not isinstance(config, SparseAttentionConfig):
         raise TypeError(f"config must be a SparseAttentionConfig or None, got {type(config).__name__}")
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if resolve_impl(impl, query.device) == "triton":
+        # The one rule of the pass, the op and the kernels (on the CPU, impl="triton" runs the interpreter).
+        capability = (
+            check_capability(query.dtype, query.shape[-1], query.device) if query.device.type == "cuda" else None
+        )
+        reason = kernel_limits(query.dtype, query.shape[-1]) if capability is None else capability.reason
+        if reason:
+            raise ValueError(f"impl={impl!r} cannot run this call: {reason}; impl='reference' runs it on the CPU")
     return config
 
 
@@ -149,7 +158,7 @@ def select_plan(
         query, key, value, video_grid=video_grid, text_len=text_len, text_first=text_first, attn_mask=attn_mask,
         scale=scale,
     )  # fmt: skip
-    config = _check_config_and_impl(config, impl, query.device)
+    config = _check_config_and_impl(config, impl, query)
     if query.shape[0] == 0:
         raise ValueError(f"query has an empty batch dimension: {tuple(query.shape)}; there is nothing to plan")
     batch, heads, seq_len, _ = query.shape
@@ -204,7 +213,7 @@ def sparse_attention(
         query, key, value, video_grid=video_grid, text_len=text_len, text_first=text_first, attn_mask=attn_mask,
         scale=scale,
     )  # fmt: skip
-    config = _check_config_and_impl(config, impl, query.device)
+    config = _check_config_and_impl(config, impl, query)
     batch, heads, seq_len, _ = query.shape
     layout = token_layout(grid, text, text_first, config.block_size, config.reorder)
     if plan is not None:

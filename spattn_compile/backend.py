@@ -2,7 +2,8 @@
 
 `torch.compile(model, backend="spattn", options={...})` works once the package is installed (the
 `torch_dynamo_backends` entry point), whether or not the user imported `spattn_compile`; importing the package also
-registers the name. Options:
+registers the name. Regional compilation works the same way: `transformer.compile_repeated_blocks(backend="spattn")`.
+Options:
 
 - `"compiler"`: the inner compiler of the rewritten graph: `"inductor"` (default), `"eager"` (run the graph as is),
   `"aot_eager"`, or any other registered Dynamo backend name.
@@ -10,21 +11,30 @@ registers the name. Options:
 - any `SparseAttentionConfig` field (`"sparsity"`, `"block_size"`, `"min_seq_len"`, `"video_grid"`...): settings of
   this compiled model.
 
+torch.compile takes `mode=` or `options=`, not both. With a mode, give the settings to the backend itself:
+`torch.compile(model, backend=spattn_compile.backend(sparsity=0.9, min_seq_len=0), mode="max-autotune")` (the module
+is callable: `spattn_compile.backend(**options)` returns a backend with those options, validated at once), or
+scope them with `spattn_compile.config(...)`. `mode="max-autotune"` and `"max-autotune-no-cudagraphs"` compile
+with Inductor's autotuning and without CUDA graphs; `mode="reduce-overhead"` (CUDA graphs only) is refused with an
+error saying what to use instead: CUDA graph replay skips the Python of the sparse op, which reads its settings,
+the denoising step and its cached plans on every call.
+
 How the settings compose, field by field, when the compiled model runs: a field set at run time by an enclosing
 `with spattn_compile.config(...)` block (see `spattn_compile.config.explicit_fields`) wins; otherwise the value given
 in `options` applies; otherwise the library default. So `options` are the compiled model's defaults and a `config(...)`
 block still overrides them, with no recompilation: the op reads the composed settings each time it runs.
 
-Some settings shape the rewrite itself and are read when the graph is compiled: `video_grid`, `text_len` and
-`text_position` (which calls become sparse, with which grid) and `min_seq_len` for calls of static length. Give them
-in `options`. Setting `video_grid`/`text_len`/`text_position` at run time to a value other than the one the graph was
-compiled with raises a RuntimeError (the graph cannot honour it without recompiling); lowering `min_seq_len` below the
-length of a call that was left dense as too short logs a warning, since that call stays dense until a recompile.
-`mode=` is accepted for Inductor without CUDA graphs only: CUDA graph replay would freeze the run-time settings.
+`min_seq_len` is read when the graph is compiled for calls of static length (lowering it below the length of a call
+that was left dense as too short logs a warning, since that call stays dense until a recompile). `video_grid`,
+`text_len` and `text_position` are for models whose graphs do not show their token layout: where the graph has no
+grid, the op reads `video_grid` when it runs, so it may change per call (per resolution). Where the graph proves the
+layout, a consistent setting is accepted and a contradicting one raises an error naming both.
 
-Each call of a compiled graph also advances the step tracker of its model (`spattn_compile.schedule`: denoising step
-and CFG branch, read from the graph's `timestep` input unless `spattn_compile.step(...)` names them) and runs the
-graph inside that step context, which the op reads for the dense warm-up steps and the plan cache.
+Each call of a compiled graph is placed in its model (`spattn_compile.tracking`: the model's `ModelState`, and the
+block for regionally compiled models) and runs in the model's step context (`spattn_compile.schedule`: denoising step
+and CFG branch, from the model's `timestep`, unless `spattn_compile.step(...)` names them), which the op reads for
+the dense warm-up steps, the layer numbering, the plan cache and the report. A model in which no attention call
+became sparse logs one WARNING with the commonest reason and its fix, when it runs a second time.
 """
 
 from __future__ import annotations
@@ -32,37 +42,38 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import itertools
 import logging
+import math
 import re
-from collections.abc import Callable, Mapping
+import sys
+import types
+from collections.abc import Callable, Hashable, Mapping
 from importlib.metadata import EntryPoint
 from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import ops  # noqa: F401  (registers torch.ops.spattn.sparse_attention)
 from .config import SparseAttentionConfig, config, current_config, explicit_fields
-from .passes import AttentionDecision, rewrite_attention
-from .schedule import step_context, tracker_for
+from .passes import AttentionDecision, context_seeds, rewrite_attention
+from .schedule import ModelState, StepContext, step_context
+from .tracking import ModelRegistry, Owner, check_nothing_sparse, default_registry, note_decisions
 
-__all__ = ["BackendOptions", "spattn_backend"]
+__all__ = ["BackendOptions", "SpattnBackend", "spattn_backend"]
 
 logger = logging.getLogger("spattn_compile")
 
 BACKEND_NAME = "spattn"
 _CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(SparseAttentionConfig))
 _BACKEND_FIELDS = ("compiler", "compiler_options")
-# Settings the pass reads when it rewrites the graph (the others are read by the op at run time).
-_LAYOUT_FIELDS = ("video_grid", "text_len", "text_position")
 _LIBRARY_DEFAULTS = SparseAttentionConfig()
-_CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+# Inductor modes: those that use CUDA graphs are refused or compiled without them (see the module docstring).
+_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
 # Dynamo names a graph input after its source: `L_timestep_` for forward(timestep=...) passed positionally or by
 # name, `L_kwargs_timestep_` when forward takes **kwargs.
 _TIMESTEP_INPUT = re.compile(r"^L_(kwargs_)?timestep_$", re.IGNORECASE)
-# Model keys for graphs compiled outside a Dynamo frame (no compile id).
-_ANONYMOUS_MODELS = itertools.count()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,14 +157,19 @@ def _compose(
 def _inner_compiler(
     options: BackendOptions, mode: str | None
 ) -> Callable[[fx.GraphModule, list[torch.Tensor]], Callable]:
-    if mode not in (None, "default"):
-        if options.compiler != "inductor":
-            raise ValueError(f"spattn backend: mode={mode!r} needs the Inductor compiler, got {options.compiler!r}")
-        if mode in _CUDAGRAPH_MODES:
-            raise ValueError(
-                f"spattn backend: mode={mode!r} uses CUDA graphs, whose replay would freeze the settings that "
-                "spattn reads at run time; use mode='max-autotune-no-cudagraphs' or options={...}"
-            )
+    if mode is not None and mode not in _MODES:
+        raise ValueError(f"spattn backend: mode={mode!r} is not a torch.compile mode; use one of {list(_MODES)}")
+    if mode == "reduce-overhead":
+        raise ValueError(
+            "spattn backend: mode='reduce-overhead' runs the model as CUDA graphs, whose replay skips the Python of "
+            "the sparse attention op (it reads its settings, the denoising step and its cached plans on every call). "
+            "Use mode='max-autotune-no-cudagraphs' (or mode='max-autotune', which spattn compiles without CUDA "
+            "graphs), or no mode"
+        )
+    if mode not in (None, "default") and options.compiler != "inductor":
+        raise ValueError(
+            f"spattn backend: mode={mode!r} needs the Inductor compiler, got compiler={options.compiler!r}"
+        )
     if options.compiler == "eager":
         return lambda gm, example_inputs: gm.forward
     if options.compiler == "inductor":
@@ -162,7 +178,10 @@ def _inner_compiler(
 
         patches = dict(options.compiler_options)
         if mode not in (None, "default"):
-            patches = {**list_mode_options(mode), **patches}
+            # CUDA graphs off: see the module docstring. The other settings of the mode (autotuning) apply.
+            patches = {**list_mode_options(mode), **patches, "triton.cudagraphs": False}
+            if mode == "max-autotune":
+                logger.info("spattn: mode='max-autotune' compiles with Inductor's autotuning, without CUDA graphs")
         return functools.partial(compile_fx, config_patches=patches or None)
     return torch._dynamo.lookup_backend(options.compiler)
 
@@ -176,67 +195,216 @@ def timestep_input_position(gm: fx.GraphModule) -> int | None:
     return None
 
 
-def _model_key() -> object:
-    """Dynamo's frame id of the graph being compiled: the same for every recompile of one forward."""
+def parameter_input_position(example_inputs: list[object]) -> int | None:
+    """Position of the first module parameter among a graph's inputs (Dynamo passes parameters as inputs, so one
+    compiled graph serves every instance of a module class); None if there is none."""
+    return next((i for i, value in enumerate(example_inputs) if isinstance(value, torch.nn.Parameter)), None)
+
+
+def _frame_key() -> Hashable:
+    """Dynamo's frame id of the graph being compiled (shared by the recompiles of one frame), or a fresh key."""
     compile_id = torch._guards.CompileContext.current_compile_id()
     frame_id = getattr(compile_id, "frame_id", None)
-    return f"frame{frame_id}" if frame_id is not None else f"graph{next(_ANONYMOUS_MODELS)}"
+    return ("frame", frame_id) if frame_id is not None else object()
 
 
-def _bind_settings(
-    compiled: Callable,
-    options: BackendOptions,
-    compiled_config: SparseAttentionConfig,
-    decisions: list[AttentionDecision],
-    model_key: object | None = None,
-    timestep_position: int | None = None,
-) -> Callable:
-    """Wrap a compiled graph so that it runs under the composed settings, rejects run-time changes of the settings
-    its rewrite depends on, and (with a `model_key`, when the graph has sparse calls) runs each call in the step
-    context its model's tracker assigns."""
-    layout = {name: getattr(compiled_config, name) for name in _LAYOUT_FIELDS}
-    short = [d for d in decisions if d.rule == "short"]
-    warned_min_seq_len: set[int] = set()
+def _layer_names(decisions: list[AttentionDecision]) -> tuple[str, ...]:
+    """The module path of each rewritten call, by layer index; a path met twice in one graph gets "#k" suffixes."""
+    names: list[str] = []
+    seen: dict[str, int] = {}
+    for decision in sorted((d for d in decisions if d.sparse), key=lambda d: d.layer_index):
+        base = decision.module or f"#{decision.layer_index}"
+        count = seen.get(base, 0)
+        seen[base] = count + 1
+        names.append(base if count == 0 else f"{base}#{count}")
+    return tuple(names)
 
-    def settings() -> SparseAttentionConfig:
-        active = current_config()
-        for name, compiled_value in layout.items():
-            value = getattr(active, name)
-            if value is not None and value != compiled_value:
-                raise RuntimeError(
-                    f"spattn: this graph was rewritten with {name}={compiled_value!r}, but {name}={value!r} is "
-                    f"active now. {', '.join(_LAYOUT_FIELDS)} shape the rewrite and are fixed when the model is "
-                    "compiled: give them in torch.compile(..., options={...}), or call torch._dynamo.reset() to "
-                    "recompile"
-                )
-        effective = options.compose(active)
-        if effective.min_seq_len < compiled_config.min_seq_len and effective.min_seq_len not in warned_min_seq_len:
-            stuck = [d.node for d in short if d.query_shape and d.query_shape[2] >= effective.min_seq_len]
+
+def _claim_leadership(state: ModelState, frame: Hashable, timestep_position: int | None) -> None:
+    """Make `frame`'s graph the one that advances the steps of a model without a forward hook: the first graph with
+    sparse calls, preferring one that reads the timestep (one advance per forward, whatever the number of graphs)."""
+    if state.leader is None or (timestep_position is not None and not state.leader_reads_timestep):
+        state.leader, state.leader_reads_timestep = frame, timestep_position is not None
+
+
+class _GraphRunner:
+    """A compiled graph, run under the composed settings and in its model's step context (module docstring)."""
+
+    def __init__(
+        self,
+        compiled: Callable,
+        options: BackendOptions,
+        compiled_config: SparseAttentionConfig,
+        decisions: list[AttentionDecision],
+        owner: Owner,
+        registry: ModelRegistry,
+        parameter_position: int | None,
+        parameter: torch.Tensor | None,
+        timestep_position: int | None,
+        frame: Hashable,
+    ) -> None:
+        self.compiled = compiled
+        self.options = options
+        self.compiled_config = compiled_config
+        self.owner: Owner | None = owner
+        self.registry = registry
+        self.parameter_position = parameter_position
+        self.timestep_position = timestep_position
+        self.frame = frame
+        self.sparse = any(d.sparse for d in decisions)
+        self.layer_names = _layer_names(decisions)
+        self.short = [d for d in decisions if d.rule == "short"]
+        self.warned_min_seq_len: set[int] = set()
+        self.calls = 0
+        # Parameter -> owner, per graph: one compiled graph serves every instance of a module class. Valid for one
+        # epoch of the registry (reset_schedule() forgets every model).
+        self.owners: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.epoch = registry.epoch
+        if parameter is not None:
+            self.owners[parameter] = owner
+
+    def settings(self) -> SparseAttentionConfig:
+        effective = self.options.compose(current_config())
+        compiled_min = self.compiled_config.min_seq_len
+        if effective.min_seq_len < compiled_min and effective.min_seq_len not in self.warned_min_seq_len:
+            stuck = [d.node for d in self.short if d.query_shape and d.query_shape[2] >= effective.min_seq_len]
             if stuck:
-                warned_min_seq_len.add(effective.min_seq_len)
+                self.warned_min_seq_len.add(effective.min_seq_len)
                 logger.warning(
                     "spattn: min_seq_len=%d is active, but %s were left dense when compiled with min_seq_len=%d; "
                     "they stay dense until a recompile (give min_seq_len in options, or torch._dynamo.reset())",
                     effective.min_seq_len,
                     stuck,
-                    compiled_config.min_seq_len,
+                    compiled_min,
                 )
         return effective
 
-    tracker = tracker_for(model_key) if model_key is not None and any(d.sparse for d in decisions) else None
+    def owner_of(self, args: tuple) -> Owner:
+        """The model (and block) this call belongs to: from the identity of its parameter input."""
+        if self.epoch != self.registry.epoch:
+            self.epoch = self.registry.epoch
+            self.owners = WeakIdKeyDictionary()
+            self.owner = None
+        if self.parameter_position is None:
+            if self.owner is None:
+                self.owner = self.registry.resolve(None, sys._getframe(2)) or self._anonymous()
+            return self.owner
+        parameter = args[self.parameter_position]
+        found = self.owners.get(parameter)
+        if found is None:
+            found = self.registry.resolve(parameter, sys._getframe(2)) or self.owner or self._anonymous()
+            self.owners[parameter] = found
+        return found
 
-    # Dynamo calls a backend's compiled function with the graph inputs as positional arguments.
-    def run(*args: Any) -> Any:
-        effective = settings()
+    def _anonymous(self) -> Owner:
+        self.owner = Owner(self.registry.anonymous("function"))
+        return self.owner
+
+    def context(self, owner: Owner, args: tuple) -> StepContext | None:
+        state = owner.state
+        if state.hooked:
+            # The model's forward hook advanced the steps and read the grid.
+            base = state.forward
+            return None if base is None else base.in_graph(owner.block, self.layer_names)
+        if state.leader is None:
+            # A model this graph was not compiled for (Dynamo shares graphs between instances of a class).
+            _claim_leadership(state, self.frame, self.timestep_position)
+        if state.leader == self.frame:
+            timestep = args[self.timestep_position] if self.timestep_position is not None else None
+            base = state.forward = state.tracker.advance(timestep)
+        else:
+            base = state.forward if state.forward is not None else state.tracker.advance(None)
+        return None if base is None else base.in_graph(owner.block, self.layer_names)
+
+    def __call__(self, *args: Any) -> Any:
+        # Dynamo calls a backend's compiled function with the graph inputs as positional arguments.
+        effective = self.settings()
+        owner = self.owner_of(args)
+        context = self.context(owner, args) if self.sparse else None
         with contextlib.ExitStack() as scope:
             if effective is not current_config():
                 scope.enter_context(config(effective))
-            if tracker is not None:
-                timestep = args[timestep_position] if timestep_position is not None else None
-                scope.enter_context(step_context(tracker.advance(timestep)))
-            return compiled(*args)
+            if context is not None:
+                scope.enter_context(step_context(context))
+            output = self.compiled(*args)
+        self.calls += 1
+        if self.calls == 2 and not owner.state.hooked:
+            # A graph runs again: its model has run a whole forward, every graph of it has been compiled once.
+            check_nothing_sparse(owner.state)
+        return output
 
-    return run
+
+class SpattnBackend:
+    """The `spattn` backend with preset options (`spattn_compile.backend(**options)`): usable as
+    `torch.compile(model, backend=SpattnBackend({...}), mode=...)`. `options` given to torch.compile as well are
+    applied on top of the preset ones."""
+
+    def __init__(self, options: Mapping[str, Any] | None = None, registry: ModelRegistry | None = None) -> None:
+        self.preset = dict(options or {})
+        BackendOptions.parse(self.preset)  # fail at once, naming the option, not at the first compile
+        self._registry = registry
+        self.__name__ = BACKEND_NAME
+
+    @property
+    def registry(self) -> ModelRegistry:
+        return self._registry if self._registry is not None else default_registry()
+
+    def __repr__(self) -> str:
+        return f"spattn_compile.backend({', '.join(f'{k}={v!r}' for k, v in self.preset.items())})"
+
+    def __call__(
+        self,
+        gm: fx.GraphModule,
+        example_inputs: list[torch.Tensor],
+        *,
+        options: Mapping[str, Any] | None = None,
+        mode: str | None = None,
+    ) -> Callable:
+        """Rewrite the graph's attention calls (`spattn_compile.passes`), compile it with the inner compiler and bind
+        it to its model (see the module docstring)."""
+        if options is not None and not isinstance(options, Mapping):
+            raise TypeError(f"spattn backend: options must be a dict, got {type(options).__name__}")
+        parsed = BackendOptions.parse({**self.preset, **(options or {})})
+        compile_inner = _inner_compiler(parsed, mode)
+        compiled_config = parsed.compose(current_config())
+        registry = self.registry
+        parameter_position = parameter_input_position(example_inputs)
+        parameter = None if parameter_position is None else example_inputs[parameter_position]
+        owner = registry.resolve(parameter, sys._getframe(1)) or Owner(registry.anonymous("function"))
+        state = owner.state
+        seeds = None
+        forward = state.forward if owner.block else None
+        if forward is not None and forward.video_grid is not None:
+            seeds = context_seeds(gm.graph, math.prod(forward.video_grid))
+        decisions = rewrite_attention(gm, compiled_config, seeds=seeds)
+        if owner.block and forward is not None and forward.video_grid is None:
+            decisions = [
+                dataclasses.replace(d, reason=f"{d.reason}; the model's forward gave no grid: {forward.grid_note}")
+                if d.rule == "no_grid"
+                else d
+                for d in decisions
+            ]
+        note_decisions(state, decisions)
+        timestep_position = None if owner.block else timestep_input_position(gm)
+        frame = _frame_key()
+        if any(d.sparse for d in decisions) and not owner.block:
+            _claim_leadership(state, frame, timestep_position)
+        compiled = compile_inner(gm, example_inputs)
+        return _GraphRunner(
+            compiled,
+            parsed,
+            compiled_config,
+            decisions,
+            owner,
+            registry,
+            parameter_position,
+            parameter,
+            timestep_position,
+            frame,
+        )
+
+
+_DEFAULT_BACKEND = SpattnBackend()
 
 
 def spattn_backend(
@@ -246,15 +414,8 @@ def spattn_backend(
     options: Mapping[str, Any] | None = None,
     mode: str | None = None,
 ) -> Callable:
-    """The Dynamo backend: rewrite the graph's attention calls (`spattn_compile.passes`), compile it with the inner
-    compiler and bind this model's settings (see the module docstring)."""
-    parsed = BackendOptions.parse(options)
-    compile_inner = _inner_compiler(parsed, mode)
-    compiled_config = parsed.compose(current_config())
-    timestep_position = timestep_input_position(gm)
-    decisions = rewrite_attention(gm, compiled_config)
-    compiled = compile_inner(gm, example_inputs)
-    return _bind_settings(compiled, parsed, compiled_config, decisions, _model_key(), timestep_position)
+    """The Dynamo backend registered as "spattn" (see the module docstring)."""
+    return _DEFAULT_BACKEND(gm, example_inputs, options=options, mode=mode)
 
 
 def _register() -> None:
@@ -271,3 +432,15 @@ def _register() -> None:
 
 
 _register()
+
+
+class _CallableModule(types.ModuleType):
+    """`spattn_compile.backend(**options)`: this module, called, makes a backend with preset options (so that the
+    settings reach the backend when torch.compile is given `mode=`, which excludes `options=`)."""
+
+    def __call__(self, **options: Any) -> SpattnBackend:
+        return SpattnBackend(options)
+
+
+# The same trick as torch.backends' modules: give this module a class that adds behaviour, keeping every attribute.
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,34 +1,43 @@
-"""`spattn_compile.explain`: what the `spattn` backend would do to a model, without compiling it.
+"""`spattn_compile.explain`: what the `spattn` backend does to a model, as a table.
 
-This module owns the user-facing report. `explain(model, *args, **kwargs)` captures the model's graphs the way
-`torch._dynamo.explain` does (so, like it, it runs the model once and calls `torch._dynamo.reset()`, which makes
-already compiled models recompile on their next call), runs the attention pass's analysis on each graph under the
-active settings (`spattn_compile.current_config()`; wrap the call in `with spattn_compile.config(...)` to use the
-options you compile with) and returns an `ExplainReport`: one `AttentionDecision` per attention call (sparse or
-dense, the inferred video grid and text span, and the reason), plus Dynamo's graph-break summary. `print(report)`
-shows it as a table.
+This module owns the user-facing report. `explain(model, *args, **kwargs)` runs the model once, the way the backend
+would compile it, with a capturing backend that runs the pass's analysis on each graph (under the active settings,
+`spattn_compile.current_config()`; wrap the call in `with spattn_compile.config(...)` to use the options you compile
+with) and runs the graphs unchanged (dense): a plain model is compiled whole, a model whose blocks were compiled with
+`compile_repeated_blocks` (or `block.compile()`) has just those blocks captured. It returns an `ExplainReport`: one
+`AttentionDecision` per attention call in execution order (for a block compiled once and run N times, one row per
+block, named by its module path in the model, with the grid of the model's forward), plus the number of graphs and
+Dynamo's graph breaks. `print(report)` shows it as a table. Like `torch._dynamo.explain`, it calls
+`torch._dynamo.reset()` before and after, so already compiled models recompile on their next call; it leaves no hook
+or schedule state behind.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import sys
 from collections.abc import Callable
 
 import torch
 
 from .config import SparseAttentionConfig, current_config
-from .passes import AttentionDecision, analyze_attention
+from .passes import AttentionDecision, LayoutOverrideError, analyze_attention, context_seeds
+from .tracking import ModelRegistry, Owner, only
 
 __all__ = ["ExplainReport", "explain"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ExplainReport:
-    """The attention decisions of one model, in graph order.
+    """The attention decisions of one model, in execution order.
 
-    decisions: one per scaled_dot_product_attention call of every captured graph.
-    graph_count, graph_break_count, break_reasons: Dynamo's capture summary (break reasons as text).
+    decisions: one per scaled_dot_product_attention call the model ran (per block instance for compiled blocks);
+        `module` is the module path in the model and `layer_index` the model-level index of the sparse calls (the
+        numbering `dense_layers` and `report()` use).
+    graph_count, graph_break_count, break_reasons: the capture summary (break reasons as text).
     config: the settings the decisions were made under.
+    regional: whether the model's blocks were captured on their own (regional compilation).
     """
 
     decisions: tuple[AttentionDecision, ...]
@@ -36,6 +45,7 @@ class ExplainReport:
     graph_break_count: int
     break_reasons: tuple[str, ...]
     config: SparseAttentionConfig
+    regional: bool = False
 
     @property
     def sparse(self) -> tuple[AttentionDecision, ...]:
@@ -51,7 +61,10 @@ class ExplainReport:
         header = ("graph", "node", "module", "attention", "layer", "query (B,H,S,D)", "video grid", "text", "reason")
         rows = [header]
         for d in self.decisions:
-            grid = "" if d.video_grid is None else "x".join(str(s) for s in d.video_grid) + f" ({d.grid_from})"
+            if d.video_grid is not None:
+                grid = "x".join(str(s) for s in d.video_grid) + f" ({d.grid_from})"
+            else:
+                grid = "at run time" if d.sparse else ""
             if d.text_len is None:
                 text = ""
             elif d.text_position is None:
@@ -76,21 +89,122 @@ class ExplainReport:
         return "\n".join(line.rstrip() for line in lines) + "\n" + summary
 
 
+class _Capture:
+    """A Dynamo backend that records the pass's decisions for each graph and which block instance runs it."""
+
+    def __init__(self, registry: ModelRegistry, settings: SparseAttentionConfig) -> None:
+        self.registry = registry
+        self.settings = settings
+        self.graphs: list[list[AttentionDecision]] = []
+        self.break_reasons: list[str] = []
+        # (graph index, block path, grid of the model's forward) per graph call, in execution order.
+        self.calls: list[tuple[int, str, tuple[int, int, int] | None]] = []
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor], **_: object) -> Callable:
+        index = len(self.graphs)
+        # Dynamo tells each graph why it ended (as torch._dynamo.explain reads it): at a graph break, or at the end.
+        reason = getattr(gm, "compile_subgraph_reason", None)
+        if getattr(reason, "graph_break", False):
+            self.break_reasons.append(str(getattr(reason, "reason", reason)).strip())
+        position = next((i for i, v in enumerate(example_inputs) if isinstance(v, torch.nn.Parameter)), None)
+        parameter = None if position is None else example_inputs[position]
+        owner = self.registry.resolve(parameter, sys._getframe(1)) or Owner(self.registry.anonymous("function"))
+        forward = owner.state.forward if owner.block else None
+        seeds = None
+        if forward is not None and forward.video_grid is not None:
+            seeds = context_seeds(gm.graph, math.prod(forward.video_grid))
+        decisions = analyze_attention(gm.graph, self.settings, graph_index=index, seeds=seeds)
+        if forward is not None and forward.video_grid is None:
+            decisions = [
+                dataclasses.replace(d, reason=f"{d.reason}; the model's forward gave no grid: {forward.grid_note}")
+                if d.rule == "no_grid"
+                else d
+                for d in decisions
+            ]
+        self.graphs.append(decisions)
+        owners: dict[int, Owner] = {} if parameter is None else {id(parameter): owner}
+
+        def run(*args: object) -> object:
+            found = owner
+            if position is not None:
+                # The model is alive while explain runs: ids of its parameters are stable.
+                found = owners.get(id(args[position]))
+                if found is None:
+                    found = self.registry.resolve(args[position], sys._getframe(1)) or owner
+                    owners[id(args[position])] = found
+            state = found.state
+            grid = state.forward.video_grid if found.block and state.forward is not None else None
+            self.calls.append((index, found.block, grid))
+            return gm.forward(*args)
+
+        return run
+
+    def decisions(self) -> list[AttentionDecision]:
+        """Every call's decisions in execution order, named and numbered in the model (class docstring)."""
+        rows: list[AttentionDecision] = []
+        shown: set[tuple[int, str]] = set()
+        layers: dict[str, int] = {}
+        for index, block, grid in self.calls:
+            if (index, block) in shown:
+                continue  # a graph run again (a second forward of one graph): its rows are there
+            shown.add((index, block))
+            for decision in self.graphs[index]:
+                module = f"{block}.{decision.module}" if block and decision.module else decision.module or block
+                changes: dict[str, object] = {"module": module}
+                if decision.grid_from == "context" and grid is not None:
+                    changes["video_grid"] = grid
+                if decision.sparse:
+                    name = module or f"{block}#{decision.layer_index}"
+                    changes["layer_index"] = layers.setdefault(name, len(layers))
+                rows.append(dataclasses.replace(decision, **changes))
+        return rows
+
+
+def _compiled_blocks(model: object) -> list[torch.nn.Module]:
+    """The submodules compiled on their own (`Module.compile()`, which `compile_repeated_blocks` calls)."""
+    if not isinstance(model, torch.nn.Module):
+        return []
+    return [m for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+
+
 def explain(model: Callable, /, *args: object, **kwargs: object) -> ExplainReport:
-    """Run `model(*args, **kwargs)` under Dynamo's explain and report every attention call's decision (see the module
-    docstring). Call it under `torch.no_grad()` for inference models, as you would run them."""
+    """Run `model(*args, **kwargs)` once, capturing its graphs as the `spattn` backend would, and report every
+    attention call's decision (see the module docstring). Call it under `torch.no_grad()` for inference models, as
+    you would run them."""
     if not callable(model):
         raise TypeError(f"explain: model must be callable, got {type(model).__name__}")
+    model = getattr(model, "_orig_mod", model)  # a torch.compile'd module: explain the module itself
     settings = current_config()
-    captured = torch._dynamo.explain(model)(*args, **kwargs)
-    decisions: list[AttentionDecision] = []
-    for index, graph_module in enumerate(captured.graphs):
-        decisions.extend(analyze_attention(graph_module.graph, settings, graph_index=index))
-    reasons = tuple(str(getattr(reason, "reason", reason)).strip() for reason in captured.break_reasons)
+    registry = ModelRegistry()
+    capture = _Capture(registry, settings)
+    blocks = _compiled_blocks(model)
+    saved = [block._compiled_call_impl for block in blocks]
+    torch._dynamo.reset()
+    try:
+        # The hooks the backend put on a compiled model stand still: explaining it is not one of its forwards.
+        with only(registry):
+            if blocks:
+                for block in blocks:
+                    block._compiled_call_impl = torch.compile(block._call_impl, backend=capture)
+                model(*args, **kwargs)
+            else:
+                torch.compile(model, backend=capture)(*args, **kwargs)
+    except torch._dynamo.exc.BackendCompilerFailed as failure:
+        # The analysis's own errors (settings that contradict the graph) reach the user as they are.
+        inner = getattr(failure, "inner_exception", None)
+        if isinstance(inner, LayoutOverrideError):
+            raise inner from None
+        raise
+    finally:
+        for block, compiled in zip(blocks, saved):
+            block._compiled_call_impl = compiled
+        registry.clear()
+        torch._dynamo.reset()
     return ExplainReport(
-        decisions=tuple(decisions),
-        graph_count=captured.graph_count,
-        graph_break_count=captured.graph_break_count,
-        break_reasons=reasons,
+        decisions=tuple(capture.decisions()),
+        graph_count=len(capture.graphs),
+        graph_break_count=len(capture.break_reasons),
+        break_reasons=tuple(capture.break_reasons),
         config=settings,
+        regional=bool(blocks),
     )

@@ -1,77 +1,112 @@
-"""`spattn_compile.report()`: what the sparse attention of compiled models did, per layer, step and branch.
+"""`spattn_compile.report()`: what the sparse attention of compiled models did, per model, layer, step and branch.
 
-This module owns the run-time record. The op (`spattn_compile.ops`) appends one `AttentionRecord` per rewritten
-attention call that runs inside a compiled model (so with a step context, see `spattn_compile.schedule`): dense or
-sparse and why, the density and estimated recall of the plan it used, whether the plan was refreshed or taken from
-the cache, and, when `enable_timing(True)` is in force on CUDA, a pair of CUDA events around the call. Numbers stay
-device tensors while the model runs (no host sync in the hot path) and are read when `report()` is called. The
-record is bounded (the oldest calls are dropped beyond `max_records`); `reset_report()` empties it. `print(report())`
-shows a table; `report().plot(path)` draws the kept-block share of the latest plan of each layer and the density per
-layer and step to a PNG (needs matplotlib: `pip install spattn_compile[plot]`).
+This module owns the run-time record. Each compiled model keeps a `Recorder` (in its `ModelState`, see
+`spattn_compile.schedule`); the op (`spattn_compile.ops`) appends one record per rewritten attention call that runs
+inside a compiled model (so with a step context): dense or sparse and why, the density and estimated recall of the
+plan it used, whether the plan was refreshed or taken from the cache, and, when `enable_timing(True)` is in force on
+CUDA, a pair of CUDA events around the call. Numbers stay device tensors while the model runs (no host sync in the
+hot path) and are read when `report()` is called, which gathers the records of every compiled model in call order.
+Models are named by class (with "#1", "#2"... for further models of one class) and layers by module path. Each
+recorder is bounded (the oldest calls are dropped beyond `max_records`); `reset_report()` empties them all.
+`print(report())` shows a table; `report().plot(path)` draws the kept-block share of the latest plan of each layer
+and the density per layer and step to a PNG (needs matplotlib: `pip install spattn_compile[plot]`).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import threading
-from collections.abc import Hashable
+from typing import TYPE_CHECKING
 
 import torch
 
-__all__ = ["AttentionRecord", "ScheduleReport", "enable_timing", "record", "report", "reset_report"]
+if TYPE_CHECKING:
+    from .schedule import StepContext
 
-# What the schedule did with a call: sparse, or dense because of the warm-up steps, a dense layer or a short sequence.
-KINDS = ("sparse", "dense_step", "dense_layer", "short")
+__all__ = ["AttentionRecord", "Recorder", "ScheduleReport", "enable_timing", "record", "report", "reset_report"]
+
+# What the schedule did with a call: sparse, or dense because of the warm-up steps, a dense layer, a short sequence,
+# no grid for the call (its run-time grid is unknown, or does not hold the call's video tokens) or inputs the sparse
+# attention cannot take (`spattn_compile.capability`).
+KINDS = ("sparse", "dense_step", "dense_layer", "short", "no_grid", "capability")
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionRecord:
     """One attention call of a compiled model, as read by `report()`.
 
-    kind: one of "sparse", "dense_step" (a warm-up step), "dense_layer" (`dense_layers`), "short" (`min_seq_len`).
-    cache: for sparse calls "refresh" (plan selected and cached) or "hit" (cached plan reused); "" for dense calls.
-    density: share of video key blocks kept (1.0 when dense). recall: estimated share of the attention mass in the
-        kept blocks (from the pooled estimate `P_hat` at the plan's refresh; 1.0 when dense).
+    model: the model's name (its class, with "#k" for the k-th further model of that class).
+    layer_index: the layer's index in its model (see `ModelState.layer_index`); layer: its module path.
+    kind: one of "sparse", "dense_step" (a warm-up step), "dense_layer" (`dense_layers`), "short" (`min_seq_len`),
+        "no_grid" (no run-time grid for the call), "capability" (inputs the sparse attention cannot take).
+    cache: for sparse calls "refresh" (plan selected and cached) or "hit" (cached plan reused); for the last dense
+        step "exact" when it measured the true block mass for the next steps' plan; "" otherwise.
+    density: share of video key blocks kept (1.0 when dense). recall: share of the attention mass in the kept blocks
+        by the plan's block scores (1.0 when dense): an estimate of the estimate's, or a measurement when `estimator`
+        measures mass ("exact": the true mass of every query row; "sampled_rows": the exact mass of sampled rows).
+    estimator: what produced the plan's block scores ("" for dense calls).
     time_ms: CUDA-event time of the call, None unless timing was enabled on CUDA.
     """
 
-    model_key: Hashable
+    model: str
     generation: int
     step: int
     branch: int
     layer_index: int
+    layer: str
     kind: str
     cache: str
     density: float
     recall: float
     time_ms: float | None
+    estimator: str = ""
 
 
 @dataclasses.dataclass
 class _PendingRecord:
-    model_key: Hashable
+    sequence: int
+    model: str
     generation: int
     step: int
     branch: int
     layer_index: int
+    layer: str
     kind: str
     cache: str
     density: torch.Tensor | float
     recall: torch.Tensor | float
     events: tuple[torch.cuda.Event, torch.cuda.Event] | None
+    estimator: str
 
 
-class _Recorder:
-    def __init__(self, max_records: int = 100_000) -> None:
-        self.lock = threading.Lock()
-        self.records: collections.deque[_PendingRecord] = collections.deque(maxlen=max_records)
-        # (model_key, layer_index, branch) -> (step, kept share (NB, NB)) of the latest refresh.
-        self.masks: dict[tuple[Hashable, int, int], tuple[int, torch.Tensor]] = {}
+class _ReportSettings:
+    """Process-wide report settings: timing, the default bound of each recorder, and the call order across models."""
+
+    def __init__(self) -> None:
         self.timing = False
+        self.max_records = 100_000
+        self.sequence = itertools.count()
 
 
-_RECORDER = _Recorder()
+_SETTINGS = _ReportSettings()
+
+
+class Recorder:
+    """The records of one compiled model (bounded: the oldest are dropped beyond `max_records`), and the kept-block
+    share of the latest plan refresh of each (layer, branch)."""
+
+    def __init__(self, max_records: int | None = None) -> None:
+        self.lock = threading.Lock()
+        self.records: collections.deque[_PendingRecord] = collections.deque(maxlen=max_records or _SETTINGS.max_records)
+        # (layer index, layer name, branch) -> (step, kept share (NB, NB)) of the latest refresh.
+        self.masks: dict[tuple[int, str, int], tuple[int, torch.Tensor]] = {}
+
+    def clear(self, max_records: int | None = None) -> None:
+        with self.lock:
+            self.records = collections.deque(maxlen=max_records or self.records.maxlen)
+            self.masks = {}
 
 
 def enable_timing(enabled: bool = True) -> None:
@@ -79,16 +114,16 @@ def enable_timing(enabled: bool = True) -> None:
     no sync); `report()` then fills `time_ms`."""
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
-    _RECORDER.timing = enabled
+    _SETTINGS.timing = enabled
 
 
 def timing_enabled() -> bool:
     """Whether `enable_timing(True)` is in force."""
-    return _RECORDER.timing
+    return _SETTINGS.timing
 
 
 def record(
-    context,
+    context: StepContext,
     layer_index: int,
     kind: str,
     cache: str,
@@ -96,36 +131,49 @@ def record(
     recall: torch.Tensor | float,
     events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None,
     keep_share: torch.Tensor | None = None,
+    layer: str = "",
+    estimator: str = "",
 ) -> None:
-    """Append one call (`context`: its `StepContext`); `keep_share` `(NB, NB)` is kept for `plot` (latest only)."""
+    """Append one call (`context`: its `StepContext`) to its model's recorder; `keep_share` `(NB, NB)` is kept for
+    `plot` (latest only)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    model = context.model
     pending = _PendingRecord(
-        context.model_key,
+        next(_SETTINGS.sequence),
+        model.name,
         context.generation,
         context.step,
         context.branch,
         layer_index,
+        layer,
         kind,
         cache,
         density,
         recall,
         events,
+        estimator,
     )
-    with _RECORDER.lock:
-        _RECORDER.records.append(pending)
+    recorder = model.recorder
+    with recorder.lock:
+        recorder.records.append(pending)
         if keep_share is not None:
-            _RECORDER.masks[(context.model_key, layer_index, context.branch)] = (context.step, keep_share)
+            recorder.masks[(layer_index, layer, context.branch)] = (context.step, keep_share)
 
 
 def reset_report(max_records: int | None = None) -> None:
-    """Forget every record (and optionally change how many the report keeps, 100,000 by default)."""
-    if max_records is not None and (not isinstance(max_records, int) or max_records < 1):
+    """Forget every record of every compiled model (and optionally change how many each model keeps, 100,000 by
+    default)."""
+    if max_records is not None and (
+        not isinstance(max_records, int) or isinstance(max_records, bool) or max_records < 1
+    ):
         raise ValueError(f"max_records must be None or a positive int, got {max_records!r}")
-    with _RECORDER.lock:
-        size = max_records or _RECORDER.records.maxlen
-        _RECORDER.records = collections.deque(maxlen=size)
-        _RECORDER.masks = {}
+    if max_records is not None:
+        _SETTINGS.max_records = max_records
+    from .tracking import default_registry
+
+    for model in default_registry().models():
+        model.recorder.clear(max_records)
 
 
 def _value(x: torch.Tensor | float) -> float:
@@ -133,24 +181,33 @@ def _value(x: torch.Tensor | float) -> float:
 
 
 def report() -> ScheduleReport:
-    """Read the record (one host sync per stored tensor) into a `ScheduleReport`."""
-    with _RECORDER.lock:
-        pending = list(_RECORDER.records)
-        masks = dict(_RECORDER.masks)
+    """Read every compiled model's records (one host sync per stored tensor) into a `ScheduleReport`, in call order."""
+    from .tracking import default_registry
+
+    pending: list[_PendingRecord] = []
+    masks: dict[tuple[str, int, str, int], tuple[int, torch.Tensor]] = {}
+    for model in default_registry().models():
+        with model.recorder.lock:
+            pending.extend(model.recorder.records)
+            for (index, layer, branch), value in model.recorder.masks.items():
+                masks[(model.name, index, layer, branch)] = value
+    pending.sort(key=lambda p: p.sequence)
     if any(p.events is not None for p in pending):
         torch.cuda.synchronize()
     records = tuple(
         AttentionRecord(
-            p.model_key,
+            p.model,
             p.generation,
             p.step,
             p.branch,
             p.layer_index,
+            p.layer,
             p.kind,
             p.cache,
             _value(p.density),
             _value(p.recall),
             None if p.events is None else p.events[0].elapsed_time(p.events[1]),
+            p.estimator,
         )
         for p in pending
     )
@@ -162,11 +219,20 @@ def report() -> ScheduleReport:
 class ScheduleReport:
     """The calls recorded since the last `reset_report()`, oldest first (see `AttentionRecord`).
 
-    masks: (model_key, layer_index, branch) -> (step, kept share `(NB, NB)` on the CPU) of the latest refresh.
+    masks: (model, layer_index, layer, branch) -> (step, kept share `(NB, NB)` on the CPU) of the latest refresh.
     """
 
     records: tuple[AttentionRecord, ...]
-    masks: dict[tuple[Hashable, int, int], tuple[int, torch.Tensor]]
+    masks: dict[tuple[str, int, str, int], tuple[int, torch.Tensor]]
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The models that made the recorded calls, in the order of their first call."""
+        return tuple(dict.fromkeys(r.model for r in self.records))
+
+    def layers(self, model: str | None = None) -> tuple[str, ...]:
+        """The layers (module paths) with records, of one model or of all, in the order of their first call."""
+        return tuple(dict.fromkeys(r.layer for r in self.records if model is None or r.model == model))
 
     def count(self, kind: str | None = None, cache: str | None = None) -> int:
         """Number of records of a kind and/or cache outcome (None matches any)."""
@@ -191,18 +257,23 @@ class ScheduleReport:
     def __str__(self) -> str:
         if not self.records:
             return "spattn report: no attention call recorded (run a model compiled with backend='spattn')"
-        header = ("model", "gen", "step", "branch", "layer", "mode", "plan", "density", "recall", "time ms")
+        header = (
+            "model", "gen", "step", "branch", "layer", "module", "mode", "plan", "density", "recall", "estimator",
+            "time ms",
+        )  # fmt: skip
         rows = [
             (
-                str(r.model_key),
+                r.model,
                 str(r.generation),
                 str(r.step),
                 str(r.branch),
                 str(r.layer_index),
+                r.layer,
                 r.kind,
                 r.cache or "-",
                 f"{r.density:.3f}",
                 f"{r.recall:.3f}",
+                r.estimator or "-",
                 "-" if r.time_ms is None else f"{r.time_ms:.3f}",
             )
             for r in self.records
@@ -230,21 +301,23 @@ class ScheduleReport:
             ) from error
         if not self.records:
             raise ValueError("report().plot: nothing recorded yet; run a model compiled with backend='spattn' first")
-        masks = sorted(self.masks.items(), key=lambda item: (str(item[0][0]), item[0][2], item[0][1]))
+        masks = sorted(self.masks.items(), key=lambda item: (item[0][0], item[0][3], item[0][1]))
         panels = len(masks) + 1
         columns = min(4, panels)
         rows = -(-panels // columns)
         figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.0 * rows), squeeze=False)
         flat = [axis for row in axes for axis in row]
-        for axis, ((model_key, layer, branch), (step, share)) in zip(flat, masks):
+        for axis, ((model, _, layer, branch), (step, share)) in zip(flat, masks):
             axis.imshow(share.numpy(), vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest")
-            axis.set_title(f"model {model_key} layer {layer} branch {branch} (step {step})", fontsize=7)
+            axis.set_title(f"{model} {layer} branch {branch} (step {step})", fontsize=7)
             axis.set_xlabel("key block", fontsize=7)
             axis.set_ylabel("query block", fontsize=7)
         density = flat[len(masks)]
-        by_layer: dict[int, dict[int, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+        by_layer: dict[str, dict[int, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+        several = len(self.models) > 1
         for r in self.records:
-            by_layer[r.layer_index][r.step].append(r.density)
+            layer = r.layer or f"#{r.layer_index}"
+            by_layer[f"{r.model} {layer}" if several else layer][r.step].append(r.density)
         for layer in sorted(by_layer):
             steps = sorted(by_layer[layer])
             density.plot(steps, [sum(by_layer[layer][s]) / len(by_layer[layer][s]) for s in steps], label=f"{layer}")

@@ -1,11 +1,14 @@
 """Stage 4 of ALGORITHMS.md: which denoising step and CFG branch an attention call belongs to, and the plan cache.
 
-This module owns the schedule state of compiled models; it knows nothing of FX graphs or Triton.
+This module owns the schedule state of compiled models; it knows nothing of FX graphs or Triton. Each compiled model
+has one `ModelState` (created by `spattn_compile.tracking` the first time one of its graphs runs): its step tracker,
+its plan cache, its report records and the numbering of its attention layers. Two transformers in one process (the
+two experts of Wan 2.2 A14B, or two pipelines) never share any of it.
 
-**Step awareness without model edits.** The `spattn` backend gives every compiled graph a `StepTracker`, shared by
-the recompiles of one Python frame (keyed by Dynamo's frame id), and advances it once per call of the graph, i.e.
-once per transformer forward, before any attention layer runs. The tracker reads the graph's `timestep` input
-(diffusers' video DiTs all take one) and compares it with the previous call's:
+**Step awareness without model edits.** A model's `StepTracker` advances once per forward of the model, before any
+attention layer runs: from the model's `timestep` argument, read by a forward hook on the model (regional
+compilation, see `spattn_compile.tracking`) or from the graph's `timestep` input (a whole-model graph). It compares the
+timestep with the previous call's:
 
 - the same timestep: the same step, the next branch (Wan calls the transformer twice per step, conditional then
   unconditional, so these get branches 0 and 1);
@@ -17,22 +20,22 @@ once per transformer forward, before any attention layer runs. The tracker reads
 
 Reading the timestep costs one device-to-host copy per forward (not per layer). `with spattn_compile.step(i)` (or
 `step(i, branch=b)`) names the step explicitly, reads nothing and takes precedence; a step lower than the previous
-one also starts a new generation. A graph without a `timestep` input counts every call as a new step (branch 0) and
-starts a new generation only on `new_generation()`. More than `MAX_BRANCHES` (8) calls at one timestep also start
-a new generation, so that a loop re-running one input (a benchmark) keeps a bounded number of plans. Limits: a
-scheduler that evaluates the model twice at one timestep (Heun) makes the second call a branch of that step;
-Dynamo shares compiled code, hence the tracker and the plan cache, between instances of one model class (Wan 2.2's
-two experts): call `new_generation()` or use `step()` when that matters. The tracker publishes a `StepContext` in a
-context variable that the op reads; calls of `sparse_attention` outside a compiled model have none and never use the
-cache.
+one also starts a new generation. A model without a `timestep` counts every call as a new step (branch 0) and starts
+a new generation only on `new_generation()`. More than `MAX_BRANCHES` (8) calls at one timestep also start a new
+generation, so that a loop re-running one input (a benchmark) keeps a bounded number of plans. Each model counts its
+own steps: in Wan 2.2 A14B the low-noise expert's first call is its step 0 (so `dense_steps` applies to each expert's
+first steps; name the pipeline's step with `step(i)` to count across experts). Limits: a scheduler that evaluates the
+model twice at one timestep (Heun) makes the second call a branch of that step. The step of the running call is
+published as a `StepContext` in a context variable that the op reads; calls of `sparse_attention` outside a compiled
+model have none and never use a cache.
 
-**Plan cache.** Plans (`SparsePlan`: kept blocks, trusted lists, the scores they came from) are cached per
-(model, attention layer, branch) and reused for `refresh_interval` steps; refresh number r (0 for the first sparse
-step of a generation) selects at density `max(1 / NB, (1 - sparsity) - r * density_decay)`, DFSAttn's adaptive
-ratio. An entry is used only by the same generation, the same input shapes and the same selection settings;
-otherwise it is refreshed and its refresh count restarts. Memory is bounded by a byte cap with least-recently-used
-eviction (an evicted entry is recomputed at the density its refresh count calls for). Lookups compare Python ints
-only: the cached path never synchronises with the device.
+**Plan cache.** Plans (`SparsePlan`: kept blocks, trusted lists, the scores they came from) are cached per model, per
+(attention layer, branch), and reused for `refresh_interval` steps; refresh number r (0 for the first sparse step of a
+generation) selects at density `max(1 / NB, (1 - sparsity) - r * density_decay)`, DFSAttn's adaptive ratio. An entry
+is used only by the same generation, the same input shapes and the same selection settings; otherwise it is refreshed
+and its refresh count restarts. Each model's cache is bounded by a byte cap (`set_plan_cache_limit`, 8 GiB by
+default) with least-recently-used eviction (an evicted entry is recomputed at the density its refresh count calls
+for). Lookups compare Python ints only: the cached path never synchronises with the device.
 """
 
 from __future__ import annotations
@@ -43,44 +46,67 @@ import contextvars
 import dataclasses
 import itertools
 import threading
+import weakref
 from collections.abc import Hashable, Iterator
 
 import torch
 
 from .plan import SparsePlan
+from .report import Recorder
 
 __all__ = [
+    "MAX_BRANCHES",
+    "ModelState",
     "PlanCache",
     "StepContext",
     "StepTracker",
     "current_step",
     "new_generation",
-    "plan_cache",
     "plan_summary",
     "refresh_density",
     "reset_schedule",
     "set_plan_cache_limit",
     "step",
-    "tracker_for",
+    "step_context",
 ]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class StepContext:
     """Where one call of a compiled model stands.
 
-    model_key: identifies the compiled model (Dynamo's frame id; shared by its recompiles).
+    model: the compiled model's `ModelState`.
     generation: counts the model's generations (denoising loops) in this process, from 0.
     step: denoising step within the generation, from 0. branch: the call's index within its step (CFG), from 0.
-    source: how the step was found: "timestep" (the graph's timestep input), "override" (`spattn_compile.step`)
-        or "call_count" (no timestep input: every call is a step).
+    source: how the step was found: "timestep" (the model's timestep), "override" (`spattn_compile.step`) or
+        "call_count" (no timestep: every call is a step).
+    video_grid: the latent token grid (frames, height, width) of this forward, as the model's forward hook read it
+        from the model's inputs (None without a hook, or when the inputs did not show it; `grid_note` says why).
+    block: module path, in the model, of the compiled block whose graph runs now ("" for a whole-model graph).
+    layer_names: module path (relative to `block`) of each rewritten attention call of the running graph, by the
+        graph's layer index.
     """
 
-    model_key: Hashable
+    model: ModelState
     generation: int
     step: int
     branch: int
     source: str
+    video_grid: tuple[int, int, int] | None = None
+    grid_note: str = ""
+    block: str = ""
+    layer_names: tuple[str, ...] = ()
+
+    def in_graph(self, block: str, layer_names: tuple[str, ...]) -> StepContext:
+        """This forward's context, for a call of the graph of `block` whose rewritten calls are `layer_names`."""
+        return dataclasses.replace(self, block=block, layer_names=layer_names)
+
+    def layer_name(self, layer_index: int) -> str:
+        """The module path, in the model, of the graph's rewritten call number `layer_index`."""
+        if 0 <= layer_index < len(self.layer_names) and self.layer_names[layer_index]:
+            name = self.layer_names[layer_index]
+            return f"{self.block}.{name}" if self.block else name
+        return f"{self.block}#{layer_index}" if self.block else f"#{layer_index}"
 
 
 _CURRENT: contextvars.ContextVar[StepContext | None] = contextvars.ContextVar("spattn_compile_step", default=None)
@@ -89,9 +115,21 @@ _OVERRIDE: contextvars.ContextVar[tuple[int, int | None] | None] = contextvars.C
 )
 # More calls than this at one timestep start a new generation (see StepTracker.advance).
 MAX_BRANCHES = 8
-# Bumped by new_generation(); each tracker starts a new generation when it sees a value it has not seen.
-_generation_epoch = itertools.count(1)
-_latest_epoch = 0
+
+
+class _GenerationClock:
+    """`new_generation()`'s signal to every tracker: a tracker that sees an epoch it has not seen starts a new
+    generation."""
+
+    def __init__(self) -> None:
+        self._counter = itertools.count(1)
+        self.latest = 0
+
+    def tick(self) -> None:
+        self.latest = next(self._counter)
+
+
+_CLOCK = _GenerationClock()
 
 
 def current_step() -> StepContext | None:
@@ -141,17 +179,16 @@ def step(index: int, *, branch: int | None = None) -> Iterator[None]:
 
 def new_generation() -> None:
     """Start a new generation in every compiled model: the next call is step 0, with no cached plan."""
-    global _latest_epoch
-    _latest_epoch = next(_generation_epoch)
+    _CLOCK.tick()
 
 
 class StepTracker:
     """Step and branch counting of one compiled model (see the module docstring). Thread-safe."""
 
-    def __init__(self, model_key: Hashable) -> None:
-        self.model_key = model_key
+    def __init__(self, model: ModelState) -> None:
+        self._model = model
         self._lock = threading.Lock()
-        self._epoch = _latest_epoch
+        self._epoch = _CLOCK.latest
         self._generation = -1
         self._step = -1
         self._branch = -1
@@ -160,18 +197,20 @@ class StepTracker:
     def _start_generation(self) -> None:
         self._generation += 1
         self._step, self._branch, self._timestep = -1, -1, None
-        plan_cache().drop_model(self.model_key)
+        self._model.plan_cache.clear()
 
-    def advance(self, timestep: torch.Tensor | None) -> StepContext:
-        """Account for one call of the model, whose `timestep` input is given (None if the graph has none)."""
+    def advance(self, timestep: object) -> StepContext:
+        """Account for one forward of the model, whose `timestep` argument is given (None if it has none)."""
         override = _OVERRIDE.get()
         # The host read happens outside the lock; it is the one sync per forward the module docstring mentions.
         value = None
         if override is None and isinstance(timestep, torch.Tensor) and timestep.numel():
             value = float(timestep.detach().float().max())
+        elif override is None and isinstance(timestep, (int, float)) and not isinstance(timestep, bool):
+            value = float(timestep)
         with self._lock:
-            if self._epoch != _latest_epoch or self._generation < 0:
-                self._epoch = _latest_epoch
+            if self._epoch != _CLOCK.latest or self._generation < 0:
+                self._epoch = _CLOCK.latest
                 self._start_generation()
             if override is not None:
                 index, branch = override
@@ -197,20 +236,7 @@ class StepTracker:
             else:
                 self._step, self._branch, self._timestep = self._step + 1, 0, None
                 source = "call_count"
-            return StepContext(self.model_key, self._generation, self._step, self._branch, source)
-
-
-_TRACKERS: dict[Hashable, StepTracker] = {}
-_TRACKERS_LOCK = threading.Lock()
-
-
-def tracker_for(model_key: Hashable) -> StepTracker:
-    """The tracker of `model_key`, created on first use (recompiles of one frame share it)."""
-    with _TRACKERS_LOCK:
-        tracker = _TRACKERS.get(model_key)
-        if tracker is None:
-            tracker = _TRACKERS[model_key] = StepTracker(model_key)
-        return tracker
+            return StepContext(self._model, self._generation, self._step, self._branch, source)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -257,7 +283,7 @@ def _plan_bytes(plan: SparsePlan) -> int:
 
 
 class PlanCache:
-    """Plans by (model_key, layer_index, branch), bounded by `max_bytes` with least-recently-used eviction.
+    """One model's plans by (layer, branch), bounded by `max_bytes` with least-recently-used eviction.
 
     Besides the plans it remembers, per key and in a few ints, how many refreshes the current generation has made,
     so that an evicted entry is rebuilt at the right density."""
@@ -327,18 +353,19 @@ class PlanCache:
             if entry.nbytes <= self.max_bytes:
                 self._entries[key] = entry
                 self._bytes += entry.nbytes
-            while self._bytes > self.max_bytes:
-                _, evicted = self._entries.popitem(last=False)
-                self._bytes -= evicted.nbytes
+            self._evict()
         return entry
 
-    def drop_model(self, model_key: Hashable) -> None:
-        """Forget every entry of one model (a new generation)."""
+    def set_limit(self, max_bytes: int) -> None:
+        """Change the cap, evicting least recently used entries beyond it."""
         with self._lock:
-            for key in [k for k in self._entries if k[0] == model_key]:
-                self._bytes -= self._entries.pop(key).nbytes
-            for key in [k for k in self._refreshes if k[0] == model_key]:
-                del self._refreshes[key]
+            self.max_bytes = max_bytes
+            self._evict()
+
+    def _evict(self) -> None:
+        while self._bytes > self.max_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self._bytes -= evicted.nbytes
 
     def clear(self) -> None:
         """Forget everything."""
@@ -348,29 +375,91 @@ class PlanCache:
             self._bytes = 0
 
 
-_PLAN_CACHE = PlanCache()
+class _CacheLimit:
+    """The byte cap of every model's plan cache (`set_plan_cache_limit`)."""
+
+    def __init__(self) -> None:
+        self.max_bytes = 8 << 30
 
 
-def plan_cache() -> PlanCache:
-    """The process-wide plan cache."""
-    return _PLAN_CACHE
+_LIMIT = _CacheLimit()
 
 
 def set_plan_cache_limit(max_bytes: int) -> None:
-    """Cap the bytes of cached plans (default 8 GiB); least recently used plans are evicted beyond it."""
+    """Cap the bytes of each compiled model's cached plans (default 8 GiB); least recently used plans are evicted
+    beyond it."""
     if not isinstance(max_bytes, int) or isinstance(max_bytes, bool):
         raise TypeError(f"max_bytes must be an int, got {type(max_bytes).__name__}")
     if max_bytes < 0:
         raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
-    _PLAN_CACHE.max_bytes = max_bytes
-    with _PLAN_CACHE._lock:
-        while _PLAN_CACHE._bytes > max_bytes:
-            _, evicted = _PLAN_CACHE._entries.popitem(last=False)
-            _PLAN_CACHE._bytes -= evicted.nbytes
+    _LIMIT.max_bytes = max_bytes
+    from .tracking import default_registry
+
+    for model in default_registry().models():
+        model.plan_cache.set_limit(max_bytes)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One compiled model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ModelState:
+    """The schedule state of one compiled model: its step tracker, plan cache, report records, the numbering of its
+    attention layers and what the pass decided in its graphs.
+
+    name: how the report names the model: its class name, with "#k" for the k-th (k >= 1) model of that class.
+    module: the model (weakly held), or None for a compiled function.
+    forward: the context of the model's running forward (set by its forward hook, or by the graph that reads the
+        timestep); None before the first one.
+    hooked: whether a forward hook on the model sets `forward` (regional compilation).
+    """
+
+    def __init__(self, name: str, module: torch.nn.Module | None = None) -> None:
+        self.name = name
+        self._module = None if module is None else weakref.ref(module)
+        self.tracker = StepTracker(self)
+        self.plan_cache = PlanCache(_LIMIT.max_bytes)
+        self.recorder = Recorder()
+        self.forward: StepContext | None = None
+        self.hooked = False
+        # The graph (a Dynamo frame) that advances the steps of a model without a forward hook, and whether it reads
+        # the timestep (see spattn_compile.backend).
+        self.leader: Hashable | None = None
+        self.leader_reads_timestep = False
+        self.lock = threading.Lock()
+        self._layers: dict[str, int] = {}
+        self.rules: collections.Counter[str] = collections.Counter()
+        self.sparse_calls = 0
+        self.graphs = 0
+        self.warned = False
+
+    def __repr__(self) -> str:
+        return f"ModelState({self.name!r})"
+
+    @property
+    def module(self) -> torch.nn.Module | None:
+        return None if self._module is None else self._module()
+
+    def layer_index(self, name: str) -> int:
+        """The model-level index of the attention layer `name` (a module path): its rank among the model's rewritten
+        attention layers in the order they first ran, which is their order in the forward (so `dense_layers=(0, 1)`
+        means the first two sparse-capable layers, whatever the graphs or blocks they are compiled in)."""
+        index = self._layers.get(name)
+        if index is None:
+            with self.lock:
+                index = self._layers.setdefault(name, len(self._layers))
+        return index
+
+    @property
+    def layers(self) -> dict[str, int]:
+        """Layer name -> model-level index, for every layer that has run."""
+        return dict(self._layers)
 
 
 def reset_schedule() -> None:
-    """Forget every model's step tracker and every cached plan (for tests, or after `torch._dynamo.reset()`)."""
-    with _TRACKERS_LOCK:
-        _TRACKERS.clear()
-    _PLAN_CACHE.clear()
+    """Forget every model's state (trackers, cached plans, layer numbering and report records) and remove the hooks
+    the backend put on models (for tests, or after `torch._dynamo.reset()`)."""
+    from .tracking import default_registry
+
+    default_registry().clear()

@@ -1,4 +1,5 @@
-"""Test setup: Triton runs under its interpreter on machines without CUDA; `gpu` tests skip there."""
+"""Test setup: Triton runs under its interpreter on machines without CUDA; `gpu` tests skip there; every test starts
+and ends with no compiled graph, no model state and no report record (`helpers.reset_dynamo`)."""
 
 import os
 
@@ -9,6 +10,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from helpers import reset_dynamo  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
@@ -18,6 +20,15 @@ settings.register_profile(
     derandomize=bool(os.environ.get("CI")),
 )
 settings.load_profile("spattn")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_state():
+    """Compiled graphs, model states (step trackers, plan caches, hooks) and report records of one test never reach
+    the next."""
+    reset_dynamo()
+    yield
+    reset_dynamo()
 
 
 def pytest_collection_modifyitems(config, items):

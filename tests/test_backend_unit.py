@@ -10,9 +10,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import assume, given, settings
-from hypothesis import strategies as st
-from models import (
+from helpers import (
     SETTINGS,
     SparseSDPA,
     TinyVideoAttention,
@@ -22,6 +20,8 @@ from models import (
     reset_dynamo,
     tiny_inputs,
 )
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 import spattn_compile
 from spattn_compile.backend import BackendOptions, spattn_backend
@@ -30,13 +30,6 @@ from spattn_compile.passes import analyze_attention, rewrite_attention
 # Grid 3 x 4 x 6 = 72 video tokens and 5 text tokens: 77 tokens, five 16-token video blocks (the last one partial).
 FRAMES, HEIGHT, WIDTH, TEXT = 3, 8, 12, 5
 GRID = (3, 4, 6)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    reset_dynamo()
-    yield
-    reset_dynamo()
 
 
 def _explain(model, *args, **overrides):
@@ -67,7 +60,7 @@ _SUBPROCESS_MODEL = """
         x = conv(video).flatten(2).transpose(1, 2)
         q = x.unflatten(-1, (2, 16)).transpose(1, 2)
         return F.scaled_dot_product_attention(q, q * 0.5, q)
-    options = {{"compiler": "eager", "block_size": 16, "tile_size": 16, "min_seq_len": 0, "sparsity": 0.5}}
+    options = {{"compiler": "eager", "block_size": 16, "min_seq_len": 0, "sparsity": 0.5}}
     with torch.no_grad():
         out = torch.compile(layer, backend="spattn", options=options)(torch.randn(1, 4, 3, 8, 12))
     import spattn_compile
@@ -120,9 +113,67 @@ def test_bad_option_fails_the_compile_with_the_cause():
     assert "sparsityy" in str(failure.value)
 
 
-def test_cuda_graph_modes_are_refused():
-    with pytest.raises(ValueError, match="CUDA graphs"):
+def test_reduce_overhead_is_refused_saying_what_to_use_instead():
+    with pytest.raises(ValueError, match="max-autotune-no-cudagraphs") as refused:
         spattn_backend(torch.fx.symbolic_trace(torch.nn.Identity()), [], mode="reduce-overhead")
+    assert "CUDA graphs" in str(refused.value)
+    with pytest.raises(ValueError, match="not a torch.compile mode"):
+        spattn_backend(torch.fx.symbolic_trace(torch.nn.Identity()), [], mode="max-autotuned")
+    with pytest.raises(ValueError, match="needs the Inductor compiler"):
+        spattn_backend(
+            torch.fx.symbolic_trace(torch.nn.Identity()), [], mode="max-autotune", options={"compiler": "eager"}
+        )
+
+
+@pytest.mark.parametrize("mode", ["max-autotune", "max-autotune-no-cudagraphs"])
+def test_autotune_modes_compile_without_cuda_graphs(mode):
+    from torch._inductor import list_mode_options
+
+    from spattn_compile.backend import _inner_compiler
+
+    compile_inner = _inner_compiler(BackendOptions(), mode)
+    patches = compile_inner.keywords["config_patches"]
+    assert patches["triton.cudagraphs"] is False
+    assert all(patches[key] == value for key, value in list_mode_options(mode).items() if key != "triton.cudagraphs")
+
+
+def test_backend_with_preset_options_validates_them_at_once():
+    backend = spattn_compile.backend(compiler="eager", sparsity=0.5)
+    assert isinstance(backend, spattn_compile.backend.SpattnBackend)
+    assert backend.preset == {"compiler": "eager", "sparsity": 0.5}
+    with pytest.raises(ValueError, match="sparsityy"):
+        spattn_compile.backend(sparsityy=0.5)
+    with pytest.raises(ValueError, match="SparseAttentionConfig.sparsity"):
+        spattn_compile.backend(sparsity=1.5)
+
+
+def test_max_autotune_mode_with_settings_through_the_backend_callable():
+    # torch.compile takes mode= or options=, not both: the settings ride on the backend (Inductor, max-autotune).
+    model = TinyVideoAttention()
+    inputs = tiny_inputs(FRAMES, HEIGHT, WIDTH, TEXT)
+    compiled = torch.compile(model, backend=spattn_compile.backend(**SETTINGS, sparsity=0.75), mode="max-autotune")
+    with torch.no_grad():
+        out = compiled(*inputs)
+        with spattn_compile.config(**SETTINGS, sparsity=0.75), SparseSDPA(GRID, TEXT) as reference:
+            expected = model(*inputs)
+        with spattn_compile.config(sparsity=0.0):  # run-time settings still apply
+            exact = compiled(*inputs)
+    assert reference.sparse_calls == 1 and relative_error(out, expected) < 1e-4
+    assert relative_error(exact, model(*inputs)) < 1e-4
+    assert relative_error(out, exact) > 1e-4
+    assert compiled_graph_count() == 1
+
+
+def test_settings_from_config_reach_a_model_compiled_with_a_mode():
+    # The other way with mode=: scope the settings; the compile-time ones (min_seq_len) are read at the first call.
+    model = TinyVideoAttention()
+    inputs = tiny_inputs(FRAMES, HEIGHT, WIDTH, TEXT)
+    backend = spattn_compile.backend(compiler="eager")
+    with torch.no_grad(), spattn_compile.config(**SETTINGS, sparsity=0.75):
+        out = torch.compile(model, backend=backend)(*inputs)
+        with SparseSDPA(GRID, TEXT):
+            expected = model(*inputs)
+    assert relative_error(out, expected) < 1e-5 and relative_error(out, model(*inputs)) > 1e-4
 
 
 def test_options_are_defaults_that_runtime_settings_override():
@@ -348,23 +399,85 @@ def test_packed_tokens_need_the_grid_from_the_config():
 
 
 @pytest.mark.parametrize(
-    "overrides, sparse, words",
+    "overrides",
     [
-        ({"video_grid": (3, 6, 4)}, True, ""),  # same token count, the user's factorisation wins
-        ({"video_grid": (3, 4, 7)}, False, "!= sequence length 77"),
-        ({"video_grid": (2, 4, 6), "text_len": 29}, False, "the graph's video grid (3, 4, 6) holds 72"),
-        ({"text_len": 4}, False, "!= sequence length 77"),
-        ({"text_len": TEXT, "text_position": "last"}, True, ""),
-        ({"text_position": "first"}, False, "places the text last"),
+        {"video_grid": GRID},
+        {"text_len": TEXT},
+        {"text_position": "last"},
+        {"video_grid": GRID, "text_len": TEXT, "text_position": "last"},
     ],
 )
-def test_overrides_are_checked_against_the_graph(overrides, sparse, words):
-    decision = _only(_explain(TinyVideoAttention(), *tiny_inputs(FRAMES, HEIGHT, WIDTH, TEXT), **overrides))
-    assert decision.sparse == sparse, decision
-    if not sparse:
-        assert decision.rule == "override_mismatch" and words in decision.reason, decision.reason
-    elif "video_grid" in overrides:
-        assert decision.video_grid == overrides["video_grid"] and decision.grid_from == "config"
+def test_overrides_consistent_with_the_graph_are_accepted(overrides):
+    model = TinyVideoAttention()
+    inputs = tiny_inputs(FRAMES, HEIGHT, WIDTH, TEXT)
+    decision = _only(_explain(model, *inputs, **overrides))
+    assert decision.sparse and decision.grid_from == "graph", decision
+    assert (decision.video_grid, decision.text_len, decision.text_position) == (GRID, TEXT, "last")
+    compiled = compile_spattn(model)  # compiled without them, given at run time: same layout, accepted
+    with torch.no_grad(), spattn_compile.config(**SETTINGS, **overrides, sparsity=0.75):
+        with SparseSDPA(GRID, TEXT):
+            expected = model(*inputs)
+        out = compiled(*inputs)
+        assert relative_error(out, expected) < 1e-5
+    assert relative_error(out, model(*inputs)) > 1e-4
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ({"video_grid": (3, 6, 4)}, ("video_grid=(3, 6, 4)", "(3, 4, 6)")),  # the same token count, another grid
+        ({"video_grid": (3, 4, 7)}, ("video_grid=(3, 4, 7)", "(3, 4, 6)")),
+        ({"video_grid": (2, 4, 6), "text_len": 29}, ("video_grid=(2, 4, 6)", "(3, 4, 6)")),
+        ({"text_len": 4}, ("text_len=4", "5")),
+        ({"text_position": "first"}, ("text_position='first'", "'last'")),
+    ],
+)
+def test_overrides_contradicting_the_graph_raise_naming_both(overrides, words):
+    model = TinyVideoAttention()
+    inputs = tiny_inputs(FRAMES, HEIGHT, WIDTH, TEXT)
+    with pytest.raises(spattn_compile.LayoutOverrideError) as analysed:
+        _explain(model, *inputs, **overrides)
+    with pytest.raises(Exception) as compiled_with:  # Dynamo wraps what the backend raises
+        with torch.no_grad():
+            compile_spattn(model, **overrides)(*inputs)
+    reset_dynamo()
+    compiled = compile_spattn(model)
+    with torch.no_grad():
+        compiled(*inputs)
+        with spattn_compile.config(**overrides), pytest.raises(spattn_compile.LayoutOverrideError) as at_run_time:
+            compiled(*inputs)
+    for error in (analysed, compiled_with, at_run_time):
+        assert all(word in str(error.value) for word in words), str(error.value)
+
+
+def test_per_call_grids_across_resolutions_under_automatic_dynamic_shapes():
+    # Packed tokens: no grid in the graph, so the user names it per call; the op reads it when it runs, so the one
+    # dynamic graph that Dynamo makes at the second resolution serves the third one too.
+    model = TinyVideoAttention(patch_embed=False)
+    compiled = compile_spattn(model, text_position="last")
+    for frames, height, width in [(3, 8, 12), (2, 10, 14), (4, 6, 10)]:
+        inputs = tiny_inputs(frames, height, width, TEXT, packed=True, seed=frames)
+        grid = (frames, height // 2, width // 2)
+        with torch.no_grad(), spattn_compile.config(**SETTINGS, sparsity=0.75, video_grid=grid):
+            with SparseSDPA(grid, TEXT) as reference:
+                expected = model(*inputs)
+            out = compiled(*inputs)
+            assert reference.sparse_calls == 1 and relative_error(out, expected) < 1e-5, grid
+            assert relative_error(out, model(*inputs)) > 1e-4, grid
+    assert compiled_graph_count() == 2
+    assert [r.kind for r in spattn_compile.report().records] == ["sparse"] * 3
+
+
+def test_a_run_time_grid_that_does_not_fit_the_call_leaves_it_dense():
+    model = TinyVideoAttention(patch_embed=False)
+    inputs = tiny_inputs(FRAMES, HEIGHT, WIDTH, TEXT, packed=True)
+    compiled = compile_spattn(model, text_position="last", dynamic=True)
+    with torch.no_grad(), spattn_compile.config(video_grid=GRID):
+        compiled(*inputs)
+        with spattn_compile.config(video_grid=(4, 4, 6)):  # 96 video tokens: more than the 77-token sequence
+            out = compiled(*inputs)
+    torch.testing.assert_close(out, model(*inputs), rtol=1e-5, atol=1e-5)
+    assert [r.kind for r in spattn_compile.report().records] == ["sparse", "no_grid"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -379,7 +492,7 @@ def test_runtime_settings_apply_without_recompiling():
     variants = [
         {"sparsity": 0.0},
         {"sparsity": 0.75},
-        {"sparsity": 0.75, "rectify": "query"},
+        {"sparsity": 0.75, "rectify": "block"},
         {"sparsity": 0.75, "rectify": "none"},
         {"sparsity": 0.5, "reorder": "none", "gapr": False},
     ]
@@ -428,18 +541,6 @@ def test_dense_layers_are_read_at_run_time():
         assert relative_error(dense, model(*inputs)) < 1e-5
     assert relative_error(sparse, dense) > 1e-4
     assert compiled_graph_count() == 1
-
-
-def test_changing_the_grid_override_at_run_time_raises():
-    model = TinyVideoAttention()
-    inputs = tiny_inputs(FRAMES, HEIGHT, WIDTH, TEXT)
-    compiled = compile_spattn(model, video_grid=GRID)
-    with torch.no_grad():
-        compiled(*inputs)
-        with spattn_compile.config(video_grid=GRID):
-            compiled(*inputs)  # the same value is fine
-        with spattn_compile.config(video_grid=(3, 6, 4)), pytest.raises(RuntimeError, match="video_grid"):
-            compiled(*inputs)
 
 
 def test_lowering_min_seq_len_below_a_dense_call_warns(caplog):

@@ -3,10 +3,12 @@ report's table and plot."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
+from helpers import relative_error
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -14,6 +16,7 @@ import spattn_compile
 from spattn_compile import schedule
 from spattn_compile.config import SparseAttentionConfig
 from spattn_compile.layout import token_layout
+from spattn_compile.pipeline import ReferenceStages, attend_with_plan, plan_attention
 from spattn_compile.reference import (
     canonical_key_valid,
     gather_canonical,
@@ -21,23 +24,14 @@ from spattn_compile.reference import (
     pool_statistics,
     rectified_sparse_attention,
     scatter_canonical,
-    sparse_attention_reference,
 )
 from spattn_compile.report import record
+from spattn_compile.tracking import default_registry
 
 
-def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    ref = ref.double()
-    return ((out.double() - ref).norm() / ref.norm()).item()
-
-
-@pytest.fixture(autouse=True)
-def _fresh_state():
-    schedule.plan_cache().clear()
-    spattn_compile.reset_report()
-    yield
-    schedule.plan_cache().clear()
-    spattn_compile.reset_report()
+def _model(name: str = "m") -> schedule.ModelState:
+    """A model state known to `report()` (the backend makes these for compiled models)."""
+    return default_registry().anonymous(name)
 
 
 def _t(value: float, batch: int = 1) -> torch.Tensor:
@@ -58,40 +52,40 @@ def _positions(tracker: schedule.StepTracker, calls) -> list[tuple[int, int, int
 
 
 def test_tracker_two_calls_per_step_is_cfg_branches():
-    tracker = schedule.StepTracker("wan")
+    tracker = _model("wan").tracker
     calls = [_t(999), _t(999), _t(750), _t(750), _t(500), _t(500)]
     assert _positions(tracker, calls) == [(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (0, 2, 0), (0, 2, 1)]
 
 
 def test_tracker_one_call_per_step_and_batched_timesteps():
-    tracker = schedule.StepTracker("cogvideox")
+    tracker = _model("cogvideox").tracker
     calls = [_t(999, 2), _t(800, 2), _t(600, 2)]
     assert _positions(tracker, calls) == [(0, 0, 0), (0, 1, 0), (0, 2, 0)]
 
 
 def test_tracker_per_token_timesteps_use_the_maximum():
     # Wan 2.2 TI2V expands the timestep per token and zeroes the first frame's: the step is the largest value.
-    tracker = schedule.StepTracker("ti2v")
+    tracker = _model("ti2v").tracker
     first = torch.tensor([[0.0, 900.0, 900.0]])
     second = torch.tensor([[0.0, 700.0, 700.0]])
     assert _positions(tracker, [first, first, second]) == [(0, 0, 0), (0, 0, 1), (0, 1, 0)]
 
 
 def test_tracker_larger_timestep_starts_a_new_generation_and_drops_its_plans():
-    tracker = schedule.StepTracker("model-a")
-    cache = schedule.plan_cache()
-    context = tracker.advance(_t(900))
+    model_a, model_b = _model("model-a"), _model("model-b")
+    context = model_a.tracker.advance(_t(900))
     plan = _tiny_plan()
-    cache.store(("model-a", 0, 0), context, "sig", plan, 0, (torch.tensor(0.5), torch.tensor(0.9)))
-    cache.store(("model-b", 0, 0), context, "sig", plan, 0, (torch.tensor(0.5), torch.tensor(0.9)))
-    tracker.advance(_t(500))
-    assert len(cache) == 2
-    assert _positions(tracker, [_t(900)]) == [(1, 0, 0)]
-    assert len(cache) == 1, "the new generation of model-a must drop model-a's plans, and only those"
+    model_a.plan_cache.store(("attn", 0), context, "sig", plan, 0, (torch.tensor(0.5), torch.tensor(0.9)))
+    model_b.plan_cache.store(("attn", 0), context, "sig", plan, 0, (torch.tensor(0.5), torch.tensor(0.9)))
+    model_a.tracker.advance(_t(500))
+    assert len(model_a.plan_cache) == len(model_b.plan_cache) == 1
+    assert _positions(model_a.tracker, [_t(900)]) == [(1, 0, 0)]
+    assert len(model_a.plan_cache) == 0, "the new generation of model-a must drop model-a's plans"
+    assert len(model_b.plan_cache) == 1, "and only those"
 
 
 def test_new_generation_resets_every_tracker():
-    tracker = schedule.StepTracker("m")
+    tracker = _model().tracker
     assert _positions(tracker, [_t(900), _t(800)]) == [(0, 0, 0), (0, 1, 0)]
     spattn_compile.new_generation()
     # Same timestep as before: without the explicit call this would be branch 1 of step 1.
@@ -99,7 +93,7 @@ def test_new_generation_resets_every_tracker():
 
 
 def test_step_override_takes_precedence_and_counts_branches():
-    tracker = schedule.StepTracker("m")
+    tracker = _model().tracker
     with spattn_compile.step(0):
         assert _positions(tracker, [_t(5), _t(5)]) == [(0, 0, 0), (0, 0, 1)]
     with spattn_compile.step(1, branch=1):
@@ -110,7 +104,7 @@ def test_step_override_takes_precedence_and_counts_branches():
 
 
 def test_tracker_repeated_timestep_is_bounded_in_branches():
-    tracker = schedule.StepTracker("bench")
+    tracker = _model("bench").tracker
     positions = _positions(tracker, [_t(500)] * (2 * schedule.MAX_BRANCHES + 1))
     assert max(branch for _, _, branch in positions) == schedule.MAX_BRANCHES - 1
     assert positions[schedule.MAX_BRANCHES] == (1, 0, 0)
@@ -118,7 +112,7 @@ def test_tracker_repeated_timestep_is_bounded_in_branches():
 
 
 def test_tracker_without_timestep_counts_calls_as_steps():
-    tracker = schedule.StepTracker("m")
+    tracker = _model().tracker
     assert _positions(tracker, [None, None, None]) == [(0, 0, 0), (0, 1, 0), (0, 2, 0)]
 
 
@@ -158,12 +152,15 @@ def _tiny_plan(batch: int = 1, heads: int = 1, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     shape = (batch, heads, 3 * 4 * 4, 16)
     q, k, v = (torch.randn(*shape, generator=g) for _ in range(3))
-    config = SparseAttentionConfig(block_size=16, tile_size=16, sparsity=0.5)
-    return sparse_attention_reference(q, k, v, video_grid=(3, 4, 4), config=config, return_plan=True)[1]
+    config = SparseAttentionConfig(block_size=16, sparsity=0.5)
+    return spattn_compile.select_plan(q, k, v, video_grid=(3, 4, 4), config=config, impl="reference")
 
 
 def _context(step: int, generation: int = 0, branch: int = 0) -> schedule.StepContext:
-    return schedule.StepContext("m", generation, step, branch, "override")
+    """A context of one model per test (the autouse reset forgets it between tests)."""
+    models = default_registry().models()
+    model = models[0] if models else _model()
+    return schedule.StepContext(model, generation, step, branch, "override")
 
 
 def test_cache_reuses_for_refresh_interval_steps_of_one_generation_and_signature():
@@ -194,9 +191,12 @@ def test_cache_is_bounded_with_lru_eviction_and_keeps_refresh_counts():
     assert cache.lookup(("m", 0, 0), _context(0), "sig", 1) is None, "the least recently used entry went first"
     assert cache.lookup(("m", 2, 0), _context(0), "sig", 1) is not None
     assert cache.next_refresh_count(("m", 0, 0), _context(1), "sig") == 1, "eviction keeps the refresh count"
+    model = _model()
+    model.plan_cache.store(("attn", 0), _context(0), "sig", plan, 0, summary)
     spattn_compile.set_plan_cache_limit(0)
     try:
-        assert len(schedule.plan_cache()) == 0
+        assert len(model.plan_cache) == 0, "the limit applies to every model's cache"
+        assert _model("later").plan_cache.max_bytes == 0, "and to the models compiled later"
     finally:
         spattn_compile.set_plan_cache_limit(8 << 30)
     with pytest.raises(ValueError, match="max_bytes"):
@@ -231,39 +231,39 @@ def test_reference_reuses_a_given_plan_with_fresh_statistics(
     if masked and text_len:
         attn_mask = torch.ones(2, 1, 1, seq_len, dtype=torch.bool)
         attn_mask[0, ..., -1] = False
-    config = SparseAttentionConfig(block_size=16, tile_size=16, sparsity=sparsity, rectify=rectify)
-    args = dict(video_grid=grid, text_len=text_len, text_first=text_first, attn_mask=attn_mask, config=config)
-    _, plan = sparse_attention_reference(*old, return_plan=True, compute_dtype=torch.float64, **args)
-    reused, returned = sparse_attention_reference(
-        *new, plan=plan, return_plan=True, compute_dtype=torch.float64, **args
-    )
-    assert returned is plan
+    config = SparseAttentionConfig(block_size=16, sparsity=sparsity, rectify=rectify)
+    layout = token_layout(grid, text_len, text_first, 16, "hilbert")
+    key_valid = key_padding_valid(attn_mask, 2, 2, seq_len)
+    stages = ReferenceStages(torch.float64)
+    args = dict(key_valid=key_valid, scale=None, config=config, stages=stages)
+    plan, _ = plan_attention(*old, layout=layout, **args)
+    reused = attend_with_plan(*new, plan=plan, **args)
 
     # Expected: stages 0-1 on the new inputs, stage 3 with the old plan.
-    layout = token_layout(grid, text_len, text_first, 16, "hilbert")
-    valid = canonical_key_valid(key_padding_valid(attn_mask, 2, 2, seq_len), layout, 2, 2, torch.device("cpu"))
+    valid = canonical_key_valid(key_valid, layout, 2, 2, torch.device("cpu"))
     q_c, k_c, v_c = (gather_canonical(t.double(), layout) for t in new)
     stats = pool_statistics(q_c, k_c, v_c, valid, layout, 16)
     out_c = rectified_sparse_attention(q_c, k_c, v_c, valid, plan, stats, layout, scale=0.25, rectify=rectify)
     expected = scatter_canonical(out_c, layout)
     tolerance = 1e-12 if dtype == torch.float64 else 1e-5
-    assert _relative_error(reused, expected) < tolerance
+    assert relative_error(reused, expected) < tolerance
 
-    fresh = sparse_attention_reference(*new, compute_dtype=torch.float64, **args)
-    again = sparse_attention_reference(
-        *new, plan=sparse_attention_reference(*new, return_plan=True, compute_dtype=torch.float64, **args)[1], **args
-    )
-    assert _relative_error(again, fresh) < tolerance
+    fresh_plan, _ = plan_attention(*new, layout=layout, **args)
+    fresh = attend_with_plan(*new, plan=fresh_plan, **args)
+    kwargs = dict(video_grid=grid, text_len=text_len, text_first=text_first, attn_mask=attn_mask)
+    short = dataclasses.replace(config, min_seq_len=0)
+    through_api = spattn_compile.sparse_attention(*(t.double() for t in new), **kwargs, config=short, impl="reference")
+    assert relative_error(through_api, fresh) < tolerance
 
 
-def test_reference_rejects_a_plan_of_another_shape():
+def test_a_plan_of_another_shape_is_rejected():
     plan = _tiny_plan(batch=1, heads=1)
     q = torch.randn(1, 2, 48, 16)
-    config = SparseAttentionConfig(block_size=16, tile_size=16)
-    with pytest.raises(ValueError, match=r"plan\.kv_counts has shape"):
-        sparse_attention_reference(q, q, q, video_grid=(3, 4, 4), config=config, plan=plan)
+    config = SparseAttentionConfig(block_size=16)
+    with pytest.raises(ValueError, match=r"plan is for batch=1, heads=1; this call has batch=1, heads=2"):
+        spattn_compile.sparse_attention(q, q, q, video_grid=(3, 4, 4), config=config, plan=plan)
     with pytest.raises(TypeError, match="plan must be a SparsePlan"):
-        sparse_attention_reference(q, q, q, video_grid=(3, 4, 4), config=config, plan="plan")
+        spattn_compile.sparse_attention(q, q, q, video_grid=(3, 4, 4), config=config, plan="plan")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -284,7 +284,7 @@ def test_plan_summary_matches_the_plan():
     plan = _tiny_plan(batch=2, heads=2)
     kept, recall, share = schedule.plan_summary(plan)
     nb = plan.num_video_blocks
-    keep = plan.keep_mask()[..., :nb, :nb]
+    keep = plan.to_dense()[..., :nb, :nb]
     assert kept.item() == pytest.approx(plan.density().mean().item())
     expected_recall = ((plan.block_scores[..., :nb] * keep).sum(-1) + plan.block_scores[..., nb]).mean()
     assert recall.item() == pytest.approx(expected_recall.item())

@@ -6,32 +6,26 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import SETTINGS, cogvideox, compile_spattn, hunyuan_video, relative_error, reset_dynamo, wan
+from helpers import SETTINGS, compile_blocks, compile_spattn, compiled_graph_count, relative_error
 
 import spattn_compile
-from spattn_compile import ops, schedule
-
-
-@pytest.fixture(autouse=True)
-def _fresh_state():
-    reset_dynamo()
-    yield
-    reset_dynamo()
+from spattn_compile import ops, schedule, zoo
+from spattn_compile.tracking import default_registry
 
 
 class PlanCounter:
-    """Counts the op's calls of `run_sparse_attention` that select a plan and those that reuse one, per branch."""
+    """Counts the op's pipeline calls (`ops.run_attention`) that select a plan and those that reuse one, per branch."""
 
     def __init__(self, monkeypatch):
         self.selected: list[tuple[int, int]] = []  # (step, branch)
         self.reused: list[tuple[int, int, int]] = []  # (step, branch, id of the plan)
         self.plans: dict[int, set[int]] = {}  # branch -> ids of the plans selected for it
         self._alive: list[object] = []  # holds every plan, so that no id is reused by a later one
-        original = ops.run_sparse_attention
+        original = ops.run_attention
 
-        def counting(*args, plan=None, return_plan=False, **kwargs):
+        def counting(*args, plan=None, **kwargs):
             context = schedule.current_step()
-            result = original(*args, plan=plan, return_plan=return_plan, **kwargs)
+            result = original(*args, plan=plan, **kwargs)
             if plan is None:
                 self.selected.append((context.step, context.branch))
                 self.plans.setdefault(context.branch, set()).add(id(result[1]))
@@ -40,7 +34,7 @@ class PlanCounter:
                 self.reused.append((context.step, context.branch, id(plan)))
             return result
 
-        monkeypatch.setattr(ops, "run_sparse_attention", counting)
+        monkeypatch.setattr(ops, "run_attention", counting)
 
 
 def _scheduler(steps: int):
@@ -72,16 +66,28 @@ def _wan_cfg_loop(model, tiny, steps: int = 4, guidance: float = 5.0, seed: int 
     return trajectory
 
 
-SCHEDULE = dict(sparsity=0.5, dense_steps=2, refresh_interval=2, density_decay=0.2)
+# exact_plan_steps=0: these tests count plan refreshes and reuse; the exact plan of the last dense step has its own.
+SCHEDULE = dict(sparsity=0.5, dense_steps=2, refresh_interval=2, density_decay=0.2, exact_plan_steps=0)
+# A whole-model compile (`torch.compile(model)`) and regional compilation (`model.compile_repeated_blocks`).
+HOW = pytest.mark.parametrize("regional", [False, True], ids=["whole", "regional"])
 
 
-def test_wan_cfg_loop_warmup_cache_refresh_and_report(monkeypatch):
-    tiny = wan(num_layers=2)
+def _compile(build, regional: bool, **options):
+    """(compiled model, eager model with the same weights): regional compilation changes the model in place."""
+    tiny = build()
+    if regional:
+        return compile_blocks(tiny.model, **options), build().model
+    return compile_spattn(tiny.model, **options), tiny.model
+
+
+@HOW
+def test_wan_cfg_loop_warmup_cache_refresh_and_report(monkeypatch, regional):
+    tiny = zoo.wan(num_layers=2)
     layers, branches, steps = 2, 2, 5
-    compiled = compile_spattn(tiny.model, **SCHEDULE)
+    compiled, eager = _compile(zoo.wan, regional, **SCHEDULE)
     counter = PlanCounter(monkeypatch)
     sparse = _wan_cfg_loop(compiled, tiny, steps)
-    dense = _wan_cfg_loop(tiny.model, tiny, steps)
+    dense = _wan_cfg_loop(eager, tiny, steps)
 
     # Warm-up: steps 0 and 1 are dense, so the latents equal the dense loop's; the sparse steps then differ.
     for index in range(SCHEDULE["dense_steps"]):
@@ -109,10 +115,57 @@ def test_wan_cfg_loop_warmup_cache_refresh_and_report(monkeypatch):
     assert by_step == {2: pytest.approx(3 / 5), 4: pytest.approx(2 / 5)}
     assert all(0 < r.recall <= 1 + 1e-6 for r in result.records)
     assert "dense_step" in str(result)
+    # One row per block and call, each block a layer of its own, in the model's order.
+    assert result.layers() == ("blocks.0.attn1", "blocks.1.attn1")
+    assert [(r.layer_index, r.layer) for r in result.records[:2]] == [(0, "blocks.0.attn1"), (1, "blocks.1.attn1")]
+
+
+@HOW
+def test_dense_layers_are_the_models_layers(regional):
+    tiny = zoo.wan(num_layers=2)
+    compiled, _ = _compile(zoo.wan, regional)
+    with torch.no_grad(), spattn_compile.config(dense_layers=(1,)):
+        compiled(**tiny.make_inputs())
+    records = spattn_compile.report().records
+    assert [(r.layer, r.kind) for r in records] == [("blocks.0.attn1", "sparse"), ("blocks.1.attn1", "dense_layer")]
+
+
+@HOW
+def test_two_experts_switching_at_a_step_boundary_keep_their_own_plans_and_steps(monkeypatch, regional):
+    # Wan 2.2 A14B: a high-noise expert runs the first steps, a low-noise expert (same class) the others.
+    tiny = zoo.wan(num_layers=2)
+    high, _ = _compile(zoo.wan, regional, sparsity=0.5, refresh_interval=4)
+    low, _ = _compile(zoo.wan, regional, sparsity=0.5, refresh_interval=4)
+    counter = PlanCounter(monkeypatch)
+    boundary, steps = 2, 4
+
+    def experts(**kwargs):
+        t = float(kwargs["timestep"].max())
+        return (high if t >= timesteps[boundary - 1] else low)(**kwargs)
+
+    timesteps = [float(t) for t in _scheduler(steps).timesteps]
+    for _generation in range(2):
+        _wan_cfg_loop(experts, tiny, steps)
+    assert compiled_graph_count() == 1, "Dynamo shares one graph between the experts: the state follows the weights"
+
+    result = spattn_compile.report()
+    assert result.models == ("WanTransformer3DModel", "WanTransformer3DModel#1")
+    for model in result.models:
+        records = [r for r in result.records if r.model == model]
+        # Each expert counts its own steps (2 per generation, 2 CFG branches) and its own generations.
+        assert {(r.generation, r.step, r.branch) for r in records} == {
+            (g, s, b) for g in range(2) for s in range(boundary) for b in range(2)
+        }, model
+        first_step = [r.cache for r in records if r.step == 0]
+        assert first_step == ["refresh"] * len(first_step), f"{model} must not reuse the other expert's plans"
+        assert [r.cache for r in records if r.step == 1] == ["hit"] * (2 * 2 * 2)
+    assert spattn_compile.report().layers() == ("blocks.0.attn1", "blocks.1.attn1")
+    # Every reuse takes a plan selected by the same expert, at the same layer and branch.
+    assert len(counter.reused) == 2 * 2 * 2 * 2
 
 
 def test_second_generation_starts_fresh(monkeypatch):
-    tiny = wan(num_layers=1)
+    tiny = zoo.wan(num_layers=1)
     compiled = compile_spattn(tiny.model, **SCHEDULE)
     counter = PlanCounter(monkeypatch)
     first = _wan_cfg_loop(compiled, tiny, 4)
@@ -128,8 +181,8 @@ def test_second_generation_starts_fresh(monkeypatch):
 
 
 def test_cogvideox_batched_cfg_is_one_branch_per_step():
-    tiny = cogvideox(num_layers=1)
-    compiled = compile_spattn(tiny.model, sparsity=0.5, dense_steps=1, refresh_interval=3)
+    tiny = zoo.cogvideox(num_layers=1)
+    compiled = compile_spattn(tiny.model, sparsity=0.5, dense_steps=1, refresh_interval=3, exact_plan_steps=0)
     inputs = tiny.make_inputs(batch=2)
     with torch.no_grad():
         for t in (900, 700, 500):
@@ -142,9 +195,10 @@ def test_cogvideox_batched_cfg_is_one_branch_per_step():
     ]
 
 
-def test_hunyuan_one_call_per_step_and_explicit_steps():
-    tiny = hunyuan_video()
-    compiled = compile_spattn(tiny.model, sparsity=0.5, refresh_interval=1)
+@HOW
+def test_hunyuan_one_call_per_step_and_explicit_steps(regional):
+    tiny = zoo.hunyuan_video()
+    compiled, _ = _compile(zoo.hunyuan_video, regional, sparsity=0.5, refresh_interval=1)
     inputs = tiny.make_inputs()
     with torch.no_grad():
         for t in (900, 800):
@@ -154,9 +208,37 @@ def test_hunyuan_one_call_per_step_and_explicit_steps():
             with spattn_compile.step(index):
                 compiled(**inputs)
     records = spattn_compile.report().records
-    per_call = [(r.generation, r.step, r.branch, r.cache) for r in records[:: tiny.joint_attentions]]
+    layers = 2  # one dual-stream and one single-stream block
+    per_call = [(r.generation, r.step, r.branch, r.cache) for r in records[::layers]]
     assert per_call == [(0, 0, 0, "refresh"), (0, 1, 0, "refresh"), (1, 0, 0, "refresh"), (1, 1, 0, "refresh")]
-    assert len(records) == 4 * tiny.joint_attentions
+    assert len(records) == 4 * layers
+
+
+@HOW
+def test_reset_schedule_forgets_the_models_of_compiled_graphs(regional):
+    tiny = zoo.wan(num_layers=1)
+    compiled, _ = _compile(lambda: zoo.wan(num_layers=1), regional, sparsity=0.5, refresh_interval=10)
+    inputs = tiny.make_inputs()
+    with torch.no_grad():
+        compiled(**inputs)
+        schedule.reset_schedule()  # the graphs stay compiled; their models' states go
+        compiled(**{**inputs, "timestep": torch.full((1,), 100)})
+    records = spattn_compile.report().records
+    assert [(r.model, r.generation, r.step, r.cache) for r in records] == [("WanTransformer3DModel", 0, 0, "refresh")]
+    assert compiled_graph_count() == 1
+
+
+def test_explaining_a_regional_model_is_not_one_of_its_forwards():
+    tiny = zoo.wan(num_layers=1)
+    compiled, _ = _compile(lambda: zoo.wan(num_layers=1), True)
+    inputs = tiny.make_inputs()
+    with torch.no_grad():
+        compiled(**inputs)
+        with spattn_compile.config(**SETTINGS):
+            assert spattn_compile.explain(compiled, **inputs).regional
+        compiled(**inputs)  # the same timestep: the second CFG branch of step 0, explain or not
+    records = spattn_compile.report().records
+    assert [(r.step, r.branch) for r in records] == [(0, 0), (0, 1)]
 
 
 def test_direct_calls_have_no_step_context_and_are_not_recorded():
@@ -166,22 +248,13 @@ def test_direct_calls_have_no_step_context_and_are_not_recorded():
         expected = spattn_compile.sparse_attention(q, q, q, video_grid=(3, 4, 6), impl="reference")
     assert torch.equal(out, expected), "dense_steps needs a step: outside a compiled model the call is sparse"
     assert spattn_compile.report().records == ()
-    assert len(schedule.plan_cache()) == 0
+    assert default_registry().models() == [], "no model state, no cached plan"
 
 
 def test_wan_pipeline_end_to_end():
     pytest.importorskip("transformers", reason="diffusers' WanPipeline needs transformers")
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
-
-    def make_pipeline(transformer):
-        torch.manual_seed(0)
-        vae = AutoencoderKLWan(
-            base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
-        ).eval()
-        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-        return WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=vae, scheduler=scheduler)
-
-    tiny = wan(num_layers=2)
+    make_pipeline = zoo.wan_pipeline
+    tiny = zoo.wan(num_layers=2)
     g = torch.Generator().manual_seed(0)
     embeds = dict(
         prompt_embeds=torch.randn(1, 7, 32, generator=g), negative_prompt_embeds=torch.randn(1, 7, 32, generator=g)
@@ -216,3 +289,28 @@ def test_wan_pipeline_end_to_end():
     result = spattn_compile.report()
     assert {(r.step, r.branch) for r in result.records} == {(s, b) for s in range(4) for b in range(2)}
     assert (result.refreshes, result.cache_hits) == (2 * 2, 2 * 2)
+
+
+def test_last_dense_step_seeds_the_exact_plan_for_the_first_sparse_steps(monkeypatch):
+    """dense_steps=2, exact_plan_steps=2: step 1 (the last dense one) measures the true block mass; steps 2 and 3
+    reuse that plan (its scores are the true mass: estimator "exact"), step 4 selects afresh."""
+    tiny = zoo.cogvideox(num_layers=1)
+    compiled = compile_spattn(tiny.model, sparsity=0.5, dense_steps=2, exact_plan_steps=2)
+    counter = PlanCounter(monkeypatch)
+    inputs = tiny.make_inputs(batch=2)
+    with torch.no_grad():
+        for t in (900, 800, 700, 600, 500):
+            compiled(**{**inputs, "timestep": torch.full((2,), t)})
+    result = spattn_compile.report()
+    assert [(r.step, r.kind, r.cache) for r in result.records] == [
+        (0, "dense_step", ""),
+        (1, "dense_step", "exact"),
+        (2, "sparse", "hit"),
+        (3, "sparse", "hit"),
+        (4, "sparse", "refresh"),
+    ]
+    assert [step for step, _ in counter.selected] == [4], "steps 2 and 3 select no plan"
+    assert len({plan_id for _, _, plan_id in counter.reused}) == 1
+    assert [r.estimator for r in result.records] == ["", "exact", "exact", "exact", "pooled"]
+    # The exact plan's recall is measured: the true mass of every row in its kept blocks.
+    assert 0 < result.records[2].recall <= 1 + 1e-6

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRETED, padded_head_dim
+from .common import INTERPRETED, check_kernel_inputs, padded_head_dim
 
 __all__ = [
     "RECTIFY_MODES",
@@ -351,8 +351,8 @@ def block_sparse_attention(
 
     Args:
         q, k, v: `(B, H, P, D)` in the canonical layout (`P = layout.padded_len`, a multiple of `block_size`),
-            float16, bfloat16 or float32 (one dtype), last dim contiguous, `D` in [1, 256] (padded to a power of two
-            in registers).
+            float16, bfloat16 or float32 (one dtype), last dim contiguous, `D` as `capability.kernel_limits` allows
+            (padded to a power of two in registers).
         kv_counts: int32 `(B, H, NQ)`, `NQ = P // block_size`: the number of key blocks query block i attends to.
         kv_indices: int32 `(B, H, NQ, L)`: their indices in `[0, NQ)`, first `kv_counts` entries read (ascending order
             keeps the key reads sequential; -1 padding after the count is never read).
@@ -407,8 +407,7 @@ def block_sparse_attention(
         raise ValueError(f"block_size must be a power of two in [16, 256], got {block_size}")
     if padded_len == 0 or padded_len % block_size:
         raise ValueError(f"q has {padded_len} rows: expected a positive multiple of block_size={block_size}")
-    if not 1 <= head_dim <= 256:
-        raise ValueError(f"head dim {head_dim} is not supported: expected 1 to 256 (padded to a power of two)")
+    check_kernel_inputs("q", q)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite float, got {scale!r}")
     if rectify not in RECTIFY_MODES:

@@ -11,7 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["INTERPRETED", "LOG2E", "STATS_DOT_PRECISION", "check_device", "padded_head_dim"]
+from ..capability import kernel_limits, padded_head_dim
+
+__all__ = ["INTERPRETED", "LOG2E", "STATS_DOT_PRECISION", "check_device", "check_kernel_inputs", "padded_head_dim"]
 
 LOG2E = 1.4426950408889634
 
@@ -36,9 +38,12 @@ def check_device(device: torch.device, name: str) -> None:
         )
 
 
-def padded_head_dim(head_dim: int) -> int:
-    """The power of two (>= 16) the kernels compute with for a head dim; loads and stores mask the extra lanes."""
-    return max(16, triton.next_power_of_2(head_dim))
+def check_kernel_inputs(name: str, tensor: torch.Tensor) -> None:
+    """Raise ValueError unless the kernels take `tensor`'s dtype and head dim (`capability.kernel_limits`, the one
+    rule shared with the compiler pass and the API); the head dim is padded to `padded_head_dim` in registers."""
+    reason = kernel_limits(tensor.dtype, tensor.shape[-1])
+    if reason is not None:
+        raise ValueError(f"{name}: {reason}")
 
 
 # Keep `tl` importable from here for kernels that only need the language module.

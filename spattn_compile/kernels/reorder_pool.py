@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ..layout import TokenLayout
 from ..plan import PooledStats
-from .common import INTERPRETED, check_device, padded_head_dim
+from .common import INTERPRETED, check_device, check_kernel_inputs, padded_head_dim
 
 __all__ = ["ReorderPoolOutput", "reorder_pool", "reorder_pool_tensors"]
 
@@ -276,7 +276,7 @@ def reorder_pool_tensors(
 
     Args:
         query, key, value: `(B, H, S, D)`, one dtype (float16, bfloat16, float32) and device, any strides with a
-            contiguous last dim; `D` in [1, 256] (padded to a power of two in registers).
+            contiguous last dim; `D` as `capability.kernel_limits` allows (padded to a power of two in registers).
         source_index: int32/int64 `(P,)`, `P = NQ * block_size`: original position of canonical row p, -1 for padding
             (`TokenLayout.source_index`). Entries must lie in [-1, S) (not checked: that would synchronise).
         key_valid: bool `(B, H, S)` (stride-0 views fine), False for masked keys; None: every key counts.
@@ -314,8 +314,7 @@ def reorder_pool_tensors(
     batch, heads, seq_len, head_dim = query.shape
     if batch == 0 or heads == 0 or seq_len == 0:
         raise ValueError(f"query has an empty dimension: {tuple(query.shape)}")
-    if not 1 <= head_dim <= 256:
-        raise ValueError(f"head dim (query.shape[-1]) must be in [1, 256], got {head_dim}")
+    check_kernel_inputs("query", query)
     _check_power_of_two("block_size", block_size, 16, 256)
     _check_power_of_two("tile_size", tile_size, 16, 256)
     if block_size % tile_size:

@@ -1,10 +1,24 @@
 """FX graph passes of the `spattn` backend (graph analysis and rewriting only; no kernels here).
 
-`token_axes` infers which tensor dimensions are sequences of video (and text) tokens from the data flow; `attention`
-decides for each scaled_dot_product_attention call whether it becomes `torch.ops.spattn.sparse_attention`, and
-rewrites it.
+`token_axes` infers which tensor dimensions are sequences of video (and text) tokens from the data flow; `masks`
+proves full attention masks to be key-padding masks; `attention` decides for each scaled_dot_product_attention call
+whether it becomes `torch.ops.spattn.sparse_attention`, and rewrites it.
 """
 
-from .attention import SDPA_TARGETS, AttentionDecision, analyze_attention, rewrite_attention
+from .attention import (
+    SDPA_TARGETS,
+    AttentionDecision,
+    LayoutOverrideError,
+    analyze_attention,
+    context_seeds,
+    rewrite_attention,
+)
 
-__all__ = ["SDPA_TARGETS", "AttentionDecision", "analyze_attention", "rewrite_attention"]
+__all__ = [
+    "SDPA_TARGETS",
+    "AttentionDecision",
+    "LayoutOverrideError",
+    "analyze_attention",
+    "context_seeds",
+    "rewrite_attention",
+]

@@ -6,13 +6,31 @@ before or after the video (joint attention), with SDPA semantics the op reproduc
 shape and float dtype, no dropout, not causal, no grouped-query head mismatch, either no mask or a boolean
 key-padding mask, and no autograd (the op is for inference and has no backward). The grid and the text span come
 from `token_axes` (the data flow of the graph) or from the `video_grid` / `text_len` / `text_position` fields of the
-config, and must satisfy `S == F*H*W + text_len` provably (for every size under dynamic shapes). Anything else
-stays dense, with a reason and a machine-readable `rule`.
+config, and must satisfy `S == F*H*W + text_len` provably (for every size under dynamic shapes). The inputs must be
+ones the sparse attention can run on (`spattn_compile.capability`: dtype, head dim, device). Anything else stays
+dense, with a reason and a machine-readable `rule`.
+
+Where the grid comes from (`AttentionDecision.grid_from`):
+
+- "graph": the data flow proves it (a patch embedding, a reshape into the token grid, a rotary embedding's grid);
+- "context": the graph is one block of a model (regional compilation) whose video tokens arrive as an input that the
+  caller seeded (`seeds`, see `token_axes.ContextSpan`); the op takes the grid the model's forward recorded when it
+  runs, and checks that it holds exactly the span's tokens;
+- "config": no grid in the graph, the user's `video_grid` (given in `options` or in `spattn_compile.config(...)`); the
+  op reads it when it runs, so one graph serves every resolution the user names per call.
+
+A `video_grid`/`text_len`/`text_position` override that contradicts what the graph proves raises
+`LayoutOverrideError` naming both (a consistent one is accepted); under dynamic shapes the op makes the same check
+when it runs.
+
+Masks: a boolean mask broadcastable to `(B, H, 1, S)` is a key-padding mask. A full `(B, 1, S, S)` mask is kept when
+`masks.prove_padding_mask` proves it a key-padding mask written out per query, or key-valid AND query-valid (every
+valid query row is the key-padding mask; a padded query row masks every key): the rewrite then passes the validity
+vector as the key-padding mask and gives the padded query rows what SDPA gives a row with every key masked, computed
+by SDPA itself on one such row (the output of a fully masked row does not depend on its query).
 
 Layer indices: the rewritten calls of one graph are numbered 0, 1, 2... in graph order (which is execution order);
-dense calls get none. For a model that Dynamo captures as one graph (Wan, HunyuanVideo, CogVideoX, LTX-Video) this
-is the model's attention layer order restricted to the sparse-capable layers, so `dense_layers=(0, 1)` means "the
-first two video self-attention layers"; with graph breaks the numbering restarts in each graph.
+dense calls get none. The backend turns them into model-level layers (see `spattn_compile.backend`).
 
 `config.min_seq_len` is decided here when the sequence length is a static int (a shorter call stays dense; Dynamo's
 shape guards recompile when the length changes). When the length is symbolic (dynamic shapes) the call is rewritten
@@ -23,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import operator
 import re
 from collections.abc import Sequence
@@ -31,10 +50,31 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
+from ..capability import check_capability
 from ..config import SparseAttentionConfig
-from .token_axes import Conflict, DimInfo, Factor, GridSpan, TokenAxis, TokenAxisAnalysis, known_equal, node_value
+from .masks import MaskForm, prove_padding_mask
+from .token_axes import (
+    VIDEO_SPANS,
+    Annotation,
+    Conflict,
+    ContextSpan,
+    DimInfo,
+    Factor,
+    TokenAxis,
+    TokenAxisAnalysis,
+    known_equal,
+    node_value,
+    size_hint,
+)
 
-__all__ = ["SDPA_TARGETS", "AttentionDecision", "analyze_attention", "rewrite_attention"]
+__all__ = [
+    "SDPA_TARGETS",
+    "AttentionDecision",
+    "LayoutOverrideError",
+    "analyze_attention",
+    "context_seeds",
+    "rewrite_attention",
+]
 
 logger = logging.getLogger("spattn_compile")
 
@@ -48,8 +88,14 @@ SDPA_TARGETS = frozenset(
 _SDPA_PARAMETERS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# `text_len` passed to the op when the text is "every token that is not video" under the grid of the call.
+TEXT_REST = -1
 
 Size = int | torch.SymInt
+
+
+class LayoutOverrideError(ValueError):
+    """A `video_grid` / `text_len` / `text_position` setting contradicts what the graph proves."""
 
 
 # eq=False: the sizes may be SymInts, and comparing those would evaluate (and guard on) symbolic expressions.
@@ -60,18 +106,23 @@ class AttentionDecision:
     Attributes:
         graph_index: which Dynamo graph of the model (0 without graph breaks).
         node: the FX node's name.
-        module: the module path of the attention layer (from Dynamo's `nn_module_stack`), "" if unknown.
+        module: the module path of the attention layer (from Dynamo's `nn_module_stack`), relative to the compiled
+            module (the model, or the block of a regionally compiled model); "" if unknown.
         sparse: True when the call is rewritten into `torch.ops.spattn.sparse_attention`.
         layer_index: the index passed to the op (see the module docstring); None for dense calls.
         query_shape: `(B, H, S, D)` of the query as traced (ints, or SymInts under dynamic shapes); () if not 4-D.
-        video_grid: `(F, H, W)` of the video tokens, when known (also for dense calls, when inference got that far).
-        text_len: number of text tokens in the sequence, when known.
+        video_grid: `(F, H, W)` of the video tokens, when known at compile time (also for dense calls, when inference
+            got that far); for grid_from "config" the setting's grid at compile time (the op reads the setting when
+            it runs); None for grid_from "context" (`explain` fills in the grid of the model's forward).
+        text_len: number of text tokens in the sequence, when known (-1: the tokens the run-time grid leaves).
         text_position: "first" or "last" (None without text or when unknown).
-        grid_from: "graph" (inferred from the data flow), "config" (the user's video_grid) or "".
+        grid_from: "graph", "context" or "config" (see the module docstring), or "".
         rule: why the call is dense, as a short code: "shape", "autograd", "dropout", "causal", "cross_attention",
-            "gqa", "dtype", "mask", "scale", "no_grid", "ambiguous_grid", "override_mismatch", "short"; "" when
-            sparse.
+            "gqa", "dtype", "capability", "mask", "scale", "no_grid", "ambiguous_grid", "override_mismatch",
+            "short"; "" when sparse.
         reason: the same in words (for a sparse call: notes, e.g. that min_seq_len is checked at run time).
+        mask: for a sparse call with a mask: "key_padding" (one query row), "key" (a full mask proved to be a
+            key-padding mask) or "key_and_query" (key-valid AND query-valid); "" without a mask.
     """
 
     graph_index: int
@@ -86,6 +137,27 @@ class AttentionDecision:
     grid_from: str
     rule: str
     reason: str
+    mask: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class _MaskPlan:
+    """How the rewrite passes the mask: `node` to the op as the key-padding mask (a node of the graph, or built from
+    `valid` when it is set), and whether padded query rows need SDPA's fully masked output."""
+
+    kind: str
+    node: fx.Node | None = None
+    valid: fx.Node | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """grid: the grid factors, or None when the op reads the grid at run time (`grid_from` "context" or "config").
+    text_len: an int, a SymInt, or TEXT_REST."""
+
+    grid: tuple[Factor, Factor, Factor] | None
+    text_len: Size
+    text_first: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,11 +168,9 @@ class _SparsePlan:
     query: fx.Node
     key: fx.Node
     value: fx.Node
-    attn_mask: fx.Node | None
+    mask: _MaskPlan | None
     scale: float | None
-    grid: tuple[Factor, Factor, Factor]
-    text_len: Size
-    text_first: bool
+    layout: _Layout
 
 
 class _Dense(Exception):
@@ -152,8 +222,15 @@ def _constant(value: object, name: str, rule: str) -> object:
     return value
 
 
-def _check_semantics(node: fx.Node, arguments: dict[str, object]) -> tuple[torch.Tensor, float | None]:
-    """Everything but the token layout: shapes, dtypes, dropout, causality, heads, scale, mask, autograd."""
+def _is_static(size: Size) -> bool:
+    return isinstance(size, int) or is_concrete_int(size)
+
+
+def _check_semantics(
+    node: fx.Node, arguments: dict[str, object]
+) -> tuple[torch.Tensor, float | None, _MaskPlan | None, str]:
+    """Everything but the token layout: shapes, dtypes, capability, dropout, causality, heads, scale, mask, autograd.
+    Returns the traced query, the scale, how to pass the mask, and notes for the decision's reason."""
     values = {name: node_value(arguments[name]) for name in ("query", "key", "value")}
     for name, value in values.items():
         if not isinstance(value, torch.Tensor):
@@ -192,48 +269,61 @@ def _check_semantics(node: fx.Node, arguments: dict[str, object]) -> tuple[torch
         )
     if query.dtype not in _FLOAT_DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
         raise _Dense("dtype", f"dtypes {query.dtype}, {key.dtype}, {value.dtype}; expected one float dtype")
+    note = ""
+    head_dim = query.shape[3]
+    if _is_static(head_dim):
+        capability = check_capability(query.dtype, int(head_dim), query.device)
+        if not capability:
+            raise _Dense("capability", capability.reason)
+    else:
+        note = f"dynamic head dim {head_dim}: what the kernels take is checked when the op runs"
 
     scale = _constant(arguments["scale"], "scale", "scale")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):
         raise _Dense("scale", f"scale={scale!r}; expected None or a positive number")
 
+    mask_plan = None
     mask_node = arguments["attn_mask"]
     if mask_node is not None:
-        mask = node_value(mask_node)
-        if not isinstance(mask_node, fx.Node) or not isinstance(mask, torch.Tensor):
-            raise _Dense("mask", f"attn_mask {mask_node!r} is not a traced tensor")
-        if mask.dtype != torch.bool:
-            raise _Dense(
-                "mask", f"attn_mask has dtype {mask.dtype} (an additive mask); only boolean key-padding masks are kept"
-            )
-        batch, heads, seq_len = query.shape[0], query.shape[1], query.shape[2]
-        if not 1 <= mask.dim() <= 4:
-            raise _Dense("mask", f"attn_mask is {mask.dim()}-D; expected a key-padding mask")
-        full = (1,) * (4 - mask.dim()) + tuple(mask.shape)
-        padding_form = (
-            known_equal(full[3], seq_len)
-            and known_equal(full[2], 1)
-            and (known_equal(full[1], 1) or known_equal(full[1], heads))
-            and (known_equal(full[0], 1) or known_equal(full[0], batch))
+        mask_plan = _check_mask(mask_node, query)
+    return query, None if scale is None else float(scale), mask_plan, note
+
+
+def _check_mask(mask_node: object, query: torch.Tensor) -> _MaskPlan:
+    mask = node_value(mask_node)
+    if not isinstance(mask_node, fx.Node) or not isinstance(mask, torch.Tensor):
+        raise _Dense("mask", f"attn_mask {mask_node!r} is not a traced tensor")
+    if mask.dtype != torch.bool:
+        raise _Dense(
+            "mask", f"attn_mask has dtype {mask.dtype} (an additive mask); only boolean key-padding masks are kept"
         )
-        if not padding_form:
-            raise _Dense(
-                "mask",
-                f"attn_mask of shape {_shape_text(mask.shape)} is not a key-padding mask "
-                f"(expected a shape broadcastable to (B, H, 1, S) with one query row)",
-            )
-    return query, None if scale is None else float(scale)
+    batch, heads, seq_len = query.shape[0], query.shape[1], query.shape[2]
+    if not 1 <= mask.dim() <= 4:
+        raise _Dense("mask", f"attn_mask is {mask.dim()}-D; expected a key-padding mask")
+    full = (1,) * (4 - mask.dim()) + tuple(mask.shape)
+    batch_ok = known_equal(full[0], 1) or known_equal(full[0], batch)
+    if (
+        known_equal(full[3], seq_len)
+        and known_equal(full[2], 1)
+        and (known_equal(full[1], 1) or known_equal(full[1], heads))
+        and batch_ok
+    ):
+        return _MaskPlan("key_padding", node=mask_node)
+    form = prove_padding_mask(mask_node, batch, seq_len)
+    if isinstance(form, MaskForm):
+        return _MaskPlan(form.kind, valid=form.valid)
+    raise _Dense(
+        "mask",
+        f"attn_mask of shape {_shape_text(mask.shape)} is not a key-padding mask (a shape broadcastable to "
+        f"(B, H, 1, S), or a (B, 1, S, S) mask proved to be key-valid, or key-valid AND query-valid): {form}",
+    )
 
 
-@dataclasses.dataclass(frozen=True)
-class _Layout:
-    grid: tuple[Factor, Factor, Factor]
-    text_len: Size
-    text_first: bool
-
-
-def _infer_layout(query_axis: DimInfo | None, key_axis: DimInfo | None, value_axis: DimInfo | None) -> _Layout:
-    """The grid and text span that the data flow shows for the query and key (and value, if it has a claim)."""
+def _infer_layout(
+    query_axis: DimInfo | None, key_axis: DimInfo | None, value_axis: DimInfo | None
+) -> tuple[_Layout, Size]:
+    """The grid (or a run-time grid) and text span that the data flow shows for the query and key (and value, if it
+    has a claim); also the number of video tokens."""
     for name, axis in (("query", query_axis), ("key", key_axis), ("value", value_axis)):
         if isinstance(axis, Conflict):
             raise _Dense("ambiguous_grid", f"the {name}'s token layout is ambiguous: {axis.reason}")
@@ -249,82 +339,93 @@ def _infer_layout(query_axis: DimInfo | None, key_axis: DimInfo | None, value_ax
     if value_axis is not None and not query_axis.same_layout(value_axis):
         raise _Dense("ambiguous_grid", f"query ({query_axis.describe()}) and value ({value_axis.describe()}) differ")
     spans = query_axis.spans
-    grids = [i for i, span in enumerate(spans) if isinstance(span, GridSpan)]
+    grids = [i for i, span in enumerate(spans) if isinstance(span, VIDEO_SPANS)]
     if len(grids) != 1:
         raise _Dense("ambiguous_grid", f"the sequence holds {len(grids)} grids: {query_axis.describe()}")
     position = grids[0]
     before, after = spans[:position], spans[position + 1 :]
     if before and after:
         raise _Dense("ambiguous_grid", f"tokens on both sides of the video grid: {query_axis.describe()}")
-    factors = list(spans[position].factors)
+    text = TokenAxis(before or after).length if (before or after) else 0
+    span = spans[position]
+    if isinstance(span, ContextSpan):
+        return _Layout(None, text, bool(before)), span.length
+    factors = list(span.factors)
     if len(factors) > 3:
         factors = [f for f in factors if not known_equal(f.size, 1)]
     if len(factors) != 3:
         raise _Dense(
             "ambiguous_grid",
-            f"the token grid {spans[position].describe()} has {len(factors)} dimensions; only 3-D (frames, height, "
+            f"the token grid {span.describe()} has {len(factors)} dimensions; only 3-D (frames, height, "
             "width) grids are inferred (set video_grid to force)",
         )
-    text = TokenAxis(before or after).length if (before or after) else 0
-    return _Layout(tuple(factors), text, bool(before))
+    return _Layout(tuple(factors), text, bool(before)), _grid_tokens(factors)
+
+
+def _contradiction(what: str, given: object, proved: object) -> LayoutOverrideError:
+    return LayoutOverrideError(
+        f"spattn: {what}={given!r} contradicts the graph, which proves {what}={proved!r} for this attention call; "
+        f"remove the {what} setting (the graph's value is used without it) or set it to {proved!r}"
+    )
 
 
 def _resolve_layout(
-    inferred: _Layout | None, why_not: _Dense | None, seq_len: Size, config: SparseAttentionConfig
+    inferred: tuple[_Layout, Size] | None, why_not: _Dense | None, seq_len: Size, config: SparseAttentionConfig
 ) -> tuple[_Layout, str]:
-    """Apply the config's video_grid / text_len / text_position to the inferred layout; returns (layout, grid_from)."""
-    if config.video_grid is None and config.text_len is None and config.text_position is None:
-        if inferred is None:
-            raise why_not
+    """Apply the config's video_grid / text_len / text_position to the inferred layout; returns (layout, grid_from).
+    Raises LayoutOverrideError for a setting that contradicts a layout the graph proves (static sizes)."""
+    if inferred is not None:
+        layout, num_video = inferred
         # The spans were built to add up to the sequence length; prove it, for every size, before relying on it.
-        if not known_equal(seq_len, _grid_tokens(inferred.grid) + inferred.text_len):
+        if not known_equal(seq_len, num_video + layout.text_len):
+            grid = "a run-time grid" if layout.grid is None else _grid_text(layout.grid)
             raise _Dense(
                 "ambiguous_grid",
-                f"inferred video grid {_grid_text(inferred.grid)} + text {inferred.text_len} cannot be proved to "
-                f"equal the sequence length {seq_len}",
+                f"inferred video grid {grid} + text {layout.text_len} cannot be proved to equal the sequence "
+                f"length {seq_len}",
             )
-        return inferred, "graph"
-    if config.video_grid is not None:
-        grid = tuple(Factor(size) for size in config.video_grid)
-        grid_from = "config"
-    elif inferred is not None:
-        grid = inferred.grid
-        grid_from = "graph"
-    else:
-        raise _Dense(
-            why_not.rule,
-            f"text_len/text_position are set but the video grid is unknown ({why_not.reason}); set video_grid too",
-        )
-    num_video = _grid_tokens(grid)
-    if config.text_len is not None:
-        text_len: Size = config.text_len
-    elif inferred is not None:
-        text_len = inferred.text_len
-    else:
-        text_len = seq_len - num_video
-    described = f"video_grid {_grid_text(grid)} ({num_video} tokens) + text_len {text_len}"
-    if not known_equal(seq_len, num_video + text_len):
-        raise _Dense("override_mismatch", f"{described} != sequence length {seq_len}")
-    if inferred is not None and not known_equal(_grid_tokens(inferred.grid), num_video):
-        raise _Dense(
-            "override_mismatch",
-            f"{described}, but the graph's video grid {_grid_text(inferred.grid)} holds "
-            f"{_grid_tokens(inferred.grid)} tokens",
-        )
-    if known_equal(text_len, 0):
-        return _Layout(grid, text_len, False), grid_from
-    if config.text_position is not None:
-        text_first = config.text_position == "first"
-        if inferred is not None and not known_equal(inferred.text_len, 0) and inferred.text_first != text_first:
-            where = "first" if inferred.text_first else "last"
+        _check_agreement(layout, config)
+        return layout, "graph" if layout.grid is not None else "context"
+    if config.video_grid is None:
+        if config.text_len is not None or config.text_position is not None:
             raise _Dense(
-                "override_mismatch", f"text_position={config.text_position!r}, but the graph places the text {where}"
+                why_not.rule,
+                f"text_len/text_position are set but the video grid is unknown ({why_not.reason}); set video_grid too",
             )
-    elif inferred is not None and not known_equal(inferred.text_len, 0):
-        text_first = inferred.text_first
-    else:
-        raise _Dense("override_mismatch", f"{described}: where the text sits is unknown; set text_position")
-    return _Layout(grid, text_len, text_first), grid_from
+        raise why_not
+    # No grid in the graph: the user's grid, read by the op when it runs (so that it may change per call).
+    grid = config.video_grid
+    num_video = grid[0] * grid[1] * grid[2]
+    described = f"video_grid {grid} ({num_video} tokens)"
+    if _is_static(seq_len):
+        seq = int(seq_len)
+        text = seq - num_video if config.text_len is None else config.text_len
+        if text < 0 or num_video + text != seq:
+            raise _Dense("override_mismatch", f"{described} + text_len {text} != sequence length {seq}")
+    if config.text_len == 0:
+        return _Layout(None, 0, False), "config"
+    if config.text_position is not None:
+        text_len = TEXT_REST if config.text_len is None else config.text_len
+        return _Layout(None, text_len, config.text_position == "first"), "config"
+    if _is_static(seq_len) and int(seq_len) == num_video:
+        return _Layout(None, 0, False), "config"
+    raise _Dense("override_mismatch", f"{described}: where the text sits is unknown; set text_position")
+
+
+def _check_agreement(layout: _Layout, config: SparseAttentionConfig) -> None:
+    """Raise LayoutOverrideError when a setting contradicts the layout the graph proves (decidable statically)."""
+    if config.video_grid is not None and layout.grid is not None:
+        proved = tuple(f.size for f in layout.grid)
+        if all(_is_static(size) for size in proved):
+            proved = tuple(int(size) for size in proved)
+            if proved != tuple(config.video_grid):
+                raise _contradiction("video_grid", tuple(config.video_grid), proved)
+    if config.text_len is not None and _is_static(layout.text_len) and int(layout.text_len) != config.text_len:
+        raise _contradiction("text_len", config.text_len, int(layout.text_len))
+    if config.text_position is not None and not (_is_static(layout.text_len) and int(layout.text_len) == 0):
+        position = "first" if layout.text_first else "last"
+        if position != config.text_position:
+            raise _contradiction("text_position", config.text_position, position)
 
 
 def _grid_tokens(grid: Sequence[Factor]) -> Size:
@@ -350,7 +451,7 @@ def _decide(
         traced_query = node_value(arguments["query"])
         if isinstance(traced_query, torch.Tensor):
             query_shape = tuple(traced_query.shape)
-        query, scale = _check_semantics(node, arguments)
+        query, scale, mask, note = _check_semantics(node, arguments)
         seq_len = query.shape[2]
         axes = [analysis.axis(arguments[name], 2) for name in ("query", "key", "value")]
         try:
@@ -358,33 +459,37 @@ def _decide(
         except _Dense as dense:
             inferred, why_not = None, dense
         layout, grid_from = _resolve_layout(inferred, why_not, seq_len, config)
-        note = ""
-        if isinstance(seq_len, int) or is_concrete_int(seq_len):
+        notes = [note] if note else []
+        if _is_static(seq_len):
             if int(seq_len) < config.min_seq_len:
                 raise _Dense("short", f"sequence length {seq_len} < min_seq_len={config.min_seq_len}")
         else:
-            note = f"dynamic sequence length {seq_len}: min_seq_len={config.min_seq_len} is applied when the op runs"
-        plan = _SparsePlan(
-            node,
-            arguments["query"],
-            arguments["key"],
-            arguments["value"],
-            arguments["attn_mask"],
-            scale,
-            layout.grid,
-            layout.text_len,
-            layout.text_first,
-        )
+            notes.append(
+                f"dynamic sequence length {seq_len}: min_seq_len={config.min_seq_len} is applied when the op runs"
+            )
+        if grid_from == "context":
+            notes.append("video grid from the model's forward, checked when the op runs")
+        elif grid_from == "config":
+            notes.append("video grid from the video_grid setting, read when the op runs")
+        plan = _SparsePlan(node, arguments["query"], arguments["key"], arguments["value"], mask, scale, layout)
+        text_len = layout.text_len
+        if layout.grid is not None:
+            video_grid = tuple(f.size for f in layout.grid)
+        else:
+            video_grid = tuple(config.video_grid) if grid_from == "config" else None
+            if video_grid is not None and text_len == TEXT_REST and _is_static(seq_len):
+                text_len = int(seq_len) - math.prod(video_grid)  # what the op will find with this grid
         decision = AttentionDecision(
             **base,
             sparse=True,
             query_shape=query_shape,
-            video_grid=tuple(f.size for f in layout.grid),
-            text_len=layout.text_len,
+            video_grid=video_grid,
+            text_len=text_len,
             text_position=_position(layout),
             grid_from=grid_from,
             rule="",
-            reason=note,
+            reason="; ".join(notes),
+            mask="" if mask is None else mask.kind,
         )
         return decision, plan
     except _Dense as dense:
@@ -392,7 +497,7 @@ def _decide(
             **base,
             sparse=False,
             query_shape=query_shape,
-            video_grid=None if layout is None else tuple(f.size for f in layout.grid),
+            video_grid=None if layout is None or layout.grid is None else tuple(f.size for f in layout.grid),
             text_len=None if layout is None else layout.text_len,
             text_position=None if layout is None else _position(layout),
             grid_from=grid_from,
@@ -403,7 +508,7 @@ def _decide(
 
 
 def _position(layout: _Layout) -> str | None:
-    if known_equal(layout.text_len, 0):
+    if _is_static(layout.text_len) and int(layout.text_len) == 0:
         return None
     return "first" if layout.text_first else "last"
 
@@ -412,13 +517,42 @@ def _is_sdpa(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in SDPA_TARGETS
 
 
+def context_seeds(graph: fx.Graph, video_tokens: int) -> dict[fx.Node, Annotation]:
+    """Seeds for a graph compiled from one block of a model whose forward holds `video_tokens` video tokens now: the
+    graph inputs (not parameters) with at least 3 dims whose dim 1 holds exactly that many tokens at the traced size
+    (diffusers blocks take the video stream as `(B, S, C)` and its rotary tables as `(B or 1, S, ...)`) get a
+    `ContextSpan` on dim 1. The op checks on every call that the span's length equals the grid of the call."""
+    seeds: dict[fx.Node, Annotation] = {}
+    for node in graph.nodes:
+        if node.op != "placeholder":
+            continue
+        value = node_value(node)
+        if not isinstance(value, torch.Tensor) or isinstance(value, torch.nn.Parameter) or value.dim() < 3:
+            continue
+        if _is_parameter(node):
+            continue
+        if size_hint(value.shape[1]) == video_tokens:
+            seeds[node] = {1: TokenAxis((ContextSpan(value.shape[1]),))}
+    return seeds
+
+
+def _is_parameter(node: fx.Node) -> bool:
+    """Whether a placeholder is a module's parameter or buffer (Dynamo names their sources after `_parameters`)."""
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    text = "" if source is None else source.name() if callable(getattr(source, "name", None)) else str(source)
+    return "_parameters" in text or "_buffers" in text
+
+
 def _analyze(
-    graph: fx.Graph, config: SparseAttentionConfig, graph_index: int
+    graph: fx.Graph,
+    config: SparseAttentionConfig,
+    graph_index: int,
+    seeds: dict[fx.Node, Annotation] | None = None,
 ) -> list[tuple[AttentionDecision, _SparsePlan | None]]:
     nodes = [node for node in graph.nodes if _is_sdpa(node)]
     if not nodes:
         return []
-    analysis = TokenAxisAnalysis(graph)
+    analysis = TokenAxisAnalysis(graph, seeds)
     results = []
     layer = 0
     for node in nodes:
@@ -430,11 +564,17 @@ def _analyze(
     return results
 
 
-def analyze_attention(graph: fx.Graph, config: SparseAttentionConfig, graph_index: int = 0) -> list[AttentionDecision]:
-    """The decision for every SDPA call of `graph` under `config`, without changing the graph."""
+def analyze_attention(
+    graph: fx.Graph,
+    config: SparseAttentionConfig,
+    graph_index: int = 0,
+    seeds: dict[fx.Node, Annotation] | None = None,
+) -> list[AttentionDecision]:
+    """The decision for every SDPA call of `graph` under `config`, without changing the graph. `seeds`: see
+    `context_seeds`. Raises LayoutOverrideError for settings that contradict the graph."""
     if not isinstance(config, SparseAttentionConfig):
         raise TypeError(f"config must be a SparseAttentionConfig, got {type(config).__name__}")
-    return [decision for decision, _ in _analyze(graph, config, graph_index)]
+    return [decision for decision, _ in _analyze(graph, config, graph_index, seeds)]
 
 
 def _graph_size(graph: fx.Graph, factor: Factor) -> object:
@@ -460,19 +600,53 @@ def _graph_binary(graph: fx.Graph, op, a: object, b: object, value: Size) -> obj
     return node
 
 
+def _call(graph: fx.Graph, target: object, args: tuple, value: object, kwargs: dict | None = None) -> fx.Node:
+    node = graph.call_function(target, args, kwargs or {})
+    node.meta["example_value"] = value
+    return node
+
+
+def _text_len_value(graph: fx.Graph, plan: _SparsePlan, grid: list[object]) -> object:
+    text_len = plan.layout.text_len
+    if _is_static(text_len):
+        return int(text_len)
+    if plan.layout.grid is None:
+        # A run-time grid: the op derives the text from the sequence (the span's length is symbolic only under
+        # dynamic shapes, where the op checks it against the grid of the call).
+        return TEXT_REST
+    # Symbolic: text_len = S - F*H*W, computed in the graph so that every traced size gets its own value.
+    query = node_value(plan.query)
+    seq_len = _graph_size(graph, Factor(query.shape[2], (plan.query, 2)))
+    factors = plan.layout.grid
+    num_video = _graph_binary(graph, operator.mul, grid[0], grid[1], factors[0].size * factors[1].size)
+    num_video = _graph_binary(graph, operator.mul, num_video, grid[2], _grid_tokens(factors))
+    return _graph_binary(graph, operator.sub, seq_len, num_video, text_len)
+
+
+def _mask_inputs(graph: fx.Graph, plan: _SparsePlan) -> tuple[object, fx.Node | None]:
+    """The key-padding mask node for the op, and the (B or 1, 1, S, 1) query-validity node when padded query rows
+    need SDPA's fully masked output."""
+    mask = plan.mask
+    if mask is None:
+        return None, None
+    if mask.kind == "key_padding":
+        return mask.node, None
+    valid = mask.valid
+    value = node_value(valid)
+    rows = value.unsqueeze(1)
+    key_mask = _call(graph, torch.unsqueeze, (_call(graph, torch.unsqueeze, (valid, 1), rows), 1), rows.unsqueeze(1))
+    if mask.kind == "key":
+        return key_mask, None
+    query_valid = _call(graph, torch.unsqueeze, (key_mask.args[0], -1), rows.unsqueeze(-1))
+    return key_mask, query_valid
+
+
 def _rewrite(graph: fx.Graph, plan: _SparsePlan, layer_index: int) -> None:
     node = plan.node
     with graph.inserting_before(node):
-        grid = [_graph_size(graph, factor) for factor in plan.grid]
-        if isinstance(plan.text_len, int) or is_concrete_int(plan.text_len):
-            text_len = int(plan.text_len)
-        else:
-            # Symbolic: text_len = S - F*H*W, computed in the graph so that every traced size gets its own value.
-            query = node_value(plan.query)
-            seq_len = _graph_size(graph, Factor(query.shape[2], (plan.query, 2)))
-            num_video = _graph_binary(graph, operator.mul, grid[0], grid[1], plan.grid[0].size * plan.grid[1].size)
-            num_video = _graph_binary(graph, operator.mul, num_video, grid[2], _grid_tokens(plan.grid))
-            text_len = _graph_binary(graph, operator.sub, seq_len, num_video, plan.text_len)
+        grid = [] if plan.layout.grid is None else [_graph_size(graph, factor) for factor in plan.layout.grid]
+        text_len = _text_len_value(graph, plan, grid)
+        key_mask, query_valid = _mask_inputs(graph, plan)
         replacement = graph.call_function(
             torch.ops.spattn.sparse_attention.default,
             (
@@ -481,27 +655,48 @@ def _rewrite(graph: fx.Graph, plan: _SparsePlan, layer_index: int) -> None:
                 plan.value,
                 grid,
                 text_len,
-                plan.text_first,
-                plan.attn_mask,
+                plan.layout.text_first,
+                key_mask,
                 plan.scale,
                 layer_index,
             ),
         )
-    replacement.meta.update(node.meta)
-    node.replace_all_uses_with(replacement)
+        replacement.meta.update(node.meta)
+        if query_valid is not None:
+            # Padded query rows: SDPA's output for a row whose keys are all masked, from SDPA itself on one such row.
+            query = node_value(plan.query)
+            one_row = query[:, :, :1]
+            first_query = _call(graph, operator.getitem, (plan.query, (slice(None), slice(None), slice(0, 1))), one_row)
+            no_key = _call(graph, torch.zeros_like, (key_mask,), torch.zeros_like(node_value(key_mask)))
+            fill = _call(
+                graph,
+                torch.nn.functional.scaled_dot_product_attention,
+                (first_query, plan.key, plan.value),
+                torch.empty_like(one_row),
+                {"attn_mask": no_key, "scale": plan.scale},
+            )
+            output = _call(graph, torch.where, (query_valid, replacement, fill), torch.empty_like(node_value(node)))
+            output.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+        else:
+            output = replacement
+    node.replace_all_uses_with(output)
     graph.erase_node(node)
 
 
 def rewrite_attention(
-    gm: fx.GraphModule, config: SparseAttentionConfig, graph_index: int = 0
+    gm: fx.GraphModule,
+    config: SparseAttentionConfig,
+    graph_index: int = 0,
+    seeds: dict[fx.Node, Annotation] | None = None,
 ) -> list[AttentionDecision]:
     """Rewrite every eligible SDPA call of `gm` in place (then recompile it); returns every call's decision and logs
-    it on the "spattn_compile" logger."""
+    it on the "spattn_compile" logger. `seeds`: see `context_seeds`. Raises LayoutOverrideError for settings that
+    contradict the graph."""
     if not isinstance(config, SparseAttentionConfig):
         raise TypeError(f"config must be a SparseAttentionConfig, got {type(config).__name__}")
     from .. import ops  # noqa: F401  (registers torch.ops.spattn.sparse_attention)
 
-    results = _analyze(gm.graph, config, graph_index)
+    results = _analyze(gm.graph, config, graph_index, seeds)
     for decision, plan in results:
         if plan is not None:
             _rewrite(gm.graph, plan, decision.layer_index)
@@ -516,11 +711,12 @@ def _log(decision: AttentionDecision) -> None:
     where = f"{decision.node}" + (f" ({decision.module})" if decision.module else "")
     if decision.sparse:
         text = "none" if decision.text_position is None else f"{decision.text_len} {decision.text_position}"
+        grid = "at run time" if decision.video_grid is None else str(decision.video_grid)
         logger.info(
             "spattn: %s -> sparse attention, layer %d, video grid %s (from %s), text %s%s",
             where,
             decision.layer_index,
-            decision.video_grid,
+            grid,
             decision.grid_from,
             text,
             f"; {decision.reason}" if decision.reason else "",

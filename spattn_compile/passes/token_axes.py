@@ -13,6 +13,11 @@ annotations of its output, so missing knowledge never turns into a guess; when t
 layouts for the same dimension, that dimension is marked `Conflict`. Sizes are ints, or SymInts under dynamic shapes;
 sizes are compared with `statically_known_true`, which proves equalities on the symbolic expressions (sympy) without
 adding guards. Each grid factor remembers a `(node, dim)` whose size it is, so the pass can rebuild it as a graph value.
+
+A graph compiled from one block of a model (regional compilation, `compile_repeated_blocks`) holds no patch embedding:
+its video tokens arrive as an input. The caller may then *seed* inputs with a `ContextSpan`: tokens of the video whose
+grid the model's forward knows at run time (the backend checks that the span's length equals that grid's size on
+every call). A context span flows like a grid span, but has no factors, so it cannot be reshaped into a grid.
 The module knows nothing of attention or of Triton.
 """
 
@@ -28,6 +33,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 __all__ = [
     "Conflict",
+    "ContextSpan",
     "DimInfo",
     "Factor",
     "GridSpan",
@@ -97,6 +103,16 @@ class GridSpan:
 
 
 @dataclasses.dataclass(frozen=True)
+class ContextSpan:
+    """The video tokens of a block's input, whose (frames, height, width) grid is known only when the model runs."""
+
+    length: Size
+
+    def describe(self) -> str:
+        return f"video({self.length}, grid at run time)"
+
+
+@dataclasses.dataclass(frozen=True)
 class OtherSpan:
     """Tokens of no known grid (text, registers, padding)."""
 
@@ -106,12 +122,13 @@ class OtherSpan:
         return f"other({self.length})"
 
 
-Span = GridSpan | OtherSpan
+Span = GridSpan | ContextSpan | OtherSpan
+VIDEO_SPANS = (GridSpan, ContextSpan)
 
 
 @dataclasses.dataclass(frozen=True)
 class TokenAxis:
-    """A sequence dimension made of consecutive spans; at least one of them is a `GridSpan`."""
+    """A sequence dimension made of consecutive spans; at least one of them is a `GridSpan` or a `ContextSpan`."""
 
     spans: tuple[Span, ...]
 
@@ -132,7 +149,7 @@ class TokenAxis:
         for mine, theirs in zip(self.spans, other.spans):
             if type(mine) is not type(theirs):
                 return False
-            if isinstance(mine, OtherSpan):
+            if isinstance(mine, (OtherSpan, ContextSpan)):
                 if not known_equal(mine.length, theirs.length):
                     return False
             elif len(mine.factors) != len(theirs.factors) or not all(
@@ -167,7 +184,7 @@ def _make_axis(spans: Sequence[Span]) -> TokenAxis | None:
             fused[-1] = OtherSpan(fused[-1].length + span.length)
         else:
             fused.append(span)
-    if not any(isinstance(s, GridSpan) for s in fused):
+    if not any(isinstance(s, VIDEO_SPANS) for s in fused):
         return None
     return TokenAxis(tuple(fused))
 
@@ -396,9 +413,13 @@ def _op_name(node: fx.Node) -> str | None:
 class TokenAxisAnalysis:
     """Annotate the token axes of every tensor in `graph` (see the module docstring). `axis(node, dim)` answers."""
 
-    def __init__(self, graph: fx.Graph) -> None:
+    def __init__(self, graph: fx.Graph, seeds: dict[fx.Node, Annotation] | None = None) -> None:
         self._values: dict[fx.Node, Annotation | tuple[Annotation, ...]] = {}
+        seeds = seeds or {}
         for node in graph.nodes:
+            if node in seeds:
+                self._values[node] = dict(seeds[node])
+                continue
             try:
                 result = self._visit(node)
             except Exception as error:
@@ -600,7 +621,7 @@ class TokenAxisAnalysis:
                 for d, info in zip(ins, infos):
                     if info is None:
                         factors.append(Factor(in_shape[d], (source, d)))
-                    elif len(info.spans) == 1:
+                    elif len(info.spans) == 1 and isinstance(info.spans[0], GridSpan):
                         factors.extend(info.spans[0].factors)
                     else:
                         factors = []  # a joint (video + text) sequence merged with another dimension
@@ -608,7 +629,13 @@ class TokenAxisAnalysis:
                 axis = _axis_from_factors(factors)
                 if axis is not None:
                     result[outs[0]] = axis
-            elif len(ins) == 1 and len(outs) >= 2 and infos[0] is not None and len(infos[0].spans) == 1:
+            elif (
+                len(ins) == 1
+                and len(outs) >= 2
+                and infos[0] is not None
+                and len(infos[0].spans) == 1
+                and isinstance(infos[0].spans[0], GridSpan)
+            ):
                 parts = _partition_factors(infos[0].spans[0].factors, [out_shape[o] for o in outs])
                 if parts is not None:
                     for o, part in zip(outs, parts):
