@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -65,9 +66,11 @@ def _randn(generator: torch.Generator, *shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=generator)
 
 
-def finish(model: torch.nn.Module) -> torch.nn.Module:
+def finish(model: Any) -> torch.nn.Module:
     """Eval mode, float32, and random weights everywhere: diffusers zero-initialises some output projections and
-    gates, and a zero gate would hide an attention error behind it."""
+    gates, and a zero gate would hide an attention error behind it. (`Any`: diffusers' model classes are untyped.)"""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model = model.eval().float()
     generator = _generator(1234)
     with torch.no_grad():
