@@ -79,7 +79,7 @@ class Prepared:
     masked_keys: bool
 
     def estimator_inputs(self) -> EstimatorInputs:
-        return EstimatorInputs(self.q, self.k, self.key_usable, self.stats, self.layout, self.scale, self.masked_keys)
+        return EstimatorInputs(self.q, self.k, self.key_usable, self.stats, self.layout, self.scale)
 
 
 def output_like(query: torch.Tensor) -> torch.Tensor:

@@ -361,6 +361,8 @@ def rectified_sparse_attention(
     bs = layout.block_size
     keep = plan.to_dense()
     b, h, n, _ = q_c.shape
+    # A masked key has no effect, whatever its value row holds (a zero weight times NaN would be NaN).
+    v_c = v_c.masked_fill(~key_valid_c[..., None], 0)
     nq = layout.num_blocks
     nb = layout.num_video_blocks
     out = torch.empty_like(q_c)

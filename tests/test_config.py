@@ -1,14 +1,24 @@
-"""SparseAttentionConfig validation (every field: range and type) and the scoping of the `config` context manager
-(nesting, exceptions, threads, asyncio tasks)."""
+"""SparseAttentionConfig validation (every field: range and type; NumPy scalars accepted and stored as Python numbers;
+the estimator by name or settings, checked against the block size) and the scoping of the `config` context manager
+(nesting, explicit fields, exceptions, threads, asyncio tasks)."""
 
 import asyncio
 import dataclasses
 import math
 import threading
 
+import numpy as np
 import pytest
 
-from spattn_compile.config import SparseAttentionConfig, config, current_config, reset_config, set_config
+from spattn_compile.config import (
+    SparseAttentionConfig,
+    config,
+    current_config,
+    explicit_fields,
+    reset_config,
+    set_config,
+)
+from spattn_compile.estimators import PooledTiles, QueryTiles, SampledRows
 
 # (field, value, error): one bad value per line; the message must name the field.
 BAD_VALUES = [
@@ -26,10 +36,13 @@ BAD_VALUES = [
     ("block_size", 128.0, TypeError),
     ("block_size", "128", TypeError),
     ("block_size", True, TypeError),
-    ("tile_size", 8, ValueError),
-    ("tile_size", 24, ValueError),
-    ("tile_size", 256, ValueError),  # does not divide the default block_size 128
-    ("tile_size", 32.0, TypeError),
+    ("estimator", "oracle", ValueError),
+    ("estimator", "Pooled", ValueError),
+    ("estimator", None, TypeError),
+    ("estimator", 16, TypeError),
+    ("estimator", PooledTiles(tile_size=256), ValueError),  # does not divide the default block_size 128
+    ("estimator", SampledRows(rows=129), ValueError),  # more rows than the default block_size 128 has
+    ("estimator", QueryTiles(tile_size=256), ValueError),
     ("mass_threshold", 0.0, ValueError),
     ("mass_threshold", 1.01, ValueError),
     ("mass_threshold", -0.5, ValueError),
@@ -56,6 +69,9 @@ BAD_VALUES = [
     ("dense_layers", 3, ValueError),
     ("refresh_interval", 0, ValueError),
     ("refresh_interval", 2.0, TypeError),
+    ("exact_plan_steps", -1, ValueError),
+    ("exact_plan_steps", 1.5, TypeError),
+    ("exact_plan_steps", None, TypeError),
     ("density_decay", 1.0, ValueError),
     ("density_decay", -0.01, ValueError),
     ("density_decay", "0.1", TypeError),
@@ -100,8 +116,9 @@ GOOD_VALUES = [
     ("sparsity", 0),
     ("block_size", 32),
     ("block_size", 256),
-    ("tile_size", 16),
-    ("tile_size", 128),
+    ("estimator", PooledTiles(tile_size=128, outliers=False)),
+    ("estimator", SampledRows(rows=128)),
+    ("estimator", QueryTiles(tile_size=32)),
     ("mass_threshold", 1.0),
     ("mass_threshold", 1e-6),
     ("max_density", 1.0),
@@ -114,6 +131,8 @@ GOOD_VALUES = [
     ("dense_steps", 5),
     ("dense_layers", (0, 1, 7)),
     ("refresh_interval", 12),
+    ("exact_plan_steps", 0),
+    ("exact_plan_steps", 9),
     ("density_decay", 0.5),
     ("min_seq_len", 0),
     ("video_grid", (1, 1, 1)),
@@ -127,11 +146,81 @@ def test_valid_field_values_are_kept(field, value):
     assert getattr(SparseAttentionConfig(**{field: value}), field) == value
 
 
-def test_block_and_tile_size_checked_together():
-    assert SparseAttentionConfig(block_size=64, tile_size=64).tile_size == 64
-    assert SparseAttentionConfig(block_size=16, tile_size=16).block_size == 16
-    with pytest.raises(ValueError, match=r"tile_size=128 .*divisor of block_size=64"):
-        SparseAttentionConfig(block_size=64, tile_size=128)
+def test_block_size_and_estimator_checked_together():
+    assert SparseAttentionConfig(block_size=64, estimator=PooledTiles(tile_size=64)).estimator.tile_size == 64
+    assert SparseAttentionConfig(block_size=16, estimator=SampledRows(rows=16)).block_size == 16
+    with pytest.raises(ValueError, match=r"estimator=PooledTiles\(tile_size=128\) is invalid with block_size=64"):
+        SparseAttentionConfig(block_size=64, estimator=PooledTiles(tile_size=128))
+    with pytest.raises(ValueError, match=r"estimator=SampledRows\(rows=32\) is invalid with block_size=16"):
+        SparseAttentionConfig(block_size=16, estimator=SampledRows(rows=32))
+    # The default estimator (tile 16) fits every block size.
+    assert SparseAttentionConfig(block_size=16).estimator == PooledTiles(16, outliers=True)
+
+
+@pytest.mark.parametrize(("name", "settings"), [("pooled", PooledTiles()), ("sampled_rows", SampledRows()),
+                                                ("query_tiles", QueryTiles())])  # fmt: skip
+def test_estimator_names_give_default_settings(name, settings):
+    cfg = SparseAttentionConfig(estimator=name)
+    assert cfg.estimator == settings and cfg == SparseAttentionConfig(estimator=settings)
+    assert hash(cfg) == hash(SparseAttentionConfig(estimator=settings))
+
+
+def test_numpy_scalars_are_stored_as_python_numbers():
+    """Issue 13 item 8: NumPy scalars are accepted wherever Python numbers are, and stored as Python numbers, so that
+    configs built either way compare, hash and print alike."""
+    cfg = SparseAttentionConfig(
+        sparsity=np.float32(0.5),
+        block_size=np.int64(64),
+        mass_threshold=np.float64(0.75),
+        max_density=np.float32(0.25),
+        dense_steps=np.int32(2),
+        dense_layers=[np.int64(3), np.int16(1)],
+        refresh_interval=np.uint8(4),
+        exact_plan_steps=np.int64(3),
+        density_decay=np.float16(0.125),
+        min_seq_len=np.int64(0),
+        video_grid=(np.int64(2), np.int32(3), np.int8(5)),
+        text_len=np.int64(7),
+    )
+    plain = SparseAttentionConfig(
+        sparsity=float(np.float32(0.5)),
+        block_size=64,
+        mass_threshold=0.75,
+        max_density=float(np.float32(0.25)),
+        dense_steps=2,
+        dense_layers=(1, 3),
+        refresh_interval=4,
+        exact_plan_steps=3,
+        density_decay=0.125,
+        min_seq_len=0,
+        video_grid=(2, 3, 5),
+        text_len=7,
+    )
+    assert cfg == plain and hash(cfg) == hash(plain) and repr(cfg) == repr(plain)
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        values = value if isinstance(value, tuple) else (value,)
+        assert all(type(v).__module__ == "builtins" or isinstance(v, PooledTiles) for v in values), field.name
+    with pytest.raises(ValueError, match=r"SparseAttentionConfig\.sparsity=.*is invalid"):
+        SparseAttentionConfig(sparsity=np.float32(1.5))
+    with pytest.raises(TypeError, match=r"SparseAttentionConfig\.block_size=.* has type"):
+        SparseAttentionConfig(block_size=np.float64(64.0))
+    with pytest.raises(TypeError, match=r"SparseAttentionConfig\.gapr"):
+        SparseAttentionConfig(gapr=np.bool_(True))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: SampledRows(rows=np.int64(8)),
+        lambda: QueryTiles(tile_size=np.int64(16)),
+        lambda: PooledTiles(tile_size=np.int64(16)),
+    ],  # fmt: skip
+    ids=["SampledRows.rows", "QueryTiles.tile_size", "PooledTiles.tile_size"],
+)
+def test_numpy_integers_in_estimator_settings(make):
+    settings = make()
+    assert SparseAttentionConfig(estimator=settings).estimator == settings
 
 
 def test_sequences_are_normalised_to_tuples():
@@ -151,8 +240,9 @@ def test_config_is_frozen_and_density_is_one_minus_sparsity():
 
 def test_defaults_are_the_documented_ones():
     cfg = SparseAttentionConfig()
-    assert (cfg.sparsity, cfg.block_size, cfg.tile_size) == (0.75, 128, 32)
-    assert (cfg.reorder, cfg.rectify, cfg.gapr, cfg.neighbors) == ("hilbert", "block", True, False)
+    assert (cfg.sparsity, cfg.block_size, cfg.estimator) == (0.75, 128, PooledTiles(tile_size=16, outliers=True))
+    assert (cfg.reorder, cfg.rectify, cfg.gapr, cfg.neighbors) == ("hilbert", "query", True, False)
+    assert (cfg.max_density, cfg.dense_steps, cfg.exact_plan_steps, cfg.min_seq_len) == (0.5, 0, 5, 2048)
     assert cfg.mass_threshold is None and cfg.video_grid is None and cfg.text_len is None
 
 
@@ -182,11 +272,22 @@ def test_config_restores_after_an_exception():
 
 
 def test_config_with_a_base_ignores_the_enclosing_block():
-    base = SparseAttentionConfig(block_size=64, tile_size=16)
+    base = SparseAttentionConfig(block_size=64, estimator=QueryTiles(tile_size=32))
     with config(sparsity=0.5):
         with config(base, rectify="none") as scoped:
             assert scoped.sparsity == base.sparsity
-            assert (scoped.block_size, scoped.tile_size, scoped.rectify) == (64, 16, "none")
+            assert (scoped.block_size, scoped.estimator, scoped.rectify) == (64, QueryTiles(32), "none")
+            assert explicit_fields() == frozenset(f.name for f in dataclasses.fields(SparseAttentionConfig))
+
+
+def test_explicit_fields_are_the_ones_set_by_enclosing_blocks():
+    assert explicit_fields() == frozenset()
+    with config(sparsity=0.5):
+        assert explicit_fields() == {"sparsity"}
+        with config(estimator="sampled_rows"):
+            assert explicit_fields() == {"sparsity", "estimator"}
+        assert explicit_fields() == {"sparsity"}
+    assert explicit_fields() == frozenset()
 
 
 def test_config_rejects_unknown_fields_and_non_config_base():

@@ -1,10 +1,11 @@
-"""Tests of the rectified block-sparse attention kernel (`spattn_compile.kernels.block_sparse_attention`) and its
-custom op, against the float64 reference `reference.rectified_sparse_attention` + `scatter_canonical`.
+"""Tests of the rectified block-sparse attention kernel (`spattn_compile.kernels.block_sparse_attention`) against the
+float64 reference `reference.rectified_sparse_attention` + `scatter_canonical`.
 
 CPU tests run the kernel under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so shapes are tiny
-and dtypes are float16/float32 (the interpreter cannot multiply bfloat16). `gpu` tests run bfloat16 at a real video
-size on CUDA. Every output buffer is poisoned with NaN before the launch, so an unwritten element fails the test and a
-row the kernel must not write is checked to still be NaN.
+and dtypes are float16/float32 (the interpreter cannot multiply bfloat16); head dims that are not a power of two are
+padded in the kernel's registers. `gpu` tests run bfloat16 at a real video size on CUDA. Every output buffer is poisoned
+with NaN before the launch, so an unwritten element fails the test and a row the kernel must not write is checked to
+still be NaN. The kernels' custom ops were removed (issue 13 item 4): only `torch.ops.spattn.sparse_attention` exists.
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ from hypothesis import strategies as st
 
 from spattn_compile import reference
 from spattn_compile.config import SparseAttentionConfig
-from spattn_compile.kernels.attention_op import block_sparse_attention_op
+from spattn_compile.estimators import PooledTiles, estimator_for
 from spattn_compile.kernels.block_sparse_attention import (
     autotune_configs,
     block_sparse_attention,
     prune_tile_configs,
 )
 from spattn_compile.layout import token_layout
+from spattn_compile.pipeline import ReferenceStages
+from spattn_compile.plan import PooledStats, SparsePlan, indices_from_mask
 
 # ||out - ref|| / ||ref|| bounds: fp32 products are exact fp32 ("ieee"); fp16 and bf16 round P (and the pooled keys of
 # query mode) to 16 bits before the products.
@@ -56,9 +59,7 @@ class AttentionCase:
     expected: torch.Tensor
 
 
-def _rectify_args(
-    rectify: str, plan: reference.SparsePlan, stats: reference.PooledStats, num_blocks: int
-) -> dict[str, torch.Tensor]:
+def _rectify_args(rectify: str, plan: SparsePlan, stats: PooledStats, num_blocks: int) -> dict[str, torch.Tensor]:
     """The launcher's rectification arguments from a reference plan and reference statistics."""
     if rectify == "block":
         rescale, correction = reference.block_rectification(plan, stats, num_blocks)
@@ -114,15 +115,15 @@ def _random_case(
     key_valid = ((source >= 0) & valid[:, source.clamp(min=0)])[:, None, :].expand(batch, heads, -1)
 
     keep = torch.rand(batch, heads, nq, nq, generator=generator) >= sparsity
-    kv_counts, kv_indices = reference.indices_from_mask(keep)
+    kv_counts, kv_indices = indices_from_mask(keep)
     nonempty = key_valid.reshape(batch, heads, nq, block_size).any(-1)[..., :nb]
     trusted = torch.zeros(batch, heads, nq, nb, dtype=torch.bool)
     trusted[..., :nb, :] = ~keep[..., :nb, :nb] & nonempty[..., None, :]
     trusted &= torch.rand(batch, heads, nq, nb, generator=generator) < trusted_share
-    trusted_counts, trusted_indices = reference.indices_from_mask(trusted)
+    trusted_counts, trusted_indices = indices_from_mask(trusted)
     scores = torch.rand(batch, heads, nb, nb + 1, generator=generator, dtype=torch.float64) + 0.05
     scores = scores / scores.sum(-1, keepdim=True)
-    plan = reference.SparsePlan(kv_counts, kv_indices, trusted_counts, trusted_indices, scores, nb)
+    plan = SparsePlan(layout, kv_counts, kv_indices, trusted_counts, trusted_indices, scores, "mask")
 
     q_c, k_c, v_c = (reference.gather_canonical(t, layout) for t in (q, k, v))
     q64, k64, v64 = (t.double() for t in (q_c, k_c, v_c))
@@ -213,7 +214,7 @@ def _cases(draw):
             "seed": draw(st.integers(0, 2**31 - 1)),
             "batch": draw(st.integers(1, 2)),
             "heads": draw(st.integers(1, 3)),
-            "head_dim": draw(st.sampled_from([16, 32, 64])),
+            "head_dim": draw(st.sampled_from([16, 24, 32, 40, 64])),
             "grid": (draw(_PRIME_SIDES), draw(_PRIME_SIDES), draw(_PRIME_SIDES)),
             "text_len": text_len,
             "text_first": draw(st.booleans()),
@@ -370,7 +371,11 @@ _BAD_INPUTS = [
     ("k", lambda a: _replace(a, k=a["k"].half()), TypeError),
     ("v", lambda a: _replace(a, v=a["v"][:, :1]), ValueError),
     ("q", lambda a: _replace(a, q=a["q"].transpose(-1, -2).contiguous().transpose(-1, -2)), ValueError),
-    ("head dim", lambda a: _replace(a, **{n: a[n][..., :24] for n in ("q", "k", "v")}), ValueError),
+    (
+        "head dim 300 is not supported",
+        lambda a: _replace(a, **{n: torch.zeros(*a[n].shape[:3], 300) for n in ("q", "k", "v")}),
+        ValueError,
+    ),
     ("block_size", lambda a: _replace(a, block_size=24), ValueError),
     ("block_size", lambda a: _replace(a, block_size=512), ValueError),
     ("scale", lambda a: _replace(a, scale=-1.0), ValueError),
@@ -419,43 +424,54 @@ def test_query_mode_inputs_are_checked():
 def test_prune_keeps_tiles_that_divide_the_block():
     configs = autotune_configs()
     for block_size in (16, 32, 64, 128, 256):
-        for head_dim in (64, 128):
-            kept = prune_tile_configs(configs, {"BLOCK_SIZE": block_size}, HEAD_DIM=head_dim)
+        for head_pad in (16, 64, 128, 256):
+            kept = prune_tile_configs(configs, {"BLOCK_SIZE": block_size}, HEAD_PAD=head_pad)
             assert kept
             for config in kept:
                 assert block_size % config.kwargs["BLOCK_M"] == 0
                 assert block_size % config.kwargs["BLOCK_N"] == 0
-                assert config.kwargs["BLOCK_M"] == min(128, block_size)
+                # The largest query tile that fits; 256-wide heads keep the tiles at 64 (registers).
+                assert config.kwargs["BLOCK_M"] == min(64 if head_pad > 128 else 128, block_size)
+                if head_pad <= 64:
+                    assert config.kwargs["BLOCK_N"] == min(128, block_size)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# The custom op
-# --------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("head_dim", [16, 24, 40, 72, 136, 256])
+@pytest.mark.parametrize("rectify", ["none", "query"])
+def test_head_dims_the_kernels_take(head_dim, rectify):
+    """Head dims 16 to 256 that are multiples of 8 (`capability.kernel_limits`), padded to a power of two in
+    registers: the padding lanes add nothing to q . k, are never stored (the output rows are exactly `head_dim` wide,
+    NaN-poisoned around) and never read."""
+    case = _small_case(rectify, grid=(2, 3, 5), text_len=5, text_padding=2, head_dim=head_dim)
+    _run_and_check(case, output="transposed", drop_share=0.0, index_dtype=torch.int64, tile_config=None, seed=5)
 
 
-@pytest.mark.parametrize("rectify", ["none", "block", "query"])
-@pytest.mark.parametrize("scatter", [False, True])
-def test_custom_op(rectify, scatter):
-    case = _small_case(rectify, grid=(2, 3, 5), text_len=5, text_padding=2, heads=1)
-    layout = case.layout
-    extra = {"out_index": layout.source_index, "out_len": layout.seq_len} if scatter else {}
-    args = (case.q, case.k, case.v, case.plan_args["kv_counts"], case.plan_args["kv_indices"], case.scale, 16)
-    kwargs = {key: value for key, value in case.plan_args.items() if key not in ("kv_counts", "kv_indices")}
-    kwargs.update(key_valid=case.key_valid.contiguous(), **extra)
-    torch.library.opcheck(torch.ops.spattn.block_sparse_attention.default, args, kwargs)
-
-    out = block_sparse_attention_op(*args, **kwargs)
-    expected = reference.scatter_canonical(case.expected, layout) if scatter else case.expected
-    assert _relative_error(out, expected) < _TOLERANCE[torch.float32]
+@pytest.mark.parametrize("head_dim", [8, 12, 20, 264])
+def test_head_dims_outside_the_rule_are_rejected(head_dim):
+    kwargs = _valid_kwargs()
+    shape = (*kwargs["q"].shape[:3], head_dim)
+    tensors = {name: torch.zeros(shape) for name in ("q", "k", "v")}
+    message = rf"q: head dim {head_dim} is not supported by the Triton kernels \(they take 16 <= D <= 256 with D % 8"
+    with pytest.raises(ValueError, match=message):
+        block_sparse_attention(**_replace(kwargs, **tensors))
 
 
-def test_custom_op_checks_out_len():
-    case = _small_case()
-    args = (case.q, case.k, case.v, case.plan_args["kv_counts"], case.plan_args["kv_indices"], case.scale, 16)
-    with pytest.raises(ValueError, match="out_len"):
-        block_sparse_attention_op(*args, out_index=case.layout.source_index)
-    with pytest.raises(ValueError, match="out_len"):
-        block_sparse_attention_op(*args, out_len=3)
+def test_head_dim_padding_does_not_read_past_the_row():
+    """Q, K, V as the first 24 of 48 columns (a slice): the 8 padding lanes of the 32-wide registers must be masked,
+    not read from the next 24 columns (filled with huge values here)."""
+    case = _small_case("none", head_dim=24)
+    wide = {}
+    for name in ("q", "k", "v"):
+        tensor = getattr(case, name)
+        buffer = torch.full((*tensor.shape[:3], 48), 1e4, dtype=tensor.dtype)
+        buffer[..., :24] = tensor
+        wide[name] = buffer[..., :24]
+    out = torch.full_like(case.q, math.nan)
+    block_sparse_attention(
+        wide["q"], wide["k"], wide["v"], scale=case.scale, block_size=case.layout.block_size,
+        key_valid=case.key_valid, out=out, **case.plan_args,
+    )  # fmt: skip
+    assert _relative_error(out, case.expected) < _TOLERANCE[torch.float32]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -481,16 +497,19 @@ def _pipeline_case(*, grid, text_len, head_dim, rectify, dtype, heads=2, density
     valid = torch.ones(1, 1, 1, seq_len, dtype=torch.bool, device=device)
     if text_len:
         valid[..., -text_len // 3 :] = False
-    key_valid = reference.canonical_key_valid(
-        reference.key_padding_valid(valid, 1, heads, seq_len), layout, 1, heads, device
-    )
-    q64, k64, v64 = (reference.gather_canonical(t.double(), layout) for t in (q, k, v))
-    stats = reference.pool_statistics(q64, k64, v64, key_valid, layout, 32)
     scale = 1.0 / math.sqrt(head_dim)
-    config = SparseAttentionConfig(rectify=rectify, gapr=False, block_size=128, sparsity=1 - density)
-    plan = reference.build_plan(stats, k64, key_valid, layout, scale=scale, density=density, config=config)
+    estimator = PooledTiles(tile_size=32, outliers=True)
+    config = SparseAttentionConfig(
+        rectify=rectify, gapr=False, block_size=128, sparsity=1 - density, estimator=estimator
+    )
+    stages = ReferenceStages(torch.float64)
+    key_padding = reference.key_padding_valid(valid, 1, heads, seq_len)
+    prepared = stages.prepare(q, k, v, layout, key_padding, 32, scale)
+    scores = estimator_for(estimator).reference(prepared.estimator_inputs(), estimator)
+    plan = stages.select(prepared, scores, density=density, config=config, estimator_name=estimator.name)
+    stats, key_valid = prepared.stats, prepared.key_valid
     expected = reference.rectified_sparse_attention(
-        q64, k64, v64, key_valid, plan, stats, layout, scale=scale, rectify=rectify
+        prepared.q, prepared.k, prepared.v, key_valid, plan, stats, layout, scale=scale, rectify=rectify
     )
     plan_args = {
         "kv_counts": plan.kv_counts,
@@ -509,6 +528,16 @@ def test_gpu_bf16_real_size(head_dim, rectify):
     case = _pipeline_case(grid=(21, 30, 52), text_len=0, head_dim=head_dim, rectify=rectify, dtype=torch.bfloat16)
     error = _run_and_check(case, output="transposed", drop_share=0.0, index_dtype=torch.int64, tile_config=None, seed=0)
     print(f"bf16 21x30x52 D={head_dim} rectify={rectify}: relative error {error:.2e}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [80, 96])
+@pytest.mark.parametrize("rectify", ["block", "query"])
+def test_gpu_bf16_head_dims_that_are_not_powers_of_two(head_dim, rectify):
+    """CogVideoX-like head dims, padded to 128 in registers."""
+    case = _pipeline_case(grid=(9, 30, 45), text_len=226, head_dim=head_dim, rectify=rectify, dtype=torch.bfloat16)
+    error = _run_and_check(case, output="transposed", drop_share=0.0, index_dtype=torch.int64, tile_config=None, seed=4)
+    print(f"bf16 9x30x45 D={head_dim} rectify={rectify}: relative error {error:.2e}")
 
 
 @pytest.mark.gpu

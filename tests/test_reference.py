@@ -1,7 +1,7 @@
-"""The plain-PyTorch reference (the specification) against ALGORITHMS.md, stage by stage, in float64: reorder
-round trips and invariance, pooling and scoring against loop implementations of the formulas, selection and plan
-properties, both rectification modes against explicit per-query formulas, masking, and the whole pipeline at
-sparsity 0 against SDPA."""
+"""The plain-PyTorch reference (the specification) against docs/DESIGN.md, stage by stage, in float64: reorder round
+trips and invariance, key-padding masks by SDPA's rules, pooling over the usable rows and the estimators' reference
+scores against loop implementations of the formulas, selection and plan properties (forced blocks included), both
+rectification modes against explicit per-query formulas, masking, and the whole pipeline at sparsity 0 against SDPA."""
 
 import dataclasses
 import math
@@ -11,29 +11,32 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_helpers import sprinkle_non_finite
 
 import spattn_compile.reference as reference
 from spattn_compile import sparse_attention
 from spattn_compile.config import SparseAttentionConfig
+from spattn_compile.estimators import EstimatorInputs, PooledTiles, QueryTiles, SampledRows, estimator_for
+from spattn_compile.estimators.pooled import pooled_scores_reference
 from spattn_compile.layout import neighbor_block_mask, token_layout
+from spattn_compile.plan import indices_from_mask, mask_from_indices
 from spattn_compile.reference import (
     attention_block_mass,
     block_budget,
+    block_non_finite,
     block_rectification,
-    block_scores,
-    build_plan,
     canonical_key_valid,
     dense_attention,
+    finite_rows,
     gapr_trusted,
     gather_canonical,
-    indices_from_mask,
     key_padding_valid,
-    mask_from_indices,
+    key_usable,
     pool_statistics,
     rectified_sparse_attention,
     scatter_canonical,
     select_blocks,
-    sparse_attention_reference,
+    select_plan_reference,
 )
 from spattn_compile.testing import video_attention_inputs
 
@@ -136,15 +139,33 @@ def sdpa(case: Case) -> torch.Tensor:
     return F.scaled_dot_product_attention(case.query, case.key, case.value, attn_mask=case.attn_mask)
 
 
-def run_stages(case: Case, density: float, **config_fields) -> torch.Tensor:
-    """Stages 0-3 in order, like `sparse_attention_reference`, but on the case's own block and tile sizes (which may
-    be below the config's minimum of 16, to exercise tails and many blocks on small inputs)."""
+def pooled_scores(case: Case, stats, outliers: bool = True) -> torch.Tensor:
+    """The pooled estimator's reference scores at the case's own tile size (the reference reads the tile size from
+    the statistics, so tiles below the settings' minimum of 16 exercise many tiles and tails on small inputs)."""
+    q_c, k_c, v_c, valid_c = case.canonical()
+    inputs = EstimatorInputs(q_c, k_c, key_usable(k_c, v_c, valid_c), stats, case.layout, case.scale)
+    return pooled_scores_reference(inputs, PooledTiles(16, outliers=outliers))
+
+
+def plan_for(case: Case, density: float, outliers: bool = True, **config_fields):
+    """Stages 0-2 on the case's own block and tile sizes (which may be below the config's minimum of 16)."""
     config = SparseAttentionConfig(sparsity=1 - density, min_seq_len=0, **config_fields)
     q_c, k_c, v_c, valid_c = case.canonical()
     stats = pool_statistics(q_c, k_c, v_c, valid_c, case.layout, case.tile_size)
-    plan = build_plan(stats, k_c, valid_c, case.layout, scale=case.scale, density=density, config=config)
+    scores = pooled_scores(case, stats, outliers)
+    plan = select_plan_reference(
+        scores, stats, valid_c, case.layout, density=density, config=config, estimator="pooled",
+        forced_blocks=block_non_finite(k_c, v_c, valid_c, case.layout),
+    )  # fmt: skip
+    return plan, stats, (q_c, k_c, v_c, valid_c)
+
+
+def run_stages(case: Case, density: float, outliers: bool = True, **config_fields) -> torch.Tensor:
+    """Stages 0-3 in order, like `sparse_attention(impl="reference")`, but on the case's own block and tile sizes."""
+    plan, stats, (q_c, k_c, v_c, valid_c) = plan_for(case, density, outliers, **config_fields)
+    rectify = config_fields.get("rectify", SparseAttentionConfig().rectify)
     out_c = rectified_sparse_attention(
-        q_c, k_c, v_c, valid_c, plan, stats, case.layout, scale=case.scale, rectify=config.rectify
+        q_c, k_c, v_c, valid_c, plan, stats, case.layout, scale=case.scale, rectify=rectify
     )
     return scatter_canonical(out_c, case.layout)
 
@@ -187,13 +208,14 @@ def test_dense_attention_is_invariant_under_the_reorder(case):
     gapr=st.booleans(),
     neighbors=st.booleans(),
     mass_threshold=st.sampled_from([None, 0.5, 1.0]),
+    estimator=st.sampled_from([PooledTiles(16), PooledTiles(16, outliers=False), SampledRows(3), QueryTiles(16)]),
 )
 @settings(max_examples=80)
-def test_pipeline_at_sparsity_zero_equals_sdpa(case, rectify, gapr, neighbors, mass_threshold):
+def test_pipeline_at_sparsity_zero_equals_sdpa(case, rectify, gapr, neighbors, mass_threshold, estimator):
     config = SparseAttentionConfig(
         sparsity=0.0,
         block_size=case.block_size if case.block_size >= 16 else 16,
-        tile_size=16,
+        estimator=estimator,
         reorder=case.reorder,
         rectify=rectify,
         gapr=gapr,
@@ -206,10 +228,10 @@ def test_pipeline_at_sparsity_zero_equals_sdpa(case, rectify, gapr, neighbors, m
     assert relative_error(out, sdpa(case)) < 1e-10
 
 
-@given(case=cases(), rectify=st.sampled_from(["none", "block", "query"]))
+@given(case=cases(), rectify=st.sampled_from(["none", "block", "query"]), outliers=st.booleans())
 @settings(max_examples=40)
-def test_stages_at_full_density_equal_sdpa_for_any_block_and_tile(case, rectify):
-    out = run_stages(case, 1.0, reorder=case.reorder, rectify=rectify)
+def test_stages_at_full_density_equal_sdpa_for_any_block_and_tile(case, rectify, outliers):
+    out = run_stages(case, 1.0, outliers, reorder=case.reorder, rectify=rectify)
     assert relative_error(out, sdpa(case)) < 1e-10
 
 
@@ -218,23 +240,33 @@ def test_stages_at_full_density_equal_sdpa_for_any_block_and_tile(case, rectify)
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@given(case=cases(max_tokens=120))
+@given(case=cases(max_tokens=120), non_finite=st.sampled_from([0, 0, 1, 3]), seed=st.integers(0, 2**16))
 @settings(max_examples=40)
-def test_pool_statistics_match_loop_formulas(case):
+def test_pool_statistics_match_loop_formulas(case, non_finite, seed):
+    """Means and deviations over the usable rows only: real queries with finite entries, unmasked keys whose key and
+    value rows are finite (values over the same rows); groups with nothing to count have zero means."""
+    if non_finite:
+        generator = torch.Generator().manual_seed(seed)
+        tensors = sprinkle_non_finite(generator, (case.query, case.key, case.value), non_finite)
+        case = dataclasses.replace(case, query=tensors[0], key=tensors[1], value=tensors[2])
     q_c, k_c, v_c, valid_c = case.canonical()
     layout, ts, bs = case.layout, case.tile_size, case.block_size
     stats = pool_statistics(q_c, k_c, v_c, valid_c, layout, ts)
     real = layout.source_index >= 0
+    query_ok = real & finite_rows(q_c)
+    key_ok = key_usable(k_c, v_c, valid_c)
     b, h = q_c.shape[:2]
     nb = layout.num_video_blocks
     assert stats.q_tile.shape == (b, h, nb * bs // ts, q_c.shape[-1])
     assert stats.k_block.shape == (b, h, nb, q_c.shape[-1])
+    for name in ("q_tile", "k_tile", "q_block", "k_block", "v_block", "q_block_mad", "k_block_mad"):
+        assert torch.isfinite(getattr(stats, name)).all(), name
     for bi in range(b):
         for hi in range(h):
             for tile in range(nb * bs // ts):
                 rows = torch.arange(tile * ts, (tile + 1) * ts)
-                q_rows, k_rows = rows[real[rows]], rows[valid_c[bi, hi, rows]]
-                assert stats.q_tile_count[tile] == q_rows.numel()
+                q_rows, k_rows = rows[query_ok[bi, hi, rows]], rows[key_ok[bi, hi, rows]]
+                assert stats.q_tile_count[bi, hi, tile] == q_rows.numel()
                 assert stats.k_tile_count[bi, hi, tile] == k_rows.numel()
                 if q_rows.numel():
                     torch.testing.assert_close(stats.q_tile[bi, hi, tile], q_c[bi, hi, q_rows].mean(0))
@@ -242,13 +274,16 @@ def test_pool_statistics_match_loop_formulas(case):
                     torch.testing.assert_close(stats.k_tile[bi, hi, tile], k_c[bi, hi, k_rows].mean(0))
             for block in range(nb):
                 rows = torch.arange(block * bs, (block + 1) * bs)
-                q_rows, k_rows = rows[real[rows]], rows[valid_c[bi, hi, rows]]
+                q_rows, k_rows = rows[query_ok[bi, hi, rows]], rows[key_ok[bi, hi, rows]]
                 assert stats.k_block_count[bi, hi, block] == k_rows.numel()
-                q_mean = q_c[bi, hi, q_rows].mean(0)
-                torch.testing.assert_close(stats.q_block[bi, hi, block], q_mean)
-                torch.testing.assert_close(
-                    stats.q_block_mad[bi, hi, block], (q_c[bi, hi, q_rows] - q_mean).abs().mean(0)
-                )
+                if q_rows.numel():
+                    q_mean = q_c[bi, hi, q_rows].mean(0)
+                    torch.testing.assert_close(stats.q_block[bi, hi, block], q_mean)
+                    torch.testing.assert_close(
+                        stats.q_block_mad[bi, hi, block], (q_c[bi, hi, q_rows] - q_mean).abs().mean(0)
+                    )
+                else:
+                    assert (stats.q_block[bi, hi, block] == 0).all()
                 if k_rows.numel():
                     k_mean = k_c[bi, hi, k_rows].mean(0)
                     torch.testing.assert_close(stats.k_block[bi, hi, block], k_mean)
@@ -260,10 +295,60 @@ def test_pool_statistics_match_loop_formulas(case):
                     assert (stats.k_block[bi, hi, block] == 0).all() and (stats.v_block[bi, hi, block] == 0).all()
 
 
-def loop_block_scores(case: Case) -> torch.Tensor:
-    """ALGORITHMS.md stage 1 with explicit loops: IPAR's size-corrected tile estimate, text keys isolated, summed
-    over the key tiles of each block and averaged over the real queries of each query block."""
-    q_c, k_c, _, valid_c = case.canonical()
+def test_usable_keys_and_non_finite_blocks():
+    """`finite_rows`, `key_usable` and `block_non_finite` on a hand-made canonical layout of two blocks of 4."""
+    layout = token_layout((1, 2, 3), 2, False, 4)  # 6 video tokens (blocks of 4 and 2 + 2 padding), 2 text tokens
+    k = torch.zeros(1, 1, layout.padded_len, 2, dtype=F64)
+    v = torch.zeros_like(k)
+    k[0, 0, 1, 0] = math.nan  # video block 0, valid: flags block 0
+    v[0, 0, 5, 1] = math.inf  # video block 1, masked: flags nothing
+    v[0, 0, 8, 0] = -math.inf  # text block, valid
+    valid = torch.ones(1, 1, layout.padded_len, dtype=torch.bool)
+    valid[0, 0, 5] = False
+    assert finite_rows(k)[0, 0].tolist() == [True, False] + [True] * 10
+    usable = key_usable(k, v, valid)
+    assert torch.nonzero(~usable[0, 0]).flatten().tolist() == [1, 5, 8]
+    assert block_non_finite(k, v, valid, layout).tolist() == [[[True, False, True]]]
+
+
+@pytest.mark.parametrize(
+    "shape", [(1, 37), (2, 1, 37), (1, 1, 37), (3, 1, 1, 37), (1, 2, 1, 37), (3, 2, 1, 37), (1, 1, 1, 37)]
+)
+def test_key_padding_masks_broadcast_by_sdpa_rules(shape):
+    """Aligned right to (B=3, H=2, 1, S=37): the bool (B, H, S) view equals the mask broadcast as SDPA does."""
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(len(shape))) > 0.4
+    valid = key_padding_valid(mask, 3, 2, 37)
+    assert valid.shape == (3, 2, 37) and valid.dtype == torch.bool
+    expected = mask.reshape((1,) * (4 - mask.dim()) + shape).expand(3, 2, 1, 37)[:, :, 0]
+    assert torch.equal(valid, expected)
+    assert key_padding_valid(None, 3, 2, 37) is None
+
+
+@pytest.mark.parametrize(
+    ("mask", "error", "message"),
+    [
+        (torch.ones(37, dtype=torch.bool), ValueError, r"attn_mask of shape \(37,\) is not a key-padding mask"),
+        (torch.ones(3, 2, 37, 37, dtype=torch.bool), ValueError, "with a query dimension of 1"),
+        (torch.ones(37, 37, dtype=torch.bool), ValueError, r"\(37, 37\) is not a key-padding mask"),
+        (torch.ones(4, 1, 1, 37, dtype=torch.bool), ValueError, r"broadcastable to \(3, 2, 1, 37\)"),
+        (torch.ones(1, 3, 1, 37, dtype=torch.bool), ValueError, r"broadcastable to \(3, 2, 1, 37\)"),
+        (torch.ones(1, 1, 1, 36, dtype=torch.bool), ValueError, "is not a key-padding mask"),
+        (torch.ones(1, 1, 1, 1, 37, dtype=torch.bool), ValueError, "expected 2 to 4 dims"),
+        (torch.zeros(1, 1, 1, 37), TypeError, "got dtype torch.float32"),
+        ([True] * 37, TypeError, "attn_mask must be a torch.Tensor or None, got list"),
+    ],
+)
+def test_key_padding_masks_that_sdpa_rules_reject(mask, error, message):
+    with pytest.raises(error, match=message):
+        key_padding_valid(mask, 3, 2, 37)
+
+
+def loop_pooled_scores(case: Case, outliers: bool) -> torch.Tensor:
+    """docs/DESIGN.md stage 1, the pooled estimator, with explicit loops: query tile means score key tiles by
+    `s q.k + log n` (IPAR's multiplicity); with `outliers`, each key tile's key farthest from the tile mean (the first
+    on ties) is scored apart with multiplicity 1 and the tile mean is over the others; text keys are isolated; the
+    softmax weights are summed per key block and averaged over the real queries of each query block."""
+    q_c, k_c, v_c, valid_c = case.canonical()
     layout, ts, bs = case.layout, case.tile_size, case.block_size
     real = layout.source_index >= 0
     nb = layout.num_video_blocks
@@ -273,12 +358,19 @@ def loop_block_scores(case: Case) -> torch.Tensor:
     for bi in range(b):
         for hi in range(h):
             valid = valid_c[bi, hi]
-            key_tiles = []
+            key_tiles = []  # (key block, multiplicity, key vector)
             for tile in range(nb * bs // ts):
                 rows = torch.arange(tile * ts, (tile + 1) * ts)
                 rows = rows[valid[rows]]
-                if rows.numel():
-                    key_tiles.append((tile * ts // bs, rows.numel(), k_c[bi, hi, rows].mean(0)))
+                if not rows.numel():
+                    continue
+                keys = k_c[bi, hi, rows]
+                if outliers:
+                    far = int((keys - keys.mean(0)).pow(2).sum(-1).argmax())
+                    key_tiles.append((tile * ts // bs, 1, keys[far]))
+                    keys = torch.cat([keys[:far], keys[far + 1 :]])
+                if keys.shape[0]:
+                    key_tiles.append((tile * ts // bs, keys.shape[0], keys.mean(0)))
             text_keys = [k_c[bi, hi, r] for r in text_rows if valid[r]]
             for block in range(nb):
                 total, weight_sum = torch.zeros(nb + 1, dtype=F64), 0
@@ -304,18 +396,70 @@ def loop_block_scores(case: Case) -> torch.Tensor:
     return scores
 
 
-@given(case=cases(max_tokens=120))
+@given(case=cases(max_tokens=120), outliers=st.booleans())
 @settings(max_examples=30)
-def test_block_scores_match_loop_formula(case):
+def test_pooled_scores_match_loop_formula(case, outliers):
     q_c, k_c, v_c, valid_c = case.canonical()
     stats = pool_statistics(q_c, k_c, v_c, valid_c, case.layout, case.tile_size)
-    scores = block_scores(stats, k_c, valid_c, case.layout, case.scale)
-    expected = loop_block_scores(case)
+    scores = pooled_scores(case, stats, outliers)
+    expected = loop_pooled_scores(case, outliers)
     torch.testing.assert_close(scores, expected, rtol=1e-10, atol=1e-12)
     # Rows of blocks with a real query and some unmasked key are distributions.
     has_key = valid_c.any(-1)[..., None]
     sums = scores.sum(-1)
     assert torch.allclose(sums[has_key.expand_as(sums)], torch.ones(()).to(F64), atol=1e-12)
+
+
+def loop_probe_scores(case: Case, probes: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The probe estimators' formula with loops: each probe's exact softmax over every valid key, summed per key block
+    (all text keys in the last column), and the weighted mean over the probes of each query block."""
+    _, k_c, _, valid_c = case.canonical()
+    layout = case.layout
+    nb, bs = layout.num_video_blocks, layout.block_size
+    b, h, num_probes, _ = probes.shape
+    per_block = num_probes // nb
+    scores = torch.zeros(b, h, nb, nb + 1, dtype=F64)
+    for bi in range(b):
+        for hi in range(h):
+            keys = torch.nonzero(valid_c[bi, hi]).flatten()
+            columns = (keys // bs).clamp(max=nb)
+            for block in range(nb):
+                total, weight_sum = torch.zeros(nb + 1, dtype=F64), 0.0
+                for p in range(block * per_block, (block + 1) * per_block):
+                    w = float(weights[bi, hi, p] if weights.dim() == 3 else weights[p])
+                    if w == 0 or not keys.numel():
+                        continue
+                    probability = torch.softmax(case.scale * k_c[bi, hi, keys] @ probes[bi, hi, p], 0)
+                    total += w * torch.zeros(nb + 1, dtype=F64).index_add_(0, columns, probability)
+                    weight_sum += w
+                if weight_sum:
+                    scores[bi, hi, block] = total / weight_sum
+    return scores
+
+
+@given(case=cases(max_tokens=120), rows=st.integers(1, 4))
+@settings(max_examples=25)
+def test_probe_estimators_match_loop_formula(case, rows):
+    """`SampledRows(rows)` (real query rows of each stratum) and `QueryTiles` (tile means weighted by their row counts)
+    at the case's own block and tile sizes."""
+    q_c, k_c, v_c, valid_c = case.canonical()
+    layout = case.layout
+    rows = min(rows, case.block_size)
+    stats = pool_statistics(q_c, k_c, v_c, valid_c, layout, case.tile_size)
+    inputs = EstimatorInputs(q_c, k_c, key_usable(k_c, v_c, valid_c), stats, layout, case.scale)
+    sampled = estimator_for(SampledRows(rows)).reference(inputs, SampledRows(rows))
+    positions, weights = _sampled_rows(layout, rows)
+    expected = loop_probe_scores(case, q_c[..., positions, :], weights)
+    torch.testing.assert_close(sampled, expected, rtol=1e-10, atol=1e-12)
+    tiles = estimator_for(QueryTiles()).reference(inputs, QueryTiles())
+    expected = loop_probe_scores(case, stats.q_tile, stats.q_tile_count)
+    torch.testing.assert_close(tiles, expected, rtol=1e-10, atol=1e-12)
+
+
+def _sampled_rows(layout, rows: int):
+    from spattn_compile.estimators.probes import sampled_row_probes
+
+    return sampled_row_probes(layout, rows, torch.device("cpu"))
 
 
 @given(case=cases(max_tokens=120))
@@ -453,6 +597,28 @@ def test_mass_threshold_grows_rows_minimally_up_to_max_density(problem, density,
     assert (mass[grown] - lowest[grown] < mass_threshold + 1e-12).all()
 
 
+@given(problem=selection_problems(), density=st.floats(0.01, 0.99), share=st.floats(0.0, 0.5))
+@settings(max_examples=100)
+def test_forced_blocks_are_kept_by_every_video_row_first(problem, density, share):
+    """Blocks holding a non-finite key (`forced_blocks`) are kept by every video query block and rank first (after
+    none), the free slots of the budget going to the highest-scoring other blocks."""
+    layout, scores, generator = problem
+    nb, nq = layout.num_video_blocks, layout.num_blocks
+    b, h = scores.shape[:2]
+    nonempty = torch.ones(b, h, nq, dtype=torch.bool)
+    forced_blocks = torch.rand(b, h, nq, generator=generator) < share
+    keep = select_blocks(scores, layout, density=density, key_block_nonempty=nonempty, forced_blocks=forced_blocks)
+    video = keep[..., :nb, :nb]
+    forced = torch.eye(nb, dtype=torch.bool) | forced_blocks[..., None, :nb]
+    assert video[forced].all()
+    assert keep[..., nb:, :].all() and keep[..., :nb, nb:].all()
+    budget = block_budget(density, nb)
+    assert torch.equal(video.sum(-1), torch.maximum(forced.sum(-1), torch.tensor(budget)))
+    free_kept = torch.where(video & ~forced, scores[..., :nb], math.inf).amin(-1)
+    free_skipped = torch.where(~video & ~forced, scores[..., :nb], -math.inf).amax(-1)
+    assert (free_kept >= free_skipped).all()
+
+
 @given(problem=selection_problems(), density=st.floats(0.01, 0.99), neighbors=st.booleans())
 @settings(max_examples=100)
 def test_empty_blocks_are_never_kept(problem, density, neighbors):
@@ -490,14 +656,6 @@ def test_index_lists_round_trip(shape, seed, p):
     assert torch.equal(mask_from_indices(counts, indices, shape[-1]), mask)
 
 
-def plan_for(case: Case, density: float, **config_fields):
-    config = SparseAttentionConfig(sparsity=1 - density, min_seq_len=0, **config_fields)
-    q_c, k_c, v_c, valid_c = case.canonical()
-    stats = pool_statistics(q_c, k_c, v_c, valid_c, case.layout, case.tile_size)
-    plan = build_plan(stats, k_c, valid_c, case.layout, scale=case.scale, density=density, config=config)
-    return plan, stats, (q_c, k_c, v_c, valid_c)
-
-
 @given(
     case=cases(max_tokens=150),
     density=st.floats(0.05, 0.7),
@@ -516,7 +674,7 @@ def test_plan_lists_and_trusted_blocks(case, density, rectify, gapr):
         used = torch.arange(indices.shape[-1]) < counts[..., None]
         assert (indices[~used] == -1).all() and (indices[used] >= 0).all()
         assert (indices[..., 1:] > indices[..., :-1])[used[..., 1:]].all()
-    keep, trusted = plan.keep_mask(), plan.trusted_mask()
+    keep, trusted = plan.to_dense(), plan.trusted_mask()
     nonempty = valid_c.reshape(b, h, nq, bs).any(-1)
     assert not (keep & ~nonempty[..., None, :]).any()
     assert not trusted[..., nb:, :].any(), "text query rows are dense, nothing to compensate"
@@ -538,10 +696,12 @@ def test_plan_uses_given_scores_for_the_oracle():
     stats = pool_statistics(q_c, k_c, v_c, valid_c, case.layout, 16)
     true_mass = attention_block_mass(case.query, case.key, case.layout)
     config = SparseAttentionConfig(sparsity=0.75, rectify="none", min_seq_len=0)
-    plan = build_plan(stats, k_c, valid_c, case.layout, scale=case.scale, density=0.25, config=config, scores=true_mass)
-    assert plan.block_scores is true_mass
+    plan = select_plan_reference(
+        true_mass, stats, valid_c, case.layout, density=0.25, config=config, estimator="oracle"
+    )
+    assert plan.block_scores is true_mass and plan.estimator == "oracle"
     nb = case.layout.num_video_blocks
-    kept = plan.keep_mask()[..., :nb, :nb]
+    kept = plan.to_dense()[..., :nb, :nb]
     budget = block_budget(0.25, nb)
     # The oracle keeps the diagonal and fills the rest of its budget with the blocks of highest true mass.
     diagonal = torch.eye(nb, dtype=torch.bool)
@@ -563,7 +723,7 @@ def explicit_sparse_attention(case: Case, plan, stats, rectify: str) -> torch.Te
     q_c, k_c, v_c, valid_c = case.canonical()
     layout = case.layout
     bs, nb = layout.block_size, layout.num_video_blocks
-    keep, trusted = plan.keep_mask(), plan.trusted_mask()
+    keep, trusted = plan.to_dense(), plan.trusted_mask()
     out = torch.zeros_like(q_c)
     real = layout.source_index >= 0
     b, h = q_c.shape[:2]
@@ -660,8 +820,8 @@ def test_rows_with_only_text_keys_left_are_finite_and_exact(text_first, rectify)
     mask = inputs.attn_mask.clone()
     video = slice(9, None) if text_first else slice(0, 70)
     mask[0, ..., video] = False  # batch 0: every video key masked; only the 6 unpadded text keys remain
-    config = SparseAttentionConfig(sparsity=0.8, block_size=16, tile_size=16, rectify=rectify, min_seq_len=0)
-    out = sparse_attention_reference(
+    config = SparseAttentionConfig(sparsity=0.8, block_size=16, rectify=rectify, min_seq_len=0)
+    out = sparse_attention(
         inputs.query,
         inputs.key,
         inputs.value,
@@ -670,6 +830,7 @@ def test_rows_with_only_text_keys_left_are_finite_and_exact(text_first, rectify)
         text_first=text_first,
         attn_mask=mask,
         config=config,
+        impl="reference",
     )
     assert torch.isfinite(out).all()
     expected = F.scaled_dot_product_attention(inputs.query, inputs.key, inputs.value, attn_mask=mask)
@@ -682,13 +843,15 @@ def test_chunked_reference_equals_unchunked(monkeypatch):
         (3, 6, 7), batch=2, heads=2, head_dim=16, text_len=11, text_padding=4, dtype=F64, seed=5
     )
     layout = token_layout((3, 6, 7), 11, False, 16)
-    config = SparseAttentionConfig(sparsity=0.6, block_size=16, tile_size=16, rectify="query", min_seq_len=0)
+    config = SparseAttentionConfig(sparsity=0.6, block_size=16, rectify="query", min_seq_len=0)
 
     def run():
         return (
             dense_attention(inputs.query, inputs.key, inputs.value, inputs.attn_mask),
             attention_block_mass(inputs.query, inputs.key, layout, inputs.attn_mask),
-            sparse_attention_reference(inputs.query, inputs.key, inputs.value, **inputs.kwargs(), config=config),
+            sparse_attention(
+                inputs.query, inputs.key, inputs.value, **inputs.kwargs(), config=config, impl="reference"
+            ),
         )
 
     whole = run()
@@ -706,8 +869,10 @@ def test_error_falls_with_density_on_video_like_inputs(rectify):
     dense = dense_attention(inputs.query, inputs.key, inputs.value)
     errors = []
     for sparsity in (0.875, 0.75, 0.5, 0.25, 0.0):
-        config = SparseAttentionConfig(sparsity=sparsity, block_size=32, tile_size=16, rectify=rectify, min_seq_len=0)
-        out = sparse_attention_reference(inputs.query, inputs.key, inputs.value, **inputs.kwargs(), config=config)
+        config = SparseAttentionConfig(sparsity=sparsity, block_size=32, rectify=rectify, min_seq_len=0)
+        out = sparse_attention(
+            inputs.query, inputs.key, inputs.value, **inputs.kwargs(), config=config, impl="reference"
+        )
         errors.append(relative_error(out, dense))
     assert all(sparser > denser for sparser, denser in zip(errors, errors[1:]))
     assert errors[-1] < 1e-12

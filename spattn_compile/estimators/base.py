@@ -64,8 +64,6 @@ class EstimatorInputs:
     key_valid: bool `(B, H, P)`: the row is a real, unmasked key.
     stats: pooled statistics at the estimator's `pool_tile_size` (float32 on the Triton path).
     layout: the canonical layout. scale: the softmax scale.
-    masked_keys: False promises that every real key is valid (the call has no key-padding mask), so kernels may
-        skip per-key masking outside the padding rows of the last video block and the text blocks.
     """
 
     q: torch.Tensor
@@ -74,7 +72,6 @@ class EstimatorInputs:
     stats: PooledStats
     layout: TokenLayout
     scale: float
-    masked_keys: bool = True
 
 
 # The settings argument is the registered settings type; `Any` keeps each function typed by its own settings class.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 import torch
 
@@ -41,6 +42,8 @@ class PooledTiles(EstimatorConfig):
     outliers: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.tile_size, numbers.Integral) and not isinstance(self.tile_size, bool):
+            object.__setattr__(self, "tile_size", int(self.tile_size))  # NumPy integers too
         _check_tile("PooledTiles", self.tile_size)
         if self.tile_size < 16:
             raise ValueError(f"PooledTiles.tile_size={self.tile_size} is invalid: expected a power of two >= 16")

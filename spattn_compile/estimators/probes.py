@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 
 import torch
 
@@ -47,6 +48,8 @@ class SampledRows(EstimatorConfig):
     rows: int = 8
 
     def __post_init__(self) -> None:
+        if isinstance(self.rows, numbers.Integral) and not isinstance(self.rows, bool):
+            object.__setattr__(self, "rows", int(self.rows))  # NumPy integers too
         if isinstance(self.rows, bool) or not isinstance(self.rows, int):
             raise TypeError(f"SampledRows.rows={self.rows!r} has type {type(self.rows).__name__}: expected an int")
         if self.rows < 1:
@@ -72,6 +75,8 @@ class QueryTiles(EstimatorConfig):
     tile_size: int = 16
 
     def __post_init__(self) -> None:
+        if isinstance(self.tile_size, numbers.Integral) and not isinstance(self.tile_size, bool):
+            object.__setattr__(self, "tile_size", int(self.tile_size))  # NumPy integers too
         value = self.tile_size
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"QueryTiles.tile_size={value!r} has type {type(value).__name__}: expected an int")
@@ -106,11 +111,17 @@ def _sampled_rows_cpu(layout: TokenLayout, rows: int) -> tuple[torch.Tensor, tor
     return torch.tensor(positions, dtype=torch.int64), torch.tensor(weights, dtype=torch.float32)
 
 
-def sampled_row_probes(layout: TokenLayout, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """int64 `(NB * rows,)` canonical rows of the probes and float32 `(NB * rows,)` their weights (stratum sizes; 0
-    for an empty stratum of a short last block). Probes of block i are entries `i * rows ... (i + 1) * rows - 1`."""
+@functools.lru_cache(maxsize=64)
+def _sampled_rows_on(layout: TokenLayout, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     positions, weights = _sampled_rows_cpu(layout, rows)
     return positions.to(device), weights.to(device)
+
+
+def sampled_row_probes(layout: TokenLayout, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 `(NB * rows,)` canonical rows of the probes and float32 `(NB * rows,)` their weights (stratum sizes; 0
+    for an empty stratum of a short last block). Probes of block i are entries `i * rows ... (i + 1) * rows - 1`.
+    Cached per device: the copy to the device happens once, so a call can be captured in a CUDA graph."""
+    return _sampled_rows_on(layout, rows, torch.device(device))
 
 
 def probe_weights(probes: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -165,19 +176,14 @@ def _sampled_rows_kernel(inputs: EstimatorInputs, config: SampledRows) -> torch.
 
     positions, weights = sampled_row_probes(inputs.layout, config.rows, inputs.q.device)
     probes = inputs.q.index_select(-2, positions)
-    return probe_scores(
-        probes, weights, inputs.k, inputs.key_valid, inputs.layout, inputs.scale, masked_keys=inputs.masked_keys
-    )
+    return probe_scores(probes, weights, inputs.k, inputs.key_valid, inputs.layout, inputs.scale)
 
 
 def _query_tiles_kernel(inputs: EstimatorInputs, config: QueryTiles) -> torch.Tensor:
     from ..kernels.probe_scores import probe_scores
 
     stats = inputs.stats
-    return probe_scores(
-        stats.q_tile, stats.q_tile_count, inputs.k, inputs.key_valid, inputs.layout, inputs.scale,
-        masked_keys=inputs.masked_keys,
-    )  # fmt: skip
+    return probe_scores(stats.q_tile, stats.q_tile_count, inputs.k, inputs.key_valid, inputs.layout, inputs.scale)
 
 
 register_estimator(SampledRows, reference=_sampled_rows_reference, kernel=_sampled_rows_kernel)

@@ -184,6 +184,8 @@ def _block_sparse_attention_kernel(
             if tl.load(block_full_base + kv_block) == 0:
                 key_ok = tl.load(valid_base + start_n + offs_n) != 0
                 qk = tl.where(key_ok[None, :], qk, float("-inf"))
+                # A masked key has no effect, whatever its value row holds (0 * NaN would be NaN).
+                v = tl.where(key_ok[:, None], v, tl.zeros_like(v))
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, qk, v, qk_scale, DOT_PRECISION)
 
     if RECTIFY == 2:

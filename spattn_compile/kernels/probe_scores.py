@@ -187,12 +187,11 @@ def probe_scores(
     key_valid_c: torch.Tensor,
     layout: TokenLayout,
     scale: float,
-    masked_keys: bool = True,
 ) -> torch.Tensor:
     """`P_hat` float32 `(B, H, NB, NB + 1)` from `probes (B, H, NB * R, D)` (any float dtype; cast to the keys' dtype
     for the products) with `weights` float32 `(NB * R,)`, the canonical keys `k_c (B, H, P, D)` (float16, bfloat16 or
-    float32) and `key_valid_c` bool `(B, H, P)`; equals `estimators.probes.probe_scores_reference`. `masked_keys=False`
-    promises that every real video key is valid (no key-padding mask), which skips the mask in full video blocks."""
+    float32) and `key_valid_c` bool `(B, H, P)`; equals `estimators.probes.probe_scores_reference`.
+    Keys are masked only in blocks that hold an invalid one (a per-block flag, read once per block)."""
     batch, heads, num_probes, head_dim = probes.shape
     device = k_c.device
     check_device(device, "k_c")
@@ -214,7 +213,6 @@ def probe_scores(
     valid = key_valid_c.reshape(bh, layout.padded_len).contiguous()
     # True where a block has no masked key: the kernel then skips the per-key select.
     block_full = valid.view(bh, nq, layout.block_size).all(-1)
-    has_key_valid = masked_keys or layout.num_video % layout.block_size != 0
     scores = torch.empty(bh, nb, nb + 1, device=device, dtype=torch.float32)
     group = max(1, _SCRATCH_BYTES // max(1, num_probes * (nb + 1) * 4))
     log_mass = torch.empty(min(group, bh), num_probes, nb + 1, device=device, dtype=torch.float32)
@@ -239,7 +237,7 @@ def probe_scores(
             BLOCK_SIZE=layout.block_size,
             HEAD_DIM=head_dim,
             HEAD_PAD=head_pad,
-            HAS_KEY_VALID=has_key_valid,
+            HAS_KEY_VALID=True,
             DOT_PRECISION=precision,
         )
         if INTERPRETED:

@@ -175,23 +175,27 @@ def _reorder_pool_kernel(
             v_tile_sum = tl.zeros([HEAD_PAD], dtype=tl.float32)
             q_tile_count = tl.sum(tl.zeros([CHUNK], dtype=tl.float32), 0)
             k_tile_count = tl.sum(tl.zeros([CHUNK], dtype=tl.float32), 0)
+            # (New names: compiled Triton rejects a variable whose type changes inside an `if`.)
             for part in tl.static_range(CHUNKS_PER_TILE):
                 offset = tile * TILE_SIZE + part * CHUNK
                 rows = block_rows + offset + offs_c
-                real = tl.load(SourceIndex + block.to(tl.int64) * BLOCK_SIZE + offset + offs_c) >= 0
-                key_ok = tl.load(KeyValidC + rows) != 0
+                row_real = tl.load(SourceIndex + block.to(tl.int64) * BLOCK_SIZE + offset + offs_c) >= 0
+                row_valid = tl.load(KeyValidC + rows) != 0
                 load_mask = (offs_c >= 0)[:, None] & d_ok[None, :]
-                q = tl.load(QC + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=load_mask, other=0.0).to(tl.float32)
-                k = tl.load(KC + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=load_mask, other=0.0).to(tl.float32)
-                v = tl.load(VC + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=load_mask, other=0.0).to(tl.float32)
-                query_ok = real & _row_finite(q)
-                kv_finite = _row_finite(k) & _row_finite(v)
-                key_usable = key_ok & kv_finite
+                q_rows = tl.load(QC + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=load_mask, other=0.0)
+                k_rows = tl.load(KC + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=load_mask, other=0.0)
+                v_rows = tl.load(VC + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=load_mask, other=0.0)
+                q_rows = q_rows.to(tl.float32)
+                k_rows = k_rows.to(tl.float32)
+                v_rows = v_rows.to(tl.float32)
+                query_ok = row_real & _row_finite(q_rows)
+                kv_finite = _row_finite(k_rows) & _row_finite(v_rows)
+                key_usable = row_valid & kv_finite
                 tl.store(KeyUsableC + rows, key_usable.to(tl.int8))
-                non_finite += tl.sum((key_ok & ~kv_finite).to(tl.int32), 0)
-                q_tile_sum += tl.sum(tl.where(query_ok[:, None], q, 0.0), 0)
-                k_tile_sum += tl.sum(tl.where(key_usable[:, None], k, 0.0), 0)
-                v_tile_sum += tl.sum(tl.where(key_usable[:, None], v, 0.0), 0)
+                non_finite += tl.sum((row_valid & ~kv_finite).to(tl.int32), 0)
+                q_tile_sum += tl.sum(tl.where(query_ok[:, None], q_rows, 0.0), 0)
+                k_tile_sum += tl.sum(tl.where(key_usable[:, None], k_rows, 0.0), 0)
+                v_tile_sum += tl.sum(tl.where(key_usable[:, None], v_rows, 0.0), 0)
                 q_tile_count += tl.sum(query_ok.to(tl.float32), 0)
                 k_tile_count += tl.sum(key_usable.to(tl.float32), 0)
             block_clean = block_clean & False

@@ -64,6 +64,8 @@ class PlanEvaluator:
         valid = key_padding_valid(attn_mask, b, h, s)
         self.key_valid = canonical_key_valid(valid, layout, b, h, query.device)
         self.q, self.k, self.v = (gather_canonical(t.to(compute_dtype), layout) for t in (query, key, value))
+        # As the pipeline does: a masked key has no effect, whatever its value row holds.
+        self.v = self.v.masked_fill(~self.key_valid[..., None], 0)
         self.blocks_per_chunk = max(1, chunk_rows // layout.block_size)
         self.stats = pool_statistics(self.q, self.k, self.v, self.key_valid, layout, layout.block_size)
         self._dense: torch.Tensor | None = None

@@ -1,0 +1,126 @@
+"""Helpers shared by the kernel, estimator and pipeline tests (not a test module; the harness-wide helpers are in
+helpers.py): a strict relative error, poisoned allocations, random inputs in several memory layouts, random key-padding
+masks, non-finite sprinkles, and the prepared inputs of both implementations.
+
+Every comparison is against the float64 plain-PyTorch reference; `relative_error` refuses an all-zero reference (such a
+test could not fail). `poisoned_allocations` fills every `torch.empty*` allocation with NaN (floats), the largest value
+(integers) or True (bools) while it is active, so an element a kernel fails to write cannot match the reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import helpers
+import torch
+
+from spattn_compile import reference
+from spattn_compile.pipeline import Prepared, ReferenceStages
+
+# Small grids with prime sides (partial last blocks, text blocks), the interpreter's bread and butter.
+GRIDS = [(1, 3, 5), (2, 5, 7), (3, 5, 7), (1, 1, 13), (3, 3, 3)]
+# Head dims: powers of two and not (the kernels pad to a power of two in registers).
+HEAD_DIMS = [16, 24, 32, 40]
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """`helpers.relative_error` (||out - ref|| / ||ref|| in float64) that refuses an all-zero reference: the kernel
+    tests never compare with zeros (such a test could not fail)."""
+    assert ref.double().norm() > 0, "reference is all zeros"
+    return helpers.relative_error(out, ref)
+
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    """Fill every `torch.empty*` allocation with NaN / the dtype's largest value while the block runs."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
+def make_inputs(
+    generator: torch.Generator,
+    *,
+    batch: int,
+    heads: int,
+    head_dim: int,
+    layout,
+    dtype: torch.dtype,
+    memory: str = "contiguous",
+    gain: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random Q, K, V `(B, H, S, D)` with non-zero means, stored contiguous, as a transposed `(B, S, H, D)` buffer,
+    or as a slice of wider rows (strided, last dim contiguous)."""
+    seq_len = layout.seq_len
+
+    def one(offset: float, scale: float) -> torch.Tensor:
+        width = 2 * head_dim if memory == "sliced" else head_dim
+        shape = (batch, seq_len, heads, width) if memory == "transposed" else (batch, heads, seq_len, width)
+        x = scale * torch.randn(*shape, generator=generator, dtype=torch.float64) + offset
+        x = x.to(dtype)
+        if memory == "transposed":
+            x = x.transpose(1, 2)
+        return x[..., :head_dim]
+
+    return one(0.3, gain), one(-0.2, 1.0), one(0.5, 1.0)
+
+
+def make_key_valid(
+    generator: torch.Generator, *, batch: int, heads: int, layout, kind: str, masked_share: float
+) -> torch.Tensor | None:
+    """A bool key-padding mask `(B, 1, 1, S)` or `(B, H, 1, S)` in the original order, or None. "empty" masks every
+    token of every other canonical video block (from the second), so that empty tiles and blocks occur; the first video
+    token and the first text token are always kept."""
+    if kind == "none":
+        return None
+    seq_len = layout.seq_len
+    heads_in_mask = heads if kind == "per_head" else 1
+    valid = torch.rand(batch, heads_in_mask, 1, seq_len, generator=generator) >= masked_share
+    if kind == "empty":
+        source = layout.source_index
+        nb, bs = layout.num_video_blocks, layout.block_size
+        for block in range(1, nb, 2):
+            rows = source[block * bs : (block + 1) * bs]
+            valid[..., rows[rows >= 0]] = False
+    valid[..., layout.source_index[0]] = True
+    if layout.num_text:
+        text_start = layout.num_video if not layout.text_first else 0
+        valid[..., text_start] = True
+    return valid
+
+
+def sprinkle_non_finite(
+    generator: torch.Generator, tensors: tuple[torch.Tensor, ...], count: int
+) -> tuple[torch.Tensor, ...]:
+    """Copies of `tensors` with `count` random entries (over all of them) set to NaN, +inf or -inf."""
+    out = [t.clone() for t in tensors]
+    values = (math.nan, math.inf, -math.inf)
+    for _ in range(count):
+        target = out[int(torch.randint(len(out), (), generator=generator))]
+        index = tuple(int(torch.randint(n, (), generator=generator)) for n in target.shape)
+        target[index] = values[int(torch.randint(3, (), generator=generator))]
+    return tuple(out)
+
+
+def reference_prepared(query, key, value, attn_mask, layout, tile_size: int, scale: float) -> Prepared:
+    """Stage 0 of the float64 reference on the inputs as given (converted exactly to float64)."""
+    batch, heads, seq_len, _ = query.shape
+    valid = reference.key_padding_valid(attn_mask, batch, heads, seq_len)
+    return ReferenceStages(torch.float64).prepare(query, key, value, layout, valid, tile_size, scale)
+
+
+def triton_prepared(query, key, value, attn_mask, layout, tile_size: int, scale: float) -> Prepared:
+    """Stage 0 of the Triton path (`reorder_pool`) on the inputs as given."""
+    from spattn_compile.kernels.stages import TritonStages
+
+    batch, heads, seq_len, _ = query.shape
+    valid = reference.key_padding_valid(attn_mask, batch, heads, seq_len)
+    return TritonStages().prepare(query, key, value, layout, valid, tile_size, scale)

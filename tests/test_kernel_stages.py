@@ -1,0 +1,454 @@
+"""The stage kernels other than the estimators and the attention: reorder + pool (`kernels.reorder_pool`), GAPR's gate
+and the selection (`kernels.select`), against the float64 reference (`reference.gather_canonical`,
+`canonical_key_valid`, `key_usable`, `block_non_finite`, `pool_statistics`, `gapr_trusted`, `select_plan_reference`).
+
+CPU tests run the kernels under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1) on small grids with
+prime sides, float16/float32 inputs, head dims that are powers of two and not. Every buffer the launchers allocate is
+poisoned (`kernel_helpers.poisoned_allocations`), so an element a kernel fails to write cannot match the reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from kernel_helpers import (
+    GRIDS,
+    HEAD_DIMS,
+    make_inputs,
+    make_key_valid,
+    poisoned_allocations,
+    reference_prepared,
+    relative_error,
+    sprinkle_non_finite,
+)
+
+from spattn_compile import reference
+from spattn_compile.config import SparseAttentionConfig
+from spattn_compile.kernels.reorder_pool import reorder_pool, reorder_pool_tensors
+from spattn_compile.kernels.select import gapr_gate, select_plan
+from spattn_compile.layout import token_layout
+from spattn_compile.plan import PooledStats
+
+STAT_FIELDS = (
+    "q_tile",
+    "q_tile_count",
+    "k_tile",
+    "k_tile_count",
+    "q_block",
+    "q_block_mad",
+    "k_block",
+    "k_block_mad",
+    "v_block",
+    "k_block_count",
+)
+
+
+def float32_stats(stats: PooledStats) -> PooledStats:
+    return PooledStats(tile_size=stats.tile_size, **{name: getattr(stats, name).float() for name in STAT_FIELDS})
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reorder + pool
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=25)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    batch=st.integers(1, 2),
+    heads=st.integers(1, 3),
+    head_dim=st.sampled_from(HEAD_DIMS),
+    grid=st.sampled_from(GRIDS),
+    text_len=st.sampled_from([0, 3, 13, 37]),
+    text_first=st.booleans(),
+    # (64, 64): a tile of two 32-row chunks in the kernel.
+    blocking=st.sampled_from([(16, 16), (32, 16), (32, 32), (64, 64)]),
+    mask_kind=st.sampled_from(["none", "per_batch", "per_head", "empty"]),
+    masked_share=st.floats(0.0, 0.6),
+    memory=st.sampled_from(["contiguous", "transposed", "sliced"]),
+    dtype=st.sampled_from([torch.float16, torch.float32]),
+    non_finite=st.sampled_from([0, 0, 1, 3]),
+)
+def test_reorder_pool_matches_reference(
+    seed, batch, heads, head_dim, grid, text_len, text_first, blocking, mask_kind, masked_share, memory, dtype,
+    non_finite,
+):  # fmt: skip
+    block_size, tile_size = blocking
+    generator = torch.Generator().manual_seed(seed)
+    layout = token_layout(grid, text_len, text_first, block_size)
+    query, key, value = make_inputs(
+        generator, batch=batch, heads=heads, head_dim=head_dim, layout=layout, dtype=dtype, memory=memory
+    )
+    if non_finite:
+        query, key, value = sprinkle_non_finite(generator, (query, key, value), non_finite)
+    mask = make_key_valid(generator, batch=batch, heads=heads, layout=layout, kind=mask_kind, masked_share=masked_share)
+    valid = reference.key_padding_valid(mask, batch, heads, layout.seq_len)
+
+    with poisoned_allocations():
+        out = reorder_pool(query, key, value, layout, tile_size=tile_size, key_valid=valid)
+    expected = reference_prepared(query, key, value, mask, layout, tile_size, 1.0)
+
+    # The canonical copies are exact gathers (padding rows zero), in the input dtype.
+    for name, got, want in (("q", out.q, expected.q), ("k", out.k, expected.k), ("v", out.v, expected.v)):
+        assert got.dtype == dtype and got.is_contiguous(), name
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=0, equal_nan=True, msg=name)
+    assert torch.equal(out.key_valid, expected.key_valid)
+    assert torch.equal(out.key_usable, expected.key_usable)
+    assert torch.equal(out.block_non_finite, expected.block_non_finite)
+    assert torch.equal(out.key_block_count, expected.key_block_count.float())
+    for name in STAT_FIELDS:
+        got, want = getattr(out.stats, name), getattr(expected.stats, name)
+        assert got.dtype == torch.float32, name
+        assert got.shape == want.shape, name
+        assert torch.isfinite(got).all(), name  # non-finite rows are left out of every statistic
+        if name.endswith("count"):
+            assert torch.equal(got.double(), want), name
+        elif want.norm() > 0:
+            assert relative_error(got, want) < 1e-6, name
+        else:
+            assert torch.equal(got, torch.zeros_like(got)), name
+
+
+def test_reorder_pool_partial_and_empty_groups_use_true_counts():
+    """Hand-checked: a 1x3x5 grid in blocks of 16 has one partial block of 15 rows, and a masked key is excluded."""
+    layout = token_layout((1, 3, 5), 0, False, 16)
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = make_inputs(generator, batch=1, heads=1, head_dim=16, layout=layout, dtype=torch.float32)
+    valid = torch.ones(1, 1, 15, dtype=torch.bool)
+    valid[..., 4] = False
+    out = reorder_pool(query, key, value, layout, tile_size=16, key_valid=valid)
+    kept = torch.arange(15) != 4
+    torch.testing.assert_close(out.stats.q_block[0, 0, 0], query[0, 0].mean(0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.stats.k_block[0, 0, 0], key[0, 0, kept].mean(0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.stats.v_block[0, 0, 0], value[0, 0, kept].mean(0), rtol=1e-6, atol=1e-6)
+    mad = (key[0, 0, kept] - key[0, 0, kept].mean(0)).abs().mean(0)
+    torch.testing.assert_close(out.stats.k_block_mad[0, 0, 0], mad, rtol=1e-5, atol=1e-6)
+    assert out.stats.q_tile_count.tolist() == [[[15.0]]]
+    assert out.stats.k_block_count.tolist() == [[[14.0]]]
+    assert not out.block_non_finite.any()
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_non_finite_rows_are_left_out_and_flag_their_block(impl):
+    """Hand-checked on one block of 32 rows (two tiles of 16): a NaN query row, an infinite key row, a NaN value row
+    and a masked NaN key. Statistics are the means of the other rows; only the two valid non-finite keys make their
+    block non-finite; a masked key never does."""
+    layout = token_layout((1, 4, 8), 0, False, 32)
+    generator = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 1, 32, 24, generator=generator) + 0.5 for _ in range(3))
+    q[0, 0, 3, 5] = math.nan
+    k[0, 0, 20, 0] = math.inf
+    v[0, 0, 7, 23] = math.nan
+    k[0, 0, 30, 1] = math.nan
+    valid = torch.ones(1, 1, 32, dtype=torch.bool)
+    valid[0, 0, 30] = False
+    position = torch.empty(32, dtype=torch.int64)
+    position[layout.source_index] = torch.arange(32)  # original row -> canonical row
+    if impl == "triton":
+        out = reorder_pool(q, k, v, layout, tile_size=16, key_valid=valid)
+        stats, usable, non_finite = out.stats, out.key_usable, out.block_non_finite
+    else:
+        prepared = reference_prepared(q, k, v, valid[:, :, None, :], layout, 16, 1.0)
+        stats, usable, non_finite = prepared.stats, prepared.key_usable, prepared.block_non_finite
+    assert non_finite.tolist() == [[[True]]]
+    expected_usable = torch.ones(32, dtype=torch.bool)
+    expected_usable[position[[20, 7, 30]]] = False
+    assert torch.equal(usable[0, 0], expected_usable)
+    query_rows = torch.arange(32) != 3
+    key_rows = ~torch.isin(torch.arange(32), torch.tensor([20, 7, 30]))
+    expected_means = ((stats.q_block, query_rows, q), (stats.k_block, key_rows, k), (stats.v_block, key_rows, v))
+    for got, rows, source in expected_means:
+        torch.testing.assert_close(got[0, 0, 0].double(), source[0, 0, rows].double().mean(0), rtol=1e-6, atol=1e-6)
+    assert stats.k_block_count.tolist() == [[[29.0]]]
+    # Tile counts: the canonical rows of each tile that are usable.
+    tile_of = position // 16
+    assert stats.q_tile_count[0, 0].tolist() == [float((tile_of[query_rows] == t).sum()) for t in (0, 1)]
+    assert stats.k_tile_count[0, 0].tolist() == [float((tile_of[key_rows] == t).sum()) for t in (0, 1)]
+    for name in STAT_FIELDS:
+        assert torch.isfinite(getattr(stats, name)).all(), name
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# GAPR's gate
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=15)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    heads=st.integers(1, 3),
+    grid=st.sampled_from(GRIDS),
+    head_dim=st.sampled_from(HEAD_DIMS),
+    mask_kind=st.sampled_from(["none", "empty"]),
+    bias=st.floats(0.0, 1.5),
+)
+def test_gapr_gate_matches_reference(seed, heads, grid, head_dim, mask_kind, bias):
+    layout = token_layout(grid, 0, False, 16)
+    generator = torch.Generator().manual_seed(seed)
+    q_c = torch.randn(1, heads, layout.padded_len, head_dim, generator=generator, dtype=torch.float64) + bias
+    k_c = torch.randn(1, heads, layout.padded_len, head_dim, generator=generator, dtype=torch.float64) + bias
+    mask = make_key_valid(generator, batch=1, heads=heads, layout=layout, kind=mask_kind, masked_share=0.2)
+    valid = reference.key_padding_valid(mask, 1, heads, layout.seq_len)
+    valid_c = reference.canonical_key_valid(valid, layout, 1, heads, q_c.device)
+    stats = reference.pool_statistics(q_c, k_c, k_c, valid_c, layout, 16)
+    key_block_count = valid_c.reshape(1, heads, layout.num_blocks, 16).sum(-1).float()
+    with poisoned_allocations():
+        gate = gapr_gate(float32_stats(stats), key_block_count, layout)
+    expected = reference.gapr_trusted(stats)
+
+    assert gate.dtype == torch.int8 and set(gate.unique().tolist()) <= {0, 1}
+    # Pairs whose gain and error agree to float32 rounding may fall either way.
+    gain = (stats.q_block @ stats.k_block.transpose(-1, -2)).abs()
+    error = (stats.q_block_mad @ stats.k_block.transpose(-1, -2)).abs() + (
+        stats.q_block @ stats.k_block_mad.transpose(-1, -2)
+    ).abs()
+    clear = (gain - error).abs() > 1e-4 * (gain + error + 1e-6)
+    clear |= (stats.k_block_count == 0)[..., None, :]  # decided by the count, not by the products
+    assert torch.equal(gate.bool()[clear], expected[clear])
+    assert clear.float().mean() > 0.9
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Selection
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _selection_case(seed: int, *, heads: int, grid, text_len: int, text_first: bool, empty_share: float, forced: float):
+    """Random float64 statistics (for GAPR), a canonical key validity with some blocks entirely masked, and random
+    forced blocks (as `block_non_finite` gives them: blocks with a valid key)."""
+    layout = token_layout(grid, text_len, text_first, 16)
+    generator = torch.Generator().manual_seed(seed)
+    batch = 2
+    q_c, k_c, v_c = (
+        torch.randn(batch, heads, layout.padded_len, 16, generator=generator, dtype=torch.float64) + 0.4
+        for _ in range(3)
+    )
+    valid = torch.rand(batch, heads, layout.seq_len, generator=generator) >= 0.1
+    valid_c = reference.canonical_key_valid(valid, layout, batch, heads, q_c.device)
+    empty = torch.rand(batch, heads, layout.num_blocks, generator=generator) < empty_share
+    valid_c = valid_c & ~empty.repeat_interleave(16, -1)
+    stats = reference.pool_statistics(q_c, k_c, v_c, valid_c, layout, 16)
+    key_block_count = valid_c.reshape(batch, heads, layout.num_blocks, 16).sum(-1).float()
+    forced_blocks = (torch.rand(batch, heads, layout.num_blocks, generator=generator) < forced) & (key_block_count > 0)
+    return layout, generator, valid_c, stats, key_block_count, forced_blocks
+
+
+def _check_plan(plan, expected) -> None:
+    for name in ("kv_counts", "kv_indices", "trusted_counts", "trusted_indices"):
+        got, want = getattr(plan, name), getattr(expected, name)
+        assert got.dtype == torch.int32, name
+        assert torch.equal(got, want), name
+    assert plan.layout is expected.layout and plan.estimator == expected.estimator
+
+
+selection_settings = dict(
+    seed=st.integers(0, 2**31 - 1),
+    heads=st.integers(1, 2),
+    grid=st.sampled_from(GRIDS),
+    text_len=st.sampled_from([0, 7, 37]),
+    text_first=st.booleans(),
+    empty_share=st.sampled_from([0.0, 0.2]),
+    forced=st.sampled_from([0.0, 0.0, 0.15, 0.5]),
+    sparsity=st.floats(0.0, 0.95),
+    neighbors=st.booleans(),
+    gapr=st.booleans(),
+    rectify=st.sampled_from(["none", "block", "query"]),
+)
+
+
+@settings(max_examples=20)
+@given(
+    **selection_settings,
+    mass_threshold=st.sampled_from([None, 0.25, 0.5, 0.75, 0.875, 1.0]),
+    max_density=st.sampled_from([0.25, 0.5, 1.0]),
+)
+def test_selection_matches_reference_exactly_with_ties(
+    seed, heads, grid, text_len, text_first, empty_share, forced, sparsity, neighbors, gapr, rectify, mass_threshold,
+    max_density,
+):  # fmt: skip
+    """Scores on a grid of 2^-k with many equal values: every sum is exact in float32 and float64, so the plans must
+    agree exactly, ties (taken in index order), forced blocks and the mass threshold included."""
+    layout, generator, valid_c, stats, key_block_count, forced_blocks = _selection_case(
+        seed, heads=heads, grid=grid, text_len=text_len, text_first=text_first, empty_share=empty_share, forced=forced
+    )
+    nb = layout.num_video_blocks
+    weights = torch.randint(0, 6, (2, heads, nb, nb + 1), generator=generator).double()
+    weights[..., nb] *= 3
+    scale = 2.0 ** -math.ceil(math.log2(weights.sum(-1).max().item() + 1))
+    scores = weights * scale
+    config = SparseAttentionConfig(
+        block_size=16,
+        sparsity=sparsity,
+        mass_threshold=mass_threshold,
+        max_density=max_density,
+        neighbors=neighbors,
+        gapr=gapr,
+        rectify=rectify,
+    )
+    gate = reference.gapr_trusted(stats).to(torch.int8)
+    with poisoned_allocations():
+        plan = select_plan(
+            scores.float(), key_block_count, layout, density=config.density, config=config, estimator="test",
+            gate=gate, forced_blocks=forced_blocks,
+        )  # fmt: skip
+    expected = reference.select_plan_reference(
+        scores, stats, valid_c, layout, density=config.density, config=config, estimator="test",
+        forced_blocks=forced_blocks,
+    )  # fmt: skip
+    _check_plan(plan, expected)
+    # Forced blocks are kept by every video query block.
+    keep = plan.to_dense()
+    assert keep[..., :nb, :nb][forced_blocks[..., None, :nb].expand(-1, -1, nb, -1)].all()
+
+
+@settings(max_examples=15)
+@given(**selection_settings, gain=st.floats(0.5, 4.0))
+def test_selection_matches_reference_on_continuous_scores(
+    seed, heads, grid, text_len, text_first, empty_share, forced, sparsity, neighbors, gapr, rectify, gain
+):
+    """Softmax rows of random logits (no ties, budget only): the kept blocks are the top of each row, exactly."""
+    layout, generator, valid_c, stats, key_block_count, forced_blocks = _selection_case(
+        seed, heads=heads, grid=grid, text_len=text_len, text_first=text_first, empty_share=empty_share, forced=forced
+    )
+    nb = layout.num_video_blocks
+    logits = gain * torch.randn(2, heads, nb, nb + 1, generator=generator, dtype=torch.float64)
+    scores = torch.softmax(logits, -1).float()
+    config = SparseAttentionConfig(block_size=16, sparsity=sparsity, neighbors=neighbors, gapr=gapr, rectify=rectify)
+    gate = reference.gapr_trusted(stats).to(torch.int8)
+    with poisoned_allocations():
+        plan = select_plan(
+            scores, key_block_count, layout, density=config.density, config=config, estimator="test", gate=gate,
+            forced_blocks=forced_blocks,
+        )  # fmt: skip
+    expected = reference.select_plan_reference(
+        scores.double(), stats, valid_c, layout, density=config.density, config=config, estimator="test",
+        forced_blocks=forced_blocks,
+    )  # fmt: skip
+    _check_plan(plan, expected)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Input validation
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _valid_launch_args():
+    layout = token_layout((1, 3, 5), 0, False, 16)
+    x = torch.randn(1, 1, 15, 16)
+    return layout, dict(
+        query=x,
+        key=x.clone(),
+        value=x.clone(),
+        source_index=layout.source_index,
+        key_valid=None,
+        num_video_blocks=1,
+        block_size=16,
+        tile_size=16,
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "names"),
+    [
+        (dict(query=torch.randn(1, 1, 15, 16).double()), TypeError, "query"),
+        (dict(key=torch.randn(1, 1, 15, 16).half()), TypeError, "dtype"),
+        (dict(value=torch.randn(1, 1, 15, 32)[..., ::2]), ValueError, "value"),
+        (dict(query=torch.randn(1, 15, 16)), ValueError, "query"),
+        (
+            dict(query=torch.randn(1, 1, 15, 300), key=torch.randn(1, 1, 15, 300), value=torch.randn(1, 1, 15, 300)),
+            ValueError,
+            r"query: head dim 300 is not supported by the Triton kernels",
+        ),
+        (
+            dict(query=torch.randn(1, 1, 15, 12), key=torch.randn(1, 1, 15, 12), value=torch.randn(1, 1, 15, 12)),
+            ValueError,
+            r"query: head dim 12 is not supported by the Triton kernels \(they take 16 <= D <= 256 with D % 8",
+        ),
+        (dict(tile_size=32), ValueError, "tile_size"),
+        (dict(tile_size=8), ValueError, "tile_size"),
+        (dict(block_size=24), ValueError, "block_size"),
+        (dict(source_index=torch.zeros(16, dtype=torch.float32)), ValueError, "source_index"),
+        (dict(source_index=torch.zeros(20, dtype=torch.int64)), ValueError, "source_index"),
+        (dict(key_valid=torch.ones(1, 1, 14, dtype=torch.bool)), ValueError, "key_valid"),
+        (dict(key_valid=torch.ones(1, 1, 15)), ValueError, "key_valid"),
+        (dict(num_video_blocks=2), ValueError, "num_video_blocks"),
+        (dict(num_video_blocks=1.0), TypeError, "num_video_blocks"),
+    ],
+)
+def test_reorder_pool_rejects_bad_inputs(change, error, names):
+    _, args = _valid_launch_args()
+    args.update(change)
+    keywords = {name: args.pop(name) for name in ("num_video_blocks", "block_size", "tile_size")}
+    with pytest.raises(error, match=names):
+        reorder_pool_tensors(*args.values(), **keywords)
+
+
+def test_reorder_pool_returns_every_output():
+    """The tensor-level launcher returns 16 tensors (canonical copies, validity, usability, statistics, counts and the
+    non-finite flags) with the documented shapes and dtypes."""
+    layout, args = _valid_launch_args()
+    outputs = reorder_pool_tensors(*list(args.values())[:5], num_video_blocks=1, block_size=16, tile_size=16)
+    assert len(outputs) == 16
+    shapes = [tuple(t.shape) for t in outputs]
+    assert shapes == [(1, 1, 16, 16)] * 3 + [(1, 1, 16)] * 2 + [(1, 1, 1, 16), (1, 1, 1)] * 2 + [(1, 1, 1, 16)] * 5 + [
+        (1, 1, 1),
+        (1, 1, 1),
+    ]
+    assert [t.dtype for t in outputs[3:5]] == [torch.bool, torch.bool] and outputs[-1].dtype == torch.bool
+    del layout
+
+
+def test_select_and_gate_reject_bad_inputs():
+    layout, args = _valid_launch_args()
+    pooled = reorder_pool(args["query"], args["key"], args["value"], layout, tile_size=16)
+    config = SparseAttentionConfig(block_size=16)
+    scores = torch.full((1, 1, 1, 2), 0.5)
+    kwargs = dict(config=config, estimator="test")
+    gate = gapr_gate(pooled.stats, pooled.key_block_count, layout)
+    with pytest.raises(ValueError, match="density must be a number in"):
+        select_plan(scores, pooled.key_block_count, layout, density=0.0, gate=gate, **kwargs)
+    with pytest.raises(TypeError, match="scores must be float32"):
+        select_plan(scores.double(), pooled.key_block_count, layout, density=0.5, gate=gate, **kwargs)
+    with pytest.raises(ValueError, match=r"scores must be a tensor of shape \(B, H, 1, 2\)"):
+        select_plan(scores[..., :1], pooled.key_block_count, layout, density=0.5, gate=gate, **kwargs)
+    with pytest.raises(ValueError, match="config.gapr needs gate"):
+        select_plan(scores, pooled.key_block_count, layout, density=0.5, gate=None, **kwargs)
+    with pytest.raises(ValueError, match="key_block_count must be float32"):
+        select_plan(scores, pooled.key_block_count[..., :0], layout, density=0.5, gate=gate, **kwargs)
+    with pytest.raises(TypeError, match="config must be a SparseAttentionConfig"):
+        select_plan(scores, pooled.key_block_count, layout, density=0.5, config={}, estimator="test")
+    with pytest.raises(TypeError, match="stats must be a plan.PooledStats"):
+        gapr_gate(object(), pooled.key_block_count, layout)
+    with pytest.raises(ValueError, match="stats.q_block must be float32"):
+        gapr_gate(
+            PooledStats(tile_size=16, **{n: getattr(pooled.stats, n).double() for n in STAT_FIELDS}),
+            pooled.key_block_count,
+            layout,
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# GPU
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_reorder_pool_compiles_for_16_bit_inputs(dtype):
+    layout = token_layout((5, 9, 16), 77, False, 128)
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (
+        t.cuda() for t in make_inputs(generator, batch=1, heads=2, head_dim=128, layout=layout, dtype=dtype)
+    )
+    key[0, 1, 100, 7] = math.nan
+    out = reorder_pool(query, key, value, layout, tile_size=16)
+    expected = reference_prepared(query, key, value, None, layout, 16, 1.0)
+    assert torch.equal(out.block_non_finite, expected.block_non_finite)
+    for name in STAT_FIELDS:
+        want = getattr(expected.stats, name)
+        if want.norm() > 0:
+            assert relative_error(getattr(out.stats, name), want) < 1e-5, name
