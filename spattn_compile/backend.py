@@ -58,8 +58,16 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import ops  # noqa: F401  (registers torch.ops.spattn.sparse_attention)
 from .config import SparseAttentionConfig, config, current_config, explicit_fields
 from .passes import AttentionDecision, context_seeds, rewrite_attention
+from .report import HeadRange
 from .schedule import ModelState, StepContext, step_context
-from .tracking import ModelRegistry, Owner, check_nothing_sparse, default_registry, note_decisions
+from .tracking import (
+    ModelRegistry,
+    Owner,
+    check_nothing_sparse,
+    default_registry,
+    note_decisions,
+    sequence_parallel,
+)
 
 __all__ = ["BackendOptions", "SpattnBackend", "spattn_backend"]
 
@@ -220,6 +228,20 @@ def _layer_names(decisions: list[AttentionDecision]) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _layer_heads(decisions: list[AttentionDecision]) -> tuple[HeadRange | None, ...]:
+    """The heads each rewritten call holds under context parallelism (by layer index, as `_layer_names`)."""
+    heads: list[HeadRange | None] = []
+    for decision in sorted((d for d in decisions if d.sparse), key=lambda d: d.layer_index or 0):
+        held = decision.heads
+        static = held is not None and all(isinstance(size, int) for size in held)
+        heads.append(
+            HeadRange(decision.rank, decision.world_size, int(held[0]), int(held[1]))
+            if held is not None and static
+            else None
+        )
+    return tuple(heads)
+
+
 def _claim_leadership(state: ModelState, frame: Hashable, timestep_position: int | None) -> None:
     """Make `frame`'s graph the one that advances the steps of a model without a forward hook: the first graph with
     sparse calls, preferring one that reads the timestep (one advance per forward, whatever the number of graphs)."""
@@ -253,6 +275,7 @@ class _GraphRunner:
         self.frame = frame
         self.sparse = any(d.sparse for d in decisions)
         self.layer_names = _layer_names(decisions)
+        self.layer_heads = _layer_heads(decisions)
         self.short = [d for d in decisions if d.rule == "short"]
         self.warned_min_seq_len: set[int] = set()
         self.calls = 0
@@ -305,7 +328,7 @@ class _GraphRunner:
         if state.hooked:
             # The model's forward hook advanced the steps and read the grid.
             base = state.forward
-            return None if base is None else base.in_graph(owner.block, self.layer_names)
+            return None if base is None else base.in_graph(owner.block, self.layer_names, self.layer_heads)
         if state.leader is None:
             # A model this graph was not compiled for (Dynamo shares graphs between instances of a class).
             _claim_leadership(state, self.frame, self.timestep_position)
@@ -314,7 +337,7 @@ class _GraphRunner:
             base = state.forward = state.tracker.advance(timestep)
         else:
             base = state.forward if state.forward is not None else state.tracker.advance(None)
-        return None if base is None else base.in_graph(owner.block, self.layer_names)
+        return None if base is None else base.in_graph(owner.block, self.layer_names, self.layer_heads)
 
     def __call__(self, *args: Any) -> Any:
         # Dynamo calls a backend's compiled function with the graph inputs as positional arguments.
@@ -375,7 +398,7 @@ class SpattnBackend:
         seeds = None
         forward = state.forward if owner.block else None
         if forward is not None and forward.video_grid is not None:
-            seeds = context_seeds(gm.graph, math.prod(forward.video_grid))
+            seeds = context_seeds(gm.graph, math.prod(forward.video_grid), sequence_parallel(state.module))
         decisions = rewrite_attention(gm, compiled_config, seeds=seeds)
         if owner.block and forward is not None and forward.video_grid is None:
             decisions = [

@@ -23,7 +23,7 @@ import torch
 
 from .config import SparseAttentionConfig, current_config
 from .passes import AttentionDecision, LayoutOverrideError, analyze_attention, context_seeds
-from .tracking import ModelRegistry, Owner, only
+from .tracking import ModelRegistry, Owner, only, sequence_parallel
 
 __all__ = ["ExplainReport", "explain"]
 
@@ -58,7 +58,13 @@ class ExplainReport:
         return tuple(d for d in self.decisions if not d.sparse)
 
     def __str__(self) -> str:
-        header = ("graph", "node", "module", "attention", "layer", "query (B,H,S,D)", "video grid", "text", "reason")
+        parallel = any(d.world_size > 1 for d in self.decisions)
+        header: tuple[str, ...] = (
+            "graph", "node", "module", "attention", "layer", "query (B,H,S,D)", "video grid", "text", "reason",
+        )  # fmt: skip
+        if parallel:
+            # Context parallelism: the rank and the model's heads each call holds, before the reason.
+            header = (*header[:-1], "rank", "heads", header[-1])
         rows = [header]
         for d in self.decisions:
             if d.video_grid is not None:
@@ -74,7 +80,11 @@ class ExplainReport:
             shape = "(" + ", ".join(str(s) for s in d.query_shape) + ")" if d.query_shape else ""
             decision = "sparse" if d.sparse else f"dense: {d.rule}"
             layer = "" if d.layer_index is None else str(d.layer_index)
-            rows.append((str(d.graph_index), d.node, d.module, decision, layer, shape, grid, text, d.reason))
+            row: tuple[str, ...] = (str(d.graph_index), d.node, d.module, decision, layer, shape, grid, text)
+            if parallel:
+                held = "" if d.heads is None else f"{d.heads[0]}-{d.heads[0] + d.heads[1] - 1}"
+                row = (*row, f"{d.rank}/{d.world_size}" if d.heads is not None else "", held)
+            rows.append((*row, d.reason))
         widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
         lines = ["  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths)) + "  " + row[-1] for row in rows]
         lines.insert(1, "  ".join("-" * width for width in widths) + "  " + "-" * len(header[-1]))
@@ -112,7 +122,7 @@ class _Capture:
         forward = owner.state.forward if owner.block else None
         seeds = None
         if forward is not None and forward.video_grid is not None:
-            seeds = context_seeds(gm.graph, math.prod(forward.video_grid))
+            seeds = context_seeds(gm.graph, math.prod(forward.video_grid), sequence_parallel(owner.state.module))
         decisions = analyze_attention(gm.graph, self.settings, graph_index=index, seeds=seeds)
         if forward is not None and forward.video_grid is None:
             decisions = [

@@ -86,7 +86,19 @@ def sparse_attention_op(
     if events is not None:
         events[1].record()
     kind, cache, density, recall, keep_share, estimator = outcome
-    record(context, model_layer, kind, cache, density, recall, events, keep_share, layer=layer, estimator=estimator)
+    record(
+        context,
+        model_layer,
+        kind,
+        cache,
+        density,
+        recall,
+        events,
+        keep_share,
+        layer=layer,
+        estimator=estimator,
+        heads=context.heads_of(layer_index),
+    )
     return out
 
 

@@ -29,6 +29,16 @@ valid query row is the key-padding mask; a padded query row masks every key): th
 vector as the key-padding mask and gives the padded query rows what SDPA gives a row with every key masked, computed
 by SDPA itself on one such row (the output of a fully masked row does not depend on its query).
 
+Context parallelism (diffusers' Ulysses attention): after the all-to-all each rank runs SDPA over the whole sequence,
+in global token order, for its group of heads. `token_axes` follows the sequence through the split (a chunk of the
+token axis, or a block input seeded as this rank's shard) and the all-to-all back to the whole axis, and names the
+heads the rank holds; the call then becomes sparse like any other, over the whole sequence, with
+`AttentionDecision.heads` the global heads of the rank. An SDPA whose query holds one rank's shard of the sequence
+(ring attention, which attends to one chunk of keys at a time and merges the chunks by their log-sum-exp) stays dense
+("sequence_shard"): sparse attention needs every key of the sequence in one call. Attention computed by a fused
+`aten` op other than SDPA (diffusers' flash or cuDNN backends, which ring attention needs) is listed, dense
+("attention_backend"), so that `explain` shows it.
+
 Layer indices: the rewritten calls of one graph are numbered 0, 1, 2... in graph order (which is execution order);
 dense calls get none. The backend turns them into model-level layers (see `spattn_compile.backend`).
 
@@ -44,7 +54,7 @@ import logging
 import math
 import operator
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -60,10 +70,14 @@ from .token_axes import (
     ContextSpan,
     DimInfo,
     Factor,
+    GroupInfo,
+    HeadGroup,
+    Shard,
     TokenAxis,
     TokenAxisAnalysis,
     known_equal,
     node_value,
+    resolve_group,
     size_hint,
 )
 
@@ -85,6 +99,19 @@ SDPA_TARGETS = frozenset(
         torch.ops.aten.scaled_dot_product_attention.default,
     }
 )
+# Fused attention ops that diffusers' other attention backends call (flash, cuDNN, efficient; the ones ring attention
+# needs, since they return the log-sum-exp): listed as dense calls, never rewritten.
+_FUSED_ATTENTION = frozenset(
+    {
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_flash_attention_forward",
+        "_efficient_attention_forward",
+    }
+)
+GroupResolver = Callable[[object], GroupInfo | None]
 _SDPA_PARAMETERS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -123,6 +150,10 @@ class AttentionDecision:
         reason: the same in words (for a sparse call: notes, e.g. that min_seq_len is checked at run time).
         mask: for a sparse call with a mask: "key_padding" (one query row), "key" (a full mask proved to be a
             key-padding mask) or "key_and_query" (key-valid AND query-valid); "" without a mask.
+        world_size, rank: under context parallelism (Ulysses), the size of the sequence-parallel group and this
+            process's rank in it (1 and 0 otherwise).
+        heads: under context parallelism, (first, count): the call holds the model's heads `first ... first + count -
+            1` (rank r of N holds heads `r * H/N ... (r + 1) * H/N - 1`); None otherwise (the call holds every head).
     """
 
     graph_index: int
@@ -138,6 +169,9 @@ class AttentionDecision:
     rule: str
     reason: str
     mask: str = ""
+    world_size: int = 1
+    rank: int = 0
+    heads: tuple[Size, Size] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,7 +221,11 @@ def _module_path(node: fx.Node) -> str:
     path = str(list(stack.values())[-1][0])
     path = re.sub(r"\.?__dict__\['_modules'\]\['([^']+)'\]", r".\1", path)
     path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
-    path = re.sub(r"^L\['self'\]", "", path)
+    # A module whose forward diffusers' hooks wrap (context parallelism, caching) is reached through the original
+    # bound forward that the wrapper closes over: `<module>.forward.func.__closure__[0].cell_contents.forward.__self__`
+    # is <module> itself.
+    path = re.sub(r"(\.forward(\.func)?\.__closure__\[\d+\]\.cell_contents)?\.forward\.__self__", "", path)
+    path = re.sub(r"^L\['[A-Za-z_][A-Za-z0-9_]*'\]", "", path)  # the compiled frame's module (self, or the hooked one)
     return path.lstrip(".")
 
 
@@ -327,8 +365,16 @@ def _infer_layout(
     for name, axis in (("query", query_axis), ("key", key_axis), ("value", value_axis)):
         if isinstance(axis, Conflict):
             raise _Dense("ambiguous_grid", f"the {name}'s token layout is ambiguous: {axis.reason}")
-    if query_axis is None or key_axis is None:
-        missing = "query" if query_axis is None else "key"
+        if isinstance(axis, Shard):
+            raise _Dense(
+                "sequence_shard",
+                f"the {name} holds {axis.describe()}, not the whole sequence (context parallelism without a Ulysses "
+                "all-to-all before the attention, e.g. ring attention, which merges chunks of keys by their "
+                "log-sum-exp): sparse attention needs every key in one call; use ulysses_degree instead of "
+                "ring_degree",
+            )
+    if not isinstance(query_axis, TokenAxis) or not isinstance(key_axis, TokenAxis):
+        missing = "query" if not isinstance(query_axis, TokenAxis) else "key"
         raise _Dense(
             "no_grid",
             f"no video grid reaches the {missing}: no reshape of a (frames, height, width) grid into its "
@@ -386,6 +432,9 @@ def _resolve_layout(
             )
         _check_agreement(layout, config)
         return layout, "graph" if layout.grid is not None else "context"
+    assert why_not is not None
+    if why_not.rule == "sequence_shard":
+        raise why_not  # no setting makes one rank's shard the whole sequence
     if config.video_grid is None:
         if config.text_len is not None or config.text_position is not None:
             raise _Dense(
@@ -459,7 +508,13 @@ def _decide(
         except _Dense as dense:
             inferred, why_not = None, dense
         layout, grid_from = _resolve_layout(inferred, why_not, seq_len, config)
+        heads = _head_group(analysis, arguments)
         notes = [note] if note else []
+        if heads is not None:
+            notes.append(
+                f"context parallel: rank {heads.rank} of {heads.world_size}, heads {heads.first}.."
+                f"{heads.first + heads.heads - 1} over the whole sequence"
+            )
         if _is_static(seq_len):
             if int(seq_len) < config.min_seq_len:
                 raise _Dense("short", f"sequence length {seq_len} < min_seq_len={config.min_seq_len}")
@@ -490,6 +545,7 @@ def _decide(
             rule="",
             reason="; ".join(notes),
             mask="" if mask is None else mask.kind,
+            **_parallel_fields(heads),
         )
         return decision, plan
     except _Dense as dense:
@@ -507,6 +563,70 @@ def _decide(
         return decision, None
 
 
+def _head_group(analysis: TokenAxisAnalysis, arguments: dict[str, object]) -> HeadGroup | None:
+    """The heads this rank holds, when the query, key and value come out of one Ulysses all-to-all; None without
+    context parallelism."""
+    groups = [
+        analysis.axis(node, 1) if isinstance(node, fx.Node) else None
+        for node in (arguments["query"], arguments["key"], arguments["value"])
+    ]
+    query = groups[0]
+    if not isinstance(query, HeadGroup):
+        if any(isinstance(group, HeadGroup) for group in groups):
+            raise _Dense("ambiguous_grid", "the key or value holds one rank's group of heads, the query does not")
+        return None
+    if not all(query.same_layout(group) for group in groups[1:] if group is not None):
+        raise _Dense("ambiguous_grid", f"the query holds the {query.describe()}, the key or value other heads")
+    return query
+
+
+def _parallel_fields(heads: HeadGroup | None) -> dict[str, object]:
+    if heads is None:
+        return {}
+    return {"world_size": heads.world_size, "rank": heads.rank, "heads": (heads.first, heads.heads)}
+
+
+def _fused_name(node: fx.Node) -> str | None:
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return None
+    name = target._opname if isinstance(target, torch._ops.OpOverload) else target._qualified_op_name.split("::")[-1]
+    return name if name in _FUSED_ATTENTION else None
+
+
+def _decide_fused(node: fx.Node, name: str, analysis: TokenAxisAnalysis, graph_index: int) -> AttentionDecision:
+    """A fused attention op the pass does not rewrite: dense, and why (ring attention when its query is a shard)."""
+    query = node.args[0] if node.args else node.kwargs.get("query")
+    value = node_value(query)
+    shape = tuple(value.shape) if isinstance(value, torch.Tensor) else ()
+    axis = analysis.axis(query, 2) if isinstance(query, fx.Node) and len(shape) == 4 else None
+    if isinstance(axis, Shard):
+        rule, reason = "sequence_shard", (
+            f"aten.{name} over {axis.describe()}: ring attention (ring_degree > 1) attends to one chunk of keys at a "
+            "time and merges the chunks by their log-sum-exp; sparse attention needs every key in one call, so it "
+            "stays dense (use ulysses_degree instead of ring_degree)"
+        )
+    else:
+        rule, reason = "attention_backend", (
+            f"attention through aten.{name} (a diffusers attention backend other than the native one): only "
+            "scaled_dot_product_attention calls are rewritten (model.set_attention_backend('native'))"
+        )
+    return AttentionDecision(
+        graph_index=graph_index,
+        node=node.name,
+        module=_module_path(node),
+        sparse=False,
+        layer_index=None,
+        query_shape=shape,
+        video_grid=None,
+        text_len=None,
+        text_position=None,
+        grid_from="",
+        rule=rule,
+        reason=reason,
+    )
+
+
 def _position(layout: _Layout) -> str | None:
     if _is_static(layout.text_len) and int(layout.text_len) == 0:
         return None
@@ -517,11 +637,20 @@ def _is_sdpa(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in SDPA_TARGETS
 
 
-def context_seeds(graph: fx.Graph, video_tokens: int) -> dict[fx.Node, Annotation]:
+def context_seeds(
+    graph: fx.Graph, video_tokens: int, shards: GroupInfo | None = None
+) -> dict[fx.Node, Annotation]:
     """Seeds for a graph compiled from one block of a model whose forward holds `video_tokens` video tokens now: the
     graph inputs (not parameters) with at least 3 dims whose dim 1 holds exactly that many tokens at the traced size
     (diffusers blocks take the video stream as `(B, S, C)` and its rotary tables as `(B or 1, S, ...)`) get a
-    `ContextSpan` on dim 1. The op checks on every call that the span's length equals the grid of the call."""
+    `ContextSpan` on dim 1. The op checks on every call that the span's length equals the grid of the call.
+
+    `shards`: the model runs with context parallelism over a group of this size, in which this process has this rank
+    (diffusers' `enable_parallelism` splits the sequence in equal, contiguous pieces in rank order before the blocks):
+    inputs whose dim 1 holds `video_tokens / size` tokens then get this rank's `Shard` of that span."""
+    local = None
+    if shards is not None and shards.size > 1 and video_tokens % shards.size == 0:
+        local = video_tokens // shards.size
     seeds: dict[fx.Node, Annotation] = {}
     for node in graph.nodes:
         if node.op != "placeholder":
@@ -531,8 +660,12 @@ def context_seeds(graph: fx.Graph, video_tokens: int) -> dict[fx.Node, Annotatio
             continue
         if _is_parameter(node):
             continue
-        if size_hint(value.shape[1]) == video_tokens:
+        tokens = size_hint(value.shape[1])
+        if tokens == video_tokens:
             seeds[node] = {1: TokenAxis((ContextSpan(value.shape[1]),))}
+        elif local is not None and shards is not None and tokens == local:
+            whole = TokenAxis((ContextSpan(value.shape[1] * shards.size),))
+            seeds[node] = {1: Shard(whole, shards.rank, shards.size, value.shape[1])}
     return seeds
 
 
@@ -548,14 +681,19 @@ def _analyze(
     config: SparseAttentionConfig,
     graph_index: int,
     seeds: dict[fx.Node, Annotation] | None = None,
+    groups: GroupResolver = resolve_group,
 ) -> list[tuple[AttentionDecision, _SparsePlan | None]]:
-    nodes = [node for node in graph.nodes if _is_sdpa(node)]
+    nodes = [node for node in graph.nodes if _is_sdpa(node) or _fused_name(node)]
     if not nodes:
         return []
-    analysis = TokenAxisAnalysis(graph, seeds)
-    results = []
+    analysis = TokenAxisAnalysis(graph, seeds, groups)
+    results: list[tuple[AttentionDecision, _SparsePlan | None]] = []
     layer = 0
     for node in nodes:
+        fused = _fused_name(node)
+        if fused is not None:
+            results.append((_decide_fused(node, fused, analysis, graph_index), None))
+            continue
         decision, plan = _decide(node, analysis, config, graph_index)
         if plan is not None:
             decision = dataclasses.replace(decision, layer_index=layer)
@@ -569,12 +707,14 @@ def analyze_attention(
     config: SparseAttentionConfig,
     graph_index: int = 0,
     seeds: dict[fx.Node, Annotation] | None = None,
+    groups: GroupResolver = resolve_group,
 ) -> list[AttentionDecision]:
-    """The decision for every SDPA call of `graph` under `config`, without changing the graph. `seeds`: see
-    `context_seeds`. Raises LayoutOverrideError for settings that contradict the graph."""
+    """The decision for every attention call of `graph` under `config`, without changing the graph. `seeds`: see
+    `context_seeds`; `groups`: resolves the process groups collectives name (tests replace it). Raises
+    LayoutOverrideError for settings that contradict the graph."""
     if not isinstance(config, SparseAttentionConfig):
         raise TypeError(f"config must be a SparseAttentionConfig, got {type(config).__name__}")
-    return [decision for decision, _ in _analyze(graph, config, graph_index, seeds)]
+    return [decision for decision, _ in _analyze(graph, config, graph_index, seeds, groups)]
 
 
 def _graph_size(graph: fx.Graph, factor: Factor) -> object:
@@ -688,6 +828,7 @@ def rewrite_attention(
     config: SparseAttentionConfig,
     graph_index: int = 0,
     seeds: dict[fx.Node, Annotation] | None = None,
+    groups: GroupResolver = resolve_group,
 ) -> list[AttentionDecision]:
     """Rewrite every eligible SDPA call of `gm` in place (then recompile it); returns every call's decision and logs
     it on the "spattn_compile" logger. `seeds`: see `context_seeds`. Raises LayoutOverrideError for settings that
@@ -696,7 +837,7 @@ def rewrite_attention(
         raise TypeError(f"config must be a SparseAttentionConfig, got {type(config).__name__}")
     from .. import ops  # noqa: F401  (registers torch.ops.spattn.sparse_attention)
 
-    results = _analyze(gm.graph, config, graph_index, seeds)
+    results = _analyze(gm.graph, config, graph_index, seeds, groups)
     for decision, plan in results:
         if plan is not None:
             _rewrite(gm.graph, plan, decision.layer_index)

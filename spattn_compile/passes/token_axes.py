@@ -18,6 +18,17 @@ A graph compiled from one block of a model (regional compilation, `compile_repea
 its video tokens arrive as an input. The caller may then *seed* inputs with a `ContextSpan`: tokens of the video whose
 grid the model's forward knows at run time (the backend checks that the span's length equals that grid's size on
 every call). A context span flows like a grid span, but has no factors, so it cannot be reshaped into a grid.
+Context parallelism (diffusers' Ulysses attention, `enable_parallelism`): each rank holds one contiguous piece of the
+sequence, in rank order. A `chunk`/`split` of a token axis into equal pieces makes piece i a `Shard` of that axis; the
+caller may also seed a block's input as this rank's shard (the block of a model whose forward split the sequence). An
+all-to-all (`_c10d_functional.all_to_all_single`) over a group of N ranks of a tensor `(N, S_local, ...)` whose dim 0
+is the outer part of a split of the heads, and one of whose dims is this rank's shard of an axis (every rank sends
+slice j to rank j), gives back `(N, S_local, ...)`: dim 0 is then the rank each slice came from (`RankAxis`), the
+shard dim holds that rank's shard (`Shard` with index None) and the heads dim holds the heads of this rank's group
+(`HeadGroup`). Merging the rank dim with the shard dim right after it (`flatten(0, 1)`) gives back the whole axis, in
+global order. That every rank runs the same program (and so sends its own shard) is the one thing taken on trust: it
+is how torch.distributed programs work (SPMD).
+
 The module knows nothing of attention or of Triton.
 """
 
@@ -25,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.fx as fx
@@ -37,7 +48,11 @@ __all__ = [
     "DimInfo",
     "Factor",
     "GridSpan",
+    "GroupInfo",
+    "HeadGroup",
     "OtherSpan",
+    "RankAxis",
+    "Shard",
     "TokenAxis",
     "TokenAxisAnalysis",
     "known_equal",
@@ -142,14 +157,14 @@ class TokenAxis:
     def describe(self) -> str:
         return " + ".join(s.describe() for s in self.spans)
 
-    def same_layout(self, other: TokenAxis) -> bool:
+    def same_layout(self, other: DimInfo) -> bool:
         """Same spans with provably equal sizes (the factor sources may differ)."""
-        if len(self.spans) != len(other.spans):
+        if not isinstance(other, TokenAxis) or len(self.spans) != len(other.spans):
             return False
         for mine, theirs in zip(self.spans, other.spans):
             if type(mine) is not type(theirs):
                 return False
-            if isinstance(mine, (OtherSpan, ContextSpan)):
+            if isinstance(mine, (OtherSpan, ContextSpan)) or isinstance(theirs, (OtherSpan, ContextSpan)):
                 if not known_equal(mine.length, theirs.length):
                     return False
             elif len(mine.factors) != len(theirs.factors) or not all(
@@ -157,6 +172,67 @@ class TokenAxis:
             ):
                 return False
         return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """One rank's contiguous piece of a token axis that context parallelism split into `count` equal pieces in rank
+    order: positions `[index * length, (index + 1) * length)` of `axis`. `index` None: after an all-to-all, the piece
+    of the rank that the `RankAxis` before it names."""
+
+    axis: TokenAxis
+    index: int | None
+    count: int
+    length: Size
+
+    def describe(self) -> str:
+        which = "each rank's" if self.index is None else f"rank {self.index}'s"
+        return f"{which} shard (1 of {self.count}) of {self.axis.describe()}"
+
+    def same_layout(self, other: DimInfo) -> bool:
+        return (
+            isinstance(other, Shard)
+            and self.index == other.index
+            and self.count == other.count
+            and self.axis.same_layout(other.axis)
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class RankAxis:
+    """A dimension indexing the `count` ranks of a process group: after an all-to-all, the rank each slice came from."""
+
+    count: int
+
+    def describe(self) -> str:
+        return f"ranks({self.count})"
+
+    def same_layout(self, other: DimInfo) -> bool:
+        return isinstance(other, RankAxis) and self.count == other.count
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadGroup:
+    """The attention heads this rank holds after an all-to-all that scattered the heads over `world_size` ranks in
+    groups of `heads`: global heads `rank * heads ... (rank + 1) * heads - 1`."""
+
+    rank: int
+    world_size: int
+    heads: Size
+
+    @property
+    def first(self) -> Size:
+        return self.rank * self.heads
+
+    def describe(self) -> str:
+        return f"heads of rank {self.rank} of {self.world_size} ({self.heads} each)"
+
+    def same_layout(self, other: DimInfo) -> bool:
+        return (
+            isinstance(other, HeadGroup)
+            and (self.rank, self.world_size) == (other.rank, other.world_size)
+            and known_equal(self.heads, other.heads)
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,9 +245,44 @@ class Conflict:
         return f"conflict ({self.reason})"
 
 
-DimInfo = TokenAxis | Conflict
+DimInfo = TokenAxis | Shard | RankAxis | HeadGroup | Conflict
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupInfo:
+    """A process group as the analysis sees it: its size, and the rank of this process in it."""
+
+    size: int
+    rank: int
+
+
+def resolve_group(name: object) -> GroupInfo | None:
+    """The process group that a functional collective names (its `group_name` argument), or None when there is no
+    initialised process group of that name in this process."""
+    import torch.distributed as dist
+
+    if not isinstance(name, str) or not dist.is_available() or not dist.is_initialized():
+        return None
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    try:
+        group = _resolve_process_group(name)
+    except (KeyError, RuntimeError, ValueError):
+        return None
+    return GroupInfo(group.size(), dist.get_rank(group))
+
+
 # Per tensor value: annotated dimensions only; a missing dimension carries no token structure.
 Annotation = dict[int, DimInfo]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Exchange:
+    """The result of an all-to-all (see the module docstring), as the annotation of the tensor of `shape` that the
+    flat output is reshaped back to."""
+
+    shape: tuple[Size, ...]
+    annotation: Annotation
 
 
 def _make_axis(spans: Sequence[Span]) -> TokenAxis | None:
@@ -208,6 +319,8 @@ def _slice_axis(info: DimInfo, start: Size, stop: Size) -> DimInfo | None:
     """The token structure of positions `[start, stop)` of an annotated dimension (0 <= start <= stop <= length)."""
     if isinstance(info, Conflict):
         return info
+    if not isinstance(info, TokenAxis):
+        return None  # part of a shard, of the ranks or of the heads: nothing we can name
     start_hint, stop_hint = size_hint(start), size_hint(stop)
     if start_hint is None or stop_hint is None:
         return None
@@ -413,8 +526,19 @@ def _op_name(node: fx.Node) -> str | None:
 class TokenAxisAnalysis:
     """Annotate the token axes of every tensor in `graph` (see the module docstring). `axis(node, dim)` answers."""
 
-    def __init__(self, graph: fx.Graph, seeds: dict[fx.Node, Annotation] | None = None) -> None:
+    def __init__(
+        self,
+        graph: fx.Graph,
+        seeds: dict[fx.Node, Annotation] | None = None,
+        groups: Callable[[object], GroupInfo | None] = resolve_group,
+    ) -> None:
+        """`seeds`: annotations of some nodes (block inputs), taken as given. `groups`: resolves the process group a
+        collective names (tests replace it)."""
         self._values: dict[fx.Node, Annotation | tuple[Annotation, ...]] = {}
+        self._groups = groups
+        # 1-D views of multi-dim tensors (the flat buffer a collective sends), and all-to-all results (see _exchange).
+        self._flat: dict[fx.Node, fx.Node] = {}
+        self._exchanges: dict[fx.Node, _Exchange] = {}
         seeds = seeds or {}
         for node in graph.nodes:
             if node in seeds:
@@ -462,6 +586,19 @@ class TokenAxisAnalysis:
         args = node.args
         first = args[0] if args else node.kwargs.get("input", node.kwargs.get("self"))
         first_shape = _tensor_shape(node_value(first))
+        if name == "all_to_all_single":
+            self._exchange(node)
+            return {}
+        if isinstance(first, fx.Node) and first in self._exchanges:
+            exchange = self._exchanges[first]
+            if name == "wait_tensor":
+                self._exchanges[node] = exchange  # waiting changes nothing of the values
+            elif name in _RESHAPES and len(shape) == len(exchange.shape):
+                if all(known_equal(a, b) for a, b in zip(shape, exchange.shape)):
+                    return dict(exchange.annotation)
+            return {}
+        if name == "wait_tensor":
+            return self._broadcast(node, shape, [first])
         if name in _UNARY:
             return self._broadcast(node, shape, [first])
         if name in _BROADCAST:
@@ -481,6 +618,8 @@ class TokenAxisAnalysis:
         if name == "getitem":
             return self._getitem(first, first_shape, args[1], shape)
         if name in _RESHAPES:
+            if len(shape) == 1 and len(first_shape) > 1 and isinstance(first, fx.Node):
+                self._flat[node] = first
             return self._reshape(first, first_shape, shape)
         if name in ("transpose", "swapaxes", "swapdims", "permute", "movedim", "t"):
             return self._permute(node, name, first, first_shape, shape)
@@ -617,14 +756,18 @@ class TokenAxisAnalysis:
                 if infos[0] is not None:
                     result[outs[0]] = infos[0]
             elif len(ins) >= 2 and len(outs) == 1:
+                gathered = _gathered_axis(infos)
+                if gathered is not None:
+                    result[outs[0]] = gathered
+                    continue
                 factors: list[Factor] = []
                 for d, info in zip(ins, infos):
                     if info is None:
                         factors.append(Factor(in_shape[d], (source, d)))
-                    elif len(info.spans) == 1 and isinstance(info.spans[0], GridSpan):
+                    elif isinstance(info, TokenAxis) and len(info.spans) == 1 and isinstance(info.spans[0], GridSpan):
                         factors.extend(info.spans[0].factors)
                     else:
-                        factors = []  # a joint (video + text) sequence merged with another dimension
+                        factors = []  # a joint (video + text) sequence, a shard or heads merged with another dim
                         break
                 axis = _axis_from_factors(factors)
                 if axis is not None:
@@ -632,7 +775,7 @@ class TokenAxisAnalysis:
             elif (
                 len(ins) == 1
                 and len(outs) >= 2
-                and infos[0] is not None
+                and isinstance(infos[0], TokenAxis)
                 and len(infos[0].spans) == 1
                 and isinstance(infos[0].spans[0], GridSpan)
             ):
@@ -707,8 +850,10 @@ class TokenAxisAnalysis:
                 return result
             if info is None:
                 spans.append(OtherSpan(tensor_shape[dim]))
-            else:
+            elif isinstance(info, TokenAxis):
                 spans.extend(info.spans)
+            else:
+                return result  # shards (one rank's tokens) or heads joined along the sequence: no layout we name
         axis = _make_axis(spans)
         if axis is not None:
             result[dim] = axis
@@ -784,9 +929,13 @@ class TokenAxisAnalysis:
         dim = _normalize_dim(node_value(dim), len(in_shape))
         if dim is None or any(len(s) != len(in_shape) for s in shapes):
             return empty
+        pieces = [s[dim] for s in shapes]
+        equal = all(known_equal(piece, pieces[0]) for piece in pieces) and known_equal(
+            in_shape[dim], pieces[0] * len(pieces)
+        )
         elements = []
         offset: Size = 0
-        for shape in shapes:
+        for index, shape in enumerate(shapes):
             element: Annotation = {}
             for d, info in annotation.items():
                 if d != dim:
@@ -795,12 +944,128 @@ class TokenAxisAnalysis:
                     element[d] = info
                 else:
                     sliced = _slice_axis(info, offset, offset + shape[d])
+                    if sliced is None and equal and isinstance(info, TokenAxis):
+                        # Equal pieces that cut into a grid: how context parallelism splits a sequence over ranks.
+                        sliced = Shard(info, index, len(shapes), shape[d])
                     if sliced is not None:
                         element[d] = sliced
             elements.append(element)
             offset = offset + shape[dim]
         return tuple(elements)
 
+    # --------------------------------------------------------------------------------------------------------------
+    # Context parallelism: the all-to-all of Ulysses attention
+    # --------------------------------------------------------------------------------------------------------------
+
+    def _exchange(self, node: fx.Node) -> None:
+        """Record what an all-to-all gives back (module docstring), when its input is the flat view of a tensor
+        `(N, ...)` over a group of N ranks, in equal splits, whose dim 0 is the outer part of the heads and one of whose
+        dims is this rank's shard of a token axis. Anything else leaves the result unannotated."""
+        args = node.args
+        source = self._flat.get(args[0]) if args and isinstance(args[0], fx.Node) else None
+        if source is None:
+            return
+        group_name = args[3] if len(args) > 3 else node.kwargs.get("group_name")
+        group = self._groups(node_value(group_name))
+        shape = _tensor_shape(node_value(source))
+        if group is None or shape is None or len(shape) < 3 or not known_equal(shape[0], group.size):
+            return
+        for splits in (args[1] if len(args) > 1 else None, args[2] if len(args) > 2 else None):
+            sizes = [node_value(s) for s in splits] if isinstance(splits, (list, tuple)) else splits
+            if sizes is not None and not (
+                isinstance(sizes, list) and len(sizes) == group.size and all(known_equal(s, sizes[0]) for s in sizes)
+            ):
+                return  # uneven splits (diffusers' "Ulysses anything"): the pieces are not one slice per rank
+        annotation = self._ann(source)
+        shards = [
+            d
+            for d, info in annotation.items()
+            if isinstance(info, Shard) and info.count == group.size and info.index == group.rank and d > 0
+        ]
+        heads = _head_split(source, group.size)
+        if len(shards) != 1 or heads is None or heads in (0, shards[0]):
+            return
+        shard = annotation[shards[0]]
+        assert isinstance(shard, Shard)
+        self._exchanges[node] = _Exchange(
+            shape,
+            {
+                0: RankAxis(group.size),
+                shards[0]: Shard(shard.axis, None, group.size, shard.length),
+                heads: HeadGroup(group.rank, group.size, shape[heads]),
+            },
+        )
+
+
+def _gathered_axis(infos: Sequence[DimInfo | None]) -> TokenAxis | None:
+    """The whole axis, when dims (ranks, each rank's shard) are merged, ranks outermost (module docstring)."""
+    if len(infos) != 2:
+        return None
+    ranks, shard = infos
+    if isinstance(ranks, RankAxis) and isinstance(shard, Shard) and shard.index is None and shard.count == ranks.count:
+        return shard.axis
+    return None
+
+
+_LAYOUT_ONLY = frozenset({"contiguous", "clone", "detach"})
+
+
+def _head_split(node: fx.Node, groups: int) -> int | None:
+    """The dim of `node`'s tensor that holds the inner part of a row-major split of one dim into `(groups, inner)`
+    whose outer part is `node`'s dim 0: found by walking back through permutes (and copies) to the reshape that made
+    the split. None when the data flow shows no such split."""
+    rank = len(_tensor_shape(node_value(node)) or ())
+    origin = list(range(rank))  # origin[d]: the dim of the current node that dim d of `node` comes from
+    current: object = node
+    while isinstance(current, fx.Node):
+        name = _op_name(current)
+        source = current.args[0] if current.args else None
+        if name in _LAYOUT_ONLY:
+            current = source
+            continue
+        if name in ("permute", "transpose", "swapaxes", "swapdims"):
+            order = _permutation(current, name, rank)
+            if order is None:
+                return None
+            origin = [order[o] for o in origin]
+            current = source
+            continue
+        if name in ("reshape", "view"):
+            in_shape = _tensor_shape(node_value(source))
+            out_shape = _tensor_shape(node_value(current))
+            if in_shape is None or out_shape is None:
+                return None
+            outer = origin[0]
+            if outer + 1 >= len(out_shape) or not known_equal(out_shape[outer], groups):
+                return None
+            # Dims (outer, outer + 1) of the output index exactly one input dim, `outer` first, when the elements
+            # before them and the two sizes agree (row-major order).
+            before = _product(out_shape[:outer])
+            for i in range(len(in_shape)):
+                if known_equal(_product(in_shape[:i]), before) and known_equal(
+                    in_shape[i], out_shape[outer] * out_shape[outer + 1]
+                ):
+                    return origin.index(outer + 1) if outer + 1 in origin else None
+            return None
+        return None
+    return None
+
+
+def _permutation(node: fx.Node, name: str, rank: int) -> list[int] | None:
+    """`order[i]`: the input dim of output dim i of a permute or transpose node; None if not constant."""
+    args = [node_value(a) for a in node.args[1:]]
+    if name == "permute":
+        dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+        dims = node.kwargs.get("dims", dims)
+        order = [d for d in (_normalize_dim(node_value(d), rank) for d in dims) if d is not None]
+        return order if sorted(order) == list(range(rank)) else None
+    pair = [_normalize_dim(d, rank) for d in args[:2]]
+    if len(pair) != 2 or pair[0] is None or pair[1] is None:
+        return None
+    order = list(range(rank))
+    order[pair[0]], order[pair[1]] = order[pair[1]], order[pair[0]]
+    return order
+
 
 def _length(info: DimInfo, fallback: Size) -> Size:
-    return info.length if isinstance(info, TokenAxis) else fallback
+    return info.length if isinstance(info, (TokenAxis, Shard)) else fallback
