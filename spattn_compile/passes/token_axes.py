@@ -960,41 +960,61 @@ class TokenAxisAnalysis:
     def _exchange(self, node: fx.Node) -> None:
         """Record what an all-to-all gives back (module docstring), when its input is the flat view of a tensor
         `(N, ...)` over a group of N ranks, in equal splits, whose dim 0 is the outer part of the heads and one of whose
-        dims is this rank's shard of a token axis. Anything else leaves the result unannotated."""
+        dims is this rank's shard of a token axis. When the input holds a shard but any of that fails, the result's
+        dims are marked `Conflict` with the reason (the attention then stays dense and says why); an all-to-all of
+        anything else leaves its result unannotated."""
         args = node.args
         source = self._flat.get(args[0]) if args and isinstance(args[0], fx.Node) else None
         if source is None:
             return
+        annotation = self._ann(source)
+        shape = _tensor_shape(node_value(source))
+        held = [d for d, info in annotation.items() if isinstance(info, Shard) and info.index is not None]
+        if shape is None or not held:
+            return
         group_name = args[3] if len(args) > 3 else node.kwargs.get("group_name")
         group = self._groups(node_value(group_name))
-        shape = _tensor_shape(node_value(source))
-        if group is None or shape is None or len(shape) < 3 or not known_equal(shape[0], group.size):
-            return
-        for splits in (args[1] if len(args) > 1 else None, args[2] if len(args) > 2 else None):
-            sizes = [node_value(s) for s in splits] if isinstance(splits, (list, tuple)) else splits
-            if sizes is not None and not (
-                isinstance(sizes, list) and len(sizes) == group.size and all(known_equal(s, sizes[0]) for s in sizes)
-            ):
-                return  # uneven splits (diffusers' "Ulysses anything"): the pieces are not one slice per rank
-        annotation = self._ann(source)
-        shards = [
-            d
-            for d, info in annotation.items()
-            if isinstance(info, Shard) and info.count == group.size and info.index == group.rank and d > 0
-        ]
-        heads = _head_split(source, group.size)
-        if len(shards) != 1 or heads is None or heads in (0, shards[0]):
-            return
-        shard = annotation[shards[0]]
-        assert isinstance(shard, Shard)
-        self._exchanges[node] = _Exchange(
-            shape,
-            {
-                0: RankAxis(group.size),
-                shards[0]: Shard(shard.axis, None, group.size, shard.length),
-                heads: HeadGroup(group.rank, group.size, shape[heads]),
-            },
-        )
+        why, result = "", {}
+        if group is None:
+            why = f"the process group {node_value(group_name)!r} of the all-to-all is unknown"
+        elif len(shape) < 3 or not known_equal(shape[0], group.size):
+            why = f"the all-to-all sends {shape[0] if shape else 0} slices over {group.size} ranks"
+        elif not all(_even_splits(splits, group.size) for splits in args[1:3]):
+            why = "the all-to-all splits unevenly (diffusers' ulysses_anything)"
+        else:
+            shards = [
+                d
+                for d in held
+                if isinstance(info := annotation[d], Shard)
+                and (info.index, info.count) == (group.rank, group.size)
+                and d > 0
+            ]
+            heads = _head_split(source, group.size)
+            if len(shards) != 1:
+                pieces = ", ".join(annotation[d].describe() for d in held)
+                why = f"rank {group.rank} of {group.size} sends {pieces}, not its own shard of the sequence"
+            elif heads is None or heads in (0, shards[0]):
+                why = "the exchanged dim is not the outer part of a split of the attention heads"
+            else:
+                shard = annotation[shards[0]]
+                assert isinstance(shard, Shard)
+                result = {
+                    0: RankAxis(group.size),
+                    shards[0]: Shard(shard.axis, None, group.size, shard.length),
+                    heads: HeadGroup(group.rank, group.size, shape[heads]),
+                }
+        if why:
+            conflict = Conflict(f"context parallelism: {why}")
+            result = {0: conflict, **{d: conflict for d in held}}
+        self._exchanges[node] = _Exchange(shape, result)
+
+
+def _even_splits(splits: object, size: int) -> bool:
+    """Whether an all-to-all's split sizes (None: equal) give every rank the same slice."""
+    if splits is None:
+        return True
+    sizes = [node_value(s) for s in splits] if isinstance(splits, (list, tuple)) else None
+    return sizes is not None and len(sizes) == size and all(known_equal(s, sizes[0]) for s in sizes)  # type: ignore[arg-type]
 
 
 def _gathered_axis(infos: Sequence[DimInfo | None]) -> TokenAxis | None:
