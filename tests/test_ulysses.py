@@ -179,3 +179,36 @@ def test_fused_attention_op_is_listed_dense_with_its_reason():
     assert not decision.sparse and decision.rule == "attention_backend"
     assert "_scaled_dot_product_flash_attention_for_cpu" in decision.reason
     assert "dense: attention_backend" in str(report)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# examples/generate.py --ulysses
+# ----------------------------------------------------------------------------------------------------------------
+
+# diffusers' enable_parallelism takes `rank % torch.accelerator.device_count()`, which is 0 on a CPU machine: the test
+# runs the example through this launcher, which says there is one accelerator.
+LAUNCHER = """
+import runpy, sys, torch
+torch.accelerator.device_count = lambda: 1
+sys.argv = [{example!r}, *sys.argv[1:]]
+runpy.run_path({example!r}, run_name="__main__")
+"""
+
+
+def test_generate_example_with_ulysses_runs_sparse_on_every_rank(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    launcher = tmp_path / "launch_generate.py"
+    launcher.write_text(LAUNCHER.format(example=str(root / "examples" / "generate.py")))
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    arguments = ["--ulysses", "2", "--steps", "2", "--frames", "5", "--height", "128", "--width", "128"]
+    arguments += ["--sparsity", "0.5", "--dense-steps", "0", "--device", "cpu", "--output-dir", str(tmp_path)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(launcher)]
+    done = subprocess.run([*command, *arguments], env=environment, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
+    # Each rank printed its report: 2 steps x 2 CFG branches x 2 layers, all sparse, over the rank's one head of two.
+    for rank in (0, 1):
+        report = done.stdout.split(f"rank {rank}:\n", 1)[1].split("calls:", 1)[0]
+        rows = [line.split() for line in report.splitlines() if line.startswith("WanTransformer3DModel")]
+        assert len(rows) == 8, report
+        assert all(row[6] == "sparse" and row[-2:] == [f"{rank}/2", f"{rank}-{rank}"] for row in rows), report
+    assert list(tmp_path.glob("wan.*")), done.stdout[-2000:]
