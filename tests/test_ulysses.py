@@ -212,3 +212,20 @@ def test_generate_example_with_ulysses_runs_sparse_on_every_rank(tmp_path):
         assert len(rows) == 8, report
         assert all(row[6] == "sparse" and row[-2:] == [f"{rank}/2", f"{rank}-{rank}"] for row in rows), report
     assert list(tmp_path.glob("wan.*")), done.stdout[-2000:]
+
+
+def test_bench_e2e_ulysses_smoke_prints_the_four_variants():
+    """benchmarks/bench_e2e.py --ulysses 2 --smoke (tiny Wan, gloo): the script the 2-GPU run uses runs through, and
+    the 2-process sparse output equals the 1-process one."""
+    root = Path(__file__).resolve().parents[1]
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    arguments = [str(root / "benchmarks" / "bench_e2e.py"), "--ulysses", "2", "--smoke", "--sparsities", "0.9"]
+    done = subprocess.run([*command, *arguments], env=environment, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line for line in done.stdout.splitlines()}
+    for variant in ("dense", "spattn 0.90 refresh", "spattn 0.90 cached"):
+        for gpus in ("1", "2"):
+            assert (variant, gpus) in rows, done.stdout[-3000:]
+    assert "| 0.00e+00 |" in rows[("spattn 0.90 refresh", "2")], rows[("spattn 0.90 refresh", "2")]
+    assert "PASS spattn 0.90 refresh: 2 GPUs vs 1 GPU sparse output" in done.stdout
