@@ -227,5 +227,7 @@ def test_bench_e2e_ulysses_smoke_prints_the_four_variants():
     for variant in ("dense", "spattn 0.90 refresh", "spattn 0.90 cached"):
         for gpus in ("1", "2"):
             assert (variant, gpus) in rows, done.stdout[-3000:]
-    assert "| 0.00e+00 |" in rows[("spattn 0.90 refresh", "2")], rows[("spattn 0.90 refresh", "2")]
+    # float32 on both sides: the same arithmetic per head, up to the rounding of matmuls over other row counts.
+    error = float(rows[("spattn 0.90 refresh", "2")].split("|")[-2])
+    assert error < 1e-5, rows[("spattn 0.90 refresh", "2")]
     assert "PASS spattn 0.90 refresh: 2 GPUs vs 1 GPU sparse output" in done.stdout
