@@ -87,12 +87,13 @@ class ShardedAttention(torch.nn.Module):
     """A video DiT attention under context parallelism over 2 ranks: a conv patch embedding, this rank's chunk of the
     tokens, and (with `exchange`) Ulysses' all-to-all of the heads before SDPA, as diffusers' TemplatedUlyssesAttention
     does. `inner`: split the heads with the rank group as the inner part (not what an all-to-all of head groups
-    needs); `index`: take another rank's chunk than this process's. Without `exchange` each rank attends within its
-    own chunk (ring attention's first step)."""
+    needs); `index`: take another rank's chunk than this process's; `text`: join this rank's piece of `text` text
+    tokens after its video piece. Without `exchange` each rank attends within its own chunk (ring attention's first
+    step)."""
 
-    def __init__(self, exchange: bool = True, inner: bool = False, index: int | None = None) -> None:
+    def __init__(self, exchange: bool = True, inner: bool = False, index: int | None = None, text: int = 0) -> None:
         super().__init__()
-        self.exchange_heads, self.inner, self.index = exchange, inner, index
+        self.exchange_heads, self.inner, self.index, self.text = exchange, inner, index, text
         self.heads, self.head_dim = HEADS, 16
         self.patch = torch.nn.Conv3d(4, HEADS * 16, (1, 2, 2), stride=(1, 2, 2))
         self.qkv = torch.nn.Linear(HEADS * 16, 3 * HEADS * 16)
@@ -116,6 +117,10 @@ class ShardedAttention(torch.nn.Module):
         tokens = self.patch(video).flatten(2).transpose(1, 2)
         rank = (dist.get_rank() if dist.is_initialized() else 0) if self.index is None else self.index
         tokens = tokens.chunk(2, dim=1)[rank]
+        if self.text:
+            # Joint attention with each stream split on its own (what a diffusers plan for HunyuanVideo would do).
+            words = torch.ones(tokens.shape[0], 2 * self.text, tokens.shape[2]).chunk(2, dim=1)[rank]
+            tokens = torch.cat([tokens, words], dim=1)
         q, k, v = self.qkv(tokens).unflatten(-1, (3, self.heads, self.head_dim)).unbind(2)
         if self.exchange_heads:
             q, k, v = (self.exchange(t) for t in (q, k, v))
@@ -149,8 +154,9 @@ def test_exchange_makes_the_whole_sequence_sparse_for_the_ranks_heads(two_ranks)
     [
         (ShardedAttention(inner=True), "not the outer part of a split of the attention heads"),
         (ShardedAttention(index=0), "rank 1 of 2 sends rank 0's shard"),
+        (ShardedAttention(text=4), "interleaves each rank's video and text pieces"),
     ],
-    ids=["heads_split_inner", "another_ranks_shard"],
+    ids=["heads_split_inner", "another_ranks_shard", "video_and_text_split_apart"],
 )
 def test_exchange_the_pass_cannot_follow_stays_dense(two_ranks, module, why):
     (decision,) = explain_model(module, {"video": VIDEO}).decisions

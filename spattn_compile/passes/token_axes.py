@@ -852,8 +852,16 @@ class TokenAxisAnalysis:
                 spans.append(OtherSpan(tensor_shape[dim]))
             elif isinstance(info, TokenAxis):
                 spans.extend(info.spans)
+            elif isinstance(info, Shard):
+                # Joint attention under context parallelism with each stream split on its own: after the all-to-all
+                # the ranks' pieces alternate (video 0, text 0, video 1, text 1...), no layout the op takes.
+                result[dim] = Conflict(
+                    f"context parallelism: {info.describe()} is joined with other tokens on each rank, so the "
+                    "whole sequence interleaves each rank's video and text pieces"
+                )
+                return result
             else:
-                return result  # shards (one rank's tokens) or heads joined along the sequence: no layout we name
+                return result  # ranks or heads joined along the sequence: no layout we name
         axis = _make_axis(spans)
         if axis is not None:
             result[dim] = axis
@@ -970,6 +978,12 @@ class TokenAxisAnalysis:
         annotation = self._ann(source)
         shape = _tensor_shape(node_value(source))
         held = [d for d, info in annotation.items() if isinstance(info, Shard) and info.index is not None]
+        conflicts = {d: info for d, info in annotation.items() if isinstance(info, Conflict)}
+        if shape is not None and conflicts and not held:
+            # Tokens the analysis already gave up on (e.g. interleaved streams): the result says why, too.
+            first = next(iter(conflicts.values()))
+            self._exchanges[node] = _Exchange(shape, {0: first, **conflicts})
+            return
         if shape is None or not held:
             return
         group_name = args[3] if len(args) > 3 else node.kwargs.get("group_name")
