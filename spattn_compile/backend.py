@@ -47,7 +47,7 @@ import math
 import re
 import sys
 import types
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from importlib.metadata import EntryPoint
 from typing import Any
 
@@ -190,7 +190,17 @@ def _inner_compiler(
             patches = {**list_mode_options(mode), **patches, "triton.cudagraphs": False}
             if mode == "max-autotune":
                 logger.info("spattn: mode='max-autotune' compiles with Inductor's autotuning, without CUDA graphs")
-        return functools.partial(compile_fx, config_patches=patches or None)
+        config_patches = patches or None
+
+        def inductor(gm: fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable:
+            compiled = compile_fx(gm, example_inputs, config_patches=config_patches)
+            # compile_fx's annotation also covers what it returns when exporting (paths, weights); compiling a graph
+            # module for Dynamo gives a callable.
+            if not callable(compiled):
+                raise TypeError(f"spattn backend: Inductor returned {type(compiled).__name__}, not a compiled graph")
+            return compiled
+
+        return inductor
     return torch._dynamo.lookup_backend(options.compiler)
 
 
@@ -203,7 +213,7 @@ def timestep_input_position(gm: fx.GraphModule) -> int | None:
     return None
 
 
-def parameter_input_position(example_inputs: list[object]) -> int | None:
+def parameter_input_position(example_inputs: Sequence[object]) -> int | None:
     """Position of the first module parameter among a graph's inputs (Dynamo passes parameters as inputs, so one
     compiled graph serves every instance of a module class); None if there is none."""
     return next((i for i, value in enumerate(example_inputs) if isinstance(value, torch.nn.Parameter)), None)
@@ -216,11 +226,15 @@ def _frame_key() -> Hashable:
     return ("frame", frame_id) if frame_id is not None else object()
 
 
+def _layer_order(decision: AttentionDecision) -> int:
+    return -1 if decision.layer_index is None else decision.layer_index
+
+
 def _layer_names(decisions: list[AttentionDecision]) -> tuple[str, ...]:
     """The module path of each rewritten call, by layer index; a path met twice in one graph gets "#k" suffixes."""
     names: list[str] = []
     seen: dict[str, int] = {}
-    for decision in sorted((d for d in decisions if d.sparse), key=lambda d: d.layer_index):
+    for decision in sorted((d for d in decisions if d.sparse), key=_layer_order):
         base = decision.module or f"#{decision.layer_index}"
         count = seen.get(base, 0)
         seen[base] = count + 1
@@ -231,7 +245,7 @@ def _layer_names(decisions: list[AttentionDecision]) -> tuple[str, ...]:
 def _layer_heads(decisions: list[AttentionDecision]) -> tuple[HeadRange | None, ...]:
     """The heads each rewritten call holds under context parallelism (by layer index, as `_layer_names`)."""
     heads: list[HeadRange | None] = []
-    for decision in sorted((d for d in decisions if d.sparse), key=lambda d: d.layer_index or 0):
+    for decision in sorted((d for d in decisions if d.sparse), key=_layer_order):
         held = decision.heads
         static = held is not None and all(isinstance(size, int) for size in held)
         heads.append(

@@ -138,10 +138,12 @@ class _Capture:
             found = owner
             if position is not None:
                 # The model is alive while explain runs: ids of its parameters are stable.
-                found = owners.get(id(args[position]))
-                if found is None:
-                    found = self.registry.resolve(args[position], sys._getframe(1)) or owner
-                    owners[id(args[position])] = found
+                known = owners.get(id(args[position]))
+                if known is None:
+                    known = owners[id(args[position])] = (
+                        self.registry.resolve(_as_tensor(args[position]), sys._getframe(1)) or owner
+                    )
+                found = known
             state = found.state
             grid = state.forward.video_grid if found.block and state.forward is not None else None
             self.calls.append((index, found.block, grid))
@@ -160,14 +162,16 @@ class _Capture:
             shown.add((index, block))
             for decision in self.graphs[index]:
                 module = f"{block}.{decision.module}" if block and decision.module else decision.module or block
-                changes: dict[str, object] = {"module": module}
-                if decision.grid_from == "context" and grid is not None:
-                    changes["video_grid"] = grid
+                layer = decision.layer_index
                 if decision.sparse:
-                    name = module or f"{block}#{decision.layer_index}"
-                    changes["layer_index"] = layers.setdefault(name, len(layers))
-                rows.append(dataclasses.replace(decision, **changes))
+                    layer = layers.setdefault(module or f"{block}#{decision.layer_index}", len(layers))
+                video_grid = grid if decision.grid_from == "context" and grid is not None else decision.video_grid
+                rows.append(dataclasses.replace(decision, module=module, layer_index=layer, video_grid=video_grid))
         return rows
+
+
+def _as_tensor(value: object) -> torch.Tensor | None:
+    return value if isinstance(value, torch.Tensor) else None
 
 
 def _compiled_blocks(model: object) -> list[torch.nn.Module]:

@@ -59,6 +59,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
+from torch.fx.node import Argument
 
 from ..capability import check_capability
 from ..config import SparseAttentionConfig
@@ -70,6 +71,7 @@ from .token_axes import (
     ContextSpan,
     DimInfo,
     Factor,
+    GridSpan,
     GroupInfo,
     HeadGroup,
     Shard,
@@ -229,21 +231,57 @@ def _module_path(node: fx.Node) -> str:
     return path.lstrip(".")
 
 
-def _sdpa_arguments(node: fx.Node) -> dict[str, object]:
+@dataclasses.dataclass(frozen=True)
+class _SdpaCall:
+    """The eight arguments of an SDPA call node (defaults filled in): the query, key and value nodes, the rest as the
+    graph gives them (constants, or nodes)."""
+
+    query: fx.Node
+    key: fx.Node
+    value: fx.Node
+    attn_mask: object
+    dropout_p: object
+    is_causal: object
+    scale: object
+    enable_gqa: object
+
+
+def _sdpa_arguments(node: fx.Node) -> _SdpaCall:
     """The eight SDPA parameters of a call node, from its positional and keyword forms (defaults filled in)."""
     if len(node.args) > len(_SDPA_PARAMETERS):
         raise _Dense("shape", f"unexpected positional arguments {node.args!r}")
-    arguments = dict(zip(_SDPA_PARAMETERS, node.args))
+    arguments: dict[str, object] = dict(zip(_SDPA_PARAMETERS, node.args))
     for name, value in node.kwargs.items():
         if name not in _SDPA_PARAMETERS or name in arguments:
             raise _Dense("shape", f"unexpected SDPA argument {name}={value!r}")
         arguments[name] = value
+    tensors: list[fx.Node] = []
     for name in ("query", "key", "value"):
-        if name not in arguments:
-            raise _Dense("shape", f"SDPA call without {name}")
-    for name, default in _SDPA_DEFAULTS.items():
-        arguments.setdefault(name, default)
-    return arguments
+        given = arguments.get(name)
+        if not isinstance(given, fx.Node):
+            raise _Dense("shape", f"SDPA call without a {name} tensor of the graph (got {given!r})")
+        tensors.append(given)
+    rest = {name: arguments.get(name, default) for name, default in _SDPA_DEFAULTS.items()}
+    return _SdpaCall(
+        tensors[0],
+        tensors[1],
+        tensors[2],
+        attn_mask=rest["attn_mask"],
+        dropout_p=rest["dropout_p"],
+        is_causal=rest["is_causal"],
+        scale=rest["scale"],
+        enable_gqa=rest["enable_gqa"],
+    )
+
+
+def _traced(node: fx.Node, name: str) -> torch.Tensor:
+    """The traced (fake) tensor of a 4-D attention input."""
+    value = node_value(node)
+    if not isinstance(value, torch.Tensor):
+        raise _Dense("shape", f"{name} has no traced tensor value")
+    if value.dim() != 4:
+        raise _Dense("shape", f"{name} is {value.dim()}-D {_shape_text(value.shape)}; expected (B, H, S, D)")
+    return value
 
 
 def _size_text(size: Size) -> str:
@@ -264,18 +302,10 @@ def _is_static(size: Size) -> bool:
     return isinstance(size, int) or is_concrete_int(size)
 
 
-def _check_semantics(
-    node: fx.Node, arguments: dict[str, object]
-) -> tuple[torch.Tensor, float | None, _MaskPlan | None, str]:
+def _check_semantics(node: fx.Node, call: _SdpaCall) -> tuple[torch.Tensor, float | None, _MaskPlan | None, str]:
     """Everything but the token layout: shapes, dtypes, capability, dropout, causality, heads, scale, mask, autograd.
     Returns the traced query, the scale, how to pass the mask, and notes for the decision's reason."""
-    values = {name: node_value(arguments[name]) for name in ("query", "key", "value")}
-    for name, value in values.items():
-        if not isinstance(value, torch.Tensor):
-            raise _Dense("shape", f"{name} has no traced tensor value")
-        if value.dim() != 4:
-            raise _Dense("shape", f"{name} is {value.dim()}-D {_shape_text(value.shape)}; expected (B, H, S, D)")
-    query, key, value = values["query"], values["key"], values["value"]
+    query, key, value = _traced(call.query, "query"), _traced(call.key, "key"), _traced(call.value, "value")
     output = node_value(node)
     if isinstance(output, torch.Tensor) and output.requires_grad:
         raise _Dense(
@@ -284,10 +314,10 @@ def _check_semantics(
             "backward: run the model under torch.no_grad() or torch.inference_mode()",
         )
 
-    dropout = _constant(arguments["dropout_p"], "dropout_p", "dropout")
+    dropout = _constant(call.dropout_p, "dropout_p", "dropout")
     if not isinstance(dropout, (int, float)) or dropout != 0:
         raise _Dense("dropout", f"dropout_p={dropout!r}; sparse attention has no dropout")
-    causal = _constant(arguments["is_causal"], "is_causal", "causal")
+    causal = _constant(call.is_causal, "is_causal", "causal")
     if causal is not False:
         raise _Dense("causal", f"is_causal={causal!r}; causal attention is not supported")
 
@@ -316,12 +346,12 @@ def _check_semantics(
     else:
         note = f"dynamic head dim {head_dim}: what the kernels take is checked when the op runs"
 
-    scale = _constant(arguments["scale"], "scale", "scale")
+    scale = _constant(call.scale, "scale", "scale")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):
         raise _Dense("scale", f"scale={scale!r}; expected None or a positive number")
 
     mask_plan = None
-    mask_node = arguments["attn_mask"]
+    mask_node = call.attn_mask
     if mask_node is not None:
         mask_plan = _check_mask(mask_node, query)
     return query, None if scale is None else float(scale), mask_plan, note
@@ -396,6 +426,7 @@ def _infer_layout(
     span = spans[position]
     if isinstance(span, ContextSpan):
         return _Layout(None, text, bool(before)), span.length
+    assert isinstance(span, GridSpan)  # VIDEO_SPANS are grid and context spans
     factors = list(span.factors)
     if len(factors) > 3:
         factors = [f for f in factors if not known_equal(f.size, 1)]
@@ -405,7 +436,7 @@ def _infer_layout(
             f"the token grid {span.describe()} has {len(factors)} dimensions; only 3-D (frames, height, "
             "width) grids are inferred (set video_grid to force)",
         )
-    return _Layout(tuple(factors), text, bool(before)), _grid_tokens(factors)
+    return _Layout((factors[0], factors[1], factors[2]), text, bool(before)), _grid_tokens(factors)
 
 
 def _contradiction(what: str, given: object, proved: object) -> LayoutOverrideError:
@@ -424,10 +455,10 @@ def _resolve_layout(
         layout, num_video = inferred
         # The spans were built to add up to the sequence length; prove it, for every size, before relying on it.
         if not known_equal(seq_len, num_video + layout.text_len):
-            grid = "a run-time grid" if layout.grid is None else _grid_text(layout.grid)
+            described_grid = "a run-time grid" if layout.grid is None else _grid_text(layout.grid)
             raise _Dense(
                 "ambiguous_grid",
-                f"inferred video grid {grid} + text {layout.text_len} cannot be proved to equal the sequence "
+                f"inferred video grid {described_grid} + text {layout.text_len} cannot be proved to equal the sequence "
                 f"length {seq_len}",
             )
         _check_agreement(layout, config)
@@ -491,24 +522,24 @@ def _grid_text(grid: Sequence[Factor]) -> str:
 def _decide(
     node: fx.Node, analysis: TokenAxisAnalysis, config: SparseAttentionConfig, graph_index: int
 ) -> tuple[AttentionDecision, _SparsePlan | None]:
-    base = dict(graph_index=graph_index, node=node.name, module=_module_path(node), layer_index=None)
+    module = _module_path(node)
     query_shape: tuple[Size, ...] = ()
     layout: _Layout | None = None
     grid_from = ""
     try:
-        arguments = _sdpa_arguments(node)
-        traced_query = node_value(arguments["query"])
+        call = _sdpa_arguments(node)
+        traced_query = node_value(call.query)
         if isinstance(traced_query, torch.Tensor):
             query_shape = tuple(traced_query.shape)
-        query, scale, mask, note = _check_semantics(node, arguments)
+        query, scale, mask, note = _check_semantics(node, call)
         seq_len = query.shape[2]
-        axes = [analysis.axis(arguments[name], 2) for name in ("query", "key", "value")]
+        axes = [analysis.axis(tensor, 2) for tensor in (call.query, call.key, call.value)]
         try:
             inferred, why_not = _infer_layout(*axes), None
         except _Dense as dense:
             inferred, why_not = None, dense
         layout, grid_from = _resolve_layout(inferred, why_not, seq_len, config)
-        heads = _head_group(analysis, arguments)
+        heads = _head_group(analysis, call)
         notes = [note] if note else []
         if heads is not None:
             notes.append(
@@ -526,17 +557,21 @@ def _decide(
             notes.append("video grid from the model's forward, checked when the op runs")
         elif grid_from == "config":
             notes.append("video grid from the video_grid setting, read when the op runs")
-        plan = _SparsePlan(node, arguments["query"], arguments["key"], arguments["value"], mask, scale, layout)
+        plan = _SparsePlan(node, call.query, call.key, call.value, mask, scale, layout)
         text_len = layout.text_len
+        video_grid: tuple[Size, Size, Size] | None = None
         if layout.grid is not None:
-            video_grid = tuple(f.size for f in layout.grid)
-        else:
-            video_grid = tuple(config.video_grid) if grid_from == "config" else None
-            if video_grid is not None and text_len == TEXT_REST and _is_static(seq_len):
-                text_len = int(seq_len) - math.prod(video_grid)  # what the op will find with this grid
+            video_grid = _grid_sizes(layout.grid)
+        elif grid_from == "config" and config.video_grid is not None:
+            video_grid = config.video_grid
+            if text_len == TEXT_REST and _is_static(seq_len):
+                text_len = int(seq_len) - math.prod(config.video_grid)  # what the op will find with this grid
         decision = AttentionDecision(
-            **base,
+            graph_index=graph_index,
+            node=node.name,
+            module=module,
             sparse=True,
+            layer_index=None,
             query_shape=query_shape,
             video_grid=video_grid,
             text_len=text_len,
@@ -545,15 +580,20 @@ def _decide(
             rule="",
             reason="; ".join(notes),
             mask="" if mask is None else mask.kind,
-            **_parallel_fields(heads),
+            world_size=1 if heads is None else heads.world_size,
+            rank=0 if heads is None else heads.rank,
+            heads=None if heads is None else (heads.first, heads.heads),
         )
         return decision, plan
     except _Dense as dense:
         decision = AttentionDecision(
-            **base,
+            graph_index=graph_index,
+            node=node.name,
+            module=module,
             sparse=False,
+            layer_index=None,
             query_shape=query_shape,
-            video_grid=None if layout is None or layout.grid is None else tuple(f.size for f in layout.grid),
+            video_grid=None if layout is None or layout.grid is None else _grid_sizes(layout.grid),
             text_len=None if layout is None else layout.text_len,
             text_position=None if layout is None else _position(layout),
             grid_from=grid_from,
@@ -563,13 +603,14 @@ def _decide(
         return decision, None
 
 
-def _head_group(analysis: TokenAxisAnalysis, arguments: dict[str, object]) -> HeadGroup | None:
+def _grid_sizes(grid: tuple[Factor, Factor, Factor]) -> tuple[Size, Size, Size]:
+    return (grid[0].size, grid[1].size, grid[2].size)
+
+
+def _head_group(analysis: TokenAxisAnalysis, call: _SdpaCall) -> HeadGroup | None:
     """The heads this rank holds, when the query, key and value come out of one Ulysses all-to-all; None without
     context parallelism."""
-    groups = [
-        analysis.axis(node, 1) if isinstance(node, fx.Node) else None
-        for node in (arguments["query"], arguments["key"], arguments["value"])
-    ]
+    groups = [analysis.axis(tensor, 1) for tensor in (call.query, call.key, call.value)]
     query = groups[0]
     if not isinstance(query, HeadGroup):
         if any(isinstance(group, HeadGroup) for group in groups):
@@ -578,12 +619,6 @@ def _head_group(analysis: TokenAxisAnalysis, arguments: dict[str, object]) -> He
     if not all(query.same_layout(group) for group in groups[1:] if group is not None):
         raise _Dense("ambiguous_grid", f"the query holds the {query.describe()}, the key or value other heads")
     return query
-
-
-def _parallel_fields(heads: HeadGroup | None) -> dict[str, object]:
-    if heads is None:
-        return {}
-    return {"world_size": heads.world_size, "rank": heads.rank, "heads": (heads.first, heads.heads)}
 
 
 def _fused_name(node: fx.Node) -> str | None:
@@ -717,7 +752,7 @@ def analyze_attention(
     return [decision for decision, _ in _analyze(graph, config, graph_index, seeds, groups)]
 
 
-def _graph_size(graph: fx.Graph, factor: Factor) -> object:
+def _graph_size(graph: fx.Graph, factor: Factor) -> int | fx.Node:
     """An int, or a node computing the symbolic size from the tensor it was read from."""
     size = factor.size
     if isinstance(size, int):
@@ -732,21 +767,36 @@ def _graph_size(graph: fx.Graph, factor: Factor) -> object:
     return node
 
 
-def _graph_binary(graph: fx.Graph, op, a: object, b: object, value: Size) -> object:
-    if not isinstance(a, fx.Node) and not isinstance(b, fx.Node):
+def _graph_binary(
+    graph: fx.Graph, op: Callable[[int, int], int], a: int | fx.Node, b: int | fx.Node, value: Size
+) -> int | fx.Node:
+    if isinstance(a, int) and isinstance(b, int):
         return op(a, b)
     node = graph.call_function(op, (a, b))
     node.meta["example_value"] = value
     return node
 
 
-def _call(graph: fx.Graph, target: object, args: tuple, value: object, kwargs: dict | None = None) -> fx.Node:
+def _call(
+    graph: fx.Graph,
+    target: Callable[..., object],
+    args: tuple[Argument, ...],
+    value: object,
+    kwargs: dict[str, Argument] | None = None,
+) -> fx.Node:
     node = graph.call_function(target, args, kwargs or {})
     node.meta["example_value"] = value
     return node
 
 
-def _text_len_value(graph: fx.Graph, plan: _SparsePlan, grid: list[object]) -> object:
+def _value_of(node: fx.Node) -> torch.Tensor:
+    """The traced tensor of a node the analysis has already checked to be a tensor."""
+    value = node_value(node)
+    assert isinstance(value, torch.Tensor), f"{node.name} has no traced tensor"
+    return value
+
+
+def _text_len_value(graph: fx.Graph, plan: _SparsePlan, grid: list[int | fx.Node]) -> int | fx.Node:
     text_len = plan.layout.text_len
     if _is_static(text_len):
         return int(text_len)
@@ -755,7 +805,7 @@ def _text_len_value(graph: fx.Graph, plan: _SparsePlan, grid: list[object]) -> o
         # dynamic shapes, where the op checks it against the grid of the call).
         return TEXT_REST
     # Symbolic: text_len = S - F*H*W, computed in the graph so that every traced size gets its own value.
-    query = node_value(plan.query)
+    query = _value_of(plan.query)
     seq_len = _graph_size(graph, Factor(query.shape[2], (plan.query, 2)))
     factors = plan.layout.grid
     num_video = _graph_binary(graph, operator.mul, grid[0], grid[1], factors[0].size * factors[1].size)
@@ -763,7 +813,7 @@ def _text_len_value(graph: fx.Graph, plan: _SparsePlan, grid: list[object]) -> o
     return _graph_binary(graph, operator.sub, seq_len, num_video, text_len)
 
 
-def _mask_inputs(graph: fx.Graph, plan: _SparsePlan) -> tuple[object, fx.Node | None]:
+def _mask_inputs(graph: fx.Graph, plan: _SparsePlan) -> tuple[fx.Node | None, fx.Node | None]:
     """The key-padding mask node for the op, and the (B or 1, 1, S, 1) query-validity node when padded query rows
     need SDPA's fully masked output."""
     mask = plan.mask
@@ -772,8 +822,8 @@ def _mask_inputs(graph: fx.Graph, plan: _SparsePlan) -> tuple[object, fx.Node | 
     if mask.kind == "key_padding":
         return mask.node, None
     valid = mask.valid
-    value = node_value(valid)
-    rows = value.unsqueeze(1)
+    assert valid is not None  # proved masks carry their validity vector
+    rows = _value_of(valid).unsqueeze(1)
     key_mask = _call(graph, torch.unsqueeze, (_call(graph, torch.unsqueeze, (valid, 1), rows), 1), rows.unsqueeze(1))
     if mask.kind == "key":
         return key_mask, None
@@ -804,10 +854,11 @@ def _rewrite(graph: fx.Graph, plan: _SparsePlan, layer_index: int) -> None:
         replacement.meta.update(node.meta)
         if query_valid is not None:
             # Padded query rows: SDPA's output for a row whose keys are all masked, from SDPA itself on one such row.
-            query = node_value(plan.query)
+            query = _value_of(plan.query)
             one_row = query[:, :, :1]
             first_query = _call(graph, operator.getitem, (plan.query, (slice(None), slice(None), slice(0, 1))), one_row)
-            no_key = _call(graph, torch.zeros_like, (key_mask,), torch.zeros_like(node_value(key_mask)))
+            assert key_mask is not None  # query validity comes with a key-padding mask
+            no_key = _call(graph, torch.zeros_like, (key_mask,), torch.zeros_like(_value_of(key_mask)))
             fill = _call(
                 graph,
                 torch.nn.functional.scaled_dot_product_attention,
@@ -815,7 +866,7 @@ def _rewrite(graph: fx.Graph, plan: _SparsePlan, layer_index: int) -> None:
                 torch.empty_like(one_row),
                 {"attn_mask": no_key, "scale": plan.scale},
             )
-            output = _call(graph, torch.where, (query_valid, replacement, fill), torch.empty_like(node_value(node)))
+            output = _call(graph, torch.where, (query_valid, replacement, fill), torch.empty_like(_value_of(node)))
             output.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
         else:
             output = replacement
@@ -839,7 +890,7 @@ def rewrite_attention(
 
     results = _analyze(gm.graph, config, graph_index, seeds, groups)
     for decision, plan in results:
-        if plan is not None:
+        if plan is not None and decision.layer_index is not None:
             _rewrite(gm.graph, plan, decision.layer_index)
         _log(decision)
     if any(plan is not None for _, plan in results):

@@ -266,7 +266,8 @@ def resolve_group(name: object) -> GroupInfo | None:
     from torch.distributed.distributed_c10d import _resolve_process_group
 
     try:
-        group = _resolve_process_group(name)
+        # torch types the name as GroupName (a NewType of str); the graph holds the plain string.
+        group = _resolve_process_group(name)  # type: ignore[arg-type]
     except (KeyError, RuntimeError, ValueError):
         return None
     return GroupInfo(group.size(), dist.get_rank(group))
@@ -310,7 +311,7 @@ def _combine(infos: Iterable[DimInfo | None], where: str) -> DimInfo | None:
             return info
         if result is None:
             result = info
-        elif not result.same_layout(info):
+        elif isinstance(result, Conflict) or not result.same_layout(info):
             return Conflict(f"{where}: {result.describe()} meets {info.describe()}")
     return result
 
@@ -372,13 +373,25 @@ def _tensor_shape(value: object) -> tuple[Size, ...] | None:
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
 
+def _shapes(values: Iterable[object]) -> list[tuple[Size, ...]] | None:
+    """The traced shape of every value, or None when one is not a tensor."""
+    shapes = [_tensor_shape(value) for value in values]
+    return None if any(shape is None for shape in shapes) else [shape for shape in shapes if shape is not None]
+
+
+def _arg(node: fx.Node, index: int, name: str, default: object = None) -> object:
+    """Argument `name` of a call node, given by keyword or at position `index` (`default` if absent)."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    return node.args[index] if len(node.args) > index else default
+
+
 def _reshape_groups(in_shape: Sequence[Size], out_shape: Sequence[Size]) -> list[tuple[list[int], list[int]]] | None:
     """Pair the input and output dimensions of a row-major reshape: each group of input dimensions holds exactly the
     elements of its group of output dimensions. Size-1 dimensions form their own groups. Computed on the traced
     sizes, then proved for every size."""
-    a = [size_hint(s) for s in in_shape]
-    b = [size_hint(s) for s in out_shape]
-    if None in a or None in b or 0 in a or 0 in b:
+    a, b = _hints(in_shape), _hints(out_shape)
+    if a is None or b is None or 0 in a or 0 in b:
         return None
     groups: list[tuple[list[int], list[int]]] = []
     i = j = 0
@@ -417,6 +430,12 @@ def _reshape_groups(in_shape: Sequence[Size], out_shape: Sequence[Size]) -> list
     return _absorb_unit_dims(groups)
 
 
+def _hints(sizes: Sequence[Size]) -> list[int] | None:
+    """The traced value of every size, or None when one has none."""
+    hints = [size_hint(size) for size in sizes]
+    return None if any(hint is None for hint in hints) else [hint for hint in hints if hint is not None]
+
+
 def _absorb_unit_dims(groups: list[tuple[list[int], list[int]]]) -> list[tuple[list[int], list[int]]]:
     """Join each dropped size-1 input dimension to the merge next to it, so that flattening a (1, H, W) grid keeps
     three factors (a single-frame video is still a video)."""
@@ -446,7 +465,9 @@ def _absorb_unit_dims(groups: list[tuple[list[int], list[int]]]) -> list[tuple[l
 
 def _partition_factors(factors: Sequence[Factor], sizes: Sequence[Size]) -> list[list[Factor]] | None:
     """Split a grid's factors into consecutive groups whose products are `sizes` (all > 1), or None."""
-    targets = [size_hint(s) for s in sizes]
+    targets = _hints(sizes)
+    if targets is None:
+        return None
     parts: list[list[Factor]] = [[] for _ in sizes]
     k, accumulated = 0, 1
     for factor in factors:
@@ -503,6 +524,7 @@ _ATTENTION = frozenset({"scaled_dot_product_attention", "sparse_attention"})
 
 
 def _op_name(node: fx.Node) -> str | None:
+    name: object
     if node.op == "call_method":
         name = node.target
     elif node.op == "call_function":
@@ -559,8 +581,8 @@ class TokenAxisAnalysis:
         if not isinstance(annotation, dict):
             return None
         rank = len(_tensor_shape(node_value(node)) or ())
-        dim = _normalize_dim(dim, rank)
-        return None if dim is None else annotation.get(dim)
+        normalized = _normalize_dim(dim, rank)
+        return None if normalized is None else annotation.get(normalized)
 
     # --------------------------------------------------------------------------------------------------------------
 
@@ -763,7 +785,7 @@ class TokenAxisAnalysis:
                 factors: list[Factor] = []
                 for d, info in zip(ins, infos):
                     if info is None:
-                        factors.append(Factor(in_shape[d], (source, d)))
+                        factors.append(Factor(in_shape[d], (source, d) if isinstance(source, fx.Node) else None))
                     elif isinstance(info, TokenAxis) and len(info.spans) == 1 and isinstance(info.spans[0], GridSpan):
                         factors.extend(info.spans[0].factors)
                     else:
@@ -787,37 +809,15 @@ class TokenAxisAnalysis:
                             result[o] = axis
         return result
 
-    def _permute(self, node: fx.Node, name: str, source: object, in_shape, out_shape) -> Annotation:
+    def _permute(
+        self, node: fx.Node, name: str, source: object, in_shape: Sequence[Size], out_shape: Sequence[Size]
+    ) -> Annotation:
         rank = len(in_shape)
-        args = list(node.args[1:])
-        order = list(range(rank))
-        if name in ("transpose", "swapaxes", "swapdims", "t"):
-            if name == "t":
-                args = [0, 1] if rank == 2 else []
-            dims = [_normalize_dim(node_value(a), rank) for a in args[:2]]
-            if len(dims) != 2 or None in dims:
-                return {} if rank >= 2 else self._carry(source, in_shape, out_shape, range(rank))
-            order[dims[0]], order[dims[1]] = order[dims[1]], order[dims[0]]
-        elif name == "permute":
-            dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
-            dims = node.kwargs.get("dims", dims)
-            order = [_normalize_dim(d, rank) for d in dims]
-            if sorted(o for o in order if o is not None) != list(range(rank)):
-                return {}
-        else:  # movedim
-            source_dims = node.kwargs.get("source", args[0] if args else None)
-            dest_dims = node.kwargs.get("destination", args[1] if len(args) > 1 else None)
-            source_dims = [source_dims] if isinstance(source_dims, int) else list(source_dims or [])
-            dest_dims = [dest_dims] if isinstance(dest_dims, int) else list(dest_dims or [])
-            src = [_normalize_dim(d, rank) for d in source_dims]
-            dst = [_normalize_dim(d, rank) for d in dest_dims]
-            if None in src or None in dst or len(src) != len(dst):
-                return {}
-            order = [None] * rank
-            for s, d in zip(src, dst):
-                order[d] = s
-            rest = iter(d for d in range(rank) if d not in src)
-            order = [next(rest) if o is None else o for o in order]
+        if name in ("transpose", "swapaxes", "swapdims", "t") and rank < 2:
+            return self._carry(source, in_shape, out_shape, range(rank))  # transposing a vector changes nothing
+        order = _permutation(node, name, rank)
+        if order is None:
+            return {}
         annotation = self._ann(source)
         return {out: annotation[src] for out, src in enumerate(order) if src in annotation}
 
@@ -827,13 +827,12 @@ class TokenAxisAnalysis:
         return {d + offset: info for d, info in annotation.items() if known_equal(in_shape[d], out_shape[d + offset])}
 
     def _cat(self, node: fx.Node, shape: Sequence[Size]) -> Annotation:
-        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
-        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-        dim = _normalize_dim(node_value(dim), len(shape))
+        tensors = _arg(node, 0, "tensors")
+        dim = _normalize_dim(node_value(_arg(node, 1, "dim", 0)), len(shape))
         if not isinstance(tensors, (list, tuple)) or dim is None:
             return {}
-        shapes = [_tensor_shape(node_value(t)) for t in tensors]
-        if any(s is None or len(s) != len(shape) for s in shapes):
+        shapes = _shapes(node_value(t) for t in tensors)
+        if shapes is None or any(len(s) != len(shape) for s in shapes):
             return {}
         annotations = [self._ann(t) for t in tensors]
         result: Annotation = {}
@@ -868,9 +867,8 @@ class TokenAxisAnalysis:
         return result
 
     def _stack(self, node: fx.Node, shape: Sequence[Size]) -> Annotation:
-        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
-        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-        dim = _normalize_dim(node_value(dim), len(shape))
+        tensors = _arg(node, 0, "tensors")
+        dim = _normalize_dim(node_value(_arg(node, 1, "dim", 0)), len(shape))
         if not isinstance(tensors, (list, tuple)) or dim is None:
             return {}
         claims: dict[int, list[DimInfo]] = {}
@@ -884,15 +882,15 @@ class TokenAxisAnalysis:
                 result[d] = combined
         return result
 
-    def _reduction(self, node: fx.Node, source: object, in_shape, out_shape) -> Annotation:
-        dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    def _reduction(
+        self, node: fx.Node, source: object, in_shape: Sequence[Size], out_shape: Sequence[Size]
+    ) -> Annotation:
+        given = _arg(node, 1, "dim")
+        dims = None if given is None else _dims(given, len(in_shape))
         if dims is None:
             return {}
-        dims = [dims] if isinstance(dims, int) else list(dims)
-        reduced = {_normalize_dim(d, len(in_shape)) for d in dims}
-        if None in reduced:
-            return {}
-        keepdim = bool(node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False))
+        reduced = set(dims)
+        keepdim = bool(node_value(_arg(node, 2, "keepdim", False)))
         annotation = self._ann(source)
         result: Annotation = {}
         out = 0
@@ -905,36 +903,39 @@ class TokenAxisAnalysis:
             out += 1
         return result if out == len(out_shape) else {}
 
-    def _pad(self, node: fx.Node, source: object, in_shape, out_shape) -> Annotation:
-        pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+    def _pad(self, node: fx.Node, source: object, in_shape: Sequence[Size], out_shape: Sequence[Size]) -> Annotation:
+        pad = _arg(node, 1, "pad")
         if not isinstance(pad, (list, tuple)) or len(in_shape) != len(out_shape):
             return {}
-        padded = {len(in_shape) - 1 - i // 2 for i, amount in enumerate(pad) if not known_equal(node_value(amount), 0)}
+        amounts = [node_value(amount) for amount in pad]
+        padded = {
+            len(in_shape) - 1 - i // 2
+            for i, amount in enumerate(amounts)
+            if not (isinstance(amount, (int, torch.SymInt)) and known_equal(amount, 0))
+        }
         return {d: info for d, info in self._ann(source).items() if d not in padded}
 
     def _visit_multi(self, node: fx.Node, name: str, values: Sequence[object]) -> tuple[Annotation, ...]:
         """Ops with several tensor outputs: split, chunk, unbind (per element); anything else has no structure."""
-        empty = tuple({} for _ in values)
-        args = node.args
-        source = args[0] if args else node.kwargs.get("input", node.kwargs.get("self"))
+        empty: tuple[Annotation, ...] = tuple({} for _ in values)
+        source = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
         in_shape = _tensor_shape(node_value(source))
-        shapes = [_tensor_shape(v) for v in values]
-        if in_shape is None or any(s is None for s in shapes):
+        shapes = _shapes(values)
+        if in_shape is None or shapes is None:
             return empty
         annotation = self._ann(source)
         if not annotation:
             return empty
         if name == "unbind":
-            dim = _normalize_dim(node.kwargs.get("dim", args[1] if len(args) > 1 else 0), len(in_shape))
-            if dim is None:
+            removed = _normalize_dim(node_value(_arg(node, 1, "dim", 0)), len(in_shape))
+            if removed is None:
                 return empty
-            element = {d if d < dim else d - 1: info for d, info in annotation.items() if d != dim}
-            return tuple(dict(element) for _ in values)
+            kept = {d if d < removed else d - 1: info for d, info in annotation.items() if d != removed}
+            return tuple(dict(kept) for _ in values)
         if name not in ("split", "chunk", "split_with_sizes", "tensor_split"):
             return empty
         # All four take (input, sizes or count or indices, dim=0).
-        dim = node.kwargs.get("dim", args[2] if len(args) > 2 else 0)
-        dim = _normalize_dim(node_value(dim), len(in_shape))
+        dim = _normalize_dim(node_value(_arg(node, 2, "dim", 0)), len(in_shape))
         if dim is None or any(len(s) != len(in_shape) for s in shapes):
             return empty
         pieces = [s[dim] for s in shapes]
@@ -981,14 +982,15 @@ class TokenAxisAnalysis:
         conflicts = {d: info for d, info in annotation.items() if isinstance(info, Conflict)}
         if shape is not None and conflicts and not held:
             # Tokens the analysis already gave up on (e.g. interleaved streams): the result says why, too.
-            first = next(iter(conflicts.values()))
-            self._exchanges[node] = _Exchange(shape, {0: first, **conflicts})
+            reason: Annotation = {0: next(iter(conflicts.values())), **conflicts}
+            self._exchanges[node] = _Exchange(shape, reason)
             return
         if shape is None or not held:
             return
         group_name = args[3] if len(args) > 3 else node.kwargs.get("group_name")
         group = self._groups(node_value(group_name))
-        why, result = "", {}
+        why = ""
+        result: Annotation = {}
         if group is None:
             why = f"the process group {node_value(group_name)!r} of the all-to-all is unknown"
         elif len(shape) < 3 or not known_equal(shape[0], group.size):
@@ -1019,7 +1021,8 @@ class TokenAxisAnalysis:
                 }
         if why:
             conflict = Conflict(f"context parallelism: {why}")
-            result = {0: conflict, **{d: conflict for d in held}}
+            result = {0: conflict}
+            result.update((d, conflict) for d in held)
         self._exchanges[node] = _Exchange(shape, result)
 
 
@@ -1027,8 +1030,10 @@ def _even_splits(splits: object, size: int) -> bool:
     """Whether an all-to-all's split sizes (None: equal) give every rank the same slice."""
     if splits is None:
         return True
-    sizes = [node_value(s) for s in splits] if isinstance(splits, (list, tuple)) else None
-    return sizes is not None and len(sizes) == size and all(known_equal(s, sizes[0]) for s in sizes)  # type: ignore[arg-type]
+    if not isinstance(splits, (list, tuple)) or len(splits) != size:
+        return False
+    sizes = [value for value in (node_value(s) for s in splits) if isinstance(value, (int, torch.SymInt))]
+    return len(sizes) == size and all(known_equal(s, sizes[0]) for s in sizes)
 
 
 def _gathered_axis(infos: Sequence[DimInfo | None]) -> TokenAxis | None:
@@ -1085,16 +1090,34 @@ def _head_split(node: fx.Node, groups: int) -> int | None:
     return None
 
 
+def _dims(value: object, rank: int) -> list[int] | None:
+    """A dim or a sequence of dims (graph constants), normalised; None if any is not a valid dim."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    dims = [_normalize_dim(node_value(d), rank) for d in values]
+    return None if any(d is None for d in dims) else [d for d in dims if d is not None]
+
+
 def _permutation(node: fx.Node, name: str, rank: int) -> list[int] | None:
-    """`order[i]`: the input dim of output dim i of a permute or transpose node; None if not constant."""
-    args = [node_value(a) for a in node.args[1:]]
+    """`order[i]`: the input dim of output dim i of a permute, transpose (swapaxes, swapdims, t) or movedim node;
+    None if its dims are not constants of the graph."""
+    args: list[object] = list(node.args[1:])
     if name == "permute":
-        dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
-        dims = node.kwargs.get("dims", dims)
-        order = [d for d in (_normalize_dim(node_value(d), rank) for d in dims) if d is not None]
+        given: object = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+        order = _dims(node.kwargs.get("dims", given), rank)
+        return order if order is not None and sorted(order) == list(range(rank)) else None
+    if name == "movedim":
+        source = _dims(node.kwargs.get("source", args[0] if args else None), rank)
+        destination = _dims(node.kwargs.get("destination", args[1] if len(args) > 1 else None), rank)
+        if source is None or destination is None or len(source) != len(destination):
+            return None
+        moved: list[int | None] = [None] * rank
+        for src, dst in zip(source, destination):
+            moved[dst] = src
+        rest = iter(d for d in range(rank) if d not in source)
+        order = [next(rest) if d is None else d for d in moved]
         return order if sorted(order) == list(range(rank)) else None
-    pair = [_normalize_dim(d, rank) for d in args[:2]]
-    if len(pair) != 2 or pair[0] is None or pair[1] is None:
+    pair = _dims([0, 1] if name == "t" else args[:2], rank)
+    if pair is None or len(pair) != 2:
         return None
     order = list(range(rank))
     order[pair[0]], order[pair[1]] = order[pair[1]], order[pair[0]]
