@@ -190,17 +190,9 @@ def _inner_compiler(
             patches = {**list_mode_options(mode), **patches, "triton.cudagraphs": False}
             if mode == "max-autotune":
                 logger.info("spattn: mode='max-autotune' compiles with Inductor's autotuning, without CUDA graphs")
-        config_patches = patches or None
-
-        def inductor(gm: fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable:
-            compiled = compile_fx(gm, example_inputs, config_patches=config_patches)
-            # compile_fx's annotation also covers what it returns when exporting (paths, weights); compiling a graph
-            # module for Dynamo gives a callable.
-            if not callable(compiled):
-                raise TypeError(f"spattn backend: Inductor returned {type(compiled).__name__}, not a compiled graph")
-            return compiled
-
-        return inductor
+        # compile_fx is annotated with what it returns when exporting too (paths, weights); for a graph module from
+        # Dynamo it returns the compiled callable.
+        return functools.partial(compile_fx, config_patches=patches or None)  # type: ignore[return-value]
     return torch._dynamo.lookup_backend(options.compiler)
 
 
