@@ -396,7 +396,8 @@ def start_ulysses(degree: int, smoke: bool) -> tuple[int, str]:
         return dist.get_rank(), "cpu"
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl")
+    # Long: the other ranks wait while rank 0 compiles and times the 1-GPU variants.
+    dist.init_process_group("nccl", timeout=datetime.timedelta(hours=2))
     return dist.get_rank(), f"cuda:{local_rank}"
 
 
