@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from helpers import explain_model
 
 WORKER = Path(__file__).with_name("ulysses_worker.py")
-MODES = ("breaks", "regional", "whole")
+MODES = ("breaks", "regional", "regional_dynamic", "whole")
 HEADS = 4  # the worker's model: 4 heads, 2 per rank
 
 
