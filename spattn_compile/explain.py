@@ -9,7 +9,8 @@ with) and runs the graphs unchanged (dense): a plain model is compiled whole, a 
 block, named by its module path in the model, with the grid of the model's forward), plus the number of graphs and
 Dynamo's graph breaks. `print(report)` shows it as a table. Like `torch._dynamo.explain`, it calls
 `torch._dynamo.reset()` before and after, so already compiled models recompile on their next call; it leaves no hook
-or schedule state behind.
+or schedule state behind. Under context parallelism (diffusers' Ulysses attention) every rank must call it together
+(the model runs its collectives), and the table shows each call's rank and the model's heads it holds.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from filelock import FileLock
 from helpers import explain_model
 
 WORKER = Path(__file__).with_name("ulysses_worker.py")
@@ -27,16 +28,29 @@ HEADS = 4  # the worker's model: 4 heads, 2 per rank
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory) -> list[dict]:
-    """What each of the two ranks of the worker wrote, per mode."""
-    out = tmp_path_factory.mktemp("ulysses")
-    root = Path(__file__).resolve().parents[1]
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    done = subprocess.run(
-        [*command, str(WORKER), str(out), *MODES], env=environment, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, f"worker failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
+def ranks(tmp_path_factory, request) -> list[dict]:
+    """What each of the two ranks of the worker wrote, per mode. Under pytest-xdist the workers share one run of it
+    (the session's temporary directory and a file lock), so the two processes start once per session."""
+    worker = getattr(request.config, "workerinput", None)
+    shared = tmp_path_factory.getbasetemp().parent if worker is not None else tmp_path_factory.mktemp("session")
+    out = shared / "ulysses"
+    with FileLock(str(shared / "ulysses.lock")):
+        if not (out / "done").exists():
+            out.mkdir(exist_ok=True)
+            root = Path(__file__).resolve().parents[1]
+            path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+            done = subprocess.run(
+                [*command, str(WORKER), str(out), *MODES],
+                env={**os.environ, "PYTHONPATH": path},
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            assert done.returncode == 0, (
+                f"worker failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
+            )
+            (out / "done").touch()
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
 
 
