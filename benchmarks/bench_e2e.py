@@ -21,6 +21,18 @@ BENCHMARKS.md's fidelity table for video-like inputs).
     python benchmarks/bench_e2e.py                                   # every model, full depth (long: ~15 min)
     python benchmarks/bench_e2e.py --models wan14b-720p --layers-fraction 0.1 --sparsities 0.75 0.9
     python benchmarks/bench_e2e.py --smoke                           # tiny configs on the CPU: checks the script
+
+`--ulysses N` (launched with `torchrun --nproc-per-node N`, one GPU per process) measures context parallelism instead:
+one forward of each model on 1 GPU dense and with spattn (rank 0, the other ranks wait), then the same model with
+diffusers' Ulysses attention over the N GPUs (`enable_parallelism`), dense and with spattn, each rank running the
+sparse attention over the whole sequence for its N-th of the heads. It prints per variant the forward's ms (refresh
+and cached steps for spattn), its speedups over 1-GPU dense and 1-GPU spattn, and the relative error of the N-GPU
+output against the 1-GPU output of the same attention, then checks the targets of issue 12 (N-GPU spattn >= 0.9 N x
+faster than 1-GPU spattn and >= 4x than 1-GPU dense, N-GPU vs 1-GPU sparse output <= 1e-2):
+
+    torchrun --nproc-per-node 2 benchmarks/bench_e2e.py --ulysses 2 --models wan14b-720p --layers-fraction 0.1 \
+        --sparsities 0.9
+    torchrun --nproc-per-node 2 benchmarks/bench_e2e.py --ulysses 2 --smoke    # tiny Wan, gloo on the CPU
 """
 
 from __future__ import annotations
@@ -349,6 +361,178 @@ def run_case(case: ModelCase, args: argparse.Namespace, rows: list[Row], project
         torch.cuda.empty_cache()
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# --ulysses N: 1 GPU against N GPUs with diffusers' Ulysses context parallelism
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class UlyssesRow:
+    variant: str
+    gpus: int
+    ms: float
+    full_ms: float
+    error: float  # against the 1-GPU output of the same attention (dense or spattn at this sparsity)
+
+
+def start_ulysses(degree: int, smoke: bool) -> tuple[int, str]:
+    """Join the torchrun group (NCCL, one GPU per process; gloo on the CPU for --smoke): (rank, device)."""
+    import os
+
+    import torch.distributed as dist
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size != degree:
+        raise SystemExit(
+            f"--ulysses {degree} needs {degree} processes: torchrun --nproc-per-node {degree} "
+            f"benchmarks/bench_e2e.py --ulysses {degree} ... (WORLD_SIZE is {world_size})"
+        )
+    if smoke:
+        # diffusers 0.42 places a context-parallel model on `rank % torch.accelerator.device_count()`, which is 0 on
+        # a CPU-only machine; the smoke run gives the mesh itself, so the device diffusers computes is never used.
+        if not torch.cuda.is_available():
+            torch.accelerator.device_count = lambda: 1
+        dist.init_process_group("gloo")
+        return dist.get_rank(), "cpu"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local_rank)
+    # Long: the other ranks wait while rank 0 compiles and times the 1-GPU variants.
+    dist.init_process_group("nccl", timeout=datetime.timedelta(hours=2))
+    return dist.get_rank(), f"cuda:{local_rank}"
+
+
+def run_ulysses(case: ModelCase, args: argparse.Namespace, rank: int, rows: list[UlyssesRow]) -> None:
+    """The four variants of `--ulysses` for one model (module docstring); rows are filled on rank 0."""
+    import logging
+
+    import torch.distributed as dist
+    from diffusers.models._modeling_parallel import ContextParallelConfig
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device, dtype, degree = args.device, getattr(torch, args.dtype), args.ulysses
+    model, run_layers, full_layers = build_model(case, args.layers_fraction, device, dtype)
+    heads = model.config.num_attention_heads
+    if heads % degree:
+        raise SystemExit(f"--ulysses {degree} must divide {case.name}'s {heads} attention heads")
+    inputs = make_inputs(case, model, device, dtype)
+    scale = full_layers / run_layers
+    inner = "eager" if args.smoke else "inductor"
+    options = {"compiler": inner, **({"min_seq_len": 0, "block_size": 32} if args.smoke else {})}
+    if rank == 0:
+        print(f"\n== {case.name} on {degree} GPUs: {run_layers} of {full_layers} blocks, latent {case.latent}")
+
+    def forward(compiled) -> torch.Tensor:
+        with torch.no_grad():
+            return compiled(**inputs)[0]
+
+    def spattn_times(compiled) -> tuple[torch.Tensor, float, float]:
+        """(output of the refresh step, ms of a refresh step, ms of a cached step) at the active settings."""
+        timings = {}
+        out = None
+        for mode, refresh_interval in (("refresh", 1), ("cached", 10**6)):
+            schedule.reset_schedule()
+            with spattn_compile.config(refresh_interval=refresh_interval, dense_steps=0):
+
+                def at_step(i: int) -> torch.Tensor:
+                    with spattn_compile.step(i):
+                        return forward(compiled)
+
+                first = at_step(0)
+                out = first if mode == "refresh" else out
+                _, timings[mode] = time_forward(at_step, args.repeats, device)
+        assert out is not None
+        return out, timings["refresh"], timings["cached"]
+
+    def dense_compile(module):
+        return torch.compile(module, **({"backend": "eager"} if args.smoke else {}))
+
+    # 1 GPU: rank 0 alone, on the unmodified model.
+    single: dict[str, torch.Tensor] = {}
+    if rank == 0:
+        torch._dynamo.reset()
+        compiled = dense_compile(model)
+        forward(compiled)
+        single["dense"], ms = time_forward(lambda i: forward(compiled), args.repeats, device)
+        rows.append(UlyssesRow("dense", 1, ms, ms * scale, 0.0))
+        for sparsity in args.sparsities:
+            torch._dynamo.reset()
+            compiled = torch.compile(model, backend="spattn", options=options)
+            with spattn_compile.config(sparsity=sparsity):
+                out, refresh, cached = spattn_times(compiled)
+            single[f"spattn {sparsity:.2f}"] = out
+            rows.append(UlyssesRow(f"spattn {sparsity:.2f} refresh", 1, refresh, refresh * scale, 0.0))
+            rows.append(UlyssesRow(f"spattn {sparsity:.2f} cached", 1, cached, cached * scale, 0.0))
+        compiled = None
+        torch._dynamo.reset()
+    dist.barrier()
+
+    # N GPUs: diffusers' Ulysses attention, with README's settings against diffusers' own graph breaks (Dynamo skips
+    # the hooks' warning_once; one uncompiled forward fills the hooks' signature cache).
+    mesh = init_device_mesh(device.split(":")[0], (1, degree), mesh_dim_names=("ring", "ulysses"))
+    model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree, mesh=mesh))
+    warning_once = getattr(logging.Logger, "warning_once", None)
+    if warning_once is not None:
+        torch._dynamo.config.ignore_logger_methods.add(warning_once)
+    forward(model)
+
+    def error(out: torch.Tensor, key: str) -> float:
+        return relative_error(out.float(), single[key].float()) if rank == 0 else float("nan")
+
+    torch._dynamo.reset()
+    compiled = dense_compile(model)
+    forward(compiled)
+    out, ms = time_forward(lambda i: forward(compiled), args.repeats, device)
+    if rank == 0:
+        rows.append(UlyssesRow("dense", degree, ms, ms * scale, error(out, "dense")))
+    for sparsity in args.sparsities:
+        torch._dynamo.reset()
+        schedule.reset_schedule()
+        compiled = torch.compile(model, backend="spattn", options=options)
+        with spattn_compile.config(sparsity=sparsity):
+            out, refresh, cached = spattn_times(compiled)
+        records = spattn_compile.report().records
+        sparse = [r for r in records if r.kind == "sparse" and r.heads is not None]
+        if not sparse:
+            raise SystemExit(f"rank {rank}: no attention call ran sparse under Ulysses:\n{spattn_compile.report()}")
+        if rank == 0:
+            held = sparse[0].heads
+            print(f"spattn {sparsity}: rank 0 ran {len(sparse)} sparse calls over heads {held} of {heads}")
+            label = f"spattn {sparsity:.2f}"
+            rows.append(UlyssesRow(f"{label} refresh", degree, refresh, refresh * scale, error(out, label)))
+            rows.append(UlyssesRow(f"{label} cached", degree, cached, cached * scale, float("nan")))
+    compiled = None
+    torch._dynamo.reset()
+    schedule.reset_schedule()
+
+
+def print_ulysses(rows: list[UlyssesRow], degree: int, header: str) -> None:
+    """The table of `--ulysses` and the targets of issue 12."""
+    by = {(r.variant, r.gpus): r for r in rows}
+    print(f"\n{header}")
+    print("| variant | GPUs | ms | full-depth ms | vs 1-GPU dense | vs 1-GPU same variant | rel. error vs 1 GPU |")
+    print("|---|---|---|---|---|---|---|")
+    dense_1 = by[("dense", 1)].ms
+    for r in rows:
+        same = by.get((r.variant, 1))
+        versus = "-" if same is None or r.gpus == 1 else f"{same.ms / r.ms:.2f}x"
+        error = "-" if r.gpus == 1 or math.isnan(r.error) else f"{r.error:.2e}"
+        print(
+            f"| {r.variant} | {r.gpus} | {r.ms:.1f} | {r.full_ms:.0f} | {dense_1 / r.ms:.2f}x | {versus} | {error} |"
+        )
+    for r in rows:
+        if r.gpus != degree or not r.variant.endswith("refresh"):
+            continue
+        one = by[(r.variant, 1)]
+        checks = (
+            (f"{r.variant}: {degree} GPUs vs 1 GPU spattn", one.ms / r.ms, 0.9 * degree, "x faster"),
+            (f"{r.variant}: {degree} GPUs vs 1 GPU dense", dense_1 / r.ms, 4.0, "x faster"),
+        )
+        for label, value, target, unit in checks:
+            print(f"{'PASS' if value >= target else 'FAIL'} {label}: {value:.2f}{unit} (target >= {target:.1f})")
+        status = "PASS" if r.error <= 1e-2 else "FAIL"
+        print(f"{status} {r.variant}: {degree} GPUs vs 1 GPU sparse output: {r.error:.2e} (target <= 1e-2)")
+
+
 def project_generation(
     case: ModelCase, sparsity: float, dense_ms: float, timings: dict[str, float], scale: float, steps: int = 50
 ) -> list[str]:
@@ -386,7 +570,12 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=8, help="kernels listed per profiled forward")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--smoke", action="store_true", help="tiny configs on the CPU, eager inner compiler")
+    parser.add_argument("--ulysses", type=int, default=1, help="GPUs of Ulysses context parallelism (torchrun)")
     args = parser.parse_args()
+    if args.ulysses < 1:
+        parser.error(f"--ulysses must be >= 1, got {args.ulysses}")
+    if args.ulysses > 1:
+        return main_ulysses(parser, args)
     if not 0 < args.layers_fraction <= 1:
         parser.error(f"--layers-fraction must be in (0, 1], got {args.layers_fraction}")
     if args.smoke:
@@ -428,6 +617,40 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for line in projections:
         print(line)
+
+
+def main_ulysses(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`--ulysses N` (module docstring): Wan models only (diffusers has context-parallel plans for Wan, none for
+    HunyuanVideo)."""
+    import torch.distributed as dist
+
+    if args.smoke:
+        cases = [SMOKE_CASES["wan-smoke"]]
+        args.dtype, args.repeats = "float32", 1
+    else:
+        if not torch.cuda.is_available():
+            parser.error("--ulysses needs CUDA GPUs (or --smoke)")
+        unknown = set(args.models) - set(CASES)
+        if unknown:
+            parser.error(f"unknown models {sorted(unknown)}; choose from {list(CASES)}")
+        cases = [CASES[name] for name in args.models]
+    without_plan = [case.name for case in cases if case.family != "wan"]
+    if without_plan:
+        parser.error(f"--ulysses: diffusers has no context-parallel plan for {without_plan}; choose Wan models")
+    rank, args.device = start_ulysses(args.ulysses, args.smoke)
+    import diffusers
+
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    header = (
+        f"{args.ulysses} x {device_name}, torch {torch.__version__}, diffusers {diffusers.__version__}, {args.dtype}, "
+        f"{datetime.date.today()}, layers fraction {args.layers_fraction}"
+    )
+    for case in cases:
+        rows: list[UlyssesRow] = []
+        run_ulysses(case, args, rank, rows)
+        if rank == 0:
+            print_ulysses(rows, args.ulysses, f"{header}, {case.name}")
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

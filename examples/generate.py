@@ -3,6 +3,7 @@
     python examples/generate.py                            # tiny random Wan pipeline, CPU, well under a minute
     python examples/generate.py --model cogvideox --steps 4 --frames 9 --height 128 --width 128
     python examples/generate.py --model-path /path/to/Wan2.1-T2V-1.3B-Diffusers --device cuda --prompt "a cat surfing"
+    torchrun --nproc-per-node 2 examples/generate.py --ulysses 2 --model-path /path/to/Wan2.1-T2V-14B-Diffusers
 
 It builds a diffusers `WanPipeline` (`--model hunyuan`: `HunyuanVideoPipeline`, `--model cogvideox`:
 `CogVideoXPipeline`), from small random components by default (text encoders, tokenizer, VAE and transformer are
@@ -15,6 +16,15 @@ transformer, dense or sparse, with its plan's density and estimated recall. The 
 picture: they show the mechanics (which calls go sparse, at which steps, with which cache hits) anywhere. The inner
 compiler is Inductor on CUDA and eager on the CPU, where the sparse attention runs as the plain-PyTorch reference;
 `--compiler` overrides it.
+
+`--ulysses N` (launched with `torchrun --nproc-per-node N`, one GPU per process) splits every attention over N
+processes with diffusers' context parallelism (`transformer.enable_parallelism(config=ContextParallelConfig(
+ulysses_degree=N))`): each rank runs the sparse attention over the whole sequence for its N-th of the heads. Before
+compiling it applies the two settings README gives against diffusers' own graph breaks (Dynamo skips
+`logging.Logger.warning_once`; one uncompiled step fills the context-parallel hooks' caches). Every rank runs the same
+pipeline call with the same seed; rank 0 saves the video and the plot, and each rank prints its report (its heads).
+diffusers has context-parallel plans for Wan (and not for HunyuanVideo or CogVideoX), so `--ulysses` takes
+`--model wan`.
 """
 
 from __future__ import annotations
@@ -85,7 +95,81 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compiler", choices=("inductor", "eager", "aot_eager"), help="default: inductor on CUDA")
     parser.add_argument("--output-dir", type=Path, default=Path("generate_output"))
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--ulysses", type=int, default=1, help="processes of Ulysses context parallelism (run with torchrun)"
+    )
+    args = parser.parse_args(argv)
+    if args.ulysses < 1:
+        parser.error(f"--ulysses must be >= 1, got {args.ulysses}")
+    if args.ulysses > 1 and args.model not in ULYSSES_MODELS:
+        parser.error(
+            f"--ulysses {args.ulysses} with --model {args.model}: diffusers has no context-parallel plan (_cp_plan) "
+            f"for it; use --model {' or '.join(ULYSSES_MODELS)}"
+        )
+    return args
+
+
+# Families whose diffusers transformer has a context-parallel plan (`_cp_plan`).
+ULYSSES_MODELS = ("wan",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Parallel:
+    """This process in Ulysses context parallelism: its rank, the number of ranks, and the device it runs on."""
+
+    rank: int
+    world_size: int
+    device: str
+
+
+def start_parallel(degree: int, device: str) -> Parallel | None:
+    """Join the torchrun group for `--ulysses degree` (None for 1): NCCL with one GPU per process on CUDA, gloo on
+    the CPU. Raises SystemExit when the launch does not match."""
+    if degree == 1:
+        return None
+    import os
+
+    import torch.distributed as dist
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size != degree:
+        raise SystemExit(
+            f"--ulysses {degree} needs {degree} processes: launch with torchrun --nproc-per-node {degree} "
+            f"(WORLD_SIZE is {world_size})"
+        )
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return Parallel(dist.get_rank(), world_size, device)
+
+
+def enable_ulysses(transformer: torch.nn.Module, parallel: Parallel) -> None:
+    """diffusers' Ulysses context parallelism over every process of the group, on an explicit device mesh."""
+    from diffusers.models._modeling_parallel import ContextParallelConfig
+    from torch.distributed.device_mesh import init_device_mesh
+
+    heads = transformer.config.num_attention_heads
+    if heads % parallel.world_size:
+        raise SystemExit(f"--ulysses {parallel.world_size} must divide the model's {heads} attention heads")
+    device_type = "cuda" if parallel.device.startswith("cuda") else "cpu"
+    mesh = init_device_mesh(device_type, (1, parallel.world_size), mesh_dim_names=("ring", "ulysses"))
+    transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=parallel.world_size, mesh=mesh))
+
+
+def avoid_diffusers_graph_breaks(warm_up) -> None:
+    """README's two settings for compiling a context-parallel diffusers model as one graph: Dynamo skips
+    `logging.Logger.warning_once` (which the context-parallel hooks call for inputs they do not split), and one
+    uncompiled run (`warm_up()`) fills the hooks' cache of the blocks' signatures, whose first lookup Dynamo cannot
+    trace."""
+    import logging
+
+    warning_once = getattr(logging.Logger, "warning_once", None)  # added to Logger by transformers
+    if warning_once is not None:
+        torch._dynamo.config.ignore_logger_methods.add(warning_once)
+    with torch.no_grad():
+        warm_up()
 
 
 def char_tokenizer():
@@ -337,6 +421,9 @@ def save_report_plot(report: spattn_compile.ScheduleReport, path: Path) -> Path 
 
 def main(argv: list[str] | None = None) -> GenerationResult:
     args = parse_args(argv)
+    parallel = start_parallel(args.ulysses, args.device)
+    if parallel is not None:
+        args.device = parallel.device
     tiny = args.model_path is None
     on_cuda = args.device.startswith("cuda")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if on_cuda else torch.float32)
@@ -368,6 +455,15 @@ def main(argv: list[str] | None = None) -> GenerationResult:
             f"{defaults.block_size}, estimator={defaults.estimator}, min_seq_len={defaults.min_seq_len}), for its "
             "short sequences"
         )
+    if parallel is not None:
+        enable_ulysses(pipe.transformer, parallel)
+        warm_up_kwargs = {**call_kwargs, "height": height, "width": width, "num_frames": frames}
+
+        def warm_up() -> None:
+            pipe(prompt=args.prompt, num_inference_steps=1, output_type="latent", **warm_up_kwargs)
+
+        avoid_diffusers_graph_breaks(warm_up)
+        print(f"rank {parallel.rank} of {parallel.world_size}: Ulysses context parallelism on {parallel.device}")
     pipe.transformer = torch.compile(pipe.transformer, backend="spattn", options=compile_options)
     # Wan 2.2 A14B has a second expert for the low-noise steps. Dynamo shares compiled code, hence the step counter
     # and the plan cache, between instances of one class: with refresh_interval > 1 the second expert's first steps
@@ -402,16 +498,32 @@ def main(argv: list[str] | None = None) -> GenerationResult:
     seconds = time.perf_counter() - start
     print(f"generated in {seconds:.1f} s (compilation included)")
 
+    report = spattn_compile.report()
+    if parallel is not None:
+        import torch.distributed as dist
+
+        # Each rank's report (its heads), in rank order; the outputs are the same on every rank: rank 0 saves them.
+        for rank in range(parallel.world_size):
+            if rank == parallel.rank:
+                print(f"rank {rank}:\n{report}", flush=True)
+            dist.barrier()
+        if parallel.rank != 0:
+            dist.destroy_process_group()
+            return GenerationResult(args.output_dir / args.model, None, report, seconds)
+    else:
+        print(report)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     video_path = save_video(np.asarray(output.frames[0]), args.output_dir / args.model, FPS[args.model])
-    report = spattn_compile.report()
-    print(report)
     if tiny:
         print("(random weights attend almost uniformly, so the estimated recall stays close to the density)")
     report_path = save_report_plot(report, args.output_dir / f"{args.model}_report.png")
     print(f"video: {video_path}")
     if report_path is not None:
         print(f"report plot: {report_path}")
+    if parallel is not None:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return GenerationResult(video_path, report_path, report, seconds)
 
 

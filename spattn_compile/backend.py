@@ -47,7 +47,7 @@ import math
 import re
 import sys
 import types
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from importlib.metadata import EntryPoint
 from typing import Any
 
@@ -58,8 +58,16 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import ops  # noqa: F401  (registers torch.ops.spattn.sparse_attention)
 from .config import SparseAttentionConfig, config, current_config, explicit_fields
 from .passes import AttentionDecision, context_seeds, rewrite_attention
+from .report import HeadRange
 from .schedule import ModelState, StepContext, step_context
-from .tracking import ModelRegistry, Owner, check_nothing_sparse, default_registry, note_decisions
+from .tracking import (
+    ModelRegistry,
+    Owner,
+    check_nothing_sparse,
+    default_registry,
+    note_decisions,
+    sequence_parallel,
+)
 
 __all__ = ["BackendOptions", "SpattnBackend", "spattn_backend"]
 
@@ -182,7 +190,9 @@ def _inner_compiler(
             patches = {**list_mode_options(mode), **patches, "triton.cudagraphs": False}
             if mode == "max-autotune":
                 logger.info("spattn: mode='max-autotune' compiles with Inductor's autotuning, without CUDA graphs")
-        return functools.partial(compile_fx, config_patches=patches or None)
+        # compile_fx is annotated with what it returns when exporting too (paths, weights); for a graph module from
+        # Dynamo it returns the compiled callable.
+        return functools.partial(compile_fx, config_patches=patches or None)  # type: ignore[return-value]
     return torch._dynamo.lookup_backend(options.compiler)
 
 
@@ -195,7 +205,7 @@ def timestep_input_position(gm: fx.GraphModule) -> int | None:
     return None
 
 
-def parameter_input_position(example_inputs: list[object]) -> int | None:
+def parameter_input_position(example_inputs: Sequence[object]) -> int | None:
     """Position of the first module parameter among a graph's inputs (Dynamo passes parameters as inputs, so one
     compiled graph serves every instance of a module class); None if there is none."""
     return next((i for i, value in enumerate(example_inputs) if isinstance(value, torch.nn.Parameter)), None)
@@ -208,16 +218,34 @@ def _frame_key() -> Hashable:
     return ("frame", frame_id) if frame_id is not None else object()
 
 
+def _layer_order(decision: AttentionDecision) -> int:
+    return -1 if decision.layer_index is None else decision.layer_index
+
+
 def _layer_names(decisions: list[AttentionDecision]) -> tuple[str, ...]:
     """The module path of each rewritten call, by layer index; a path met twice in one graph gets "#k" suffixes."""
     names: list[str] = []
     seen: dict[str, int] = {}
-    for decision in sorted((d for d in decisions if d.sparse), key=lambda d: d.layer_index):
+    for decision in sorted((d for d in decisions if d.sparse), key=_layer_order):
         base = decision.module or f"#{decision.layer_index}"
         count = seen.get(base, 0)
         seen[base] = count + 1
         names.append(base if count == 0 else f"{base}#{count}")
     return tuple(names)
+
+
+def _layer_heads(decisions: list[AttentionDecision]) -> tuple[HeadRange | None, ...]:
+    """The heads each rewritten call holds under context parallelism (by layer index, as `_layer_names`)."""
+    heads: list[HeadRange | None] = []
+    for decision in sorted((d for d in decisions if d.sparse), key=_layer_order):
+        held = decision.heads
+        static = held is not None and all(isinstance(size, int) for size in held)
+        heads.append(
+            HeadRange(decision.rank, decision.world_size, int(held[0]), int(held[1]))
+            if held is not None and static
+            else None
+        )
+    return tuple(heads)
 
 
 def _claim_leadership(state: ModelState, frame: Hashable, timestep_position: int | None) -> None:
@@ -253,6 +281,7 @@ class _GraphRunner:
         self.frame = frame
         self.sparse = any(d.sparse for d in decisions)
         self.layer_names = _layer_names(decisions)
+        self.layer_heads = _layer_heads(decisions)
         self.short = [d for d in decisions if d.rule == "short"]
         self.warned_min_seq_len: set[int] = set()
         self.calls = 0
@@ -305,7 +334,7 @@ class _GraphRunner:
         if state.hooked:
             # The model's forward hook advanced the steps and read the grid.
             base = state.forward
-            return None if base is None else base.in_graph(owner.block, self.layer_names)
+            return None if base is None else base.in_graph(owner.block, self.layer_names, self.layer_heads)
         if state.leader is None:
             # A model this graph was not compiled for (Dynamo shares graphs between instances of a class).
             _claim_leadership(state, self.frame, self.timestep_position)
@@ -314,7 +343,7 @@ class _GraphRunner:
             base = state.forward = state.tracker.advance(timestep)
         else:
             base = state.forward if state.forward is not None else state.tracker.advance(None)
-        return None if base is None else base.in_graph(owner.block, self.layer_names)
+        return None if base is None else base.in_graph(owner.block, self.layer_names, self.layer_heads)
 
     def __call__(self, *args: Any) -> Any:
         # Dynamo calls a backend's compiled function with the graph inputs as positional arguments.
@@ -375,7 +404,7 @@ class SpattnBackend:
         seeds = None
         forward = state.forward if owner.block else None
         if forward is not None and forward.video_grid is not None:
-            seeds = context_seeds(gm.graph, math.prod(forward.video_grid))
+            seeds = context_seeds(gm.graph, math.prod(forward.video_grid), sequence_parallel(state.module))
         decisions = rewrite_attention(gm, compiled_config, seeds=seeds)
         if owner.block and forward is not None and forward.video_grid is None:
             decisions = [

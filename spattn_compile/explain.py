@@ -9,7 +9,8 @@ with) and runs the graphs unchanged (dense): a plain model is compiled whole, a 
 block, named by its module path in the model, with the grid of the model's forward), plus the number of graphs and
 Dynamo's graph breaks. `print(report)` shows it as a table. Like `torch._dynamo.explain`, it calls
 `torch._dynamo.reset()` before and after, so already compiled models recompile on their next call; it leaves no hook
-or schedule state behind.
+or schedule state behind. Under context parallelism (diffusers' Ulysses attention) every rank must call it together
+(the model runs its collectives), and the table shows each call's rank and the model's heads it holds.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 
 from .config import SparseAttentionConfig, current_config
 from .passes import AttentionDecision, LayoutOverrideError, analyze_attention, context_seeds
-from .tracking import ModelRegistry, Owner, only
+from .tracking import ModelRegistry, Owner, only, sequence_parallel
 
 __all__ = ["ExplainReport", "explain"]
 
@@ -58,7 +59,13 @@ class ExplainReport:
         return tuple(d for d in self.decisions if not d.sparse)
 
     def __str__(self) -> str:
-        header = ("graph", "node", "module", "attention", "layer", "query (B,H,S,D)", "video grid", "text", "reason")
+        parallel = any(d.world_size > 1 for d in self.decisions)
+        header: tuple[str, ...] = (
+            "graph", "node", "module", "attention", "layer", "query (B,H,S,D)", "video grid", "text", "reason",
+        )  # fmt: skip
+        if parallel:
+            # Context parallelism: the rank and the model's heads each call holds, before the reason.
+            header = (*header[:-1], "rank", "heads", header[-1])
         rows = [header]
         for d in self.decisions:
             if d.video_grid is not None:
@@ -74,7 +81,11 @@ class ExplainReport:
             shape = "(" + ", ".join(str(s) for s in d.query_shape) + ")" if d.query_shape else ""
             decision = "sparse" if d.sparse else f"dense: {d.rule}"
             layer = "" if d.layer_index is None else str(d.layer_index)
-            rows.append((str(d.graph_index), d.node, d.module, decision, layer, shape, grid, text, d.reason))
+            row: tuple[str, ...] = (str(d.graph_index), d.node, d.module, decision, layer, shape, grid, text)
+            if parallel:
+                held = "" if d.heads is None else f"{d.heads[0]}-{d.heads[0] + d.heads[1] - 1}"
+                row = (*row, f"{d.rank}/{d.world_size}" if d.heads is not None else "", held)
+            rows.append((*row, d.reason))
         widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
         lines = ["  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths)) + "  " + row[-1] for row in rows]
         lines.insert(1, "  ".join("-" * width for width in widths) + "  " + "-" * len(header[-1]))
@@ -112,7 +123,7 @@ class _Capture:
         forward = owner.state.forward if owner.block else None
         seeds = None
         if forward is not None and forward.video_grid is not None:
-            seeds = context_seeds(gm.graph, math.prod(forward.video_grid))
+            seeds = context_seeds(gm.graph, math.prod(forward.video_grid), sequence_parallel(owner.state.module))
         decisions = analyze_attention(gm.graph, self.settings, graph_index=index, seeds=seeds)
         if forward is not None and forward.video_grid is None:
             decisions = [
@@ -128,10 +139,12 @@ class _Capture:
             found = owner
             if position is not None:
                 # The model is alive while explain runs: ids of its parameters are stable.
-                found = owners.get(id(args[position]))
-                if found is None:
-                    found = self.registry.resolve(args[position], sys._getframe(1)) or owner
-                    owners[id(args[position])] = found
+                known = owners.get(id(args[position]))
+                if known is None:
+                    known = owners[id(args[position])] = (
+                        self.registry.resolve(_as_tensor(args[position]), sys._getframe(1)) or owner
+                    )
+                found = known
             state = found.state
             grid = state.forward.video_grid if found.block and state.forward is not None else None
             self.calls.append((index, found.block, grid))
@@ -150,14 +163,16 @@ class _Capture:
             shown.add((index, block))
             for decision in self.graphs[index]:
                 module = f"{block}.{decision.module}" if block and decision.module else decision.module or block
-                changes: dict[str, object] = {"module": module}
-                if decision.grid_from == "context" and grid is not None:
-                    changes["video_grid"] = grid
+                layer = decision.layer_index
                 if decision.sparse:
-                    name = module or f"{block}#{decision.layer_index}"
-                    changes["layer_index"] = layers.setdefault(name, len(layers))
-                rows.append(dataclasses.replace(decision, **changes))
+                    layer = layers.setdefault(module or f"{block}#{decision.layer_index}", len(layers))
+                video_grid = grid if decision.grid_from == "context" and grid is not None else decision.video_grid
+                rows.append(dataclasses.replace(decision, module=module, layer_index=layer, video_grid=video_grid))
         return rows
+
+
+def _as_tensor(value: object) -> torch.Tensor | None:
+    return value if isinstance(value, torch.Tensor) else None
 
 
 def _compiled_blocks(model: object) -> list[torch.nn.Module]:

@@ -21,7 +21,6 @@ every call selects a fresh plan and nothing is recorded.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import torch
@@ -86,7 +85,19 @@ def sparse_attention_op(
     if events is not None:
         events[1].record()
     kind, cache, density, recall, keep_share, estimator = outcome
-    record(context, model_layer, kind, cache, density, recall, events, keep_share, layer=layer, estimator=estimator)
+    record(
+        context,
+        model_layer,
+        kind,
+        cache,
+        density,
+        recall,
+        events,
+        keep_share,
+        layer=layer,
+        estimator=estimator,
+        heads=context.heads_of(layer_index),
+    )
     return out
 
 
@@ -164,7 +175,9 @@ def _call_layout(
     """The (grid, text length) of this call, or why it has none (module docstring)."""
     seq_len = query.shape[-2]
     if video_grid:
-        grid = tuple(int(size) for size in video_grid)
+        if len(video_grid) != 3:
+            raise ValueError(f"spattn: video_grid={video_grid!r}: the graph passes (frames, height, width) or []")
+        grid: tuple[int, int, int] = (int(video_grid[0]), int(video_grid[1]), int(video_grid[2]))
         if config.video_grid is not None and tuple(config.video_grid) != grid:
             raise LayoutOverrideError(
                 f"spattn: video_grid={tuple(config.video_grid)} is set, but the graph proves the video grid {grid} "
@@ -174,7 +187,7 @@ def _call_layout(
     else:
         recorded = None if context is None else context.video_grid
         if config.video_grid is not None:
-            grid = tuple(config.video_grid)
+            grid = config.video_grid
             if recorded is not None and recorded != grid:
                 raise LayoutOverrideError(
                     f"spattn: video_grid={grid} is set, but the model's input gives the video grid {recorded} for "
@@ -219,9 +232,7 @@ _NOT_SELECTION = frozenset(
 )
 
 
-@functools.cache
-def _selection_fields(config_type: type) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(config_type) if f.name not in _NOT_SELECTION)
+_SELECTION_FIELDS = tuple(f.name for f in dataclasses.fields(SparseAttentionConfig) if f.name not in _NOT_SELECTION)
 
 
 def _scheduled_attention(
@@ -304,7 +315,7 @@ def _signature(query, video_grid, text_len, text_first, attn_mask, config: Spars
         text_len,
         text_first,
         None if attn_mask is None else tuple(attn_mask.shape),
-        tuple(getattr(config, name) for name in _selection_fields(type(config))),
+        tuple(getattr(config, name) for name in _SELECTION_FIELDS),
     )
 
 

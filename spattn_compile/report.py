@@ -6,8 +6,10 @@ inside a compiled model (so with a step context): dense or sparse and why, the d
 plan it used, whether the plan was refreshed or taken from the cache, and, when `enable_timing(True)` is in force on
 CUDA, a pair of CUDA events around the call. Numbers stay device tensors while the model runs (no host sync in the
 hot path) and are read when `report()` is called, which gathers the records of every compiled model in call order.
-Models are named by class (with "#1", "#2"... for further models of one class) and layers by module path. Each
-recorder is bounded (the oldest calls are dropped beyond `max_records`); `reset_report()` empties them all.
+Models are named by class (with "#1", "#2"... for further models of one class) and layers by module path. Under context
+parallelism each process (rank) records its own calls, with the global heads each held (`HeadRange`); `report()` reads
+this process's records. Each recorder is bounded (the oldest calls are dropped beyond `max_records`);
+`reset_report()` empties them all.
 `print(report())` shows a table; `report().plot(path)` draws the kept-block share of the latest plan of each layer
 and the density per layer and step to a PNG (needs matplotlib: `pip install spattn_compile[plot]`).
 """
@@ -25,12 +27,39 @@ import torch
 if TYPE_CHECKING:
     from .schedule import StepContext
 
-__all__ = ["AttentionRecord", "Recorder", "ScheduleReport", "enable_timing", "record", "report", "reset_report"]
+__all__ = [
+    "AttentionRecord",
+    "HeadRange",
+    "Recorder",
+    "ScheduleReport",
+    "enable_timing",
+    "record",
+    "report",
+    "reset_report",
+]
 
 # What the schedule did with a call: sparse, or dense because of the warm-up steps, a dense layer, a short sequence,
 # no grid for the call (its run-time grid is unknown, or does not hold the call's video tokens) or inputs the sparse
 # attention cannot take (`spattn_compile.capability`).
 KINDS = ("sparse", "dense_step", "dense_layer", "short", "no_grid", "capability")
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadRange:
+    """The heads of one attention call under context parallelism (diffusers' Ulysses attention): this process is rank
+    `rank` of `world_size` and its call holds the model's heads `first ... first + count - 1`."""
+
+    rank: int
+    world_size: int
+    first: int
+    count: int
+
+    @property
+    def last(self) -> int:
+        return self.first + self.count - 1
+
+    def __str__(self) -> str:
+        return f"{self.first}-{self.last}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +77,8 @@ class AttentionRecord:
         measures mass ("exact": the true mass of every query row; "sampled_rows": the exact mass of sampled rows).
     estimator: what produced the plan's block scores ("" for dense calls).
     time_ms: CUDA-event time of the call, None unless timing was enabled on CUDA.
+    heads: under context parallelism, the rank and the global heads the call held (`HeadRange`); None otherwise
+        (every head). Each process records its own calls: `report()` on rank r shows rank r's.
     """
 
     model: str
@@ -62,6 +93,7 @@ class AttentionRecord:
     recall: float
     time_ms: float | None
     estimator: str = ""
+    heads: HeadRange | None = None
 
 
 @dataclasses.dataclass
@@ -79,6 +111,7 @@ class _PendingRecord:
     recall: torch.Tensor | float
     events: tuple[torch.cuda.Event, torch.cuda.Event] | None
     estimator: str
+    heads: HeadRange | None = None
 
 
 class _ReportSettings:
@@ -133,9 +166,10 @@ def record(
     keep_share: torch.Tensor | None = None,
     layer: str = "",
     estimator: str = "",
+    heads: HeadRange | None = None,
 ) -> None:
     """Append one call (`context`: its `StepContext`) to its model's recorder; `keep_share` `(NB, NB)` is kept for
-    `plot` (latest only)."""
+    `plot` (latest only); `heads`: see `AttentionRecord`."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     model = context.model
@@ -153,6 +187,7 @@ def record(
         recall,
         events,
         estimator,
+        heads,
     )
     recorder = model.recorder
     with recorder.lock:
@@ -208,6 +243,7 @@ def report() -> ScheduleReport:
             _value(p.recall),
             None if p.events is None else p.events[0].elapsed_time(p.events[1]),
             p.estimator,
+            p.heads,
         )
         for p in pending
     )
@@ -257,11 +293,11 @@ class ScheduleReport:
     def __str__(self) -> str:
         if not self.records:
             return "spattn report: no attention call recorded (run a model compiled with backend='spattn')"
-        header = (
+        header: tuple[str, ...] = (
             "model", "gen", "step", "branch", "layer", "module", "mode", "plan", "density", "recall", "estimator",
             "time ms",
         )  # fmt: skip
-        rows = [
+        rows: list[tuple[str, ...]] = [
             (
                 r.model,
                 str(r.generation),
@@ -278,6 +314,13 @@ class ScheduleReport:
             )
             for r in self.records
         ]
+        if any(r.heads is not None for r in self.records):
+            # Context parallelism: which rank recorded the call and which of the model's heads it held.
+            header = (*header, "rank", "heads")
+            rows = [
+                (*row, "-", "all") if r.heads is None else (*row, f"{r.heads.rank}/{r.heads.world_size}", str(r.heads))
+                for row, r in zip(rows, self.records)
+            ]
         widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
         lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in (header, *rows)]
         lines.insert(1, "  ".join("-" * w for w in widths))

@@ -52,7 +52,7 @@ from collections.abc import Hashable, Iterator
 import torch
 
 from .plan import SparsePlan
-from .report import Recorder
+from .report import HeadRange, Recorder
 
 __all__ = [
     "MAX_BRANCHES",
@@ -85,6 +85,8 @@ class StepContext:
     block: module path, in the model, of the compiled block whose graph runs now ("" for a whole-model graph).
     layer_names: module path (relative to `block`) of each rewritten attention call of the running graph, by the
         graph's layer index.
+    layer_heads: under context parallelism, the heads each rewritten call of the running graph holds (`HeadRange`,
+        by the graph's layer index; None for a call that holds every head).
     """
 
     model: ModelState
@@ -96,10 +98,18 @@ class StepContext:
     grid_note: str = ""
     block: str = ""
     layer_names: tuple[str, ...] = ()
+    layer_heads: tuple[HeadRange | None, ...] = ()
 
-    def in_graph(self, block: str, layer_names: tuple[str, ...]) -> StepContext:
-        """This forward's context, for a call of the graph of `block` whose rewritten calls are `layer_names`."""
-        return dataclasses.replace(self, block=block, layer_names=layer_names)
+    def in_graph(
+        self, block: str, layer_names: tuple[str, ...], layer_heads: tuple[HeadRange | None, ...] = ()
+    ) -> StepContext:
+        """This forward's context, for a call of the graph of `block` whose rewritten calls are `layer_names` (holding
+        the heads `layer_heads`)."""
+        return dataclasses.replace(self, block=block, layer_names=layer_names, layer_heads=layer_heads)
+
+    def heads_of(self, layer_index: int) -> HeadRange | None:
+        """The heads the graph's rewritten call number `layer_index` holds (None: every head)."""
+        return self.layer_heads[layer_index] if 0 <= layer_index < len(self.layer_heads) else None
 
     def layer_name(self, layer_index: int) -> str:
         """The module path, in the model, of the graph's rewritten call number `layer_index`."""
@@ -356,6 +366,12 @@ class PlanCache:
             self._evict()
         return entry
 
+    def plan(self, key: Hashable) -> SparsePlan | None:
+        """The plan cached under `key` ((layer, branch)), if any; it stays in the cache."""
+        with self._lock:
+            entry = self._entries.get(key)
+            return None if entry is None else entry.plan
+
     def set_limit(self, max_bytes: int) -> None:
         """Change the cap, evicting least recently used entries beyond it."""
         with self._lock:
@@ -450,6 +466,11 @@ class ModelState:
             with self.lock:
                 index = self._layers.setdefault(name, len(self._layers))
         return index
+
+    def plan(self, layer: str, branch: int = 0) -> SparsePlan | None:
+        """The plan cached for the attention layer `layer` (a module path, as `report()` names it) and CFG branch, if
+        any. Under context parallelism it covers the heads this rank holds (`report()`'s heads column)."""
+        return self.plan_cache.plan((layer, branch))
 
     @property
     def layers(self) -> dict[str, int]:

@@ -18,6 +18,10 @@ model's step tracker from the `timestep` argument and reads the latent grid from
 passed the hook; its context is read from the model's `_call_impl` frame instead. The hooks are removed by
 `reset_schedule()` (and `ModelRegistry.clear()`).
 
+Under context parallelism (diffusers' Ulysses attention) the hook runs before diffusers' hooks split the sequence, so it
+reads the full latent: the grid of the whole sequence that every rank's attention sees after the all-to-all.
+`sequence_parallel(model)` says how the model splits it (the group size and this process's rank).
+
 `latent_grid` reads `hidden_states` (the first argument) and the model's `config.patch_size` / `patch_size_t`: a 5-D
 latent is `(B, C, F, H, W)`, or `(B, F, C, H, W)` / `(B, F, H, W, C)` when that is where `config.in_channels` is; a
 packed `(B, S, C)` latent takes its size from `num_frames`, `height` and `width` arguments (LTX-Video). The op checks
@@ -42,9 +46,17 @@ from typing import Any
 
 import torch
 
+from .passes.token_axes import GroupInfo
 from .schedule import ModelState, StepContext
 
-__all__ = ["ModelRegistry", "Owner", "default_registry", "latent_grid", "nothing_sparse_message"]
+__all__ = [
+    "ModelRegistry",
+    "Owner",
+    "default_registry",
+    "latent_grid",
+    "nothing_sparse_message",
+    "sequence_parallel",
+]
 
 logger = logging.getLogger("spattn_compile")
 
@@ -155,6 +167,26 @@ def latent_grid(model: torch.nn.Module, arguments: Mapping[str, Any]) -> tuple[t
     if min(frames, height, width) < 1:
         return None, f"latent {tuple(latent.shape)} is smaller than the patch {tuple(patch)}"
     return (frames, height, width), ""
+
+
+def sequence_parallel(model: torch.nn.Module | None) -> GroupInfo | None:
+    """The sequence-parallel group of a diffusers model run with Ulysses context parallelism
+    (`model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=N))`): its size N and this process's rank.
+    diffusers' context-parallel hooks split the sequence before the blocks in N equal, contiguous pieces in rank order
+    (`EquipartitionSharder`), so a block's graph receives this rank's piece (`passes.context_seeds`). None without
+    context parallelism, with ring attention (`ring_degree > 1`: no call sees the whole sequence) and with uneven
+    pieces (`ulysses_anything`)."""
+    config = getattr(getattr(model, "_parallel_config", None), "context_parallel_config", None)
+    if config is None:
+        return None
+    ulysses, ring = getattr(config, "ulysses_degree", 1) or 1, getattr(config, "ring_degree", 1) or 1
+    if ulysses <= 1 or ring != 1 or getattr(config, "ulysses_anything", False):
+        return None
+    mesh = getattr(config, "_flattened_mesh", None)
+    if mesh is None or not torch.distributed.is_initialized():
+        return None
+    # The rank diffusers' sharder takes its piece by (EquipartitionSharder.shard).
+    return GroupInfo(ulysses, torch.distributed.get_rank(mesh.get_group()))
 
 
 def _hook_safe(function: Callable) -> Callable:
@@ -329,6 +361,10 @@ _FIXES = {
     "gqa": "grouped-query attention stays dense",
     "shape": "the attention inputs are not (B, H, S, D) tensors of one shape",
     "scale": "pass scale=None or a positive constant to scaled_dot_product_attention",
+    "sequence_shard": "context parallelism with ring attention (ring_degree > 1) never gives one call the whole "
+    "sequence: use ContextParallelConfig(ulysses_degree=N) instead",
+    "attention_backend": "the model's attention runs through another diffusers attention backend: "
+    "model.set_attention_backend('native') (scaled_dot_product_attention) before compiling",
 }
 
 

@@ -29,6 +29,16 @@ valid query row is the key-padding mask; a padded query row masks every key): th
 vector as the key-padding mask and gives the padded query rows what SDPA gives a row with every key masked, computed
 by SDPA itself on one such row (the output of a fully masked row does not depend on its query).
 
+Context parallelism (diffusers' Ulysses attention): after the all-to-all each rank runs SDPA over the whole sequence,
+in global token order, for its group of heads. `token_axes` follows the sequence through the split (a chunk of the
+token axis, or a block input seeded as this rank's shard) and the all-to-all back to the whole axis, and names the
+heads the rank holds; the call then becomes sparse like any other, over the whole sequence, with
+`AttentionDecision.heads` the global heads of the rank. An SDPA whose query holds one rank's shard of the sequence
+(ring attention, which attends to one chunk of keys at a time and merges the chunks by their log-sum-exp) stays dense
+("sequence_shard"): sparse attention needs every key of the sequence in one call. Attention computed by a fused
+`aten` op other than SDPA (diffusers' flash or cuDNN backends, which ring attention needs) is listed, dense
+("attention_backend"), so that `explain` shows it.
+
 Layer indices: the rewritten calls of one graph are numbered 0, 1, 2... in graph order (which is execution order);
 dense calls get none. The backend turns them into model-level layers (see `spattn_compile.backend`).
 
@@ -44,11 +54,12 @@ import logging
 import math
 import operator
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
+from torch.fx.node import Argument
 
 from ..capability import check_capability
 from ..config import SparseAttentionConfig
@@ -60,10 +71,15 @@ from .token_axes import (
     ContextSpan,
     DimInfo,
     Factor,
+    GridSpan,
+    GroupInfo,
+    HeadGroup,
+    Shard,
     TokenAxis,
     TokenAxisAnalysis,
     known_equal,
     node_value,
+    resolve_group,
     size_hint,
 )
 
@@ -85,6 +101,19 @@ SDPA_TARGETS = frozenset(
         torch.ops.aten.scaled_dot_product_attention.default,
     }
 )
+# Fused attention ops that diffusers' other attention backends call (flash, cuDNN, efficient; the ones ring attention
+# needs, since they return the log-sum-exp): listed as dense calls, never rewritten.
+_FUSED_ATTENTION = frozenset(
+    {
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_flash_attention_forward",
+        "_efficient_attention_forward",
+    }
+)
+GroupResolver = Callable[[object], GroupInfo | None]
 _SDPA_PARAMETERS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -123,6 +152,10 @@ class AttentionDecision:
         reason: the same in words (for a sparse call: notes, e.g. that min_seq_len is checked at run time).
         mask: for a sparse call with a mask: "key_padding" (one query row), "key" (a full mask proved to be a
             key-padding mask) or "key_and_query" (key-valid AND query-valid); "" without a mask.
+        world_size, rank: under context parallelism (Ulysses), the size of the sequence-parallel group and this
+            process's rank in it (1 and 0 otherwise).
+        heads: under context parallelism, (first, count): the call holds the model's heads `first ... first + count -
+            1` (rank r of N holds heads `r * H/N ... (r + 1) * H/N - 1`); None otherwise (the call holds every head).
     """
 
     graph_index: int
@@ -138,6 +171,9 @@ class AttentionDecision:
     rule: str
     reason: str
     mask: str = ""
+    world_size: int = 1
+    rank: int = 0
+    heads: tuple[Size, Size] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,25 +223,65 @@ def _module_path(node: fx.Node) -> str:
     path = str(list(stack.values())[-1][0])
     path = re.sub(r"\.?__dict__\['_modules'\]\['([^']+)'\]", r".\1", path)
     path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
-    path = re.sub(r"^L\['self'\]", "", path)
+    # A module whose forward diffusers' hooks wrap (context parallelism, caching) is reached through the original
+    # bound forward that the wrapper closes over: `<module>.forward.func.__closure__[0].cell_contents.forward.__self__`
+    # is <module> itself.
+    path = re.sub(r"(\.forward(\.func)?\.__closure__\[\d+\]\.cell_contents)?\.forward\.__self__", "", path)
+    path = re.sub(r"^L\['[A-Za-z_][A-Za-z0-9_]*'\]", "", path)  # the compiled frame's module (self, or the hooked one)
     return path.lstrip(".")
 
 
-def _sdpa_arguments(node: fx.Node) -> dict[str, object]:
+@dataclasses.dataclass(frozen=True)
+class _SdpaCall:
+    """The eight arguments of an SDPA call node (defaults filled in): the query, key and value nodes, the rest as the
+    graph gives them (constants, or nodes)."""
+
+    query: fx.Node
+    key: fx.Node
+    value: fx.Node
+    attn_mask: object
+    dropout_p: object
+    is_causal: object
+    scale: object
+    enable_gqa: object
+
+
+def _sdpa_arguments(node: fx.Node) -> _SdpaCall:
     """The eight SDPA parameters of a call node, from its positional and keyword forms (defaults filled in)."""
     if len(node.args) > len(_SDPA_PARAMETERS):
         raise _Dense("shape", f"unexpected positional arguments {node.args!r}")
-    arguments = dict(zip(_SDPA_PARAMETERS, node.args))
+    arguments: dict[str, object] = dict(zip(_SDPA_PARAMETERS, node.args))
     for name, value in node.kwargs.items():
         if name not in _SDPA_PARAMETERS or name in arguments:
             raise _Dense("shape", f"unexpected SDPA argument {name}={value!r}")
         arguments[name] = value
+    tensors: list[fx.Node] = []
     for name in ("query", "key", "value"):
-        if name not in arguments:
-            raise _Dense("shape", f"SDPA call without {name}")
-    for name, default in _SDPA_DEFAULTS.items():
-        arguments.setdefault(name, default)
-    return arguments
+        given = arguments.get(name)
+        if not isinstance(given, fx.Node):
+            raise _Dense("shape", f"SDPA call without a {name} tensor of the graph (got {given!r})")
+        tensors.append(given)
+    rest = {name: arguments.get(name, default) for name, default in _SDPA_DEFAULTS.items()}
+    return _SdpaCall(
+        tensors[0],
+        tensors[1],
+        tensors[2],
+        attn_mask=rest["attn_mask"],
+        dropout_p=rest["dropout_p"],
+        is_causal=rest["is_causal"],
+        scale=rest["scale"],
+        enable_gqa=rest["enable_gqa"],
+    )
+
+
+def _traced(node: fx.Node, name: str) -> torch.Tensor:
+    """The traced (fake) tensor of a 4-D attention input."""
+    value = node_value(node)
+    if not isinstance(value, torch.Tensor):
+        raise _Dense("shape", f"{name} has no traced tensor value")
+    if value.dim() != 4:
+        raise _Dense("shape", f"{name} is {value.dim()}-D {_shape_text(value.shape)}; expected (B, H, S, D)")
+    return value
 
 
 def _size_text(size: Size) -> str:
@@ -226,18 +302,10 @@ def _is_static(size: Size) -> bool:
     return isinstance(size, int) or is_concrete_int(size)
 
 
-def _check_semantics(
-    node: fx.Node, arguments: dict[str, object]
-) -> tuple[torch.Tensor, float | None, _MaskPlan | None, str]:
+def _check_semantics(node: fx.Node, call: _SdpaCall) -> tuple[torch.Tensor, float | None, _MaskPlan | None, str]:
     """Everything but the token layout: shapes, dtypes, capability, dropout, causality, heads, scale, mask, autograd.
     Returns the traced query, the scale, how to pass the mask, and notes for the decision's reason."""
-    values = {name: node_value(arguments[name]) for name in ("query", "key", "value")}
-    for name, value in values.items():
-        if not isinstance(value, torch.Tensor):
-            raise _Dense("shape", f"{name} has no traced tensor value")
-        if value.dim() != 4:
-            raise _Dense("shape", f"{name} is {value.dim()}-D {_shape_text(value.shape)}; expected (B, H, S, D)")
-    query, key, value = values["query"], values["key"], values["value"]
+    query, key, value = _traced(call.query, "query"), _traced(call.key, "key"), _traced(call.value, "value")
     output = node_value(node)
     if isinstance(output, torch.Tensor) and output.requires_grad:
         raise _Dense(
@@ -246,10 +314,10 @@ def _check_semantics(
             "backward: run the model under torch.no_grad() or torch.inference_mode()",
         )
 
-    dropout = _constant(arguments["dropout_p"], "dropout_p", "dropout")
+    dropout = _constant(call.dropout_p, "dropout_p", "dropout")
     if not isinstance(dropout, (int, float)) or dropout != 0:
         raise _Dense("dropout", f"dropout_p={dropout!r}; sparse attention has no dropout")
-    causal = _constant(arguments["is_causal"], "is_causal", "causal")
+    causal = _constant(call.is_causal, "is_causal", "causal")
     if causal is not False:
         raise _Dense("causal", f"is_causal={causal!r}; causal attention is not supported")
 
@@ -278,12 +346,12 @@ def _check_semantics(
     else:
         note = f"dynamic head dim {head_dim}: what the kernels take is checked when the op runs"
 
-    scale = _constant(arguments["scale"], "scale", "scale")
+    scale = _constant(call.scale, "scale", "scale")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):
         raise _Dense("scale", f"scale={scale!r}; expected None or a positive number")
 
     mask_plan = None
-    mask_node = arguments["attn_mask"]
+    mask_node = call.attn_mask
     if mask_node is not None:
         mask_plan = _check_mask(mask_node, query)
     return query, None if scale is None else float(scale), mask_plan, note
@@ -327,8 +395,16 @@ def _infer_layout(
     for name, axis in (("query", query_axis), ("key", key_axis), ("value", value_axis)):
         if isinstance(axis, Conflict):
             raise _Dense("ambiguous_grid", f"the {name}'s token layout is ambiguous: {axis.reason}")
-    if query_axis is None or key_axis is None:
-        missing = "query" if query_axis is None else "key"
+        if isinstance(axis, Shard):
+            raise _Dense(
+                "sequence_shard",
+                f"the {name} holds {axis.describe()}, not the whole sequence (context parallelism without a Ulysses "
+                "all-to-all before the attention, e.g. ring attention, which merges chunks of keys by their "
+                "log-sum-exp): sparse attention needs every key in one call; use ulysses_degree instead of "
+                "ring_degree",
+            )
+    if not isinstance(query_axis, TokenAxis) or not isinstance(key_axis, TokenAxis):
+        missing = "query" if not isinstance(query_axis, TokenAxis) else "key"
         raise _Dense(
             "no_grid",
             f"no video grid reaches the {missing}: no reshape of a (frames, height, width) grid into its "
@@ -350,6 +426,7 @@ def _infer_layout(
     span = spans[position]
     if isinstance(span, ContextSpan):
         return _Layout(None, text, bool(before)), span.length
+    assert isinstance(span, GridSpan)  # VIDEO_SPANS are grid and context spans
     factors = list(span.factors)
     if len(factors) > 3:
         factors = [f for f in factors if not known_equal(f.size, 1)]
@@ -359,7 +436,7 @@ def _infer_layout(
             f"the token grid {span.describe()} has {len(factors)} dimensions; only 3-D (frames, height, "
             "width) grids are inferred (set video_grid to force)",
         )
-    return _Layout(tuple(factors), text, bool(before)), _grid_tokens(factors)
+    return _Layout((factors[0], factors[1], factors[2]), text, bool(before)), _grid_tokens(factors)
 
 
 def _contradiction(what: str, given: object, proved: object) -> LayoutOverrideError:
@@ -378,14 +455,17 @@ def _resolve_layout(
         layout, num_video = inferred
         # The spans were built to add up to the sequence length; prove it, for every size, before relying on it.
         if not known_equal(seq_len, num_video + layout.text_len):
-            grid = "a run-time grid" if layout.grid is None else _grid_text(layout.grid)
+            described_grid = "a run-time grid" if layout.grid is None else _grid_text(layout.grid)
             raise _Dense(
                 "ambiguous_grid",
-                f"inferred video grid {grid} + text {layout.text_len} cannot be proved to equal the sequence "
+                f"inferred video grid {described_grid} + text {layout.text_len} cannot be proved to equal the sequence "
                 f"length {seq_len}",
             )
         _check_agreement(layout, config)
         return layout, "graph" if layout.grid is not None else "context"
+    assert why_not is not None
+    if why_not.rule == "sequence_shard":
+        raise why_not  # no setting makes one rank's shard the whole sequence
     if config.video_grid is None:
         if config.text_len is not None or config.text_position is not None:
             raise _Dense(
@@ -442,24 +522,30 @@ def _grid_text(grid: Sequence[Factor]) -> str:
 def _decide(
     node: fx.Node, analysis: TokenAxisAnalysis, config: SparseAttentionConfig, graph_index: int
 ) -> tuple[AttentionDecision, _SparsePlan | None]:
-    base = dict(graph_index=graph_index, node=node.name, module=_module_path(node), layer_index=None)
+    module = _module_path(node)
     query_shape: tuple[Size, ...] = ()
     layout: _Layout | None = None
     grid_from = ""
     try:
-        arguments = _sdpa_arguments(node)
-        traced_query = node_value(arguments["query"])
+        call = _sdpa_arguments(node)
+        traced_query = node_value(call.query)
         if isinstance(traced_query, torch.Tensor):
             query_shape = tuple(traced_query.shape)
-        query, scale, mask, note = _check_semantics(node, arguments)
+        query, scale, mask, note = _check_semantics(node, call)
         seq_len = query.shape[2]
-        axes = [analysis.axis(arguments[name], 2) for name in ("query", "key", "value")]
+        axes = [analysis.axis(tensor, 2) for tensor in (call.query, call.key, call.value)]
         try:
             inferred, why_not = _infer_layout(*axes), None
         except _Dense as dense:
             inferred, why_not = None, dense
         layout, grid_from = _resolve_layout(inferred, why_not, seq_len, config)
+        heads = _head_group(analysis, call)
         notes = [note] if note else []
+        if heads is not None:
+            notes.append(
+                f"context parallel: rank {heads.rank} of {heads.world_size}, heads {heads.first}.."
+                f"{heads.first + heads.heads - 1} over the whole sequence"
+            )
         if _is_static(seq_len):
             if int(seq_len) < config.min_seq_len:
                 raise _Dense("short", f"sequence length {seq_len} < min_seq_len={config.min_seq_len}")
@@ -471,17 +557,21 @@ def _decide(
             notes.append("video grid from the model's forward, checked when the op runs")
         elif grid_from == "config":
             notes.append("video grid from the video_grid setting, read when the op runs")
-        plan = _SparsePlan(node, arguments["query"], arguments["key"], arguments["value"], mask, scale, layout)
+        plan = _SparsePlan(node, call.query, call.key, call.value, mask, scale, layout)
         text_len = layout.text_len
+        video_grid: tuple[Size, Size, Size] | None = None
         if layout.grid is not None:
-            video_grid = tuple(f.size for f in layout.grid)
-        else:
-            video_grid = tuple(config.video_grid) if grid_from == "config" else None
-            if video_grid is not None and text_len == TEXT_REST and _is_static(seq_len):
-                text_len = int(seq_len) - math.prod(video_grid)  # what the op will find with this grid
+            video_grid = _grid_sizes(layout.grid)
+        elif grid_from == "config" and config.video_grid is not None:
+            video_grid = config.video_grid
+            if text_len == TEXT_REST and _is_static(seq_len):
+                text_len = int(seq_len) - math.prod(config.video_grid)  # what the op will find with this grid
         decision = AttentionDecision(
-            **base,
+            graph_index=graph_index,
+            node=node.name,
+            module=module,
             sparse=True,
+            layer_index=None,
             query_shape=query_shape,
             video_grid=video_grid,
             text_len=text_len,
@@ -490,14 +580,20 @@ def _decide(
             rule="",
             reason="; ".join(notes),
             mask="" if mask is None else mask.kind,
+            world_size=1 if heads is None else heads.world_size,
+            rank=0 if heads is None else heads.rank,
+            heads=None if heads is None else (heads.first, heads.heads),
         )
         return decision, plan
     except _Dense as dense:
         decision = AttentionDecision(
-            **base,
+            graph_index=graph_index,
+            node=node.name,
+            module=module,
             sparse=False,
+            layer_index=None,
             query_shape=query_shape,
-            video_grid=None if layout is None or layout.grid is None else tuple(f.size for f in layout.grid),
+            video_grid=None if layout is None or layout.grid is None else _grid_sizes(layout.grid),
             text_len=None if layout is None else layout.text_len,
             text_position=None if layout is None else _position(layout),
             grid_from=grid_from,
@@ -505,6 +601,65 @@ def _decide(
             reason=dense.reason,
         )
         return decision, None
+
+
+def _grid_sizes(grid: tuple[Factor, Factor, Factor]) -> tuple[Size, Size, Size]:
+    return (grid[0].size, grid[1].size, grid[2].size)
+
+
+def _head_group(analysis: TokenAxisAnalysis, call: _SdpaCall) -> HeadGroup | None:
+    """The heads this rank holds, when the query, key and value come out of one Ulysses all-to-all; None without
+    context parallelism."""
+    groups = [analysis.axis(tensor, 1) for tensor in (call.query, call.key, call.value)]
+    query = groups[0]
+    if not isinstance(query, HeadGroup):
+        if any(isinstance(group, HeadGroup) for group in groups):
+            raise _Dense("ambiguous_grid", "the key or value holds one rank's group of heads, the query does not")
+        return None
+    if not all(query.same_layout(group) for group in groups[1:] if group is not None):
+        raise _Dense("ambiguous_grid", f"the query holds the {query.describe()}, the key or value other heads")
+    return query
+
+
+def _fused_name(node: fx.Node) -> str | None:
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return None
+    name = target._opname if isinstance(target, torch._ops.OpOverload) else target._qualified_op_name.split("::")[-1]
+    return name if name in _FUSED_ATTENTION else None
+
+
+def _decide_fused(node: fx.Node, name: str, analysis: TokenAxisAnalysis, graph_index: int) -> AttentionDecision:
+    """A fused attention op the pass does not rewrite: dense, and why (ring attention when its query is a shard)."""
+    query = node.args[0] if node.args else node.kwargs.get("query")
+    value = node_value(query)
+    shape = tuple(value.shape) if isinstance(value, torch.Tensor) else ()
+    axis = analysis.axis(query, 2) if isinstance(query, fx.Node) and len(shape) == 4 else None
+    if isinstance(axis, Shard):
+        rule, reason = "sequence_shard", (
+            f"aten.{name} over {axis.describe()}: ring attention (ring_degree > 1) attends to one chunk of keys at a "
+            "time and merges the chunks by their log-sum-exp; sparse attention needs every key in one call, so it "
+            "stays dense (use ulysses_degree instead of ring_degree)"
+        )
+    else:
+        rule, reason = "attention_backend", (
+            f"attention through aten.{name} (a diffusers attention backend other than the native one): only "
+            "scaled_dot_product_attention calls are rewritten (model.set_attention_backend('native'))"
+        )
+    return AttentionDecision(
+        graph_index=graph_index,
+        node=node.name,
+        module=_module_path(node),
+        sparse=False,
+        layer_index=None,
+        query_shape=shape,
+        video_grid=None,
+        text_len=None,
+        text_position=None,
+        grid_from="",
+        rule=rule,
+        reason=reason,
+    )
 
 
 def _position(layout: _Layout) -> str | None:
@@ -517,11 +672,20 @@ def _is_sdpa(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in SDPA_TARGETS
 
 
-def context_seeds(graph: fx.Graph, video_tokens: int) -> dict[fx.Node, Annotation]:
+def context_seeds(
+    graph: fx.Graph, video_tokens: int, shards: GroupInfo | None = None
+) -> dict[fx.Node, Annotation]:
     """Seeds for a graph compiled from one block of a model whose forward holds `video_tokens` video tokens now: the
     graph inputs (not parameters) with at least 3 dims whose dim 1 holds exactly that many tokens at the traced size
     (diffusers blocks take the video stream as `(B, S, C)` and its rotary tables as `(B or 1, S, ...)`) get a
-    `ContextSpan` on dim 1. The op checks on every call that the span's length equals the grid of the call."""
+    `ContextSpan` on dim 1. The op checks on every call that the span's length equals the grid of the call.
+
+    `shards`: the model runs with context parallelism over a group of this size, in which this process has this rank
+    (diffusers' `enable_parallelism` splits the sequence in equal, contiguous pieces in rank order before the blocks):
+    inputs whose dim 1 holds `video_tokens / size` tokens then get this rank's `Shard` of that span."""
+    local = None
+    if shards is not None and shards.size > 1 and video_tokens % shards.size == 0:
+        local = video_tokens // shards.size
     seeds: dict[fx.Node, Annotation] = {}
     for node in graph.nodes:
         if node.op != "placeholder":
@@ -531,8 +695,12 @@ def context_seeds(graph: fx.Graph, video_tokens: int) -> dict[fx.Node, Annotatio
             continue
         if _is_parameter(node):
             continue
-        if size_hint(value.shape[1]) == video_tokens:
+        tokens = size_hint(value.shape[1])
+        if tokens == video_tokens:
             seeds[node] = {1: TokenAxis((ContextSpan(value.shape[1]),))}
+        elif local is not None and shards is not None and tokens == local:
+            whole = TokenAxis((ContextSpan(value.shape[1] * shards.size),))
+            seeds[node] = {1: Shard(whole, shards.rank, shards.size, value.shape[1])}
     return seeds
 
 
@@ -548,14 +716,19 @@ def _analyze(
     config: SparseAttentionConfig,
     graph_index: int,
     seeds: dict[fx.Node, Annotation] | None = None,
+    groups: GroupResolver = resolve_group,
 ) -> list[tuple[AttentionDecision, _SparsePlan | None]]:
-    nodes = [node for node in graph.nodes if _is_sdpa(node)]
+    nodes = [node for node in graph.nodes if _is_sdpa(node) or _fused_name(node)]
     if not nodes:
         return []
-    analysis = TokenAxisAnalysis(graph, seeds)
-    results = []
+    analysis = TokenAxisAnalysis(graph, seeds, groups)
+    results: list[tuple[AttentionDecision, _SparsePlan | None]] = []
     layer = 0
     for node in nodes:
+        fused = _fused_name(node)
+        if fused is not None:
+            results.append((_decide_fused(node, fused, analysis, graph_index), None))
+            continue
         decision, plan = _decide(node, analysis, config, graph_index)
         if plan is not None:
             decision = dataclasses.replace(decision, layer_index=layer)
@@ -569,15 +742,17 @@ def analyze_attention(
     config: SparseAttentionConfig,
     graph_index: int = 0,
     seeds: dict[fx.Node, Annotation] | None = None,
+    groups: GroupResolver = resolve_group,
 ) -> list[AttentionDecision]:
-    """The decision for every SDPA call of `graph` under `config`, without changing the graph. `seeds`: see
-    `context_seeds`. Raises LayoutOverrideError for settings that contradict the graph."""
+    """The decision for every attention call of `graph` under `config`, without changing the graph. `seeds`: see
+    `context_seeds`; `groups`: resolves the process groups collectives name (tests replace it). Raises
+    LayoutOverrideError for settings that contradict the graph."""
     if not isinstance(config, SparseAttentionConfig):
         raise TypeError(f"config must be a SparseAttentionConfig, got {type(config).__name__}")
-    return [decision for decision, _ in _analyze(graph, config, graph_index, seeds)]
+    return [decision for decision, _ in _analyze(graph, config, graph_index, seeds, groups)]
 
 
-def _graph_size(graph: fx.Graph, factor: Factor) -> object:
+def _graph_size(graph: fx.Graph, factor: Factor) -> int | fx.Node:
     """An int, or a node computing the symbolic size from the tensor it was read from."""
     size = factor.size
     if isinstance(size, int):
@@ -592,21 +767,36 @@ def _graph_size(graph: fx.Graph, factor: Factor) -> object:
     return node
 
 
-def _graph_binary(graph: fx.Graph, op, a: object, b: object, value: Size) -> object:
-    if not isinstance(a, fx.Node) and not isinstance(b, fx.Node):
+def _graph_binary(
+    graph: fx.Graph, op: Callable[[int, int], int], a: int | fx.Node, b: int | fx.Node, value: Size
+) -> int | fx.Node:
+    if isinstance(a, int) and isinstance(b, int):
         return op(a, b)
     node = graph.call_function(op, (a, b))
     node.meta["example_value"] = value
     return node
 
 
-def _call(graph: fx.Graph, target: object, args: tuple, value: object, kwargs: dict | None = None) -> fx.Node:
+def _call(
+    graph: fx.Graph,
+    target: Callable[..., object],
+    args: tuple[Argument, ...],
+    value: object,
+    kwargs: dict[str, Argument] | None = None,
+) -> fx.Node:
     node = graph.call_function(target, args, kwargs or {})
     node.meta["example_value"] = value
     return node
 
 
-def _text_len_value(graph: fx.Graph, plan: _SparsePlan, grid: list[object]) -> object:
+def _value_of(node: fx.Node) -> torch.Tensor:
+    """The traced tensor of a node the analysis has already checked to be a tensor."""
+    value = node_value(node)
+    assert isinstance(value, torch.Tensor), f"{node.name} has no traced tensor"
+    return value
+
+
+def _text_len_value(graph: fx.Graph, plan: _SparsePlan, grid: list[int | fx.Node]) -> int | fx.Node:
     text_len = plan.layout.text_len
     if _is_static(text_len):
         return int(text_len)
@@ -615,7 +805,7 @@ def _text_len_value(graph: fx.Graph, plan: _SparsePlan, grid: list[object]) -> o
         # dynamic shapes, where the op checks it against the grid of the call).
         return TEXT_REST
     # Symbolic: text_len = S - F*H*W, computed in the graph so that every traced size gets its own value.
-    query = node_value(plan.query)
+    query = _value_of(plan.query)
     seq_len = _graph_size(graph, Factor(query.shape[2], (plan.query, 2)))
     factors = plan.layout.grid
     num_video = _graph_binary(graph, operator.mul, grid[0], grid[1], factors[0].size * factors[1].size)
@@ -623,7 +813,7 @@ def _text_len_value(graph: fx.Graph, plan: _SparsePlan, grid: list[object]) -> o
     return _graph_binary(graph, operator.sub, seq_len, num_video, text_len)
 
 
-def _mask_inputs(graph: fx.Graph, plan: _SparsePlan) -> tuple[object, fx.Node | None]:
+def _mask_inputs(graph: fx.Graph, plan: _SparsePlan) -> tuple[fx.Node | None, fx.Node | None]:
     """The key-padding mask node for the op, and the (B or 1, 1, S, 1) query-validity node when padded query rows
     need SDPA's fully masked output."""
     mask = plan.mask
@@ -632,8 +822,8 @@ def _mask_inputs(graph: fx.Graph, plan: _SparsePlan) -> tuple[object, fx.Node | 
     if mask.kind == "key_padding":
         return mask.node, None
     valid = mask.valid
-    value = node_value(valid)
-    rows = value.unsqueeze(1)
+    assert valid is not None  # proved masks carry their validity vector
+    rows = _value_of(valid).unsqueeze(1)
     key_mask = _call(graph, torch.unsqueeze, (_call(graph, torch.unsqueeze, (valid, 1), rows), 1), rows.unsqueeze(1))
     if mask.kind == "key":
         return key_mask, None
@@ -664,10 +854,11 @@ def _rewrite(graph: fx.Graph, plan: _SparsePlan, layer_index: int) -> None:
         replacement.meta.update(node.meta)
         if query_valid is not None:
             # Padded query rows: SDPA's output for a row whose keys are all masked, from SDPA itself on one such row.
-            query = node_value(plan.query)
+            query = _value_of(plan.query)
             one_row = query[:, :, :1]
             first_query = _call(graph, operator.getitem, (plan.query, (slice(None), slice(None), slice(0, 1))), one_row)
-            no_key = _call(graph, torch.zeros_like, (key_mask,), torch.zeros_like(node_value(key_mask)))
+            assert key_mask is not None  # query validity comes with a key-padding mask
+            no_key = _call(graph, torch.zeros_like, (key_mask,), torch.zeros_like(_value_of(key_mask)))
             fill = _call(
                 graph,
                 torch.nn.functional.scaled_dot_product_attention,
@@ -675,7 +866,7 @@ def _rewrite(graph: fx.Graph, plan: _SparsePlan, layer_index: int) -> None:
                 torch.empty_like(one_row),
                 {"attn_mask": no_key, "scale": plan.scale},
             )
-            output = _call(graph, torch.where, (query_valid, replacement, fill), torch.empty_like(node_value(node)))
+            output = _call(graph, torch.where, (query_valid, replacement, fill), torch.empty_like(_value_of(node)))
             output.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
         else:
             output = replacement
@@ -688,6 +879,7 @@ def rewrite_attention(
     config: SparseAttentionConfig,
     graph_index: int = 0,
     seeds: dict[fx.Node, Annotation] | None = None,
+    groups: GroupResolver = resolve_group,
 ) -> list[AttentionDecision]:
     """Rewrite every eligible SDPA call of `gm` in place (then recompile it); returns every call's decision and logs
     it on the "spattn_compile" logger. `seeds`: see `context_seeds`. Raises LayoutOverrideError for settings that
@@ -696,9 +888,9 @@ def rewrite_attention(
         raise TypeError(f"config must be a SparseAttentionConfig, got {type(config).__name__}")
     from .. import ops  # noqa: F401  (registers torch.ops.spattn.sparse_attention)
 
-    results = _analyze(gm.graph, config, graph_index, seeds)
+    results = _analyze(gm.graph, config, graph_index, seeds, groups)
     for decision, plan in results:
-        if plan is not None:
+        if plan is not None and decision.layer_index is not None:
             _rewrite(gm.graph, plan, decision.layer_index)
         _log(decision)
     if any(plan is not None for _, plan in results):

@@ -18,6 +18,17 @@ A graph compiled from one block of a model (regional compilation, `compile_repea
 its video tokens arrive as an input. The caller may then *seed* inputs with a `ContextSpan`: tokens of the video whose
 grid the model's forward knows at run time (the backend checks that the span's length equals that grid's size on
 every call). A context span flows like a grid span, but has no factors, so it cannot be reshaped into a grid.
+Context parallelism (diffusers' Ulysses attention, `enable_parallelism`): each rank holds one contiguous piece of the
+sequence, in rank order. A `chunk`/`split` of a token axis into equal pieces makes piece i a `Shard` of that axis; the
+caller may also seed a block's input as this rank's shard (the block of a model whose forward split the sequence). An
+all-to-all (`_c10d_functional.all_to_all_single`) over a group of N ranks of a tensor `(N, S_local, ...)` whose dim 0
+is the outer part of a split of the heads, and one of whose dims is this rank's shard of an axis (every rank sends
+slice j to rank j), gives back `(N, S_local, ...)`: dim 0 is then the rank each slice came from (`RankAxis`), the
+shard dim holds that rank's shard (`Shard` with index None) and the heads dim holds the heads of this rank's group
+(`HeadGroup`). Merging the rank dim with the shard dim right after it (`flatten(0, 1)`) gives back the whole axis, in
+global order. That every rank runs the same program (and so sends its own shard) is the one thing taken on trust: it
+is how torch.distributed programs work (SPMD).
+
 The module knows nothing of attention or of Triton.
 """
 
@@ -25,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.fx as fx
@@ -37,7 +48,11 @@ __all__ = [
     "DimInfo",
     "Factor",
     "GridSpan",
+    "GroupInfo",
+    "HeadGroup",
     "OtherSpan",
+    "RankAxis",
+    "Shard",
     "TokenAxis",
     "TokenAxisAnalysis",
     "known_equal",
@@ -142,14 +157,14 @@ class TokenAxis:
     def describe(self) -> str:
         return " + ".join(s.describe() for s in self.spans)
 
-    def same_layout(self, other: TokenAxis) -> bool:
+    def same_layout(self, other: DimInfo) -> bool:
         """Same spans with provably equal sizes (the factor sources may differ)."""
-        if len(self.spans) != len(other.spans):
+        if not isinstance(other, TokenAxis) or len(self.spans) != len(other.spans):
             return False
         for mine, theirs in zip(self.spans, other.spans):
             if type(mine) is not type(theirs):
                 return False
-            if isinstance(mine, (OtherSpan, ContextSpan)):
+            if isinstance(mine, (OtherSpan, ContextSpan)) or isinstance(theirs, (OtherSpan, ContextSpan)):
                 if not known_equal(mine.length, theirs.length):
                     return False
             elif len(mine.factors) != len(theirs.factors) or not all(
@@ -157,6 +172,67 @@ class TokenAxis:
             ):
                 return False
         return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """One rank's contiguous piece of a token axis that context parallelism split into `count` equal pieces in rank
+    order: positions `[index * length, (index + 1) * length)` of `axis`. `index` None: after an all-to-all, the piece
+    of the rank that the `RankAxis` before it names."""
+
+    axis: TokenAxis
+    index: int | None
+    count: int
+    length: Size
+
+    def describe(self) -> str:
+        which = "each rank's" if self.index is None else f"rank {self.index}'s"
+        return f"{which} shard (1 of {self.count}) of {self.axis.describe()}"
+
+    def same_layout(self, other: DimInfo) -> bool:
+        return (
+            isinstance(other, Shard)
+            and self.index == other.index
+            and self.count == other.count
+            and self.axis.same_layout(other.axis)
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class RankAxis:
+    """A dimension indexing the `count` ranks of a process group: after an all-to-all, the rank each slice came from."""
+
+    count: int
+
+    def describe(self) -> str:
+        return f"ranks({self.count})"
+
+    def same_layout(self, other: DimInfo) -> bool:
+        return isinstance(other, RankAxis) and self.count == other.count
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadGroup:
+    """The attention heads this rank holds after an all-to-all that scattered the heads over `world_size` ranks in
+    groups of `heads`: global heads `rank * heads ... (rank + 1) * heads - 1`."""
+
+    rank: int
+    world_size: int
+    heads: Size
+
+    @property
+    def first(self) -> Size:
+        return self.rank * self.heads
+
+    def describe(self) -> str:
+        return f"heads of rank {self.rank} of {self.world_size} ({self.heads} each)"
+
+    def same_layout(self, other: DimInfo) -> bool:
+        return (
+            isinstance(other, HeadGroup)
+            and (self.rank, self.world_size) == (other.rank, other.world_size)
+            and known_equal(self.heads, other.heads)
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,9 +245,45 @@ class Conflict:
         return f"conflict ({self.reason})"
 
 
-DimInfo = TokenAxis | Conflict
+DimInfo = TokenAxis | Shard | RankAxis | HeadGroup | Conflict
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupInfo:
+    """A process group as the analysis sees it: its size, and the rank of this process in it."""
+
+    size: int
+    rank: int
+
+
+def resolve_group(name: object) -> GroupInfo | None:
+    """The process group that a functional collective names (its `group_name` argument), or None when there is no
+    initialised process group of that name in this process."""
+    import torch.distributed as dist
+
+    if not isinstance(name, str) or not dist.is_available() or not dist.is_initialized():
+        return None
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    try:
+        # torch types the name as GroupName (a NewType of str); the graph holds the plain string.
+        group = _resolve_process_group(name)  # type: ignore[arg-type]
+    except (KeyError, RuntimeError, ValueError):
+        return None
+    return GroupInfo(group.size(), dist.get_rank(group))
+
+
 # Per tensor value: annotated dimensions only; a missing dimension carries no token structure.
 Annotation = dict[int, DimInfo]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Exchange:
+    """The result of an all-to-all (see the module docstring), as the annotation of the tensor of `shape` that the
+    flat output is reshaped back to."""
+
+    shape: tuple[Size, ...]
+    annotation: Annotation
 
 
 def _make_axis(spans: Sequence[Span]) -> TokenAxis | None:
@@ -199,7 +311,7 @@ def _combine(infos: Iterable[DimInfo | None], where: str) -> DimInfo | None:
             return info
         if result is None:
             result = info
-        elif not result.same_layout(info):
+        elif isinstance(result, Conflict) or not result.same_layout(info):
             return Conflict(f"{where}: {result.describe()} meets {info.describe()}")
     return result
 
@@ -208,6 +320,8 @@ def _slice_axis(info: DimInfo, start: Size, stop: Size) -> DimInfo | None:
     """The token structure of positions `[start, stop)` of an annotated dimension (0 <= start <= stop <= length)."""
     if isinstance(info, Conflict):
         return info
+    if not isinstance(info, TokenAxis):
+        return None  # part of a shard, of the ranks or of the heads: nothing we can name
     start_hint, stop_hint = size_hint(start), size_hint(stop)
     if start_hint is None or stop_hint is None:
         return None
@@ -259,13 +373,25 @@ def _tensor_shape(value: object) -> tuple[Size, ...] | None:
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
 
+def _shapes(values: Iterable[object]) -> list[tuple[Size, ...]] | None:
+    """The traced shape of every value, or None when one is not a tensor."""
+    shapes = [_tensor_shape(value) for value in values]
+    return None if any(shape is None for shape in shapes) else [shape for shape in shapes if shape is not None]
+
+
+def _arg(node: fx.Node, index: int, name: str, default: object = None) -> object:
+    """Argument `name` of a call node, given by keyword or at position `index` (`default` if absent)."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    return node.args[index] if len(node.args) > index else default
+
+
 def _reshape_groups(in_shape: Sequence[Size], out_shape: Sequence[Size]) -> list[tuple[list[int], list[int]]] | None:
     """Pair the input and output dimensions of a row-major reshape: each group of input dimensions holds exactly the
     elements of its group of output dimensions. Size-1 dimensions form their own groups. Computed on the traced
     sizes, then proved for every size."""
-    a = [size_hint(s) for s in in_shape]
-    b = [size_hint(s) for s in out_shape]
-    if None in a or None in b or 0 in a or 0 in b:
+    a, b = _hints(in_shape), _hints(out_shape)
+    if a is None or b is None or 0 in a or 0 in b:
         return None
     groups: list[tuple[list[int], list[int]]] = []
     i = j = 0
@@ -304,6 +430,12 @@ def _reshape_groups(in_shape: Sequence[Size], out_shape: Sequence[Size]) -> list
     return _absorb_unit_dims(groups)
 
 
+def _hints(sizes: Sequence[Size]) -> list[int] | None:
+    """The traced value of every size, or None when one has none."""
+    hints = [size_hint(size) for size in sizes]
+    return None if any(hint is None for hint in hints) else [hint for hint in hints if hint is not None]
+
+
 def _absorb_unit_dims(groups: list[tuple[list[int], list[int]]]) -> list[tuple[list[int], list[int]]]:
     """Join each dropped size-1 input dimension to the merge next to it, so that flattening a (1, H, W) grid keeps
     three factors (a single-frame video is still a video)."""
@@ -333,7 +465,9 @@ def _absorb_unit_dims(groups: list[tuple[list[int], list[int]]]) -> list[tuple[l
 
 def _partition_factors(factors: Sequence[Factor], sizes: Sequence[Size]) -> list[list[Factor]] | None:
     """Split a grid's factors into consecutive groups whose products are `sizes` (all > 1), or None."""
-    targets = [size_hint(s) for s in sizes]
+    targets = _hints(sizes)
+    if targets is None:
+        return None
     parts: list[list[Factor]] = [[] for _ in sizes]
     k, accumulated = 0, 1
     for factor in factors:
@@ -390,6 +524,7 @@ _ATTENTION = frozenset({"scaled_dot_product_attention", "sparse_attention"})
 
 
 def _op_name(node: fx.Node) -> str | None:
+    name: object
     if node.op == "call_method":
         name = node.target
     elif node.op == "call_function":
@@ -413,8 +548,19 @@ def _op_name(node: fx.Node) -> str | None:
 class TokenAxisAnalysis:
     """Annotate the token axes of every tensor in `graph` (see the module docstring). `axis(node, dim)` answers."""
 
-    def __init__(self, graph: fx.Graph, seeds: dict[fx.Node, Annotation] | None = None) -> None:
+    def __init__(
+        self,
+        graph: fx.Graph,
+        seeds: dict[fx.Node, Annotation] | None = None,
+        groups: Callable[[object], GroupInfo | None] = resolve_group,
+    ) -> None:
+        """`seeds`: annotations of some nodes (block inputs), taken as given. `groups`: resolves the process group a
+        collective names (tests replace it)."""
         self._values: dict[fx.Node, Annotation | tuple[Annotation, ...]] = {}
+        self._groups = groups
+        # 1-D views of multi-dim tensors (the flat buffer a collective sends), and all-to-all results (see _exchange).
+        self._flat: dict[fx.Node, fx.Node] = {}
+        self._exchanges: dict[fx.Node, _Exchange] = {}
         seeds = seeds or {}
         for node in graph.nodes:
             if node in seeds:
@@ -435,8 +581,8 @@ class TokenAxisAnalysis:
         if not isinstance(annotation, dict):
             return None
         rank = len(_tensor_shape(node_value(node)) or ())
-        dim = _normalize_dim(dim, rank)
-        return None if dim is None else annotation.get(dim)
+        normalized = _normalize_dim(dim, rank)
+        return None if normalized is None else annotation.get(normalized)
 
     # --------------------------------------------------------------------------------------------------------------
 
@@ -462,6 +608,19 @@ class TokenAxisAnalysis:
         args = node.args
         first = args[0] if args else node.kwargs.get("input", node.kwargs.get("self"))
         first_shape = _tensor_shape(node_value(first))
+        if name == "all_to_all_single":
+            self._exchange(node)
+            return {}
+        if isinstance(first, fx.Node) and first in self._exchanges:
+            exchange = self._exchanges[first]
+            if name == "wait_tensor":
+                self._exchanges[node] = exchange  # waiting changes nothing of the values
+            elif name in _RESHAPES and len(shape) == len(exchange.shape):
+                if all(known_equal(a, b) for a, b in zip(shape, exchange.shape)):
+                    return dict(exchange.annotation)
+            return {}
+        if name == "wait_tensor":
+            return self._broadcast(node, shape, [first])
         if name in _UNARY:
             return self._broadcast(node, shape, [first])
         if name in _BROADCAST:
@@ -481,6 +640,8 @@ class TokenAxisAnalysis:
         if name == "getitem":
             return self._getitem(first, first_shape, args[1], shape)
         if name in _RESHAPES:
+            if len(shape) == 1 and len(first_shape) > 1 and isinstance(first, fx.Node):
+                self._flat[node] = first
             return self._reshape(first, first_shape, shape)
         if name in ("transpose", "swapaxes", "swapdims", "permute", "movedim", "t"):
             return self._permute(node, name, first, first_shape, shape)
@@ -617,14 +778,18 @@ class TokenAxisAnalysis:
                 if infos[0] is not None:
                     result[outs[0]] = infos[0]
             elif len(ins) >= 2 and len(outs) == 1:
+                gathered = _gathered_axis(infos)
+                if gathered is not None:
+                    result[outs[0]] = gathered
+                    continue
                 factors: list[Factor] = []
                 for d, info in zip(ins, infos):
                     if info is None:
-                        factors.append(Factor(in_shape[d], (source, d)))
-                    elif len(info.spans) == 1 and isinstance(info.spans[0], GridSpan):
+                        factors.append(Factor(in_shape[d], (source, d) if isinstance(source, fx.Node) else None))
+                    elif isinstance(info, TokenAxis) and len(info.spans) == 1 and isinstance(info.spans[0], GridSpan):
                         factors.extend(info.spans[0].factors)
                     else:
-                        factors = []  # a joint (video + text) sequence merged with another dimension
+                        factors = []  # a joint (video + text) sequence, a shard or heads merged with another dim
                         break
                 axis = _axis_from_factors(factors)
                 if axis is not None:
@@ -632,7 +797,7 @@ class TokenAxisAnalysis:
             elif (
                 len(ins) == 1
                 and len(outs) >= 2
-                and infos[0] is not None
+                and isinstance(infos[0], TokenAxis)
                 and len(infos[0].spans) == 1
                 and isinstance(infos[0].spans[0], GridSpan)
             ):
@@ -644,37 +809,15 @@ class TokenAxisAnalysis:
                             result[o] = axis
         return result
 
-    def _permute(self, node: fx.Node, name: str, source: object, in_shape, out_shape) -> Annotation:
+    def _permute(
+        self, node: fx.Node, name: str, source: object, in_shape: Sequence[Size], out_shape: Sequence[Size]
+    ) -> Annotation:
         rank = len(in_shape)
-        args = list(node.args[1:])
-        order = list(range(rank))
-        if name in ("transpose", "swapaxes", "swapdims", "t"):
-            if name == "t":
-                args = [0, 1] if rank == 2 else []
-            dims = [_normalize_dim(node_value(a), rank) for a in args[:2]]
-            if len(dims) != 2 or None in dims:
-                return {} if rank >= 2 else self._carry(source, in_shape, out_shape, range(rank))
-            order[dims[0]], order[dims[1]] = order[dims[1]], order[dims[0]]
-        elif name == "permute":
-            dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
-            dims = node.kwargs.get("dims", dims)
-            order = [_normalize_dim(d, rank) for d in dims]
-            if sorted(o for o in order if o is not None) != list(range(rank)):
-                return {}
-        else:  # movedim
-            source_dims = node.kwargs.get("source", args[0] if args else None)
-            dest_dims = node.kwargs.get("destination", args[1] if len(args) > 1 else None)
-            source_dims = [source_dims] if isinstance(source_dims, int) else list(source_dims or [])
-            dest_dims = [dest_dims] if isinstance(dest_dims, int) else list(dest_dims or [])
-            src = [_normalize_dim(d, rank) for d in source_dims]
-            dst = [_normalize_dim(d, rank) for d in dest_dims]
-            if None in src or None in dst or len(src) != len(dst):
-                return {}
-            order = [None] * rank
-            for s, d in zip(src, dst):
-                order[d] = s
-            rest = iter(d for d in range(rank) if d not in src)
-            order = [next(rest) if o is None else o for o in order]
+        if name in ("transpose", "swapaxes", "swapdims", "t") and rank < 2:
+            return self._carry(source, in_shape, out_shape, range(rank))  # transposing a vector changes nothing
+        order = _permutation(node, name, rank)
+        if order is None:
+            return {}
         annotation = self._ann(source)
         return {out: annotation[src] for out, src in enumerate(order) if src in annotation}
 
@@ -684,13 +827,12 @@ class TokenAxisAnalysis:
         return {d + offset: info for d, info in annotation.items() if known_equal(in_shape[d], out_shape[d + offset])}
 
     def _cat(self, node: fx.Node, shape: Sequence[Size]) -> Annotation:
-        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
-        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-        dim = _normalize_dim(node_value(dim), len(shape))
+        tensors = _arg(node, 0, "tensors")
+        dim = _normalize_dim(node_value(_arg(node, 1, "dim", 0)), len(shape))
         if not isinstance(tensors, (list, tuple)) or dim is None:
             return {}
-        shapes = [_tensor_shape(node_value(t)) for t in tensors]
-        if any(s is None or len(s) != len(shape) for s in shapes):
+        shapes = _shapes(node_value(t) for t in tensors)
+        if shapes is None or any(len(s) != len(shape) for s in shapes):
             return {}
         annotations = [self._ann(t) for t in tensors]
         result: Annotation = {}
@@ -707,17 +849,26 @@ class TokenAxisAnalysis:
                 return result
             if info is None:
                 spans.append(OtherSpan(tensor_shape[dim]))
-            else:
+            elif isinstance(info, TokenAxis):
                 spans.extend(info.spans)
+            elif isinstance(info, Shard):
+                # Joint attention under context parallelism with each stream split on its own: after the all-to-all
+                # the ranks' pieces alternate (video 0, text 0, video 1, text 1...), no layout the op takes.
+                result[dim] = Conflict(
+                    f"context parallelism: {info.describe()} is joined with other tokens on each rank, so the "
+                    "whole sequence interleaves each rank's video and text pieces"
+                )
+                return result
+            else:
+                return result  # ranks or heads joined along the sequence: no layout we name
         axis = _make_axis(spans)
         if axis is not None:
             result[dim] = axis
         return result
 
     def _stack(self, node: fx.Node, shape: Sequence[Size]) -> Annotation:
-        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
-        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-        dim = _normalize_dim(node_value(dim), len(shape))
+        tensors = _arg(node, 0, "tensors")
+        dim = _normalize_dim(node_value(_arg(node, 1, "dim", 0)), len(shape))
         if not isinstance(tensors, (list, tuple)) or dim is None:
             return {}
         claims: dict[int, list[DimInfo]] = {}
@@ -731,15 +882,15 @@ class TokenAxisAnalysis:
                 result[d] = combined
         return result
 
-    def _reduction(self, node: fx.Node, source: object, in_shape, out_shape) -> Annotation:
-        dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    def _reduction(
+        self, node: fx.Node, source: object, in_shape: Sequence[Size], out_shape: Sequence[Size]
+    ) -> Annotation:
+        given = _arg(node, 1, "dim")
+        dims = None if given is None else _dims(given, len(in_shape))
         if dims is None:
             return {}
-        dims = [dims] if isinstance(dims, int) else list(dims)
-        reduced = {_normalize_dim(d, len(in_shape)) for d in dims}
-        if None in reduced:
-            return {}
-        keepdim = bool(node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False))
+        reduced = set(dims)
+        keepdim = bool(node_value(_arg(node, 2, "keepdim", False)))
         annotation = self._ann(source)
         result: Annotation = {}
         out = 0
@@ -752,41 +903,48 @@ class TokenAxisAnalysis:
             out += 1
         return result if out == len(out_shape) else {}
 
-    def _pad(self, node: fx.Node, source: object, in_shape, out_shape) -> Annotation:
-        pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+    def _pad(self, node: fx.Node, source: object, in_shape: Sequence[Size], out_shape: Sequence[Size]) -> Annotation:
+        pad = _arg(node, 1, "pad")
         if not isinstance(pad, (list, tuple)) or len(in_shape) != len(out_shape):
             return {}
-        padded = {len(in_shape) - 1 - i // 2 for i, amount in enumerate(pad) if not known_equal(node_value(amount), 0)}
+        amounts = [node_value(amount) for amount in pad]
+        padded = {
+            len(in_shape) - 1 - i // 2
+            for i, amount in enumerate(amounts)
+            if not (isinstance(amount, (int, torch.SymInt)) and known_equal(amount, 0))
+        }
         return {d: info for d, info in self._ann(source).items() if d not in padded}
 
     def _visit_multi(self, node: fx.Node, name: str, values: Sequence[object]) -> tuple[Annotation, ...]:
         """Ops with several tensor outputs: split, chunk, unbind (per element); anything else has no structure."""
-        empty = tuple({} for _ in values)
-        args = node.args
-        source = args[0] if args else node.kwargs.get("input", node.kwargs.get("self"))
+        empty: tuple[Annotation, ...] = tuple({} for _ in values)
+        source = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
         in_shape = _tensor_shape(node_value(source))
-        shapes = [_tensor_shape(v) for v in values]
-        if in_shape is None or any(s is None for s in shapes):
+        shapes = _shapes(values)
+        if in_shape is None or shapes is None:
             return empty
         annotation = self._ann(source)
         if not annotation:
             return empty
         if name == "unbind":
-            dim = _normalize_dim(node.kwargs.get("dim", args[1] if len(args) > 1 else 0), len(in_shape))
-            if dim is None:
+            removed = _normalize_dim(node_value(_arg(node, 1, "dim", 0)), len(in_shape))
+            if removed is None:
                 return empty
-            element = {d if d < dim else d - 1: info for d, info in annotation.items() if d != dim}
-            return tuple(dict(element) for _ in values)
+            kept = {d if d < removed else d - 1: info for d, info in annotation.items() if d != removed}
+            return tuple(dict(kept) for _ in values)
         if name not in ("split", "chunk", "split_with_sizes", "tensor_split"):
             return empty
         # All four take (input, sizes or count or indices, dim=0).
-        dim = node.kwargs.get("dim", args[2] if len(args) > 2 else 0)
-        dim = _normalize_dim(node_value(dim), len(in_shape))
+        dim = _normalize_dim(node_value(_arg(node, 2, "dim", 0)), len(in_shape))
         if dim is None or any(len(s) != len(in_shape) for s in shapes):
             return empty
+        pieces = [s[dim] for s in shapes]
+        equal = all(known_equal(piece, pieces[0]) for piece in pieces) and known_equal(
+            in_shape[dim], pieces[0] * len(pieces)
+        )
         elements = []
         offset: Size = 0
-        for shape in shapes:
+        for index, shape in enumerate(shapes):
             element: Annotation = {}
             for d, info in annotation.items():
                 if d != dim:
@@ -795,12 +953,176 @@ class TokenAxisAnalysis:
                     element[d] = info
                 else:
                     sliced = _slice_axis(info, offset, offset + shape[d])
+                    if sliced is None and equal and isinstance(info, TokenAxis):
+                        # Equal pieces that cut into a grid: how context parallelism splits a sequence over ranks.
+                        sliced = Shard(info, index, len(shapes), shape[d])
                     if sliced is not None:
                         element[d] = sliced
             elements.append(element)
             offset = offset + shape[dim]
         return tuple(elements)
 
+    # --------------------------------------------------------------------------------------------------------------
+    # Context parallelism: the all-to-all of Ulysses attention
+    # --------------------------------------------------------------------------------------------------------------
+
+    def _exchange(self, node: fx.Node) -> None:
+        """Record what an all-to-all gives back (module docstring), when its input is the flat view of a tensor
+        `(N, ...)` over a group of N ranks, in equal splits, whose dim 0 is the outer part of the heads and one of whose
+        dims is this rank's shard of a token axis. When the input holds a shard but any of that fails, the result's
+        dims are marked `Conflict` with the reason (the attention then stays dense and says why); an all-to-all of
+        anything else leaves its result unannotated."""
+        args = node.args
+        source = self._flat.get(args[0]) if args and isinstance(args[0], fx.Node) else None
+        if source is None:
+            return
+        annotation = self._ann(source)
+        shape = _tensor_shape(node_value(source))
+        held = [d for d, info in annotation.items() if isinstance(info, Shard) and info.index is not None]
+        conflicts = {d: info for d, info in annotation.items() if isinstance(info, Conflict)}
+        if shape is not None and conflicts and not held:
+            # Tokens the analysis already gave up on (e.g. interleaved streams): the result says why, too.
+            reason: Annotation = {0: next(iter(conflicts.values())), **conflicts}
+            self._exchanges[node] = _Exchange(shape, reason)
+            return
+        if shape is None or not held:
+            return
+        group_name = args[3] if len(args) > 3 else node.kwargs.get("group_name")
+        group = self._groups(node_value(group_name))
+        why = ""
+        result: Annotation = {}
+        if group is None:
+            why = f"the process group {node_value(group_name)!r} of the all-to-all is unknown"
+        elif len(shape) < 3 or not known_equal(shape[0], group.size):
+            why = f"the all-to-all sends {shape[0] if shape else 0} slices over {group.size} ranks"
+        elif not all(_even_splits(splits, group.size) for splits in args[1:3]):
+            why = "the all-to-all splits unevenly (diffusers' ulysses_anything)"
+        else:
+            shards = [
+                d
+                for d in held
+                if isinstance(info := annotation[d], Shard)
+                and (info.index, info.count) == (group.rank, group.size)
+                and d > 0
+            ]
+            heads = _head_split(source, group.size)
+            if len(shards) != 1:
+                pieces = ", ".join(annotation[d].describe() for d in held)
+                why = f"rank {group.rank} of {group.size} sends {pieces}, not its own shard of the sequence"
+            elif heads is None or heads in (0, shards[0]):
+                why = "the exchanged dim is not the outer part of a split of the attention heads"
+            else:
+                shard = annotation[shards[0]]
+                assert isinstance(shard, Shard)
+                result = {
+                    0: RankAxis(group.size),
+                    shards[0]: Shard(shard.axis, None, group.size, shard.length),
+                    heads: HeadGroup(group.rank, group.size, shape[heads]),
+                }
+        if why:
+            conflict = Conflict(f"context parallelism: {why}")
+            result = {0: conflict}
+            result.update((d, conflict) for d in held)
+        self._exchanges[node] = _Exchange(shape, result)
+
+
+def _even_splits(splits: object, size: int) -> bool:
+    """Whether an all-to-all's split sizes (None: equal) give every rank the same slice."""
+    if splits is None:
+        return True
+    if not isinstance(splits, (list, tuple)) or len(splits) != size:
+        return False
+    sizes = [value for value in (node_value(s) for s in splits) if isinstance(value, (int, torch.SymInt))]
+    return len(sizes) == size and all(known_equal(s, sizes[0]) for s in sizes)
+
+
+def _gathered_axis(infos: Sequence[DimInfo | None]) -> TokenAxis | None:
+    """The whole axis, when dims (ranks, each rank's shard) are merged, ranks outermost (module docstring)."""
+    if len(infos) != 2:
+        return None
+    ranks, shard = infos
+    if isinstance(ranks, RankAxis) and isinstance(shard, Shard) and shard.index is None and shard.count == ranks.count:
+        return shard.axis
+    return None
+
+
+_LAYOUT_ONLY = frozenset({"contiguous", "clone", "detach"})
+
+
+def _head_split(node: fx.Node, groups: int) -> int | None:
+    """The dim of `node`'s tensor that holds the inner part of a row-major split of one dim into `(groups, inner)`
+    whose outer part is `node`'s dim 0: found by walking back through permutes (and copies) to the reshape that made
+    the split. None when the data flow shows no such split."""
+    rank = len(_tensor_shape(node_value(node)) or ())
+    origin = list(range(rank))  # origin[d]: the dim of the current node that dim d of `node` comes from
+    current: object = node
+    while isinstance(current, fx.Node):
+        name = _op_name(current)
+        source = current.args[0] if current.args else None
+        if name in _LAYOUT_ONLY:
+            current = source
+            continue
+        if name in ("permute", "transpose", "swapaxes", "swapdims"):
+            order = _permutation(current, name, rank)
+            if order is None:
+                return None
+            origin = [order[o] for o in origin]
+            current = source
+            continue
+        if name in ("reshape", "view"):
+            in_shape = _tensor_shape(node_value(source))
+            out_shape = _tensor_shape(node_value(current))
+            if in_shape is None or out_shape is None:
+                return None
+            outer = origin[0]
+            if outer + 1 >= len(out_shape) or not known_equal(out_shape[outer], groups):
+                return None
+            # Dims (outer, outer + 1) of the output index exactly one input dim, `outer` first, when the elements
+            # before them and the two sizes agree (row-major order).
+            before = _product(out_shape[:outer])
+            for i in range(len(in_shape)):
+                if known_equal(_product(in_shape[:i]), before) and known_equal(
+                    in_shape[i], out_shape[outer] * out_shape[outer + 1]
+                ):
+                    return origin.index(outer + 1) if outer + 1 in origin else None
+            return None
+        return None
+    return None
+
+
+def _dims(value: object, rank: int) -> list[int] | None:
+    """A dim or a sequence of dims (graph constants), normalised; None if any is not a valid dim."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    dims = [_normalize_dim(node_value(d), rank) for d in values]
+    return None if any(d is None for d in dims) else [d for d in dims if d is not None]
+
+
+def _permutation(node: fx.Node, name: str, rank: int) -> list[int] | None:
+    """`order[i]`: the input dim of output dim i of a permute, transpose (swapaxes, swapdims, t) or movedim node;
+    None if its dims are not constants of the graph."""
+    args: list[object] = list(node.args[1:])
+    if name == "permute":
+        given: object = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+        order = _dims(node.kwargs.get("dims", given), rank)
+        return order if order is not None and sorted(order) == list(range(rank)) else None
+    if name == "movedim":
+        source = _dims(node.kwargs.get("source", args[0] if args else None), rank)
+        destination = _dims(node.kwargs.get("destination", args[1] if len(args) > 1 else None), rank)
+        if source is None or destination is None or len(source) != len(destination):
+            return None
+        moved: list[int | None] = [None] * rank
+        for src, dst in zip(source, destination):
+            moved[dst] = src
+        rest = iter(d for d in range(rank) if d not in source)
+        order = [next(rest) if d is None else d for d in moved]
+        return order if sorted(order) == list(range(rank)) else None
+    pair = _dims([0, 1] if name == "t" else args[:2], rank)
+    if pair is None or len(pair) != 2:
+        return None
+    order = list(range(rank))
+    order[pair[0]], order[pair[1]] = order[pair[1]], order[pair[0]]
+    return order
+
 
 def _length(info: DimInfo, fallback: Size) -> Size:
-    return info.length if isinstance(info, TokenAxis) else fallback
+    return info.length if isinstance(info, (TokenAxis, Shard)) else fallback
