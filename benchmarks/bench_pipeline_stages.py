@@ -153,9 +153,10 @@ def run_case(name: str, case: dict, sparsity: float, rectify: str) -> list[str]:
 
     config = SparseAttentionConfig(sparsity=sparsity, rectify=rectify)
     layout = token_layout(case["grid"], case["text_len"], False, config.block_size, config.reorder)
-    arguments = dict(layout=layout, key_valid=valid, scale=None, config=config, stages=stages)
-    _, plan = run_attention(query, key, value, **arguments)
-    pipeline_ms, pipeline_mem = _bench(lambda: run_attention(query, key, value, **arguments))
+    arguments = dict(key_valid=valid, scale=None, config=config, stages=stages)
+    _, plan = run_attention(query, key, value, layout=layout, **arguments)
+    pipeline_ms, pipeline_mem = _bench(lambda: run_attention(query, key, value, layout=layout, **arguments))
+    # The plan carries its layout.
     cached_ms, _ = _bench(lambda: attend_with_plan(query, key, value, plan=plan, **arguments))
     prepared = stages.prepare(query, key, value, layout, valid, layout.block_size, scale)
     attention_ms, _ = _bench(lambda: stages.attend(prepared, plan, rectify=rectify))
