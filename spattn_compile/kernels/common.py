@@ -13,7 +13,15 @@ import triton.language as tl
 
 from ..capability import kernel_limits, padded_head_dim
 
-__all__ = ["INTERPRETED", "LOG2E", "STATS_DOT_PRECISION", "check_device", "check_kernel_inputs", "padded_head_dim"]
+__all__ = [
+    "INTERPRETED",
+    "LOG2E",
+    "STATS_DOT_PRECISION",
+    "check_device",
+    "check_kernel_inputs",
+    "online_logsumexp",
+    "padded_head_dim",
+]
 
 LOG2E = 1.4426950408889634
 
@@ -27,6 +35,16 @@ INTERPRETED: bool = not isinstance(_probe_kernel, triton.runtime.jit.JITFunction
 # fp32 statistics: exact fp32 products under the interpreter; on the GPU three tf32 products per dot (tf32x3) give
 # about fp32 accuracy on the tensor cores, where plain fp32 ("ieee") would run the products on the FMA units.
 STATS_DOT_PRECISION = "ieee" if INTERPRETED else "tf32x3"
+
+
+@triton.jit
+def online_logsumexp(m_i, l_i, logits):
+    """Fold one tile of logits (log2 units, `(ROWS, N)`) into each row's running maximum `m_i` and sum
+    `l_i = sum 2^(logit - m_i)`; a row whose logits are all -inf keeps m = -inf without NaN."""
+    m_new = tl.maximum(m_i, tl.max(logits, 1))
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    l_i = l_i * tl.math.exp2(m_i - m_shift) + tl.sum(tl.math.exp2(logits - m_shift[:, None]), 1)
+    return m_new, l_i
 
 
 def check_device(device: torch.device, name: str) -> None:

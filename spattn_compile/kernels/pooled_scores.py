@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ..estimators.base import EstimatorInputs
-from .common import INTERPRETED, LOG2E, check_device, padded_head_dim
+from .common import INTERPRETED, LOG2E, check_device, online_logsumexp, padded_head_dim
 
 __all__ = ["pooled_scores", "tile_outliers"]
 
@@ -121,15 +121,6 @@ def _text_logits(
 
 
 @triton.jit
-def _fold(m_i, l_i, logits):
-    """Online (max, sum) of exp2 over one more tile of logits; all -inf rows keep m = -inf without NaN."""
-    m_new = tl.maximum(m_i, tl.max(logits, 1))
-    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    l_i = l_i * tl.math.exp2(m_i - m_shift) + tl.sum(tl.math.exp2(logits - m_shift[:, None]), 1)
-    return m_new, l_i
-
-
-@triton.jit
 def _pooled_scores_kernel(
     QTile,
     QTileCount,
@@ -177,19 +168,19 @@ def _pooled_scores_kernel(
         logits = _key_tile_logits(
             q, KeyMean, KeyMeanCount, tile_base, start, num_tiles, offs_n, offs_d, qk_scale, HEAD_DIM, DOT_PRECISION
         )
-        m_i, l_i = _fold(m_i, l_i, logits)
+        m_i, l_i = online_logsumexp(m_i, l_i, logits)
         if HAS_OUTLIERS:
             logits = _key_tile_logits(
                 q, KeyOutlier, KeyOutlierCount, tile_base, start, num_tiles, offs_n, offs_d, qk_scale, HEAD_DIM,
                 DOT_PRECISION,
             )  # fmt: skip
-            m_i, l_i = _fold(m_i, l_i, logits)
+            m_i, l_i = online_logsumexp(m_i, l_i, logits)
     if HAS_TEXT:
         for start in range(0, text_rows, BLOCK_N):
             logits = _text_logits(
                 q, KC, KeyValidC, text_base, start, text_rows, offs_n, offs_d, qk_scale, HEAD_DIM, DOT_PRECISION
             )
-            m_i, l_i = _fold(m_i, l_i, logits)
+            m_i, l_i = online_logsumexp(m_i, l_i, logits)
 
     # Each query tile's weights enter its block's mean with the tile's real row count; a row whose keys are all
     # masked (l = 0) contributes nothing.

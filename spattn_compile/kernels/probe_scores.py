@@ -23,21 +23,12 @@ import triton.language as tl
 
 from ..estimators.probes import probe_weights
 from ..layout import TokenLayout
-from .common import INTERPRETED, LOG2E, STATS_DOT_PRECISION, check_device, padded_head_dim
+from .common import INTERPRETED, LOG2E, STATS_DOT_PRECISION, check_device, online_logsumexp, padded_head_dim
 
 __all__ = ["probe_scores"]
 
 # Bound of the log-mass scratch buffer (bytes); groups of (batch, head) pairs are launched one after the other.
 _SCRATCH_BYTES = 512 << 20
-
-
-@triton.jit
-def _fold(m_i, l_i, logits):
-    """Online (max, sum) of exp2 over one more tile of logits; all -inf rows keep m = -inf without NaN."""
-    m_new = tl.maximum(m_i, tl.max(logits, 1))
-    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    l_i = l_i * tl.math.exp2(m_i - m_shift) + tl.sum(tl.math.exp2(logits - m_shift[:, None]), 1)
-    return m_new, l_i
 
 
 @triton.jit
@@ -97,7 +88,7 @@ def _probe_log_mass_kernel(
                 q, KC, KeyValidC, BlockFull, bh, padded_len, num_blocks, key_block, start, offs_n, offs_d, qk_scale,
                 HEAD_DIM, HAS_KEY_VALID, DOT_PRECISION,
             )  # fmt: skip
-            m_i, l_i = _fold(m_i, l_i, logits)
+            m_i, l_i = online_logsumexp(m_i, l_i, logits)
         log_mass = tl.where(l_i > 0.0, m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
         tl.store(out + key_block, log_mass, mask=probe_ok)
 
@@ -111,7 +102,7 @@ def _probe_log_mass_kernel(
                 q, KC, KeyValidC, BlockFull, bh, padded_len, num_blocks, key_block, start, offs_n, offs_d, qk_scale,
                 HEAD_DIM, True, DOT_PRECISION,
             )  # fmt: skip
-            m_i, l_i = _fold(m_i, l_i, logits)
+            m_i, l_i = online_logsumexp(m_i, l_i, logits)
     log_mass = tl.where(l_i > 0.0, m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
     tl.store(out + num_video_blocks, log_mass, mask=probe_ok)
 
@@ -140,7 +131,7 @@ def _probe_combine_kernel(
     for first in range(0, num_cols, COLS_CHUNK):
         cols = first + offs_c
         ok = probe_ok[:, None] & (cols < num_cols)[None, :]
-        m_i, l_i = _fold(m_i, l_i, tl.load(rows + cols[None, :], mask=ok, other=float("-inf")))
+        m_i, l_i = online_logsumexp(m_i, l_i, tl.load(rows + cols[None, :], mask=ok, other=float("-inf")))
     has_mass = l_i > 0.0
     lse = tl.where(has_mass, m_i + tl.math.log2(tl.where(has_mass, l_i, 1.0)), 0.0)
     coefficient = tl.where(has_mass, weight, 0.0) / tl.maximum(tl.sum(weight, 0), 1e-30)
