@@ -26,16 +26,19 @@ import dataclasses
 import math
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from spattn_compile.config import SparseAttentionConfig
-from spattn_compile.estimators import EstimatorConfig, PooledTiles, QueryTiles, SampledRows
-from spattn_compile.layout import token_layout
-from spattn_compile.pipeline import attend_with_plan, run_attention
-from spattn_compile.reference import key_padding_valid
-from spattn_compile.testing import dit_attention_inputs
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from spattn_compile.config import SparseAttentionConfig  # noqa: E402
+from spattn_compile.estimators import EstimatorConfig, PooledTiles, QueryTiles, SampledRows  # noqa: E402
+from spattn_compile.layout import token_layout  # noqa: E402
+from spattn_compile.pipeline import attend_with_plan, run_attention  # noqa: E402
+from spattn_compile.reference import key_padding_valid  # noqa: E402
+from spattn_compile.testing import dit_attention_inputs  # noqa: E402
 
 CASES = {
     "wan14b": dict(grid=(21, 45, 80), heads=40, text_len=0, text_padding=0),

@@ -163,10 +163,17 @@ def test_kernels_run_every_head_dim_the_rule_allows_at_a_real_shape_in_bf16(head
         exact = spattn_compile.sparse_attention(q, k, v, impl="triton", **arguments)
     assert relative_error(exact, F.scaled_dot_product_attention(q, k, v)) < 2e-2
     with spattn_compile.config(sparsity=0.75):
-        sparse = spattn_compile.sparse_attention(q, k, v, impl="triton", **arguments)
-        expected = spattn_compile.sparse_attention(q.float(), k.float(), v.float(), impl="reference", **arguments)
+        plan = spattn_compile.select_plan(q, k, v, impl="triton", **arguments)
+        sparse = spattn_compile.sparse_attention(q, k, v, impl="triton", plan=plan, **arguments)
+        # The reference on the kernels' plan: on random inputs many blocks score alike, and bfloat16 products may
+        # break those ties otherwise than float64 (selection against the reference is tested on video-like inputs
+        # in test_kernel_pipeline.py).
+        expected = spattn_compile.sparse_attention(
+            q.float(), k.float(), v.float(), impl="reference", plan=plan, **arguments
+        )
+    assert float(plan.density().mean()) < 0.5
     assert sparse.dtype == torch.bfloat16 and torch.isfinite(sparse).all()
-    assert relative_error(sparse, expected) < 3e-2
+    assert relative_error(sparse, expected) < 2e-2
 
 
 @pytest.mark.gpu

@@ -25,6 +25,7 @@ from kernel_helpers import (
     make_key_valid,
     poisoned_allocations,
     relative_error,
+    score_tolerance,
 )
 
 import spattn_compile
@@ -84,13 +85,6 @@ def _check_plan_agrees(plan, expected, stats, score_error: float) -> None:
         near_tie = (gain - error).abs() <= 1e-4 * (gain + error)
         explained = (keep != keep_expected)[..., :nb, :nb] | near_tie
         assert not (trusted_differs[..., :nb, :] & ~explained).any()
-
-
-def _score_tolerance(estimator, dtype) -> float:
-    """Relative error of the kernel's float32 scores against float64 (see test_estimators)."""
-    if dtype == torch.float16 and isinstance(estimator, QueryTiles):
-        return 1e-3
-    return 5e-6 if dtype == torch.float32 else 2e-5
 
 
 def _run_triton(query, key, value, attn_mask, *, grid, text_len, text_first, config, scale=None):
@@ -186,7 +180,7 @@ def test_sparse_pipeline_matches_reference(
     out, plan = _run_triton(query, key, value, mask, grid=grid, text_len=text_len, text_first=text_first, config=config)
     expected_plan, stats = _reference_plan(query, key, value, mask, layout, config)
     assert plan.estimator == expected_plan.estimator == estimator.name
-    tolerance = _score_tolerance(estimator, dtype)
+    tolerance = score_tolerance(estimator, dtype)
     assert relative_error(plan.block_scores, expected_plan.block_scores) < tolerance
     score_error = float((plan.block_scores.double() - expected_plan.block_scores).abs().max())
     _check_plan_agrees(plan, expected_plan, stats, score_error)
@@ -381,8 +375,8 @@ def test_gpu_bf16_real_size_matches_float64_reference(case, rectify):
     out, plan = _run_triton(q, k, v, mask, grid=grid, text_len=text_len, text_first=text_first, config=config)
     layout = token_layout(grid, text_len, text_first, config.block_size)
     expected_plan, stats = _reference_plan(q, k, v, mask, layout, config)
-    # tf32 products of float32 statistics: about 1e-4.
-    assert relative_error(plan.block_scores, expected_plan.block_scores) < 1e-3
+    # The pooled estimator multiplies tile means rounded to bfloat16 (2^-8 relative): a few 1e-3 at most.
+    assert relative_error(plan.block_scores, expected_plan.block_scores) < 1e-2
     score_error = float((plan.block_scores.double() - expected_plan.block_scores).abs().max())
     _check_plan_agrees(plan, expected_plan, stats, score_error)
     on_plan = _reference_on_plan(q, k, v, mask, plan, config)

@@ -3,12 +3,14 @@
 Two kernels:
 
 - `_tile_outliers_kernel` (only with `outliers=True`): per video key tile, the usable key farthest from the tile's
-  mean (the first on ties), the mean and count of the tile's other usable keys, and whether the outlier exists.
+  mean (the first on ties), the mean and count of the tile's other usable keys, and whether the outlier exists; a
+  whole tile per program, in registers (one read of the keys).
 - `_pooled_scores_kernel`: per (batch, head, group of query blocks), tile logits `scale * q_tile . k + log2 n` (log2
   units) against every key tile (its mean over the others and, with outliers, its outlier key with multiplicity 1)
   and every text key (isolated, multiplicity 1, masked keys excluded); two passes over the keys (row maximum and
   normaliser, then the normalised weights), summed per key block and averaged over the query tiles of each block
   with their true row counts: `P_hat (B, H, NB, NB + 1)` in float32, as `estimators.pooled.pooled_scores_reference`.
+  For 16-bit inputs the products take the tile means rounded to the inputs' type (float32 accumulation).
 
 Head dims that are not a power of two are padded to one in registers (masked loads); nothing reads back to the host.
 """
@@ -36,56 +38,41 @@ def _tile_outliers_kernel(
     num_tiles,
     padded_len,
     TILE: tl.constexpr,
-    CHUNK: tl.constexpr,
-    TILES_PER_PROGRAM: tl.constexpr,
+    TILES: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_PAD: tl.constexpr,
 ):
+    # TILES whole key tiles per program, held at once as a (TILES, TILE, HEAD_PAD) block: the keys cross HBM once,
+    # and every reduction (mean, distance, farthest row, its vector) runs across registers, not across a loop.
     bh = tl.program_id(1).to(tl.int64)
+    tiles = tl.program_id(0) * TILES + tl.arange(0, TILES)
+    offs_r = tl.arange(0, TILE)
     offs_d = tl.arange(0, HEAD_PAD)
     d_ok = offs_d < HEAD_DIM
-    offs_c = tl.arange(0, CHUNK)
-    for index in range(TILES_PER_PROGRAM):
-        tile = tl.program_id(0) * TILES_PER_PROGRAM + index
-        if tile < num_tiles:
-            first_row = bh * padded_len + tile.to(tl.int64) * TILE
-            # Pass 1: the mean of the tile's usable keys.
-            total = tl.zeros([HEAD_PAD], tl.float32)
-            count = tl.sum(tl.zeros([CHUNK], tl.float32), 0)
-            for chunk in tl.static_range(TILE // CHUNK):
-                rows = first_row + chunk * CHUNK + offs_c
-                ok = tl.load(KeyValidC + rows) != 0
-                k_mask = ok[:, None] & d_ok[None, :]
-                k = tl.load(KC + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=k_mask, other=0.0)
-                total += tl.sum(k.to(tl.float32), 0)
-                count += tl.sum(ok.to(tl.float32), 0)
-            mean = total / tl.maximum(count, 1.0)
-            # Pass 2 (the rows again, from L1/L2): the key farthest from the mean, the first one on ties.
-            best = tl.max(tl.full([CHUNK], -1.0, tl.float32), 0)
-            outlier = tl.zeros([HEAD_PAD], tl.float32)
-            for chunk in tl.static_range(TILE // CHUNK):
-                rows = first_row + chunk * CHUNK + offs_c
-                ok = tl.load(KeyValidC + rows) != 0
-                k_mask = ok[:, None] & d_ok[None, :]
-                k = tl.load(KC + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=k_mask, other=0.0)
-                k = k.to(tl.float32)
-                deviation = k - mean[None, :]
-                distance = tl.where(ok, tl.sum(tl.where(d_ok[None, :], deviation * deviation, 0.0), 1), -1.0)
-                chunk_best = tl.max(distance, 0)
-                chunk_row = tl.argmax(distance, 0)
-                chunk_vector = tl.sum(tl.where((offs_c == chunk_row)[:, None], k, 0.0), 0)
-                # Strictly larger: an earlier chunk keeps a tie, as the reference's first-maximum argmax does.
-                take = (offs_d * 0.0 + chunk_best) > best
-                outlier = tl.where(take, chunk_vector, outlier)
-                best = tl.maximum(best, chunk_best)
-            has = tl.where(best >= 0.0, 1.0, 0.0)
-            rest_count = count - has
-            out_row = bh * num_tiles + tile
-            rest_mean = (total - outlier) / tl.maximum(rest_count, 1.0)
-            tl.store(RestMean + out_row * HEAD_DIM + offs_d, rest_mean, mask=d_ok)
-            tl.store(RestCount + out_row, rest_count)
-            tl.store(Outlier + out_row * HEAD_DIM + offs_d, outlier, mask=d_ok)
-            tl.store(OutlierCount + out_row, has)
+    tile_ok = tiles < num_tiles
+    rows = bh * padded_len + tiles[:, None].to(tl.int64) * TILE + offs_r[None, :]
+    ok = tl.load(KeyValidC + rows, mask=tile_ok[:, None], other=0) != 0
+    k_mask = ok[:, :, None] & d_ok[None, None, :]
+    k = tl.load(KC + rows[:, :, None] * HEAD_DIM + offs_d[None, None, :], mask=k_mask, other=0.0).to(tl.float32)
+    count = tl.sum(ok.to(tl.float32), 1)
+    total = tl.sum(k, 1)
+    mean = total / tl.maximum(count, 1.0)[:, None]
+    deviation = k - mean[:, None, :]
+    # Padded lanes and left-out rows load as zeros; a left-out row is never the farthest (-1 < any distance).
+    distance = tl.where(ok, tl.sum(deviation * deviation, 2), -1.0)
+    farthest = tl.argmax(distance, 1, tie_break_left=True)
+    is_outlier = (offs_r[None, :] == farthest[:, None]) & ok
+    outlier = tl.sum(tl.where(is_outlier[:, :, None], k, 0.0), 1)
+    has = tl.sum(is_outlier.to(tl.float32), 1)
+    rest_count = count - has
+    rest_mean = (total - outlier) / tl.maximum(rest_count, 1.0)[:, None]
+    out_rows = bh * num_tiles + tiles
+    out_vectors = out_rows[:, None] * HEAD_DIM + offs_d[None, :]
+    vector_mask = tile_ok[:, None] & d_ok[None, :]
+    tl.store(RestMean + out_vectors, rest_mean, mask=vector_mask)
+    tl.store(RestCount + out_rows, rest_count, mask=tile_ok)
+    tl.store(Outlier + out_vectors, outlier, mask=vector_mask)
+    tl.store(OutlierCount + out_rows, has, mask=tile_ok)
 
 
 @triton.jit
@@ -101,7 +88,7 @@ def _key_tile_logits(
     k = tl.load(Keys + (tile_base + tiles)[:, None] * HEAD_DIM + offs_d[None, :], mask=k_mask, other=0.0)
     count = tl.load(Counts + tile_base + tiles, mask=in_range, other=0.0)
     log_count = tl.where(count > 0, tl.math.log2(tl.maximum(count, 1.0)), float("-inf"))
-    return tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale + log_count[None, :]
+    return tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale + log_count[None, :]
 
 
 @triton.jit
@@ -116,7 +103,7 @@ def _text_logits(
     k_mask = in_range[:, None] & (offs_d < HEAD_DIM)[None, :]
     k = tl.load(KC + (text_base + rows)[:, None] * HEAD_DIM + offs_d[None, :], mask=k_mask, other=0.0)
     ok = tl.load(KeyValidC + text_base + rows, mask=in_range, other=0) != 0
-    logits = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=DOT_PRECISION) * qk_scale
+    logits = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
     return tl.where(ok[None, :], logits, float("-inf"))
 
 
@@ -142,6 +129,7 @@ def _pooled_scores_kernel(
     HAS_OUTLIERS: tl.constexpr,
     HAS_TEXT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    INPUT_PRECISION_OPERANDS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -160,6 +148,10 @@ def _pooled_scores_kernel(
     query_ok = offs_m < num_tiles
     q_mask = query_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
     q = tl.load(QTile + (tile_base + offs_m)[:, None] * HEAD_DIM + offs_d[None, :], mask=q_mask, other=0.0)
+    if INPUT_PRECISION_OPERANDS:
+        # The tile means enter the products in the inputs' 16-bit type (as the keys of the attention kernel's query
+        # rectification do): twice the tensor-core rate of tf32 and half the shared memory.
+        q = q.to(KC.dtype.element_ty)
 
     # Pass 1: the row maximum and normaliser of every query tile over all keys (online, in log2 units).
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -245,7 +237,15 @@ _autotuned_scores = triton.autotune(
         triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
         for m, n, warps, stages in _SCORE_CANDIDATES
     ],
-    key=["TILES_PER_BLOCK", "HEAD_PAD", "HAS_OUTLIERS", "HAS_TEXT", "DOT_PRECISION", "num_video_blocks"],
+    key=[
+        "TILES_PER_BLOCK",
+        "HEAD_PAD",
+        "HAS_OUTLIERS",
+        "HAS_TEXT",
+        "DOT_PRECISION",
+        "INPUT_PRECISION_OPERANDS",
+        "num_video_blocks",
+    ],
     prune_configs_by={"early_config_prune": _prune_score_configs},
 )(_pooled_scores_kernel)
 
@@ -262,7 +262,11 @@ def tile_outliers(
     rest_count = torch.empty(batch, heads, num_tiles, device=device, dtype=torch.float32)
     outlier = torch.empty_like(rest_mean)
     outlier_count = torch.empty_like(rest_count)
-    tiles_per_program = 1 if INTERPRETED else 8
+    # One tile per program and one warp per 32 rows: the reductions stay inside a warp, and many small programs keep
+    # enough loads in flight (on an H200 at tile 16, 0.30 ms for Wan 14B 720p's keys against 1.8 ms for four tiles
+    # over eight warps).
+    tiles_per_program = 1
+    warps = max(1, min(4, tile_size // 32))
     _tile_outliers_kernel[(triton.cdiv(num_tiles, tiles_per_program), batch * heads)](
         k_c.contiguous(),
         key_valid_c.contiguous().view(torch.int8),
@@ -273,18 +277,23 @@ def tile_outliers(
         num_tiles,
         padded_len,
         TILE=tile_size,
-        CHUNK=min(tile_size, 32),
-        TILES_PER_PROGRAM=tiles_per_program,
+        TILES=tiles_per_program,
         HEAD_DIM=head_dim,
         HEAD_PAD=padded_head_dim(head_dim),
-        num_warps=4,
+        num_warps=warps,
     )
     return rest_mean, rest_count, outlier, outlier_count
 
 
-def pooled_scores(inputs: EstimatorInputs, *, outliers: bool) -> torch.Tensor:
+def pooled_scores(
+    inputs: EstimatorInputs, *, outliers: bool, input_precision_operands: bool | None = None
+) -> torch.Tensor:
     """`P_hat` float32 `(B, H, NB, NB + 1)` of the pooled estimator from the canonical keys and float32 tile statistics
-    of `inputs` (the Triton path's `reorder_pool`)."""
+    of `inputs` (the Triton path's `reorder_pool`).
+
+    `input_precision_operands`: the products take the tile means rounded to the inputs' dtype when it is 16-bit
+    (float32 inputs: tf32 on the GPU). None: on the GPU for 16-bit inputs, and under the interpreter for float16 (it
+    cannot multiply bfloat16)."""
     stats, layout, k_c = inputs.stats, inputs.layout, inputs.k
     batch, heads, num_tiles, head_dim = stats.q_tile.shape
     device = stats.q_tile.device
@@ -300,6 +309,14 @@ def pooled_scores(inputs: EstimatorInputs, *, outliers: bool) -> torch.Tensor:
     else:
         key_mean, key_mean_count = stats.k_tile.contiguous(), stats.k_tile_count.contiguous()
         key_outlier, key_outlier_count = key_mean, key_mean_count  # not read
+    sixteen_bit = k_c.dtype in (torch.float16, torch.bfloat16)
+    if input_precision_operands is None:
+        input_precision_operands = sixteen_bit and not (INTERPRETED and k_c.dtype == torch.bfloat16)
+    elif input_precision_operands and INTERPRETED and k_c.dtype == torch.bfloat16:
+        raise ValueError(
+            "input_precision_operands=True with bfloat16 keys needs CUDA: the Triton interpreter cannot multiply "
+            "bfloat16 (pass None or False)"
+        )
     scores = torch.empty(batch, heads, nb, nb + 1, device=device, dtype=torch.float32)
     args = (
         stats.q_tile.contiguous(),
@@ -323,9 +340,11 @@ def pooled_scores(inputs: EstimatorInputs, *, outliers: bool) -> torch.Tensor:
         "HEAD_PAD": padded_head_dim(head_dim),
         "HAS_OUTLIERS": outliers,
         "HAS_TEXT": layout.num_text > 0,
-        # One tf32 product per dot on the GPU: the scores rank blocks, and tf32's 10-bit mantissa is as fine as the
-        # bfloat16 keys the probe estimators multiply; three (tf32x3) would cost 3x for digits nobody reads.
+        # float32 operands (float32 inputs, or products in float32 asked for): one tf32 product per dot on the GPU.
+        # The scores rank blocks, and tf32's 10-bit mantissa is as fine as the 16-bit operands of the default;
+        # three (tf32x3) would cost 3x for digits nobody reads.
         "DOT_PRECISION": "ieee" if INTERPRETED else "tf32",
+        "INPUT_PRECISION_OPERANDS": bool(input_precision_operands) and sixteen_bit,
     }
 
     def grid(meta: dict) -> tuple[int, int]:
