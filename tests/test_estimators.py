@@ -413,6 +413,46 @@ def test_outlier_is_the_planted_far_key():
     torch.testing.assert_close(rest[0, 0, 0], k[0, 0, kept].mean(0), rtol=1e-14, atol=0)
 
 
+@pytest.mark.parametrize("outliers", [True, False])
+def test_pooled_kernel_products_in_float16_or_float32_both_match_the_reference(outliers):
+    """float16 inputs: the kernel's default multiplies tile means rounded to float16; asked for float32 products it
+    matches the float64 reference 50x closer; both rank the same blocks here (no near-ties at this seed)."""
+    from spattn_compile.kernels.pooled_scores import pooled_scores
+
+    generator = torch.Generator().manual_seed(3)
+    layout = token_layout((2, 8, 12), 7, False, 32)
+    query, key, value = make_inputs(generator, batch=1, heads=2, head_dim=32, layout=layout, dtype=torch.float16)
+    estimator = PooledTiles(16, outliers=outliers)
+    expected_prepared = reference_prepared(query, key, value, None, layout, 16, 32**-0.5)
+    expected = estimator_for(estimator).reference(expected_prepared.estimator_inputs(), estimator)
+    inputs = triton_prepared(query, key, value, None, layout, 16, 32**-0.5).estimator_inputs()
+    with poisoned_allocations():
+        default = pooled_scores(inputs, outliers=outliers)
+        in_float16 = pooled_scores(inputs, outliers=outliers, input_precision_operands=True)
+        in_float32 = pooled_scores(inputs, outliers=outliers, input_precision_operands=False)
+    assert torch.equal(default, in_float16)
+    error_16, error_32 = relative_error(in_float16, expected), relative_error(in_float32, expected)
+    assert error_16 < score_tolerance(estimator, torch.float16)
+    assert error_32 < 2e-6 and error_32 < error_16 / 50
+    nb = layout.num_video_blocks
+    assert torch.equal(in_float16[..., :nb].argsort(-1), expected[..., :nb].argsort(-1))
+
+
+def test_pooled_kernel_refuses_bfloat16_products_under_the_interpreter():
+    from spattn_compile.kernels.common import INTERPRETED
+    from spattn_compile.kernels.pooled_scores import pooled_scores
+
+    if not INTERPRETED:
+        pytest.skip("the interpreter's limit")
+    generator = torch.Generator().manual_seed(0)
+    layout = token_layout((2, 4, 8), 0, False, 16)
+    query, key, value = make_inputs(generator, batch=1, heads=1, head_dim=16, layout=layout, dtype=torch.bfloat16)
+    inputs = triton_prepared(query, key, value, None, layout, 16, 0.25).estimator_inputs()
+    with pytest.raises(ValueError, match="input_precision_operands=True with bfloat16 keys needs CUDA"):
+        pooled_scores(inputs, outliers=True, input_precision_operands=True)
+    assert torch.isfinite(pooled_scores(inputs, outliers=True)).all()  # the default falls back to float32 products
+
+
 def test_pooled_with_outliers_sees_a_sink_that_the_tile_mean_hides():
     """Reference scores of a call with one sink key: with outliers the sink's block gets about its true mass, the
     plain tile mean dilutes it (the reason the option exists)."""
