@@ -56,7 +56,7 @@ ESTIMATORS: tuple[EstimatorConfig, ...] = (
 _GENERATED_HEADS = 4
 
 
-def _inputs(case: dict, device: torch.device):
+def case_inputs(case: dict, device: torch.device):
     generated = dit_attention_inputs(
         case["grid"],
         heads=_GENERATED_HEADS,
@@ -128,7 +128,7 @@ def run_case(name: str, case: dict, sparsity: float, rectify: str) -> list[str]:
     from spattn_compile.kernels.stages import TritonStages
 
     started = time.time()
-    (query, key, value), mask = _inputs(case, torch.device("cuda"))
+    (query, key, value), mask = case_inputs(case, torch.device("cuda"))
     batch, heads, seq_len, head_dim = query.shape
     print(f"# {name}: S={seq_len}, H={heads}, D={head_dim} ({time.time() - started:.0f} s to build)", flush=True)
     dense_fn, backend = _dense(query, key, value, mask)

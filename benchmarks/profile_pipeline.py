@@ -22,23 +22,22 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_pipeline_stages import CASES, case_inputs  # noqa: E402
+
 from spattn_compile.config import SparseAttentionConfig  # noqa: E402
 from spattn_compile.estimators import EstimatorConfig, PooledTiles  # noqa: E402
 from spattn_compile.layout import token_layout  # noqa: E402
 from spattn_compile.pipeline import attend_with_plan, run_attention  # noqa: E402
-from spattn_compile.testing import dit_attention_inputs  # noqa: E402
 
-GRID = (21, 45, 80)
-HEADS = 40
-_GENERATED_HEADS = 4
+CASE = CASES["wan14b"]
+GRID = CASE["grid"]
+HEADS = CASE["heads"]
 
 
 def _inputs(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    generated = dit_attention_inputs(GRID, heads=_GENERATED_HEADS, head_dim=128, dtype=torch.bfloat16, device=device)
-    repeat = -(-HEADS // _GENERATED_HEADS)
-    tensors = (generated.query, generated.key, generated.value)
-    q, k, v = (t.repeat(1, repeat, 1, 1)[:, :HEADS].transpose(1, 2).contiguous().transpose(1, 2) for t in tensors)
-    return q, k, v
+    """bench_pipeline_stages' Wan 14B 720p inputs (no mask at this case)."""
+    (query, key, value), _ = case_inputs(CASE, device)
+    return query, key, value
 
 
 def _kernel_times(fn, repeats: int) -> dict[str, tuple[int, float]]:

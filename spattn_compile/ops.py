@@ -122,17 +122,13 @@ def _sparse(
     density: float | None = None,
 ) -> tuple[torch.Tensor, SparsePlan]:
     """The pipeline with a given plan, or a fresh one at `density`."""
-    batch, heads, seq_len, _ = query.shape
-    layout = token_layout(video_grid, text_len, text_first, config.block_size, config.reorder)
     return run_attention(
         query,
         key,
         value,
-        layout=layout,
-        key_valid=key_padding_valid(attn_mask, batch, heads, seq_len),
+        **_pipeline_arguments(query, video_grid, text_len, text_first, attn_mask, config),
         scale=scale,
         config=config,
-        stages=stages_for("auto", query.device),
         plan=plan,
         density=density,
     )
@@ -141,23 +137,31 @@ def _sparse(
 def _exact_plan(query, key, value, video_grid, text_len, text_first, attn_mask, scale, config) -> SparsePlan:
     """The plan of the true block mass (every query row a probe: `SampledRows(rows=block_size)`) at the first sparse
     step's density."""
-    batch, heads, seq_len, _ = query.shape
-    layout = token_layout(video_grid, text_len, text_first, config.block_size, config.reorder)
-    density = schedule.refresh_density(config.density, config.density_decay, 0, layout.num_video_blocks)
+    arguments = _pipeline_arguments(query, video_grid, text_len, text_first, attn_mask, config)
+    num_video_blocks = arguments["layout"].num_video_blocks
+    density = schedule.refresh_density(config.density, config.density_decay, 0, num_video_blocks)
     plan, _ = plan_attention(
         query,
         key,
         value,
-        layout=layout,
-        key_valid=key_padding_valid(attn_mask, batch, heads, seq_len),
+        **arguments,
         scale=scale,
         config=config,
-        stages=stages_for("auto", query.device),
         density=density,
         estimator=SampledRows(rows=config.block_size),
         estimator_name="exact",
     )
     return plan
+
+
+def _pipeline_arguments(query, video_grid, text_len, text_first, attn_mask, config: SparseAttentionConfig) -> dict:
+    """The call's layout, its key-validity mask and the stages for its device (the pipeline's keyword arguments)."""
+    batch, heads, seq_len, _ = query.shape
+    return {
+        "layout": token_layout(video_grid, text_len, text_first, config.block_size, config.reorder),
+        "key_valid": key_padding_valid(attn_mask, batch, heads, seq_len),
+        "stages": stages_for("auto", query.device),
+    }
 
 
 def _capable(query: torch.Tensor) -> bool:
