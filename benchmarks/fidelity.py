@@ -41,6 +41,7 @@ from spattn_compile.pipeline import ReferenceStages, plan_attention
 from spattn_compile.plan import SparsePlan
 from spattn_compile.reference import key_padding_valid, select_plan_reference
 from spattn_compile.testing import PlanEvaluator, VideoAttentionInputs, dit_attention_inputs, video_attention_inputs
+from spattn_compile.testing.benchmark import ATTENTION_CASES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,7 +254,7 @@ def run_drift(grid, device, defaults: SparseAttentionConfig, steps: int, drifts,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--suite", choices=["hard", "smooth", "drift"], default="hard")
-    parser.add_argument("--grid", type=int, nargs=3, default=(21, 30, 52))
+    parser.add_argument("--grid", type=int, nargs=3, default=ATTENTION_CASES["wan1.3b-480p"].grid)
     parser.add_argument("--densities", type=float, nargs="+", default=[0.25, 0.10])
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--cases", type=int, nargs="*", default=None, help="indices of the suite's cases to run")

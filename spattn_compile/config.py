@@ -18,7 +18,15 @@ from typing import Literal
 
 from .estimators import EstimatorConfig, PooledTiles, parse_estimator
 
-__all__ = ["SparseAttentionConfig", "config", "current_config", "explicit_fields", "reset_config", "set_config"]
+__all__ = [
+    "SparseAttentionConfig",
+    "config",
+    "current_config",
+    "explicit_fields",
+    "rectify_modes",
+    "reset_config",
+    "set_config",
+]
 
 ReorderMode = Literal["hilbert", "none"]
 RectifyMode = Literal["none", "block", "query"]
@@ -203,6 +211,11 @@ _ALL_FIELDS: frozenset[str] = frozenset(f.name for f in dataclasses.fields(Spars
 _EXPLICIT: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
     "spattn_compile_explicit_fields", default=frozenset()
 )
+
+
+def rectify_modes() -> tuple[str, ...]:
+    """The values `SparseAttentionConfig.rectify` takes."""
+    return _RECTIFY_MODES
 
 
 def current_config() -> SparseAttentionConfig:

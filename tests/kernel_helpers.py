@@ -1,10 +1,11 @@
 """Helpers shared by the kernel, estimator and pipeline tests (not a test module; the harness-wide helpers are in
-helpers.py): a strict relative error, poisoned allocations, random inputs in several memory layouts, random key-padding
+helpers.py): poisoned allocations, random inputs in several memory layouts, random key-padding
 masks, non-finite sprinkles, and the prepared inputs of both implementations.
 
-Every comparison is against the float64 plain-PyTorch reference; `relative_error` refuses an all-zero reference (such a
-test could not fail). `poisoned_allocations` fills every `torch.empty*` allocation with NaN (floats), the largest value
-(integers) or True (bools) while it is active, so an element a kernel fails to write cannot match the reference.
+Every comparison is against the float64 plain-PyTorch reference, by `spattn_compile.testing.relative_error` (which
+refuses an all-zero reference: such a test could not fail). `poisoned_allocations` fills every `torch.empty*`
+allocation with NaN (floats), the largest value (integers) or True (bools) while it is active, so an element a kernel
+fails to write cannot match the reference.
 """
 
 from __future__ import annotations
@@ -12,24 +13,12 @@ from __future__ import annotations
 import contextlib
 import math
 
-import helpers
 import torch
 
 from spattn_compile import reference
 from spattn_compile.estimators import EstimatorConfig, PooledTiles, QueryTiles
 from spattn_compile.pipeline import Prepared, ReferenceStages
-
-# Small grids with prime sides (partial last blocks, text blocks), the interpreter's bread and butter.
-GRIDS = [(1, 3, 5), (2, 5, 7), (3, 5, 7), (1, 1, 13), (3, 3, 3)]
-# Head dims: powers of two and not (the kernels pad to a power of two in registers).
-HEAD_DIMS = [16, 24, 32, 40]
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """`helpers.relative_error` (||out - ref|| / ||ref|| in float64) that refuses an all-zero reference: the kernel
-    tests never compare with zeros (such a test could not fail)."""
-    assert ref.double().norm() > 0, "reference is all zeros"
-    return helpers.relative_error(out, ref)
+from spattn_compile.testing.strategies import GRIDS, HEAD_DIMS  # noqa: F401  (the kernel tests import them here)
 
 
 @contextlib.contextmanager

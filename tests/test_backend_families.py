@@ -16,12 +16,12 @@ from helpers import (
     compile_spattn,
     compiled_graph_count,
     explain_model,
-    relative_error,
     reset_dynamo,
 )
 
 import spattn_compile
 from spattn_compile import tracking
+from spattn_compile.testing import relative_error
 
 
 def _check_decisions(family: Family, report: spattn_compile.ExplainReport, grid_from: str) -> None:

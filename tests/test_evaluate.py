@@ -8,12 +8,11 @@ import dataclasses
 
 import pytest
 import torch
-from kernel_helpers import relative_error
 
 from spattn_compile import SparseAttentionConfig, SparsePlan, reference, select_plan, sparse_attention
 from spattn_compile.estimators import QueryTiles, SampledRows
 from spattn_compile.layout import token_layout
-from spattn_compile.testing import PlanEvaluator, PlanResult, dit_attention_inputs
+from spattn_compile.testing import PlanEvaluator, PlanResult, dit_attention_inputs, relative_error
 
 F64 = torch.float64
 

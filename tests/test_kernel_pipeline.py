@@ -18,15 +18,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_helpers import (
-    GRIDS,
-    HEAD_DIMS,
-    make_inputs,
-    make_key_valid,
-    poisoned_allocations,
-    relative_error,
-    score_tolerance,
-)
+from kernel_helpers import make_inputs, make_key_valid, poisoned_allocations, score_tolerance
 
 import spattn_compile
 from spattn_compile import reference, select_plan, sparse_attention
@@ -34,6 +26,8 @@ from spattn_compile.config import SparseAttentionConfig
 from spattn_compile.estimators import PooledTiles, QueryTiles, SampledRows
 from spattn_compile.layout import token_layout
 from spattn_compile.pipeline import ReferenceStages, attend_with_plan, plan_attention, run_attention
+from spattn_compile.testing import relative_error
+from spattn_compile.testing.strategies import head_dims, kernel_grids, rectify_modes, seeds
 
 _TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1e-2}
 ESTIMATORS = (PooledTiles(16, outliers=True), PooledTiles(16, outliers=False), SampledRows(4), QueryTiles(16))
@@ -106,16 +100,16 @@ def _run_triton(query, key, value, attn_mask, *, grid, text_len, text_first, con
 
 @settings(max_examples=8)
 @given(
-    seed=st.integers(0, 2**31 - 1),
+    seed=seeds(),
     batch=st.integers(1, 2),
     heads=st.integers(1, 3),
-    head_dim=st.sampled_from(HEAD_DIMS),
-    grid=st.sampled_from(GRIDS),
+    head_dim=head_dims(),
+    grid=kernel_grids(),
     text_len=st.sampled_from([0, 5, 37]),
     text_first=st.booleans(),
     block_size=st.sampled_from([16, 32]),
     estimator=st.sampled_from(ESTIMATORS),
-    rectify=st.sampled_from(["none", "block", "query"]),
+    rectify=rectify_modes(),
     mask_kind=st.sampled_from(["none", "per_batch", "per_head"]),
     memory=st.sampled_from(["contiguous", "transposed"]),
     dtype=st.sampled_from([torch.float16, torch.float32]),
@@ -139,11 +133,11 @@ def test_sparsity_zero_equals_dense_sdpa(
 
 @settings(max_examples=20)
 @given(
-    seed=st.integers(0, 2**31 - 1),
+    seed=seeds(),
     batch=st.integers(1, 2),
     heads=st.integers(1, 3),
-    head_dim=st.sampled_from(HEAD_DIMS),
-    grid=st.sampled_from(GRIDS),
+    head_dim=head_dims(),
+    grid=kernel_grids(),
     text_len=st.sampled_from([0, 5, 37]),
     text_first=st.booleans(),
     block_size=st.sampled_from([16, 32]),
@@ -152,7 +146,7 @@ def test_sparsity_zero_equals_dense_sdpa(
     mass_threshold=st.sampled_from([None, 0.5, 0.9]),
     neighbors=st.booleans(),
     gapr=st.booleans(),
-    rectify=st.sampled_from(["none", "block", "query"]),
+    rectify=rectify_modes(),
     mask_kind=st.sampled_from(["none", "per_batch", "per_head", "empty"]),
     gain=st.floats(0.5, 3.0),
     dtype=st.sampled_from([torch.float16, torch.float32]),

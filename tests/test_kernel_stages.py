@@ -16,13 +16,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kernel_helpers import (
-    GRIDS,
-    HEAD_DIMS,
     make_inputs,
     make_key_valid,
     poisoned_allocations,
     reference_prepared,
-    relative_error,
     sprinkle_non_finite,
 )
 
@@ -32,6 +29,8 @@ from spattn_compile.kernels.reorder_pool import reorder_pool, reorder_pool_tenso
 from spattn_compile.kernels.select import gapr_gate, select_plan
 from spattn_compile.layout import token_layout
 from spattn_compile.plan import PooledStats
+from spattn_compile.testing import relative_error
+from spattn_compile.testing.strategies import head_dims, kernel_grids, rectify_modes, seeds
 
 STAT_FIELDS = (
     "q_tile",
@@ -58,11 +57,11 @@ def float32_stats(stats: PooledStats) -> PooledStats:
 
 @settings(max_examples=25)
 @given(
-    seed=st.integers(0, 2**31 - 1),
+    seed=seeds(),
     batch=st.integers(1, 2),
     heads=st.integers(1, 3),
-    head_dim=st.sampled_from(HEAD_DIMS),
-    grid=st.sampled_from(GRIDS),
+    head_dim=head_dims(),
+    grid=kernel_grids(),
     text_len=st.sampled_from([0, 3, 13, 37]),
     text_first=st.booleans(),
     # (64, 64): a tile of two 32-row chunks in the kernel.
@@ -179,10 +178,10 @@ def test_non_finite_rows_are_left_out_and_flag_their_block(impl):
 
 @settings(max_examples=15)
 @given(
-    seed=st.integers(0, 2**31 - 1),
+    seed=seeds(),
     heads=st.integers(1, 3),
-    grid=st.sampled_from(GRIDS),
-    head_dim=st.sampled_from(HEAD_DIMS),
+    grid=kernel_grids(),
+    head_dim=head_dims(),
     mask_kind=st.sampled_from(["none", "empty"]),
     bias=st.floats(0.0, 1.5),
 )
@@ -246,9 +245,9 @@ def _check_plan(plan, expected) -> None:
 
 
 selection_settings = dict(
-    seed=st.integers(0, 2**31 - 1),
+    seed=seeds(),
     heads=st.integers(1, 2),
-    grid=st.sampled_from(GRIDS),
+    grid=kernel_grids(),
     text_len=st.sampled_from([0, 7, 37]),
     text_first=st.booleans(),
     empty_share=st.sampled_from([0.0, 0.2]),
@@ -256,7 +255,7 @@ selection_settings = dict(
     sparsity=st.floats(0.0, 0.95),
     neighbors=st.booleans(),
     gapr=st.booleans(),
-    rectify=st.sampled_from(["none", "block", "query"]),
+    rectify=rectify_modes(),
 )
 
 

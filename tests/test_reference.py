@@ -38,15 +38,12 @@ from spattn_compile.reference import (
     select_blocks,
     select_plan_reference,
 )
-from spattn_compile.testing import video_attention_inputs
+from spattn_compile.testing import relative_error, video_attention_inputs
+from spattn_compile.testing.strategies import rectify_modes
 
 F64 = torch.float64
 
 
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert out.shape == ref.shape
-    assert ref.norm() > 0, "never compare against zeros"
-    return ((out.to(F64) - ref.to(F64)).norm() / ref.to(F64).norm()).item()
 
 
 @dataclasses.dataclass
@@ -204,7 +201,7 @@ def test_dense_attention_is_invariant_under_the_reorder(case):
 
 @given(
     case=cases(),
-    rectify=st.sampled_from(["none", "block", "query"]),
+    rectify=rectify_modes(),
     gapr=st.booleans(),
     neighbors=st.booleans(),
     mass_threshold=st.sampled_from([None, 0.5, 1.0]),
@@ -228,7 +225,7 @@ def test_pipeline_at_sparsity_zero_equals_sdpa(case, rectify, gapr, neighbors, m
     assert relative_error(out, sdpa(case)) < 1e-10
 
 
-@given(case=cases(), rectify=st.sampled_from(["none", "block", "query"]), outliers=st.booleans())
+@given(case=cases(), rectify=rectify_modes(), outliers=st.booleans())
 @settings(max_examples=40)
 def test_stages_at_full_density_equal_sdpa_for_any_block_and_tile(case, rectify, outliers):
     out = run_stages(case, 1.0, outliers, reorder=case.reorder, rectify=rectify)
@@ -659,7 +656,7 @@ def test_index_lists_round_trip(shape, seed, p):
 @given(
     case=cases(max_tokens=150),
     density=st.floats(0.05, 0.7),
-    rectify=st.sampled_from(["none", "block", "query"]),
+    rectify=rectify_modes(),
     gapr=st.booleans(),
 )
 @settings(max_examples=60)
@@ -750,7 +747,7 @@ def explicit_sparse_attention(case: Case, plan, stats, rectify: str) -> torch.Te
     return out
 
 
-@given(case=cases(max_tokens=100), density=st.floats(0.05, 0.6), rectify=st.sampled_from(["none", "block", "query"]))
+@given(case=cases(max_tokens=100), density=st.floats(0.05, 0.6), rectify=rectify_modes())
 @settings(max_examples=30)
 def test_rectified_attention_matches_explicit_formulas(case, density, rectify):
     plan, stats, (q_c, k_c, v_c, valid_c) = plan_for(case, density, rectify=rectify, gapr=False)
@@ -793,7 +790,7 @@ def test_rectification_is_exactly_normalised(case, density, rectify):
     assert (out[..., real, :] - 1).abs().max() < 1e-13
 
 
-@given(case=cases(max_tokens=150), rectify=st.sampled_from(["none", "block", "query"]), seed=st.integers(0, 99))
+@given(case=cases(max_tokens=150), rectify=rectify_modes(), seed=st.integers(0, 99))
 @settings(max_examples=40)
 def test_masked_keys_have_no_effect(case, rectify, seed):
     if case.attn_mask is None or case.attn_mask.all():

@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-from helpers import relative_error
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -26,6 +25,8 @@ from spattn_compile.reference import (
     scatter_canonical,
 )
 from spattn_compile.report import record
+from spattn_compile.testing import relative_error
+from spattn_compile.testing.strategies import rectify_modes
 from spattn_compile.tracking import default_registry
 
 
@@ -213,7 +214,7 @@ def test_cache_is_bounded_with_lru_eviction_and_keeps_refresh_counts():
     grid=st.tuples(st.integers(1, 3), st.integers(2, 5), st.integers(2, 6)),
     text_len=st.integers(0, 20),
     text_first=st.booleans(),
-    rectify=st.sampled_from(["none", "block", "query"]),
+    rectify=rectify_modes(),
     sparsity=st.floats(0.2, 0.9),
     masked=st.booleans(),
     dtype=st.sampled_from([torch.float32, torch.float64]),

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import SETTINGS, compile_blocks, compile_spattn, compiled_graph_count, relative_error
+from helpers import SETTINGS, compile_blocks, compile_spattn, compiled_graph_count
 
 import spattn_compile
-from spattn_compile import ops, schedule, zoo
+from spattn_compile import ops, schedule
+from spattn_compile.testing import relative_error, zoo
 from spattn_compile.tracking import default_registry
 
 

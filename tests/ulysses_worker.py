@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 
 import spattn_compile
-from spattn_compile import schedule, zoo
+from spattn_compile import schedule
+from spattn_compile.testing import relative_error, zoo
 
 SETTINGS = {"block_size": 16, "min_seq_len": 0, "compiler": "eager"}
 SPARSITY = 0.6
@@ -63,8 +64,6 @@ def run(compiled, step: int) -> torch.Tensor:
         return compiled(**inputs())[0]
 
 
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 def fresh() -> None:
