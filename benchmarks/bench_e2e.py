@@ -50,7 +50,7 @@ from collections.abc import Callable
 import torch
 
 import spattn_compile
-from spattn_compile import schedule
+from spattn_compile.runtime import reset_schedule
 from spattn_compile.testing import zoo
 from spattn_compile.testing.benchmark import MODELS, ModelPreset, relative_error, synchronize, time_ms
 
@@ -272,7 +272,7 @@ def run_case(case: ModelCase, args: argparse.Namespace, rows: list[Row], project
     dense_model = None  # frees Inductor's buffers before the sparse model compiles
 
     torch._dynamo.reset()
-    schedule.reset_schedule()
+    reset_schedule()
     options = {"compiler": "eager" if args.smoke else "inductor"}
     if args.smoke:
         options.update(min_seq_len=0, block_size=32)
@@ -283,7 +283,7 @@ def run_case(case: ModelCase, args: argparse.Namespace, rows: list[Row], project
     for sparsity in args.sparsities:
         timings = {}
         for mode, refresh_interval in (("refresh", 1), ("cached", 10**6)):
-            schedule.reset_schedule()
+            reset_schedule()
             spattn_compile.reset_report()
             with spattn_compile.config(sparsity=sparsity, refresh_interval=refresh_interval, dense_steps=0):
 
@@ -325,7 +325,7 @@ def run_case(case: ModelCase, args: argparse.Namespace, rows: list[Row], project
         projections.extend(project_generation(case, sparsity, dense_ms * scale_to_full, timings, scale_to_full))
     sparse_model = model = None
     torch._dynamo.reset()
-    schedule.reset_schedule()
+    reset_schedule()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
 
@@ -399,7 +399,7 @@ def run_ulysses(case: ModelCase, args: argparse.Namespace, rank: int, rows: list
         timings = {}
         out = None
         for mode, refresh_interval in (("refresh", 1), ("cached", 10**6)):
-            schedule.reset_schedule()
+            reset_schedule()
             with spattn_compile.config(refresh_interval=refresh_interval, dense_steps=0):
 
                 def at_step(i: int) -> torch.Tensor:
@@ -455,7 +455,7 @@ def run_ulysses(case: ModelCase, args: argparse.Namespace, rank: int, rows: list
         rows.append(UlyssesRow("dense", degree, ms, ms * scale, error(out, "dense")))
     for sparsity in args.sparsities:
         torch._dynamo.reset()
-        schedule.reset_schedule()
+        reset_schedule()
         compiled = torch.compile(model, backend="spattn", options=options)
         with spattn_compile.config(sparsity=sparsity):
             out, refresh, cached = spattn_times(compiled)
@@ -471,7 +471,7 @@ def run_ulysses(case: ModelCase, args: argparse.Namespace, rank: int, rows: list
             rows.append(UlyssesRow(f"{label} cached", degree, cached, cached * scale, float("nan")))
     compiled = None
     torch._dynamo.reset()
-    schedule.reset_schedule()
+    reset_schedule()
 
 
 def print_ulysses(rows: list[UlyssesRow], degree: int, header: str) -> None:

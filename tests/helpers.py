@@ -1,4 +1,4 @@
-"""Helpers shared by the tests: errors, the test settings, compiling with the spattn backend, and the eager
+"""Helpers shared by the tests: the test settings, compiling with the spattn backend, and the eager
 expectation of a compiled model (`SparseSDPA`, `compare_with_eager`). The models come from `spattn_compile.testing.zoo`
 (diffusers classes) and, for the pass's unit tests, `TinyVideoAttention` here; `families.py` holds the table of model
 families every backend test runs over. `conftest.py` resets Dynamo and the schedule around every test."""
@@ -28,11 +28,11 @@ def reset_dynamo() -> None:
     model's schedule state and report records, and the hooks the backend put on models."""
     from torch._dynamo.utils import counters
 
-    from spattn_compile import schedule
+    from spattn_compile.runtime.binding import reset_schedule
 
     torch._dynamo.reset()
     counters.clear()
-    schedule.reset_schedule()
+    reset_schedule()
     spattn_compile.reset_report()
 
 

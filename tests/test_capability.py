@@ -131,10 +131,10 @@ def test_explain_and_the_op_use_the_same_rule(monkeypatch):
     def nothing_runs(dtype, head_dim, device):
         return capability.Capability(False, "reference", f"no sparse attention for head dim {head_dim} here")
 
-    from spattn_compile import ops
     from spattn_compile.passes import attention
+    from spattn_compile.runtime import op
 
-    monkeypatch.setattr(ops, "check_capability", nothing_runs)
+    monkeypatch.setattr(op, "check_capability", nothing_runs)
     with torch.no_grad():
         out = compiled(*inputs)
     monkeypatch.setattr(attention, "check_capability", nothing_runs)

@@ -40,6 +40,7 @@ from spattn_compile.estimators import (
 from spattn_compile.estimators.pooled import pooled_scores_reference, tile_outliers_reference
 from spattn_compile.estimators.probes import probe_scores_reference, probe_weights, sampled_row_probes
 from spattn_compile.layout import token_layout
+from spattn_compile.plan import block_budget
 from spattn_compile.testing import dit_attention_inputs, relative_error
 from spattn_compile.testing.strategies import head_dims, kernel_grids, seeds
 
@@ -489,7 +490,7 @@ def _sink_margin(inputs, layout, density: float) -> float:
     nb = layout.num_video_blocks
     mass = reference.attention_block_mass(inputs.query, inputs.key, layout, inputs.attn_mask)[..., :nb].double()
     sinks = _sink_block(inputs, layout)
-    budget = reference.block_budget(density, nb)
+    budget = block_budget(density, nb)
     margin = math.inf
     for b in range(mass.shape[0]):
         for h in range(mass.shape[1]):

@@ -17,18 +17,20 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_helpers import attend_reference, selection_of, sparse_call
 
 from spattn_compile import reference
 from spattn_compile.config import SparseAttentionConfig
-from spattn_compile.estimators import PooledTiles, estimator_for
+from spattn_compile.estimators import PooledTiles
+from spattn_compile.implementations import ReferenceImplementation
 from spattn_compile.kernels.block_sparse_attention import (
     autotune_configs,
     block_sparse_attention,
     prune_tile_configs,
 )
 from spattn_compile.layout import token_layout
-from spattn_compile.pipeline import ReferenceStages
 from spattn_compile.plan import PooledStats, SparsePlan, indices_from_mask
+from spattn_compile.policies.rectification import block_rectification
 from spattn_compile.testing import relative_error
 from spattn_compile.testing.strategies import rectify_modes, seeds
 
@@ -57,7 +59,7 @@ class AttentionCase:
 def _rectify_args(rectify: str, plan: SparsePlan, stats: PooledStats, num_blocks: int) -> dict[str, torch.Tensor]:
     """The launcher's rectification arguments from a reference plan and reference statistics."""
     if rectify == "block":
-        rescale, correction = reference.block_rectification(plan, stats, num_blocks)
+        rescale, correction = block_rectification(plan, stats, num_blocks)
         return {"rescale": rescale.float(), "correction": correction.float()}
     if rectify == "query":
         return {
@@ -124,7 +126,7 @@ def _random_case(
     q64, k64, v64 = (t.double() for t in (q_c, k_c, v_c))
     stats = reference.pool_statistics(q64, k64, v64, key_valid, layout, block_size)
     scale = 1.0 / math.sqrt(head_dim)
-    expected = reference.rectified_sparse_attention(
+    expected = attend_reference(
         q64, k64, v64, key_valid, plan, stats, layout, scale=scale, rectify=rectify
     )
     plan_args = {
@@ -497,14 +499,12 @@ def _pipeline_case(*, grid, text_len, head_dim, rectify, dtype, heads=2, density
     config = SparseAttentionConfig(
         rectify=rectify, gapr=False, block_size=128, sparsity=1 - density, estimator=estimator
     )
-    stages = ReferenceStages(torch.float64)
-    key_padding = reference.key_padding_valid(valid, 1, heads, seq_len)
-    prepared = stages.prepare(q, k, v, layout, key_padding, 32, scale)
-    scores = estimator_for(estimator).reference(prepared.estimator_inputs(), estimator)
-    plan = stages.select(prepared, scores, density=density, config=config, estimator_name=estimator.name)
-    stats, key_valid = prepared.stats, prepared.key_valid
-    expected = reference.rectified_sparse_attention(
-        prepared.q, prepared.k, prepared.v, key_valid, plan, stats, layout, scale=scale, rectify=rectify
+    call = sparse_call(q, k, v, valid, layout, config, ReferenceImplementation(torch.float64), scale)
+    plan = call.plan(selection=selection_of(config, density))
+    assert call.prepared is not None
+    stats, key_valid = call.prepared.stats, call.prepared.key_valid
+    expected = attend_reference(
+        call.prepared.q, call.prepared.k, call.prepared.v, key_valid, plan, stats, layout, scale=scale, rectify=rectify
     )
     plan_args = {
         "kv_counts": plan.kv_counts,

@@ -1,5 +1,6 @@
-"""The Triton pipeline (`kernels.stages.TritonStages` through `spattn_compile.pipeline`, `sparse_attention(...,
-impl="triton")`) against the float64 reference pipeline (`pipeline.ReferenceStages(torch.float64)`) and dense SDPA.
+"""The Triton implementation (`implementations.triton.TritonImplementation` through `attention.SparseAttention`,
+`sparse_attention(..., impl="triton")`) against the float64 reference (`ReferenceImplementation(torch.float64)`) and
+dense SDPA.
 
 CPU tests run every kernel under the Triton interpreter on small prime-sided grids, float16/float32, every estimator.
 The plan is compared with the reference's: exactly, or, where two blocks' scores agree to the scores' rounding and the
@@ -18,14 +19,22 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_helpers import make_inputs, make_key_valid, poisoned_allocations, score_tolerance
+from kernel_helpers import (
+    make_inputs,
+    make_key_valid,
+    poisoned_allocations,
+    reference_call,
+    score_tolerance,
+    sparse_call,
+    triton_implementation,
+)
 
 import spattn_compile
 from spattn_compile import reference, select_plan, sparse_attention
 from spattn_compile.config import SparseAttentionConfig
 from spattn_compile.estimators import PooledTiles, QueryTiles, SampledRows
 from spattn_compile.layout import token_layout
-from spattn_compile.pipeline import ReferenceStages, attend_with_plan, plan_attention, run_attention
+from spattn_compile.plan import block_budget
 from spattn_compile.testing import relative_error
 from spattn_compile.testing.strategies import head_dims, kernel_grids, rectify_modes, seeds
 
@@ -33,31 +42,16 @@ _TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1e-2}
 ESTIMATORS = (PooledTiles(16, outliers=True), PooledTiles(16, outliers=False), SampledRows(4), QueryTiles(16))
 
 
-def _triton_stages():
-    from spattn_compile.kernels.stages import TritonStages
-
-    return TritonStages()
-
-
-def _key_valid(mask, query):
-    batch, heads, seq_len, _ = query.shape
-    return reference.key_padding_valid(mask, batch, heads, seq_len)
-
-
 def _reference_on_plan(query, key, value, attn_mask, plan, config, scale=None):
     """Float64 reference attention (with rectification) of the inputs as given, on a given plan."""
-    return attend_with_plan(
-        query, key, value, plan=plan, key_valid=_key_valid(attn_mask, query), scale=scale, config=config,
-        stages=ReferenceStages(torch.float64),
-    )  # fmt: skip
+    return reference_call(query, key, value, attn_mask, plan.layout, config, scale).run(plan)
 
 
 def _reference_plan(query, key, value, attn_mask, layout, config, scale=None):
-    plan, prepared = plan_attention(
-        query, key, value, layout=layout, key_valid=_key_valid(attn_mask, query), scale=scale, config=config,
-        stages=ReferenceStages(torch.float64),
-    )  # fmt: skip
-    return plan, prepared.stats
+    call = reference_call(query, key, value, attn_mask, layout, config, scale)
+    plan = call.plan()
+    assert call.prepared is not None
+    return plan, call.prepared.stats
 
 
 def _check_plan_agrees(plan, expected, stats, score_error: float) -> None:
@@ -84,10 +78,9 @@ def _check_plan_agrees(plan, expected, stats, score_error: float) -> None:
 def _run_triton(query, key, value, attn_mask, *, grid, text_len, text_first, config, scale=None):
     layout = token_layout(grid, text_len, text_first, config.block_size, config.reorder)
     with poisoned_allocations():
-        out, plan = run_attention(
-            query, key, value, layout=layout, key_valid=_key_valid(attn_mask, query), scale=scale, config=config,
-            stages=_triton_stages(),
-        )  # fmt: skip
+        call = sparse_call(query, key, value, attn_mask, layout, config, triton_implementation(), scale)
+        plan = call.plan()
+        out = call.run(plan)
     assert out.shape == query.shape and out.dtype == query.dtype
     assert torch.isfinite(out).all(), "an output row was not written (poisoned with NaN)"
     return out, plan
@@ -195,9 +188,9 @@ def test_api_impl_triton_runs_the_pipeline():
     query, key, value = make_inputs(generator, batch=1, heads=2, head_dim=24, layout=layout, dtype=torch.float32)
     config = SparseAttentionConfig(block_size=16, sparsity=0.6, rectify="query", min_seq_len=0)
     out = sparse_attention(query, key, value, video_grid=grid, text_len=text_len, config=config, impl="triton")
-    direct, plan = run_attention(
-        query, key, value, layout=layout, key_valid=None, scale=None, config=config, stages=_triton_stages()
-    )
+    call = sparse_call(query, key, value, None, layout, config, triton_implementation())
+    plan = call.plan()
+    direct = call.run(plan)
     assert torch.equal(out, direct)
     expected_plan, _ = _reference_plan(query, key, value, None, layout, config)
     assert torch.equal(plan.kv_indices, expected_plan.kv_indices)
@@ -237,17 +230,16 @@ def test_density_override_changes_the_plan():
     generator = torch.Generator().manual_seed(5)
     query, key, value = make_inputs(generator, batch=1, heads=1, head_dim=16, layout=layout, dtype=torch.float32)
     config = SparseAttentionConfig(block_size=16, sparsity=0.0, rectify="none")
-    kwargs = dict(layout=layout, key_valid=None, scale=None, config=config, stages=_triton_stages())
-    dense_plan, _ = plan_attention(query, key, value, **kwargs)
-    sparse_plan, _ = plan_attention(query, key, value, **kwargs, density=0.3)
+    call = sparse_call(query, key, value, None, layout, config, triton_implementation())
+    dense_plan = call.plan()
+    at_density = dataclasses.replace(call.selection, density=0.3)
+    sparse_plan = call.plan(selection=at_density)
     nb = layout.num_video_blocks
     assert dense_plan.kv_counts.tolist() == [[[nb] * nb]]
-    budget = reference.block_budget(0.3, nb)
+    budget = block_budget(0.3, nb)
     assert sparse_plan.kv_counts.tolist() == [[[budget] * nb]]
     # The estimator override (the op's exact plan of the last dense step) names its origin.
-    exact, _ = plan_attention(
-        query, key, value, **kwargs, density=0.3, estimator=SampledRows(rows=16), estimator_name="exact"
-    )
+    exact = call.plan(selection=at_density, estimator=SampledRows(rows=16), label="exact")
     assert exact.estimator == "exact"
     truth = reference.attention_block_mass(query, key, layout)
     assert relative_error(exact.block_scores, truth) < 2e-6
@@ -280,17 +272,16 @@ def test_pipeline_rejects_bad_inputs():
     config = SparseAttentionConfig(block_size=16, min_seq_len=0)
     with pytest.raises(ValueError, match="impl='triton' cannot run this call: dtype torch.float64 is not supported"):
         sparse_attention(x, x, x, video_grid=(1, 3, 5), config=config, impl="triton")
-    with pytest.raises(TypeError, match="impl='triton' takes float16, bfloat16 or float32 inputs, got query of dtype"):
-        _triton_stages().prepare(x, x, x, token_layout((1, 3, 5), 0, False, 16), None, 16, 0.25)
+    with pytest.raises(TypeError, match="query must be float16, bfloat16 or float32, got torch.float64"):
+        triton_implementation().prepare(x, x, x, token_layout((1, 3, 5), 0, False, 16), None, 16, 0.25)
     z = torch.randn(1, 1, 15, 12)
     with pytest.raises(ValueError, match="impl='triton' cannot run this call: head dim 12 is not supported"):
         sparse_attention(z, z, z, video_grid=(1, 3, 5), config=config, impl="triton")
     y = x.float()
     layout = token_layout((1, 3, 5), 0, False, 16)
     with pytest.raises(ValueError, match="density must be a number in"):
-        plan_attention(
-            y, y, y, layout=layout, key_valid=None, scale=None, config=config, stages=_triton_stages(), density=1.5
-        )
+        call = sparse_call(y, y, y, None, layout, config, triton_implementation())
+        call.plan(selection=dataclasses.replace(call.selection, density=1.5))
 
 
 # --------------------------------------------------------------------------------------------------------------------

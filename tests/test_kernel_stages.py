@@ -19,16 +19,19 @@ from kernel_helpers import (
     make_inputs,
     make_key_valid,
     poisoned_allocations,
+    reference_plan,
     reference_prepared,
     sprinkle_non_finite,
 )
 
 from spattn_compile import reference
 from spattn_compile.config import SparseAttentionConfig
+from spattn_compile.inputs import key_padding_valid
 from spattn_compile.kernels.reorder_pool import reorder_pool, reorder_pool_tensors
 from spattn_compile.kernels.select import gapr_gate, select_plan
 from spattn_compile.layout import token_layout
 from spattn_compile.plan import PooledStats
+from spattn_compile.policies.rectification import gapr_trusted
 from spattn_compile.testing import relative_error
 from spattn_compile.testing.strategies import head_dims, kernel_grids, rectify_modes, seeds
 
@@ -85,7 +88,7 @@ def test_reorder_pool_matches_reference(
     if non_finite:
         query, key, value = sprinkle_non_finite(generator, (query, key, value), non_finite)
     mask = make_key_valid(generator, batch=batch, heads=heads, layout=layout, kind=mask_kind, masked_share=masked_share)
-    valid = reference.key_padding_valid(mask, batch, heads, layout.seq_len)
+    valid = key_padding_valid(mask, batch, heads, layout.seq_len)
 
     with poisoned_allocations():
         out = reorder_pool(query, key, value, layout, tile_size=tile_size, key_valid=valid)
@@ -191,13 +194,13 @@ def test_gapr_gate_matches_reference(seed, heads, grid, head_dim, mask_kind, bia
     q_c = torch.randn(1, heads, layout.padded_len, head_dim, generator=generator, dtype=torch.float64) + bias
     k_c = torch.randn(1, heads, layout.padded_len, head_dim, generator=generator, dtype=torch.float64) + bias
     mask = make_key_valid(generator, batch=1, heads=heads, layout=layout, kind=mask_kind, masked_share=0.2)
-    valid = reference.key_padding_valid(mask, 1, heads, layout.seq_len)
+    valid = key_padding_valid(mask, 1, heads, layout.seq_len)
     valid_c = reference.canonical_key_valid(valid, layout, 1, heads, q_c.device)
     stats = reference.pool_statistics(q_c, k_c, k_c, valid_c, layout, 16)
     key_block_count = valid_c.reshape(1, heads, layout.num_blocks, 16).sum(-1).float()
     with poisoned_allocations():
         gate = gapr_gate(float32_stats(stats), key_block_count, layout)
-    expected = reference.gapr_trusted(stats)
+    expected = gapr_trusted(stats)
 
     assert gate.dtype == torch.int8 and set(gate.unique().tolist()) <= {0, 1}
     # Pairs whose gain and error agree to float32 rounding may fall either way.
@@ -288,13 +291,13 @@ def test_selection_matches_reference_exactly_with_ties(
         gapr=gapr,
         rectify=rectify,
     )
-    gate = reference.gapr_trusted(stats).to(torch.int8)
+    gate = gapr_trusted(stats).to(torch.int8)
     with poisoned_allocations():
         plan = select_plan(
             scores.float(), key_block_count, layout, density=config.density, config=config, estimator="test",
             gate=gate, forced_blocks=forced_blocks,
         )  # fmt: skip
-    expected = reference.select_plan_reference(
+    expected = reference_plan(
         scores, stats, valid_c, layout, density=config.density, config=config, estimator="test",
         forced_blocks=forced_blocks,
     )  # fmt: skip
@@ -317,13 +320,13 @@ def test_selection_matches_reference_on_continuous_scores(
     logits = gain * torch.randn(2, heads, nb, nb + 1, generator=generator, dtype=torch.float64)
     scores = torch.softmax(logits, -1).float()
     config = SparseAttentionConfig(block_size=16, sparsity=sparsity, neighbors=neighbors, gapr=gapr, rectify=rectify)
-    gate = reference.gapr_trusted(stats).to(torch.int8)
+    gate = gapr_trusted(stats).to(torch.int8)
     with poisoned_allocations():
         plan = select_plan(
             scores, key_block_count, layout, density=config.density, config=config, estimator="test", gate=gate,
             forced_blocks=forced_blocks,
         )  # fmt: skip
-    expected = reference.select_plan_reference(
+    expected = reference_plan(
         scores.double(), stats, valid_c, layout, density=config.density, config=config, estimator="test",
         forced_blocks=forced_blocks,
     )  # fmt: skip

@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 
 import spattn_compile
-from spattn_compile import schedule
+from spattn_compile.runtime.binding import default_registry, reset_schedule
+from spattn_compile.runtime.model_state import ModelState
 from spattn_compile.testing import relative_error, zoo
 
 SETTINGS = {"block_size": 16, "min_seq_len": 0, "compiler": "eager"}
@@ -71,7 +72,7 @@ def fresh() -> None:
 
     torch._dynamo.reset()
     counters.clear()
-    schedule.reset_schedule()
+    reset_schedule()
     spattn_compile.reset_report()
 
 
@@ -164,9 +165,7 @@ def compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def schedule_state() -> schedule.ModelState:
-    from spattn_compile.tracking import default_registry
-
+def schedule_state() -> ModelState:
     (state,) = default_registry().models()
     return state
 

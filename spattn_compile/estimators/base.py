@@ -28,7 +28,9 @@ __all__ = [
     "estimator_for",
     "parse_estimator",
     "register_estimator",
+    "probe_weights",
     "registered_estimators",
+    "unregister_estimator",
 ]
 
 
@@ -104,6 +106,13 @@ def register_estimator(config_type: type[EstimatorConfig], *, reference: ScoreFu
     _BY_NAME[name] = config_type
 
 
+def unregister_estimator(config_type: type[EstimatorConfig]) -> None:
+    """Remove a registered estimator (for tests that register one of their own)."""
+    _REGISTRY.pop(config_type, None)
+    for name in [name for name, kind in _BY_NAME.items() if kind is config_type]:
+        del _BY_NAME[name]
+
+
 def registered_estimators() -> dict[str, type[EstimatorConfig]]:
     """Estimator names and their settings types."""
     return dict(_BY_NAME)
@@ -136,3 +145,12 @@ def parse_estimator(value: object) -> EstimatorConfig:
         f"SparseAttentionConfig.estimator={value!r} has type {type(value).__name__}: expected an estimator name "
         f"({sorted(_BY_NAME)}) or an EstimatorConfig instance"
     )
+
+
+def probe_weights(probes: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """`(B, H, NB * R)`: the probes' weights, zero for a probe with a NaN or an infinity (a query row that is not
+    finite has no attention mass to estimate; dense attention gives that row NaN whatever the plan). Shared by the
+    probe estimators' reference (`estimators.probes`) and their kernel (`kernels.probe_scores`)."""
+    b, h, num_probes = probes.shape[:3]
+    finite = torch.isfinite(probes).all(-1)
+    return torch.where(finite, weights.to(torch.float32).expand(b, h, num_probes), 0.0)

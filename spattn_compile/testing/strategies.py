@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from ..config import rectify_modes as _registered_rectify_modes
+from ..policies import rectification_modes
 
 __all__ = ["GRIDS", "HEAD_DIMS", "head_dims", "kernel_grids", "rectify_modes", "seeds"]
 
@@ -37,4 +37,4 @@ def head_dims() -> st.SearchStrategy[int]:
 
 def rectify_modes() -> st.SearchStrategy[str]:
     """A registered rectification mode (`SparseAttentionConfig.rectify`)."""
-    return st.sampled_from(tuple(_registered_rectify_modes()))
+    return st.sampled_from(rectification_modes())
