@@ -115,7 +115,12 @@ class StepContext:
         """The module path, in the model, of the graph's rewritten call number `layer_index`."""
         if 0 <= layer_index < len(self.layer_names) and self.layer_names[layer_index]:
             name = self.layer_names[layer_index]
-            return f"{self.block}.{name}" if self.block else name
+            if not self.block:
+                return name
+            if name.startswith("#"):
+                # No module path below the block: the compiled block is the attention module itself.
+                return self.block if len(self.layer_names) == 1 else f"{self.block}{name}"
+            return f"{self.block}.{name}"
         return f"{self.block}#{layer_index}" if self.block else f"#{layer_index}"
 
 

@@ -365,6 +365,9 @@ _FIXES = {
     "sequence: use ContextParallelConfig(ulysses_degree=N) instead",
     "attention_backend": "the model's attention runs through another diffusers attention backend: "
     "model.set_attention_backend('native') (scaled_dot_product_attention) before compiling",
+    "mag_cache": "compile the blocks' self-attention modules instead (Wan: `for block in transformer.blocks: "
+    "block.attn1.compile(backend='spattn')`), or use FirstBlockCacheConfig or TaylorSeerCacheConfig, whose hooks "
+    "torch.compile traces",
 }
 
 
@@ -382,6 +385,9 @@ def nothing_sparse_message(state: ModelState) -> str:
         rule, count = state.rules.most_common(1)[0]
         total = sum(state.rules.values())
         reason = f"{count} of its {total} attention calls stay dense for the reason {rule!r}"
+    elif type(getattr(state.module, "_cache_config", None)).__name__ == "MagCacheConfig":
+        # MagCache's hooks are torch.compiler.disable'd: every block runs eagerly, out of the compiled graphs.
+        rule, reason = "mag_cache", "diffusers' MagCache runs its transformer blocks outside torch.compile"
     else:
         rule, reason = "", "its compiled graphs hold no scaled_dot_product_attention call"
     return (
