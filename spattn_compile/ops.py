@@ -286,9 +286,10 @@ def _scheduled_attention(
         plan = _exact_plan(query, key, value, video_grid, text_len, text_first, attn_mask, scale, config)
         signature = _signature(query, video_grid, text_len, text_first, attn_mask, config)
         seeded_at = dataclasses.replace(context, step=context.step + 1)
-        kept, recall, _ = schedule.plan_summary(plan)
+        kept, recall, keep_share = schedule.plan_summary(plan)
         cache.store(cache_key, seeded_at, signature, plan, 0, (kept, recall), lifetime=config.exact_plan_steps)
-        return out, (dense_kind, "exact", 1.0, 1.0, None, plan.estimator)
+        # Its kept blocks go to the report's plot: the steps it serves are cache hits, which record none.
+        return out, (dense_kind, "exact", 1.0, 1.0, keep_share, plan.estimator)
 
     assert not isinstance(layout, str)
     video_grid, text_len = layout

@@ -73,6 +73,8 @@ def test_generate_writes_video_and_report(example, tmp_path, model, branches, la
     # The last dense step (step 0) measures the true block mass; its plan serves steps 1 and 2 (exact_plan_steps).
     assert report.count("dense_step", "exact") == per_step
     assert report.refreshes == 0 and report.cache_hits == 2 * per_step
+    # The plot's heat maps: the kept blocks of the plan each layer and branch ran with (here the exact plan).
+    assert len(report.masks) == per_step
     assert {(r.step, r.branch) for r in report.records} == {(s, b) for s in range(STEPS) for b in range(branches)}
     assert {r.layer_index for r in report.records} == set(range(layers))
     # Half of the 6 video blocks per query block.
