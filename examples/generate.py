@@ -9,10 +9,13 @@ It builds a diffusers `WanPipeline` (`--model hunyuan`: `HunyuanVideoPipeline`, 
 `CogVideoXPipeline`), from small random components by default (text encoders, tokenizer, VAE and transformer are
 made here, nothing is downloaded) or from a local checkpoint directory (`--model-path`, never the hub), replaces
 `pipe.transformer` with `torch.compile(pipe.transformer, backend="spattn")` and runs the whole denoising loop under
-`spattn_compile.config(sparsity=..., dense_steps=..., refresh_interval=...)`, with the pipeline's progress bar. It
-saves the video to `--output-dir` (mp4 with imageio and imageio-ffmpeg, else a GIF through Pillow), the plot of
-`spattn_compile.report()` (a PNG, with matplotlib) and prints the report's table: every attention call of the
-transformer, dense or sparse, with its plan's density and estimated recall. The random components make noise, not a
+`spattn_compile.config(sparsity=..., dense_steps=..., refresh_interval=...)`, with the pipeline's progress bar; then
+the same call (prompt, seed) with the uncompiled transformer, dense attention (`--no-dense` skips it). It saves to
+`--output-dir` (mp4 with imageio and imageio-ffmpeg, else a GIF through Pillow) the sparse video and the dense and
+sparse videos side by side (`<model>_dense_vs_sparse`), prints the PSNR of the sparse video against the dense one,
+saves the plot of `spattn_compile.report()` (a PNG, with matplotlib: the kept blocks of each layer's latest plan and
+the density per layer and step) and prints the report's table: every attention call of the transformer, dense or
+sparse, with its plan's density and estimated recall. The random components make noise, not a
 picture: they show the mechanics (which calls go sparse, at which steps, with which cache hits) anywhere. The inner
 compiler is Inductor on CUDA and eager on the CPU, where the sparse attention runs as the plain-PyTorch reference;
 `--compiler` overrides it.
@@ -71,6 +74,8 @@ class GenerationResult:
     report_path: Path | None
     report: spattn_compile.ScheduleReport
     seconds: float
+    comparison_path: Path | None = None  # the dense and the sparse videos side by side
+    psnr: float | None = None  # of the sparse video against the dense one, in dB
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,6 +100,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compiler", choices=("inductor", "eager", "aot_eager"), help="default: inductor on CUDA")
     parser.add_argument("--output-dir", type=Path, default=Path("generate_output"))
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    parser.add_argument(
+        "--no-dense", dest="dense", action="store_false", help="skip the dense run (and the side-by-side video)"
+    )
     parser.add_argument(
         "--ulysses", type=int, default=1, help="processes of Ulysses context parallelism (run with torchrun)"
     )
@@ -407,6 +415,36 @@ def save_video(frames: np.ndarray, path_stem: Path, fps: int) -> Path:
     return path
 
 
+def run_pipeline(pipe, seed: int, **call) -> np.ndarray:
+    """The frames (F, H, W, 3) in [0, 1] of one pipeline call with the initial noise of `seed`."""
+    output = pipe(**call, generator=torch.Generator().manual_seed(seed), output_type="np")
+    return np.asarray(output.frames[0])
+
+
+def video_psnr(video: np.ndarray, reference: np.ndarray) -> float:
+    """Peak signal-to-noise ratio of `video` against `reference` (both in [0, 1]), in dB (inf when equal)."""
+    mse = float(np.mean((np.clip(video, 0, 1).astype(np.float64) - np.clip(reference, 0, 1)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def side_by_side(left: np.ndarray, right: np.ndarray, labels: tuple[str, str], gap: int = 4) -> np.ndarray:
+    """Frames (F, H, W, 3) of two videos next to each other, `gap` white columns apart, under a white strip with
+    each one's label."""
+    from PIL import Image, ImageDraw
+
+    frames, height, width, _ = left.shape
+    strip = 14
+    canvas = np.ones((frames, strip + height, 2 * width + gap, 3))
+    canvas[:, strip:, :width] = np.clip(left, 0, 1)
+    canvas[:, strip:, width + gap :] = np.clip(right, 0, 1)
+    header = Image.new("RGB", (2 * width + gap, strip), "white")
+    draw = ImageDraw.Draw(header)
+    for x, label in ((2, labels[0]), (width + gap + 2, labels[1])):
+        draw.text((x, 1), label, fill="black")
+    canvas[:, :strip] = np.asarray(header, dtype=np.float64) / 255
+    return canvas
+
+
 def save_report_plot(report: spattn_compile.ScheduleReport, path: Path) -> Path | None:
     """`report.plot(path)`, or None with the reason printed when matplotlib is missing or nothing was recorded."""
     if importlib.util.find_spec("matplotlib") is None:
@@ -464,6 +502,8 @@ def main(argv: list[str] | None = None) -> GenerationResult:
 
         avoid_diffusers_graph_breaks(warm_up)
         print(f"rank {parallel.rank} of {parallel.world_size}: Ulysses context parallelism on {parallel.device}")
+    # The uncompiled transformers, for the dense run.
+    eager = {name: getattr(pipe, name) for name in ("transformer", "transformer_2") if getattr(pipe, name, None)}
     pipe.transformer = torch.compile(pipe.transformer, backend="spattn", options=compile_options)
     # Wan 2.2 A14B has a second expert for the low-noise steps. Dynamo shares compiled code, hence the step counter
     # and the plan cache, between instances of one class: with refresh_interval > 1 the second expert's first steps
@@ -482,23 +522,24 @@ def main(argv: list[str] | None = None) -> GenerationResult:
     if compiler == "inductor":
         print("(the first denoising step includes Inductor's compilation)")
 
+    call = dict(prompt=args.prompt, height=height, width=width, num_frames=frames, num_inference_steps=steps)
     spattn_compile.reset_report()
     start = time.perf_counter()
     with torch.no_grad(), spattn_compile.config(**settings):
-        output = pipe(
-            prompt=args.prompt,
-            height=height,
-            width=width,
-            num_frames=frames,
-            num_inference_steps=steps,
-            generator=torch.Generator().manual_seed(args.seed),
-            output_type="np",
-            **call_kwargs,
-        )
+        sparse_frames = run_pipeline(pipe, args.seed, **call, **call_kwargs)
     seconds = time.perf_counter() - start
     print(f"generated in {seconds:.1f} s (compilation included)")
-
     report = spattn_compile.report()
+
+    dense_frames = None
+    if args.dense:
+        for name, transformer in eager.items():
+            setattr(pipe, name, transformer)
+        start = time.perf_counter()
+        with torch.no_grad():
+            dense_frames = run_pipeline(pipe, args.seed, **call, **call_kwargs)
+        print(f"the same call with dense attention (uncompiled): {time.perf_counter() - start:.1f} s")
+
     if parallel is not None:
         import torch.distributed as dist
 
@@ -513,18 +554,28 @@ def main(argv: list[str] | None = None) -> GenerationResult:
     else:
         print(report)
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    video_path = save_video(np.asarray(output.frames[0]), args.output_dir / args.model, FPS[args.model])
+    fps = FPS[args.model]
+    video_path = save_video(sparse_frames, args.output_dir / args.model, fps)
+    comparison_path = psnr = None
+    if dense_frames is not None:
+        psnr = video_psnr(sparse_frames, dense_frames)
+        sparse_label = f"spattn, sparsity {args.sparsity}"
+        comparison = side_by_side(dense_frames, sparse_frames, ("dense", sparse_label))
+        comparison_path = save_video(comparison, args.output_dir / f"{args.model}_dense_vs_sparse", fps)
+        print(f"PSNR of the sparse video against the dense one: {psnr:.1f} dB")
     if tiny:
         print("(random weights attend almost uniformly, so the estimated recall stays close to the density)")
     report_path = save_report_plot(report, args.output_dir / f"{args.model}_report.png")
     print(f"video: {video_path}")
+    if comparison_path is not None:
+        print(f"dense | sparse: {comparison_path}")
     if report_path is not None:
         print(f"report plot: {report_path}")
     if parallel is not None:
         import torch.distributed as dist
 
         dist.destroy_process_group()
-    return GenerationResult(video_path, report_path, report, seconds)
+    return GenerationResult(video_path, report_path, report, seconds, comparison_path, psnr)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,11 @@ It builds a `diffusers.WanTransformer3DModel` (a small random config by default;
 JSON file of model config; `--weights` a local checkpoint directory, never the hub), prints what the backend does to
 every attention call (`spattn_compile.explain`), then runs one denoiser forward pass with dense attention (the eager
 model) and with `torch.compile(model, backend="spattn")`, and prints the relative error of the output and the time
-of both. The inner compiler is Inductor on CUDA and eager on the CPU, where the sparse attention runs as the
-plain-PyTorch reference and Inductor's first compile would cost more than the whole demo; `--compiler` overrides it.
+of both. Next to the error it prints the error of the oracle selection on the same call: the same compiled model and
+density, with the true top blocks (`SampledRows(rows=block_size)` scores every query row, so its block scores are
+the exact attention mass), so that the estimate's error has something to be compared with. The inner compiler is
+Inductor on CUDA and eager on the CPU, where the sparse attention runs as the plain-PyTorch reference and Inductor's
+first compile would cost more than the whole demo; `--compiler` overrides it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 import torch
 
 import spattn_compile
+from spattn_compile.estimators import SampledRows
 
 # Published transformer configs of the Wan 2.1 Diffusers checkpoints, and the latent size (frames, height, width)
 # of their usual video: 81 frames at 480p (1.3B) or 720p (14B), VAE stride (4, 8, 8).
@@ -125,6 +129,11 @@ def load_model(args: argparse.Namespace, dtype: torch.dtype):
     return model.eval().to(args.device), tuple(args.latent or latent)
 
 
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref||, in float64."""
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
 def timed(fn, repeats: int, device: str) -> tuple[torch.Tensor, float]:
     """The output of `fn()` and its mean wall time in seconds over `repeats` calls (after the caller's warm-up)."""
     out = None
@@ -183,10 +192,22 @@ def main() -> None:
         model(**inputs)  # warm-up of the eager model
         dense, dense_seconds = timed(lambda: model(**inputs).sample, args.repeats, args.device)
         sparse, sparse_seconds = timed(lambda: compiled(**inputs).sample, args.repeats, args.device)
+        # The oracle: the same call, selecting the true top blocks (every query row scored exactly).
+        with spattn_compile.config(estimator=SampledRows(rows=settings["block_size"])):
+            oracle = compiled(**inputs).sample
 
-    error = ((sparse.double() - dense.double()).norm() / dense.double().norm()).item()
+    error, oracle_error = relative_error(sparse, dense), relative_error(oracle, dense)
     finite = bool(torch.isfinite(sparse).all())
-    print(f"relative error of the output vs dense attention: {error:.4f} (finite: {finite})")
+    estimator = settings.get("estimator", spattn_compile.current_config().estimator)
+    print(f"relative error of the output vs dense attention, at sparsity {args.sparsity} (finite: {finite}):")
+    rows = {f"selection by the estimate ({estimator})": error, "oracle selection (true top blocks)": oracle_error}
+    width = max(len(label) for label in rows)
+    for label, value in rows.items():
+        print(f"  {label:{width}s}  {value:.4f}")
+    print(f"  the estimate's error is {error / oracle_error:.2f}x the oracle's")
+    if args.weights is None:
+        print("  (random weights attend almost uniformly, so any selection is close to the oracle: BENCHMARKS.md,")
+        print("  'Selection fidelity against the oracle', measures it on inputs with the structure of a trained DiT)")
     print(f"{'dense (eager model)':24s} {dense_seconds * 1e3:9.1f} ms per forward")
     print(f"{'spattn (' + compiler + ')':24s} {sparse_seconds * 1e3:9.1f} ms per forward")
     ratio = dense_seconds / sparse_seconds

@@ -73,8 +73,9 @@ _LIBRARY_DEFAULTS = SparseAttentionConfig()
 # Inductor modes: those that use CUDA graphs are refused or compiled without them (see the module docstring).
 _MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
 # Dynamo names a graph input after its source: `L_timestep_` for forward(timestep=...) passed positionally or by
-# name, `L_kwargs_timestep_` when forward takes **kwargs.
-_TIMESTEP_INPUT = re.compile(r"^L_(kwargs_)?timestep_$", re.IGNORECASE)
+# name, `L_kwargs_timestep_` when forward takes **kwargs, `L_stack0_1_timestep_` in the frame resumed after a hook
+# that graph-breaks and returns the forward's (args, kwargs) (accelerate's offloading hooks, `new_forward`).
+_TIMESTEP_INPUT = re.compile(r"^L_(kwargs_|stack\d+_1_)?timestep_$", re.IGNORECASE)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,8 @@
-"""Test setup: Triton runs under its interpreter on machines without CUDA; `gpu` tests skip there; every test starts
-and ends with no compiled graph, no model state and no report record (`helpers.reset_dynamo`)."""
+"""Test setup: Triton runs under its interpreter on machines without CUDA; `gpu` tests skip there, and the summary
+at the end of the run says why tests were skipped and how to run them; every test starts and ends with no compiled
+graph, no model state and no report record (`helpers.reset_dynamo`)."""
 
+import collections
 import os
 
 import torch
@@ -31,10 +33,37 @@ def _fresh_state():
     reset_dynamo()
 
 
+NEEDS_GPU = "needs a CUDA GPU"
+GPU_COMMAND = "python -m pytest -q -m gpu tests"
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_gpu = pytest.mark.skip(reason=NEEDS_GPU)
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def _skip_reason(report) -> str:
+    # A skip's longrepr is (file, line, "Skipped: <reason>"), also when it comes back from an xdist worker.
+    if isinstance(report.longrepr, tuple) and len(report.longrepr) == 3:
+        return str(report.longrepr[2]).removeprefix("Skipped: ")
+    return "skipped"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Say why tests were skipped, and how to run them: a skip count alone reads like something is broken."""
+    reasons = collections.Counter(_skip_reason(r) for r in terminalreporter.stats.get("skipped", ()))
+    if not reasons:
+        return
+    terminalreporter.section("why tests were skipped", sep="-")
+    gpu = reasons.pop(NEEDS_GPU, 0)
+    if gpu:
+        terminalreporter.write_line(
+            f"{gpu} test{'s' if gpu > 1 else ''} need a CUDA GPU (this machine has none); on a GPU machine run: "
+            f"{GPU_COMMAND}"
+        )
+    for reason, count in reasons.most_common():
+        terminalreporter.write_line(f"{count} test{'s' if count > 1 else ''}: {reason}")

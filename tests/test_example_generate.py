@@ -1,6 +1,6 @@
-"""examples/generate.py end to end: tiny random diffusers pipelines compiled with the spattn backend write a video and
-a report plot, and the report counts exactly the dense warm-up, refreshed and cached calls that the settings given on
-the command line ask for."""
+"""examples/generate.py end to end: tiny random diffusers pipelines compiled with the spattn backend write a video, the
+dense and sparse videos side by side and a report plot, and the report counts exactly the dense warm-up, refreshed
+and cached calls that the settings given on the command line ask for."""
 
 from __future__ import annotations
 
@@ -57,6 +57,14 @@ def test_generate_writes_video_and_report(example, tmp_path, model, branches, la
             assert gif.size == (128, 128) and gif.n_frames > 1
     assert result.report_path == tmp_path / f"{model}_report.png"
     assert result.report_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The dense and the sparse videos side by side, under their labels; sparse attention changed the video.
+    assert result.comparison_path.parent == tmp_path and result.comparison_path.stem == f"{model}_dense_vs_sparse"
+    if result.comparison_path.suffix == ".gif":
+        from PIL import Image
+
+        with Image.open(result.comparison_path) as gif:
+            assert gif.size == (2 * 128 + 4, 14 + 128) and gif.n_frames > 1
+    assert 0 < result.psnr < float("inf")
 
     report = result.report
     per_step = branches * layers
@@ -65,6 +73,8 @@ def test_generate_writes_video_and_report(example, tmp_path, model, branches, la
     # The last dense step (step 0) measures the true block mass; its plan serves steps 1 and 2 (exact_plan_steps).
     assert report.count("dense_step", "exact") == per_step
     assert report.refreshes == 0 and report.cache_hits == 2 * per_step
+    # The plot's heat maps: the kept blocks of the plan each layer and branch ran with (here the exact plan).
+    assert len(report.masks) == per_step
     assert {(r.step, r.branch) for r in report.records} == {(s, b) for s in range(STEPS) for b in range(branches)}
     assert {r.layer_index for r in report.records} == set(range(layers))
     # Half of the 6 video blocks per query block.
@@ -96,6 +106,17 @@ def test_report_plot_is_skipped_without_matplotlib(example, tmp_path, monkeypatc
     assert example.save_report_plot(report, tmp_path / "report.png") is None
     assert not (tmp_path / "report.png").exists()
     assert "matplotlib is not installed" in capsys.readouterr().out
+
+
+def test_side_by_side_puts_each_video_under_its_label(example):
+    rng = np.random.default_rng(0)
+    left, right = rng.random((2, 8, 10, 3)), rng.random((2, 8, 10, 3))
+    both = example.side_by_side(left, right, ("dense", "sparse"), gap=4)
+    assert both.shape == (2, 14 + 8, 24, 3)
+    assert np.array_equal(both[:, 14:, :10], left) and np.array_equal(both[:, 14:, 14:], right)
+    assert (both[:, 14:, 10:14] == 1).all() and (both[:, :14] < 1).any(), "white gap, labels drawn in the strip"
+    assert example.video_psnr(left, left) == float("inf")
+    assert example.video_psnr(left, right) == pytest.approx(10 * np.log10(1 / np.mean((left - right) ** 2)))
 
 
 def test_char_tokenizer_lowercases_ends_with_eos_and_pads(example):

@@ -222,6 +222,11 @@ def _module_path(node: fx.Node) -> str:
     # bound forward that the wrapper closes over: `<module>.forward.func.__closure__[0].cell_contents.forward.__self__`
     # is <module> itself.
     path = re.sub(r"(\.forward(\.func)?\.__closure__\[\d+\]\.cell_contents)?\.forward\.__self__", "", path)
+    # A hook with its own `new_forward` (diffusers' caches: FirstBlockCache, TaylorSeer...) is traced as a frame whose
+    # `self` is the hook; it reaches its module through `fn_ref.original_forward.__self__`. A module whose forward
+    # diffusers' `HookRegistry` replaced by `functools.partial(new_forward, module)` is that partial's `args[0]`.
+    path = re.sub(r"(^|\.)fn_ref\.original_forward\.__self__", "", path)
+    path = re.sub(r"\.forward\.args\[0\]", "", path)
     path = re.sub(r"^L\['[A-Za-z_][A-Za-z0-9_]*'\]", "", path)  # the compiled frame's module (self, or the hooked one)
     return path.lstrip(".")
 

@@ -76,7 +76,12 @@ class StepContext:
         """The module path, in the model, of the graph's rewritten call number `layer_index`."""
         if 0 <= layer_index < len(self.layer_names) and self.layer_names[layer_index]:
             name = self.layer_names[layer_index]
-            return f"{self.block}.{name}" if self.block else name
+            if not self.block:
+                return name
+            if name.startswith("#"):
+                # No module path below the block: the compiled block is the attention module itself.
+                return self.block if len(self.layer_names) == 1 else f"{self.block}{name}"
+            return f"{self.block}.{name}"
         return f"{self.block}#{layer_index}" if self.block else f"#{layer_index}"
 
 
@@ -185,6 +190,9 @@ _FIXES = {
     "sequence: use ContextParallelConfig(ulysses_degree=N) instead",
     "attention_backend": "the model's attention runs through another diffusers attention backend: "
     "model.set_attention_backend('native') (scaled_dot_product_attention) before compiling",
+    "mag_cache": "compile the blocks' self-attention modules instead (Wan: `for block in transformer.blocks: "
+    "block.attn1.compile(backend='spattn')`), or use FirstBlockCacheConfig or TaylorSeerCacheConfig, whose hooks "
+    "torch.compile traces",
 }
 
 
@@ -194,6 +202,9 @@ def nothing_sparse_message(state: ModelState) -> str:
         rule, count = state.rules.most_common(1)[0]
         total = sum(state.rules.values())
         reason = f"{count} of its {total} attention calls stay dense for the reason {rule!r}"
+    elif type(getattr(state.module, "_cache_config", None)).__name__ == "MagCacheConfig":
+        # MagCache's hooks are torch.compiler.disable'd: every block runs eagerly, out of the compiled graphs.
+        rule, reason = "mag_cache", "diffusers' MagCache runs its transformer blocks outside torch.compile"
     else:
         rule, reason = "", "its compiled graphs hold no scaled_dot_product_attention call"
     return (

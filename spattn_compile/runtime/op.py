@@ -183,10 +183,11 @@ def _scheduled_attention(
             label="exact",
         )
         seeded_at = dataclasses.replace(context, step=context.step + 1)
-        kept, recall, _ = plan_summary(plan)
+        kept, recall, keep_share = plan_summary(plan)
         signature = plan_signature(call, config)
         cache.store(cache_key, seeded_at, signature, plan, 0, (kept, recall), lifetime=config.exact_plan_steps)
-        return out, (dense_kind, "exact", 1.0, 1.0, None, plan.estimator)
+        # Its kept blocks go to the report's plot: the steps it serves are cache hits, which record none.
+        return out, (dense_kind, "exact", 1.0, 1.0, keep_share, plan.estimator)
 
     assert isinstance(layout, CallLayout)
     call = _call(query, key, value, layout, attn_mask, scale, config, capability)
