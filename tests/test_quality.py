@@ -327,7 +327,7 @@ def test_evaluation_end_to_end(tmp_path):
     )  # fmt: skip
     written = []
     evaluation, kept = evaluate.evaluate(
-        model, model_config, config, VideoSize(4, 16, 24), "cpu", out_dir=tmp_path,
+        model, model_config, config, VideoSize(4, 16, 24), "cpu",
         capture_path=tmp_path / "capture.pt", write=written.append, log=lambda _: None,
     )  # fmt: skip
     assert evaluation.deterministic and written
@@ -375,3 +375,27 @@ def test_evaluation_end_to_end(tmp_path):
 
     payload = json.loads(table.read_text())
     assert len(payload["heads"]) == 2 and all(0 < h["top 25%"] <= 1 for h in payload["heads"])
+
+
+@needs_skimage
+def test_evaluation_time_guard_skips_runs_and_says_so(tmp_path):
+    import evaluate
+    from data import VideoSize
+    from model import ClassConditionedWan, ModelConfig
+
+    torch.manual_seed(0)
+    model_config = ModelConfig(**TOY_MODEL)
+    config = evaluate.EvalConfig(
+        num_videos=1, steps=1, sparsities=(0.5,), focus_sparsity=0.5, block_size=16, min_seq_len=0,
+        metric_workers=0, capture_steps=(0.0,), tables=("sweep",), max_minutes=0.0, recall_minutes=0.0,
+    )  # fmt: skip
+    evaluation, _ = evaluate.evaluate(
+        ClassConditionedWan(model_config).eval(), model_config, config, VideoSize(4, 16, 24), "cpu",
+        log=lambda _: None,
+    )  # fmt: skip
+    assert all(r.skipped == "time guard" for r in evaluation.runs.values()) and len(evaluation.runs) == 6
+    assert evaluation.recall_rows == []
+    text = evaluate.to_markdown(evaluation, evaluate.speedup_figures(), "# toy")
+    assert text.count("not run (time guard)") == 6 and "did not run" in text
+    with pytest.raises(ValueError, match="EvalConfig.tables"):
+        evaluate.tables(dataclasses.replace(config, tables=("estimators",)))

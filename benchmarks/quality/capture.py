@@ -108,27 +108,37 @@ def measure_plans(
     """Per captured call and plan: recall, error, kept density.
 
     `plans`: name -> SparseAttentionConfig fields (at least `sparsity`; `reorder` picks the layout the evaluator
-    uses). Returns rows `dict(step, layer, plan, recall, error, density)`; calls not reached before `deadline`
-    (`time.perf_counter()` value) are skipped (and logged)."""
+    uses). Returns rows `dict(step, layer, plan, recall, error, density)`. Calls go step by step from the middle
+    captured step outwards (every layer of a step before the next step), so that calls not reached before `deadline`
+    (a `time.perf_counter()` value; skipped and logged) leave whole steps measured."""
     device = torch.device(device)
     grid, text_len, text_first = tuple(capture["video_grid"]), capture["text_len"], capture["text_first"]
+    steps = sorted({call["step"] for call in capture["calls"]})
+    middle = steps[len(steps) // 2] if steps else 0
+    calls = sorted(capture["calls"], key=lambda c: (abs(steps.index(c["step"]) - steps.index(middle)), c["step"]))
+    # Bigger chunks on a GPU: fewer, larger kernels (memory ~ 10 * rows * S * heads floats per chunk).
+    chunk_rows = 4096 if device.type == "cuda" else 1024
     rows: list[dict] = []
-    for number, call in enumerate(capture["calls"]):
+    for number, call in enumerate(calls):
         if deadline is not None and time.perf_counter() > deadline:
-            log(f"recall: time guard reached after {number} of {len(capture['calls'])} captured calls")
+            log(f"recall: time guard reached after {number} of {len(calls)} captured calls")
             break
         q, k, v = (call[name].to(device) for name in ("query", "key", "value"))
         by_layout: dict[tuple, dict[str, tuple]] = {}
         for name, fields in plans.items():
             config = spattn_compile.SparseAttentionConfig(**{"min_seq_len": 0, **fields})
-            plan = spattn_compile.select_plan(
-                q, k, v, video_grid=grid, text_len=text_len, text_first=text_first, config=config
-            )
+            try:
+                plan = spattn_compile.select_plan(
+                    q, k, v, video_grid=grid, text_len=text_len, text_first=text_first, config=config
+                )
+            except Exception as error:  # one failing plan must not cost the others theirs
+                log(f"recall: {name} at step {call['step']} layer {call['layer']} FAILED: {error!r}")
+                continue
             key = (config.block_size, config.reorder)
             by_layout.setdefault(key, {})[name] = (plan, config.rectify)
         for (block_size, reorder), named in by_layout.items():
             layout = token_layout(grid, text_len, text_first, block_size, reorder)
-            evaluator = PlanEvaluator(q, k, v, layout, compute_dtype=compute_dtype)
+            evaluator = PlanEvaluator(q, k, v, layout, compute_dtype=compute_dtype, chunk_rows=chunk_rows)
             for name, result in evaluator.evaluate(named).items():
                 rows.append(
                     dict(

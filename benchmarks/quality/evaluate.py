@@ -26,6 +26,7 @@ import json
 import math
 import re
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
@@ -323,7 +324,6 @@ def evaluate(
     size: VideoSize,
     device: torch.device | str,
     *,
-    out_dir: Path,
     capture_path: Path | None = None,
     write: Callable[[Evaluation], None] | None = None,
     log=print,
@@ -400,11 +400,16 @@ def evaluate(
             result.skipped = "time guard"
             continue
         t0 = time.perf_counter()
-        with spattn_compile.config(sparsity=sparsity, **{**base_fields, **method.fields()}):
-            spattn_compile.new_generation()
-            spattn_compile.reset_report()
-            video = euler_sample(compiled, **sample)
-            result.report = _report_summary()
+        try:
+            with spattn_compile.config(sparsity=sparsity, **{**base_fields, **method.fields()}):
+                spattn_compile.new_generation()
+                spattn_compile.reset_report()
+                video = euler_sample(compiled, **sample)
+                result.report = _report_summary()
+        except Exception as error:  # one failing method must not cost the others their (device) time
+            result.skipped = f"failed: {type(error).__name__}: {error}"
+            log(f"{key_name(key)} FAILED:\n{traceback.format_exc()}")
+            continue
         candidate = video.cpu().numpy()
         result.seconds = time.perf_counter() - t0
         result.pending = submit(candidate)
@@ -423,9 +428,10 @@ def evaluate(
         result.collect(wait=True)
     if pool is not None:
         pool.shutdown()
-    skipped = [key_name(k) for k, r in evaluation.runs.items() if r.skipped]
-    if skipped:
-        evaluation.notes.append(f"{len(skipped)} runs skipped by the time guard: {skipped}")
+    for reason in ("time guard", "failed"):
+        names = [key_name(k) for k, r in evaluation.runs.items() if r.skipped and r.skipped.startswith(reason)]
+        if names:
+            evaluation.notes.append(f"{len(names)} runs not run ({reason}): {names}")
 
     # Recall and attention error of every plan on the captured calls.
     plans: dict[str, dict] = {}
@@ -573,7 +579,8 @@ def to_markdown(evaluation: Evaluation, figures: dict, header: str) -> str:
         key = run_key(row.method, row.sparsity)
         result = evaluation.runs.get(key)
         if result is None or result.skipped:
-            return ["not run" + (f" ({result.skipped})" if result and result.skipped else "")] + [""] * 4
+            reason = f" ({result.skipped.splitlines()[0][:100]})" if result is not None and result.skipped else ""
+            return [f"not run{reason}".replace("|", "/")] + [""] * 4
         name = (key_name(key),)
         recall_cell = f"{recall[name]:.4f}" if name in recall else ("n/a" if not row.method.recall else "-")
         error_cell = f"{error[name]:.4f}" if name in error else ("n/a" if not row.method.recall else "-")
