@@ -24,11 +24,22 @@ sys.path.insert(0, str(QUALITY))
 import baselines  # noqa: E402
 from baselines import RadialDecay, RasterMeanPool, SlidingTileWindow  # noqa: E402
 
+from spattn_compile.estimators import base as estimator_registry  # noqa: E402
+
 needs_skimage = pytest.mark.skipif(
     importlib.util.find_spec("skimage") is None,
     reason="scikit-image is not installed: the quality benchmark's videos and metrics need it "
     "(pip install -e '.[quality]')",
 )
+
+
+@pytest.fixture(autouse=True)
+def _peers_registered(monkeypatch):
+    """The peers' estimators registered for one test only: the registry is a copy, restored afterwards (other tests
+    check that the library registers exactly its own estimators)."""
+    monkeypatch.setattr(estimator_registry, "_REGISTRY", dict(estimator_registry._REGISTRY))
+    monkeypatch.setattr(estimator_registry, "_BY_NAME", dict(estimator_registry._BY_NAME))
+    baselines.register_baselines()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -396,6 +407,6 @@ def test_evaluation_time_guard_skips_runs_and_says_so(tmp_path):
     assert all(r.skipped == "time guard" for r in evaluation.runs.values()) and len(evaluation.runs) == 6
     assert evaluation.recall_rows == []
     text = evaluate.to_markdown(evaluation, evaluate.speedup_figures(), "# toy")
-    assert text.count("not run (time guard)") == 6 and "did not run" in text
+    assert text.count("| not run (time guard) |") == 6 and "did not run" in text
     with pytest.raises(ValueError, match="EvalConfig.tables"):
         evaluate.tables(dataclasses.replace(config, tables=("estimators",)))

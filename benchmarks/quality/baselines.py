@@ -27,7 +27,9 @@ benchmark runs them with `rectify="none"`.
   video; that variant is the library's `PooledTiles(tile_size=block_size, outliers=False)` with the default reorder.)
 
 The static masks' scores are a ranking (`NB - rank`, normalised), not a mass estimate: their `report()` recall means
-nothing; the benchmark measures recall on captured attention instead. Importing this module registers the three.
+nothing; the benchmark measures recall on captured attention instead. `register_baselines()` registers the three
+(idempotent; the evaluation calls it): importing this module changes no registry, so a process that only imports it
+(the test suite, `fidelity.py` for `block_geometry`) keeps the library's own estimators alone.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from spattn_compile.layout import token_layout
 
 __all__ = [
     "RadialDecay",
+    "register_baselines",
     "RasterMeanPool",
     "SlidingTileWindow",
     "block_geometry",
@@ -177,6 +180,8 @@ def raster_mean_scores(inputs: EstimatorInputs, config: RasterMeanPool) -> torch
     return torch.cat([weights[..., :nb], weights[..., nb:].sum(-1, keepdim=True)], dim=-1)
 
 
-register_estimator(SlidingTileWindow, reference=_sliding_tile_scores, kernel=_sliding_tile_scores)
-register_estimator(RadialDecay, reference=_radial_scores, kernel=_radial_scores)
-register_estimator(RasterMeanPool, reference=raster_mean_scores, kernel=raster_mean_scores)
+def register_baselines() -> None:
+    """Register the three masks with the library's estimator registry (again: a no-op)."""
+    register_estimator(SlidingTileWindow, reference=_sliding_tile_scores, kernel=_sliding_tile_scores)
+    register_estimator(RadialDecay, reference=_radial_scores, kernel=_radial_scores)
+    register_estimator(RasterMeanPool, reference=raster_mean_scores, kernel=raster_mean_scores)

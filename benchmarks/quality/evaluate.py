@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from baselines import RadialDecay, RasterMeanPool, SlidingTileWindow
+from baselines import RadialDecay, RasterMeanPool, SlidingTileWindow, register_baselines
 from capture import AttentionCapture, mean_by, measure_plans, save_capture
 from data import CLASSES, VideoSize, make_batch
 from metrics import summarise, video_metrics
@@ -98,7 +98,9 @@ class Row:
 
 
 def tables(config: EvalConfig) -> dict[str, list[Row]]:
-    """The result tables, each a list of rows in priority order (a method's run is shared by every row naming it)."""
+    """The result tables, each a list of rows in priority order (a method's run is shared by every row naming it).
+    Registers the peers' estimators (`baselines.register_baselines`)."""
+    register_baselines()
     bs = config.block_size
     defaults = spattn_compile.SparseAttentionConfig()
     oracle = SampledRows(rows=bs)
