@@ -260,14 +260,19 @@ def run_drift(grid, device, defaults: SparseAttentionConfig, steps: int, drifts,
     return "\n".join(lines)
 
 
-CAPTURE_FORMAT = "spattn-captured-attention/1"  # benchmarks/quality/capture.py
+def _quality():
+    """`benchmarks/quality/` on the import path: the trained suite's file format and block geometry live there."""
+    folder = str(Path(__file__).resolve().parent / "quality")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
 
 
 def trained_cases(path: Path) -> tuple[tuple[int, int, int], tuple[Case, ...]]:
     """The captured calls of `path` as cases (float64 on the requested device), and their grid."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != CAPTURE_FORMAT:
-        raise ValueError(f"--input {path} is not a captured-attention file (format {CAPTURE_FORMAT!r})")
+    _quality()
+    from capture import load_capture
+
+    payload = load_capture(path)
     grid = tuple(payload["video_grid"])
     text_len, text_first = payload["text_len"], payload["text_first"]
 
@@ -287,10 +292,8 @@ HEAD_DENSITIES = (0.05, 0.10, 0.25)
 
 def head_statistics(case: Case, layout, evaluator: PlanEvaluator) -> list[dict]:
     """How concentrated each head's true block mass is, averaged over the video query blocks (module docstring)."""
-    quality = str(Path(__file__).resolve().parent / "quality")
-    if quality not in sys.path:
-        sys.path.insert(0, quality)
-    from baselines import block_geometry  # the block centres of the layout
+    _quality()
+    from baselines import block_geometry
 
     mass = evaluator.true_mass()  # (B, H, NB, NB + 1)
     nb = layout.num_video_blocks

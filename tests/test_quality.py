@@ -119,17 +119,22 @@ def test_static_keys_are_symmetric(keys):
         assert (primary.diagonal() == primary.amin(-1)).all()
 
 
-def test_sliding_tile_window_is_a_box_of_tiles():
-    # 16^3 tokens in blocks of 64: the Hilbert curve's blocks are 4^3 cubes on a 4^3 lattice of tiles. A budget of
-    # 27 blocks is the 3x3x3 box around every interior query block.
+def _cube_lattice_mask(estimator, budget):
+    """16^3 tokens in blocks of 64: the Hilbert curve's blocks are 4^3 cubes on a 4^3 lattice of tiles. Returns the
+    kept-block mask `(64, 64)` at `budget` blocks per query block and the block centres."""
     grid = (16, 16, 16)
     q, k = _inputs(grid, heads=1, head_dim=8)
     config = SparseAttentionConfig(
-        sparsity=1 - 27 / 64, block_size=64, estimator=SlidingTileWindow(), rectify="none", min_seq_len=0
+        sparsity=1 - budget / 64, block_size=64, estimator=estimator, rectify="none", min_seq_len=0
     )
-    keep = select_plan(q, k, video_grid=grid, config=config).to_dense()[0, 0]
     centres, tile = baselines.block_geometry(grid, 64, "hilbert")
     assert torch.equal(tile, torch.full((3,), 4.0, dtype=torch.float64))
+    return select_plan(q, k, video_grid=grid, config=config).to_dense()[0, 0], centres
+
+
+def test_sliding_tile_window_is_a_box_of_tiles():
+    # A budget of 27 blocks is the 3x3x3 box of tiles around every interior query block.
+    keep, centres = _cube_lattice_mask(SlidingTileWindow(), 27)
     lattice = ((centres - 1.5) / 4).round().long()
     interior = [i for i in range(64) if ((lattice[i] >= 1) & (lattice[i] <= 2)).all()]
     assert len(interior) == 8
@@ -141,13 +146,7 @@ def test_sliding_tile_window_is_a_box_of_tiles():
 
 
 def test_radial_window_shrinks_with_temporal_distance():
-    grid = (16, 16, 16)
-    q, k = _inputs(grid, heads=1, head_dim=8)
-    config = SparseAttentionConfig(
-        sparsity=1 - 20 / 64, block_size=64, estimator=RadialDecay(), rectify="none", min_seq_len=0
-    )
-    keep = select_plan(q, k, video_grid=grid, config=config).to_dense()[0, 0]
-    centres, _ = baselines.block_geometry(grid, 64, "hilbert")
+    keep, centres = _cube_lattice_mask(RadialDecay(), 20)
     dt = (centres[:, None, 0] - centres[None, :, 0]).abs()
     dspace = ((centres[:, None, 1:] - centres[None, :, 1:]).norm(dim=-1) * 1e6).round() / 1e6
     for i in range(64):

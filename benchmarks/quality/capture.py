@@ -34,7 +34,7 @@ import spattn_compile
 from spattn_compile.layout import token_layout
 from spattn_compile.testing import PlanEvaluator
 
-__all__ = ["FORMAT", "AttentionCapture", "load_capture", "measure_plans", "save_capture"]
+__all__ = ["FORMAT", "AttentionCapture", "load_capture", "mean_by", "measure_plans", "save_capture"]
 
 FORMAT = "spattn-captured-attention/1"
 

@@ -26,6 +26,7 @@ __all__ = [
     "forward_flops",
     "shift_time",
     "to_inference_dtype",
+    "train_step_flops",
 ]
 
 

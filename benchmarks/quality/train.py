@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from data import CLASSES, VideoSize, make_batch
 from model import ClassConditionedWan, ModelConfig, forward_flops, shift_time, train_step_flops
 
-__all__ = ["Stage", "TrainConfig", "TrainResult", "load_checkpoint", "plot_losses", "train"]
+__all__ = ["Stage", "TrainConfig", "TrainResult", "load_checkpoint", "plan", "plot_losses", "save_checkpoint", "train"]
 
 ASSUMED_TFLOPS = 245.0  # planning figure: ~35% of an H200's ~700 TFLOP/s dense bf16 (see README.md)
 
