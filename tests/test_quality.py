@@ -297,6 +297,29 @@ def test_dense_sampling_is_deterministic_and_capture_changes_nothing():
     assert capture.calls[0]["timestep"] == 1.0
 
 
+def test_sampler_and_loss_agree_on_the_flow():
+    """With the exact velocity of a single data point, `(x_t - x_0) / t`, the training loss is zero and the Euler
+    sampler lands on the data point: the time convention (t = 1 noise, timestep = 1000 t), the target's sign and the
+    shift agree between training and sampling."""
+    import train
+    from model import euler_sample, shift_time
+
+    x0 = torch.randn(2, 3, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+
+    def exact_transformer(hidden_states, timestep, encoder_hidden_states, return_dict):
+        t = timestep.double()[:, None, None, None, None] / 1000
+        return ((hidden_states.double() - x0.double()) / t,)
+
+    sample = euler_sample(exact_transformer, torch.zeros(2, 1, 4), noise, steps=7, shift=3.0, dtype=torch.float64)
+    torch.testing.assert_close(sample, x0, rtol=0, atol=1e-5)
+
+    t = shift_time(torch.tensor([0.3, 0.8]), 3.0)
+    model = lambda x_t, t, labels: exact_transformer(x_t, t * 1000, None, False)[0].float()  # noqa: E731
+    loss = train.flow_matching_loss(model, x0, torch.zeros(2), noise, t, autocast=False)
+    assert float(loss) < 1e-10
+
+
 @needs_skimage
 def test_training_learns_and_the_time_guard_stops_it(tmp_path):
     import train
