@@ -17,8 +17,14 @@ Suites:
 - `smooth` (`video_attention_inputs`, block-smooth content): the regression set of the first version.
 - `drift`: consecutive denoising steps (`dit_attention_inputs(step=s, drift=...)`): does a plan from the true mass of
   step 0 (what the last dense step measures) stay better than a fresh estimate, and for how many steps?
+- `trained`: Q, K, V captured from the trained video DiT of `benchmarks/quality/` (`--input PATH`, written by
+  `benchmarks/quality/run_all.py`; format in `benchmarks/quality/capture.py`): each captured (step, layer) call is a
+  case; besides the tables above, how concentrated each head's true attention mass is (per head: the oracle's recall
+  at 5 / 10 / 25% density, the normalised entropy of the block mass, the diagonal block's mass, the largest share one
+  key block takes from all queries, and the mass-weighted distance to the key blocks in frames and in tokens).
 
-Run: `python benchmarks/fidelity.py --suite hard --device cuda` (tables printed last, also written to `--output`).
+Run: `python benchmarks/fidelity.py --suite hard --device cuda` (tables printed last, also written to `--output`;
+`--json PATH` writes the rows too).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import json
 import math
 import sys
 import time
@@ -143,12 +150,15 @@ def _plans(inputs, layout, evaluator, densities, rectify_modes, defaults: Sparse
     return plans
 
 
-def run_case(case: Case, grid, device, seed, densities, defaults) -> list[dict]:
+def run_case(case: Case, grid, device, seed, densities, defaults, inspect=None) -> list[dict]:
+    """The case's rows; `inspect(case, layout, evaluator)`, when given, runs on the case's evaluator afterwards."""
     inputs = case.make(grid, device, seed)
     layout = token_layout(grid, inputs.text_len, inputs.text_first, defaults.block_size, defaults.reorder)
     evaluator = PlanEvaluator(inputs.query, inputs.key, inputs.value, layout, attn_mask=inputs.attn_mask)
     plans = _plans(inputs, layout, evaluator, densities, ("none", "block", "query"), defaults)
     results = evaluator.evaluate({name: (plan, rectify) for name, (plan, rectify, _, _) in plans.items()})
+    if inspect is not None:
+        inspect(case, layout, evaluator)
     rows = []
     for name, result in results.items():
         label, rectify, density = name.split("|")
@@ -252,9 +262,99 @@ def run_drift(grid, device, defaults: SparseAttentionConfig, steps: int, drifts,
     return "\n".join(lines)
 
 
+def _quality():
+    """`benchmarks/quality/` on the import path: the trained suite's file format and block geometry live there."""
+    folder = str(Path(__file__).resolve().parent / "quality")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+
+
+def trained_cases(path: Path) -> tuple[tuple[int, int, int], tuple[Case, ...]]:
+    """The captured calls of `path` as cases (float64 on the requested device), and their grid."""
+    _quality()
+    from capture import load_capture
+
+    payload = load_capture(path)
+    grid = tuple(payload["video_grid"])
+    text_len, text_first = payload["text_len"], payload["text_first"]
+
+    def maker(call: dict) -> Callable[..., VideoAttentionInputs]:
+        def make(_grid, device, _seed):
+            q, k, v = (call[name].to(device, torch.float64) for name in ("query", "key", "value"))
+            return VideoAttentionInputs(q, k, v, None, grid, text_len, text_first)
+
+        return make
+
+    cases = tuple(Case(f"step {call['step']} layer {call['layer']}", maker(call)) for call in payload["calls"])
+    return grid, cases
+
+
+HEAD_DENSITIES = (0.05, 0.10, 0.25)
+
+
+def head_statistics(case: Case, layout, evaluator: PlanEvaluator) -> list[dict]:
+    """How concentrated each head's true block mass is, averaged over the video query blocks (module docstring)."""
+    _quality()
+    from baselines import block_geometry
+
+    mass = evaluator.true_mass()  # (B, H, NB, NB + 1)
+    nb = layout.num_video_blocks
+    video, text = mass[..., :nb], mass[..., nb]
+    occupied = (layout.row_count[:nb] > 0).to(mass.device)
+    ranked = video.sort(dim=-1, descending=True).values.cumsum(-1)
+    centres, _ = block_geometry(layout.video_grid, layout.block_size, layout.reorder)
+    centres = centres.to(mass.device, mass.dtype)
+    offset = centres[:, None, :] - centres[None, :, :]
+    frames, space = offset[..., 0].abs(), offset[..., 1:].norm(dim=-1)
+    share = video / video.sum(-1, keepdim=True).clamp(min=torch.finfo(mass.dtype).tiny)
+    entropy = -(share * share.clamp(min=1e-300).log()).sum(-1) / math.log(nb)
+
+    def per_head(values: torch.Tensor) -> torch.Tensor:  # (B, H, NB) -> (H,)
+        return values[..., occupied].mean(dim=(0, -1))
+
+    columns = dict(
+        **{f"top {d:.0%}": per_head(ranked[..., math.ceil(d * nb - 1e-9) - 1] + text) for d in HEAD_DENSITIES},
+        entropy=per_head(entropy),
+        diagonal=per_head(video.diagonal(dim1=-2, dim2=-1)),
+        largest_key_block=video[..., occupied, :].mean(-2).amax(-1).mean(0),
+        frames=per_head((video * frames).sum(-1)),
+        tokens=per_head((video * space).sum(-1)),
+    )
+    heads = mass.shape[1]
+    return [dict(case=case.name, head=h, **{k: float(v[h]) for k, v in columns.items()}) for h in range(heads)]
+
+
+def render_heads(heads: list[dict]) -> str:
+    lines = [
+        "## Per-head concentration of the true attention mass",
+        "",
+        "Per head, averaged over video query blocks: `top d`: the share of a query block's mass in its best "
+        "`ceil(d * NB)` key blocks (the oracle's recall at density d); `entropy`: of the block mass, over `log NB`; "
+        "`diagonal`: the mass on the query's own block; `largest key block`: the largest share one key block takes "
+        "of all queries' mass (a sink); `frames` / `tokens`: the mass-weighted distance of the key blocks' centres "
+        "in frames and in spatial tokens.",
+        "",
+        "| call | head | " + " | ".join(f"top {d:.0%}" for d in HEAD_DENSITIES)
+        + " | entropy | diagonal | largest key block | frames | tokens |",
+        "|---|---|" + "---|" * (len(HEAD_DENSITIES) + 5),
+    ]
+    for row in heads:
+        lines.append(
+            f"| {row['case']} | {row['head']} | "
+            + " | ".join(f"{row[f'top {d:.0%}']:.3f}" for d in HEAD_DENSITIES)
+            + f" | {row['entropy']:.3f} | {row['diagonal']:.3f} | {row['largest_key_block']:.3f} | "
+            f"{row['frames']:.2f} | {row['tokens']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--suite", choices=["hard", "smooth", "drift"], default="hard")
+    parser.add_argument("--suite", choices=["hard", "smooth", "drift", "trained"], default="hard")
+    parser.add_argument("--input", type=Path, default=None, help="trained suite: the captured-attention file")
+    parser.add_argument("--block-size", type=int, default=None, help="default: the library's")
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop starting new cases after this")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows (and head statistics) as JSON")
     parser.add_argument("--grid", type=int, nargs=3, default=ATTENTION_CASES["wan1.3b-480p"].grid)
     parser.add_argument("--densities", type=float, nargs="+", default=[0.25, 0.10])
     parser.add_argument("--seeds", type=int, default=1)
@@ -267,30 +367,50 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     grid = tuple(args.grid)
     defaults = SparseAttentionConfig()
+    if args.block_size is not None:
+        defaults = dataclasses.replace(defaults, block_size=args.block_size)
     started = time.perf_counter()
+    trained: tuple[Case, ...] = ()
+    if args.suite == "trained":
+        if args.input is None:
+            parser.error("--suite trained needs --input PATH (a file written by benchmarks/quality/run_all.py)")
+        grid, trained = trained_cases(args.input)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     header = (
         f"# Fidelity, suite `{args.suite}`\n\nMeasured {datetime.date.today().isoformat()} with `python "
         f"benchmarks/fidelity.py {' '.join(sys.argv[1:] if argv is None else argv)}` on {name}, torch "
-        f"{torch.__version__}, float64; grid {grid}, 4 heads, head dim 128, block {defaults.block_size}; defaults: "
-        f"estimator {defaults.estimator}, rectify {defaults.rectify!r}."
+        f"{torch.__version__}, float64; grid {grid}, "
+        + ("the captured heads" if trained else "4 heads, head dim 128")
+        + f", block {defaults.block_size}; defaults: estimator {defaults.estimator}, rectify {defaults.rectify!r}."
     )
+    rows: list[dict] = []
+    heads: list[dict] = []
     if args.suite == "drift":
         report = header + "\n\n" + run_drift(grid, device, defaults, args.steps, args.drifts, args.densities)
     else:
-        suite = HARD if args.suite == "hard" else SMOOTH
+        suite = {"hard": HARD, "smooth": SMOOTH, "trained": trained}[args.suite]
         cases = suite if args.cases is None else tuple(suite[i] for i in args.cases)
-        rows: list[dict] = []
-        for case in cases:
-            for seed in range(args.seeds):
-                rows += run_case(case, grid, device, seed, args.densities, defaults)
+        seeds = 1 if args.suite == "trained" else args.seeds
+        inspect = (lambda *a: heads.extend(head_statistics(*a))) if args.suite == "trained" else None
+        report = header + "\n\nNo case ran."
+        for number, case in enumerate(cases):
+            if args.max_minutes is not None and time.perf_counter() - started > 60 * args.max_minutes:
+                report += f"\n\nTime guard (--max-minutes {args.max_minutes}): {len(cases) - number} of {len(cases)} "
+                report += "cases not run."
+                break
+            for seed in range(seeds):
+                rows += run_case(case, grid, device, seed, args.densities, defaults, inspect=inspect)
                 print(f"[{time.perf_counter() - started:6.0f} s] {case.name}, seed {seed}", file=sys.stderr, flush=True)
                 report = header + f"\n\nWall time {time.perf_counter() - started:.0f} s.\n\n"
                 report += render(rows, args.densities, defaults)
+                if heads:
+                    report += "\n\n" + render_heads(heads)
                 if args.output is not None:
                     args.output.write_text(report + "\n")
     if args.output is not None:
         args.output.write_text(report + "\n")
+    if args.json is not None:
+        args.json.write_text(json.dumps(dict(suite=args.suite, rows=rows, heads=heads), indent=1) + "\n")
     print(report)
     return 0
 
