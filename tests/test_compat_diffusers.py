@@ -31,7 +31,7 @@ from helpers import (
 )
 
 import spattn_compile
-from spattn_compile import zoo
+from spattn_compile.testing import zoo
 
 diffusers = pytest.importorskip("diffusers")
 
