@@ -38,11 +38,10 @@ __all__ = ["PlanKey", "SparseAttention"]
 
 @dataclasses.dataclass(frozen=True)
 class PlanKey:
-    """What a plan was selected for. Every input of `SparseAttention.plan` is here (the call's shapes, dtype, device,
-    layout and mask, and the settings of its estimator, selection policy and rectification mode), so a plan cached
-    under this key cannot outlive a change of any of them.
-
-    Not yet here: the mask's contents (only its shape), so a cached plan serves a call whose mask changed values.
+    """What a plan was selected for. Every input of `SparseAttention.plan` but the tensors' values is here (the
+    call's shapes, dtype, device, layout, softmax scale and mask shape, and the settings of its estimator, selection
+    policy and rectification mode), so a plan cached under this key cannot outlive a change of any of them. The
+    mask's contents are named by the plan cache (`runtime.plan_cache.MaskFingerprints`), which adds them to the key.
     """
 
     shape: tuple[int, ...]
@@ -52,6 +51,7 @@ class PlanKey:
     block_size: int
     reorder: str
     mask_shape: tuple[int, ...] | None
+    scale: float
     estimator: EstimatorConfig
     selection: SelectionConfig
     rectification: RectificationConfig
@@ -87,6 +87,7 @@ class SparseAttention:
         self.query, self.key, self.value = query, key, value
         self.call_layout = layout
         self.layout = layout.token_layout(config.block_size, config.reorder)
+        self.attn_mask = attn_mask
         self.mask_shape = None if attn_mask is None else tuple(attn_mask.shape)
         self.key_valid = key_padding_valid(attn_mask, batch, heads, seq_len)
         self.scale = default_scale(query, scale)
@@ -112,6 +113,7 @@ class SparseAttention:
             self.layout.block_size,
             self.layout.reorder,
             self.mask_shape,
+            self.scale,
             self.estimator,
             self.selection,
             self.rectification,

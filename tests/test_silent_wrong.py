@@ -1,0 +1,256 @@
+"""No silent wrong answers (issue 18): every case here once gave a result different from what the settings promise,
+with nothing said. Each test fails on the code before its fix.
+
+- a cached plan never serves a call it does not fit: a changed key-padding mask (by contents, same shape) or softmax
+  scale refreshes it;
+- a plan given to `sparse_attention` is run with the settings it was selected with, or the call raises naming the
+  setting;
+- a latent whose channel dim is not singled out is not guessed (regional compilation reads no grid from it);
+- bad values get errors naming the argument (NumPy integers accepted where ints are).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from helpers import SETTINGS, SparseSDPA, TinyVideoAttention, compile_spattn, tiny_inputs
+from hypothesis import given
+from hypothesis import strategies as st
+
+import spattn_compile
+from spattn_compile.attention import SparseAttention
+from spattn_compile.call_layout import CallLayout
+from spattn_compile.config import SparseAttentionConfig
+from spattn_compile.implementations import ReferenceImplementation
+from spattn_compile.runtime import op
+from spattn_compile.runtime.plan_cache import MaskFingerprints
+from spattn_compile.testing import dit_attention_inputs, relative_error
+
+GRID, TEXT = (3, 4, 6), 5
+SEQ = 72 + TEXT
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The plan cache
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _run_steps(masks, *, rectify: str = "query", refresh_interval: int = 5):
+    """Outputs of a compiled tiny model over steps with `masks` (one per step), the expected outputs (a fresh sparse
+    call each step) and the cache column of the report."""
+    model = TinyVideoAttention()
+    inputs = tiny_inputs(3, 8, 12, TEXT)
+    compiled = compile_spattn(model, refresh_interval=refresh_interval)
+    outputs, expected = [], []
+    with torch.no_grad():
+        for step, mask in enumerate(masks):
+            with spattn_compile.config(**SETTINGS, rectify=rectify), spattn_compile.step(step):
+                outputs.append(compiled(*inputs, mask))
+                with SparseSDPA(GRID, TEXT) as sparse:
+                    expected.append(model(*inputs, mask))
+                assert sparse.sparse_calls == 1
+    caches = [r.cache for r in spattn_compile.report().records]
+    return outputs, expected, caches
+
+
+def _keep_first(n: int) -> torch.Tensor:
+    mask = torch.zeros(1, 1, 1, SEQ, dtype=torch.bool)
+    mask[..., :n] = True
+    return mask
+
+
+@pytest.mark.parametrize("rectify", ["query", "none", "block"])
+def test_a_cached_plan_is_not_reused_when_the_mask_contents_change(rectify):
+    """Issue 18 item 1: step 0 all-True, step 1 a same-shape mask that keeps 16 keys: the plan is refreshed, and no
+    query row comes out zero."""
+    masks = [torch.ones(1, 1, 1, SEQ, dtype=torch.bool), _keep_first(16)]
+    outputs, expected, caches = _run_steps(masks, rectify=rectify)
+    assert caches == ["refresh", "refresh"]
+    for out, ref in zip(outputs, expected):
+        assert relative_error(out, ref) < 1e-5
+
+
+def test_an_equal_mask_in_a_new_tensor_still_hits_the_cache():
+    """The key names a mask by its contents, not by its tensor: an equal mask built anew each step reuses the plan,
+    and a change back to an earlier mask is a change again."""
+    masks = [_keep_first(40), _keep_first(40), _keep_first(40).clone(), _keep_first(30), _keep_first(40)]
+    outputs, expected, caches = _run_steps(masks, refresh_interval=10)
+    assert caches == ["refresh", "hit", "hit", "refresh", "refresh"]
+    for out, ref in zip(outputs, expected):
+        assert relative_error(out, ref) < 1e-5
+
+
+def test_a_mask_changed_in_place_is_a_new_mask():
+    """The same tensor object, written in place between steps, is compared again (its version counter moved)."""
+    mask = _keep_first(60)
+    model = TinyVideoAttention()
+    inputs = tiny_inputs(3, 8, 12, TEXT)
+    compiled = compile_spattn(model, refresh_interval=10)
+    with torch.no_grad(), spattn_compile.config(**SETTINGS):
+        with spattn_compile.step(0):
+            compiled(*inputs, mask)
+        mask[..., 20:] = False
+        with spattn_compile.step(1):
+            out = compiled(*inputs, mask)
+        with SparseSDPA(GRID, TEXT):
+            ref = model(*inputs, mask)
+    assert [r.cache for r in spattn_compile.report().records] == ["refresh", "refresh"]
+    assert relative_error(out, ref) < 1e-5
+
+
+def _signature(scale: float | None, mask: torch.Tensor | None, fingerprints=None) -> tuple:
+    inputs = dit_attention_inputs(GRID, heads=2, head_dim=16, text_len=TEXT, dtype=torch.float64, seed=3)
+    config = SparseAttentionConfig(block_size=16, min_seq_len=0)
+    call = SparseAttention(
+        inputs.query, inputs.key, inputs.value, CallLayout(GRID, TEXT, False), attn_mask=mask, scale=scale,
+        config=config, implementation=ReferenceImplementation(torch.float64),
+    )  # fmt: skip
+    return op.plan_signature(call, config, fingerprints)
+
+
+def test_the_signature_holds_the_scale():
+    assert _signature(None, None) != _signature(0.1, None)
+    assert _signature(0.1, None) == _signature(0.1, None)
+
+
+@given(st.lists(st.booleans(), min_size=SEQ, max_size=SEQ), st.integers(0, SEQ - 1))
+def test_the_signature_names_masks_by_contents(bits, flip):
+    """Property: equal masks (new tensors) share a signature; a mask differing in one key does not."""
+    fingerprints = MaskFingerprints()
+    mask = torch.tensor(bits).reshape(1, 1, 1, SEQ)
+    changed = mask.clone()
+    changed[..., flip] = ~changed[..., flip]
+    first = _signature(None, mask, fingerprints)
+    assert _signature(None, mask.clone(), fingerprints) == first
+    assert _signature(None, changed, fingerprints) != first
+    assert _signature(None, None, fingerprints) != first
+    assert _signature(None, mask, fingerprints) == first
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A plan and the settings it is run with
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _qkv():
+    inputs = dit_attention_inputs(GRID, heads=2, head_dim=16, text_len=TEXT, dtype=torch.float64, seed=5)
+    return inputs.query, inputs.key, inputs.value
+
+
+BASE = SparseAttentionConfig(block_size=16, sparsity=0.5, min_seq_len=0)
+LAYOUT = dict(video_grid=GRID, text_len=TEXT)
+
+
+@pytest.mark.parametrize(
+    "selected, run",
+    [
+        ({"gapr": True}, {"gapr": False}),
+        ({"rectify": "none"}, {"rectify": "query"}),
+        ({"rectify": "query"}, {"rectify": "none"}),
+        ({"sparsity": 0.5}, {"sparsity": 0.9}),
+        ({"neighbors": False}, {"neighbors": True}),
+        ({"mass_threshold": None}, {"mass_threshold": 0.9}),
+    ],
+)
+def test_a_plan_run_with_other_settings_raises_naming_them(selected, run):
+    """Issue 18 item 2: a plan is run as it was selected; a config given with it that says otherwise raises, naming
+    the setting and both values."""
+    q, k, v = _qkv()
+    plan = spattn_compile.select_plan(q, k, v, **LAYOUT, config=dataclasses.replace(BASE, **selected))
+    field = next(iter(run))
+    with pytest.raises(ValueError, match=field) as error:
+        spattn_compile.sparse_attention(q, k, v, **LAYOUT, config=dataclasses.replace(BASE, **run), plan=plan)
+    assert repr(selected.get(field, getattr(BASE, field))) in str(error.value)
+    assert repr(run[field]) in str(error.value)
+
+
+def test_a_plan_run_with_its_own_settings_is_the_fresh_call():
+    q, k, v = _qkv()
+    for changes in ({}, {"gapr": False}, {"rectify": "none"}, {"rectify": "block"}):
+        config = dataclasses.replace(BASE, **changes)
+        plan = spattn_compile.select_plan(q, k, v, **LAYOUT, config=config)
+        with_plan = spattn_compile.sparse_attention(q, k, v, **LAYOUT, config=config, plan=plan)
+        fresh = spattn_compile.sparse_attention(q, k, v, **LAYOUT, config=config)
+        torch.testing.assert_close(with_plan, fresh, rtol=0, atol=0)
+
+
+def test_a_plan_of_query_rectification_serves_block_rectification():
+    """Block and query rectification read the same trusted blocks: a plan of one runs with the other (honoured)."""
+    q, k, v = _qkv()
+    plan = spattn_compile.select_plan(q, k, v, **LAYOUT, config=BASE)
+    block = dataclasses.replace(BASE, rectify="block")
+    out = spattn_compile.sparse_attention(q, k, v, **LAYOUT, config=block, plan=plan)
+    torch.testing.assert_close(out, spattn_compile.sparse_attention(q, k, v, **LAYOUT, config=block))
+
+
+def test_a_plan_under_a_config_block_that_contradicts_it_raises():
+    q, k, v = _qkv()
+    plan = spattn_compile.select_plan(q, k, v, **LAYOUT, config=BASE)
+    with spattn_compile.config(BASE), spattn_compile.config(gapr=False):
+        with pytest.raises(ValueError, match="gapr"):
+            spattn_compile.sparse_attention(q, k, v, **LAYOUT, plan=plan)
+
+
+def test_a_plan_from_a_mask_runs_with_any_rectification():
+    """A hand-built plan records no settings: its trusted lists are the caller's, and the run's mode applies."""
+    q, k, v = _qkv()
+    layout = spattn_compile.layout.token_layout(GRID, TEXT, False, 16, "hilbert")
+    keep = torch.eye(layout.num_blocks, dtype=torch.bool).expand(1, 2, -1, -1)
+    plan = spattn_compile.SparsePlan.from_mask(keep, **LAYOUT, block_size=16)
+    for rectify in ("none", "query"):
+        spattn_compile.sparse_attention(
+            q, k, v, **LAYOUT, config=dataclasses.replace(BASE, rectify=rectify), plan=plan
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Errors that name the argument
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_numpy_integers_are_accepted_where_ints_are():
+    spattn_compile.set_plan_cache_limit(np.int64(1 << 20))
+    spattn_compile.set_plan_cache_limit(1 << 30)
+    with spattn_compile.step(np.int32(2), branch=np.int64(0)):
+        pass
+    assert spattn_compile.check_capability(torch.float32, np.int64(64), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("value", [True, 1.5, "3", -1])
+def test_step_rejects_non_ints_naming_the_argument(value):
+    with pytest.raises((TypeError, ValueError), match="step"):
+        with spattn_compile.step(value):
+            pass
+
+
+def test_backend_given_a_dict_says_how_to_pass_options():
+    with pytest.raises(TypeError, match="options") as error:
+        spattn_compile.backend({"sparsity": 0.9})
+    assert "spattn_compile.backend(sparsity=" in str(error.value)
+
+
+def test_a_broadcast_batch_mask_is_a_key_padding_mask():
+    """`(B, 1, 1, 1)` broadcasts to `(B, H, 1, S)` under SDPA's rules: accepted, and the result is SDPA's where every
+    key is kept (True) and where none is (SDPA: NaN rows... compared as the same call with the expanded mask)."""
+    q, k, v = (t.expand(2, -1, -1, -1).contiguous() for t in _qkv())
+    mask = torch.tensor([True, True]).reshape(2, 1, 1, 1)
+    out = spattn_compile.sparse_attention(q, k, v, **LAYOUT, config=BASE, attn_mask=mask)
+    full = spattn_compile.sparse_attention(q, k, v, **LAYOUT, config=BASE, attn_mask=mask.expand(2, 1, 1, SEQ))
+    torch.testing.assert_close(out, full, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("which", ["query", "key", "value"])
+def test_expanded_inputs_run_like_their_copies(which):
+    """Stride-0 (expanded) heads are accepted as SDPA accepts them; the result equals the contiguous copy's."""
+    q, k, v = _qkv()
+    q, k, v = q.float(), k.float(), v.float()
+    tensors = {"query": q, "key": k, "value": v}
+    tensors[which] = tensors[which][:, :1].expand(-1, 2, -1, -1)
+    contiguous = {name: t.contiguous() for name, t in tensors.items()}
+    for impl in ("reference", "triton"):
+        out = spattn_compile.sparse_attention(**tensors, **LAYOUT, config=BASE, impl=impl)
+        ref = spattn_compile.sparse_attention(**contiguous, **LAYOUT, config=BASE, impl=impl)
+        torch.testing.assert_close(out, ref)
