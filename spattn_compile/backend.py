@@ -423,7 +423,15 @@ class _CallableModule(types.ModuleType):
     """`spattn_compile.backend(**options)`: this module, called, makes a backend with preset options (so that the
     settings reach the backend when torch.compile is given `mode=`, which excludes `options=`)."""
 
-    def __call__(self, **options: Any) -> SpattnBackend:
+    def __call__(self, *args: Any, **options: Any) -> SpattnBackend:
+        if args:
+            given = ", ".join(f"{type(a).__name__}" for a in args)
+            example = ", ".join(f"{k}={v!r}" for k, v in args[0].items()) if isinstance(args[0], Mapping) else ""
+            raise TypeError(
+                f"spattn_compile.backend takes its options as keyword arguments, got positional argument(s) of type "
+                f"{given}: write spattn_compile.backend({example or 'sparsity=0.9'})"
+                + (" or spattn_compile.backend(**options)" if example else "")
+            )
         return SpattnBackend(options)
 
 

@@ -111,8 +111,13 @@ def default_scale(query: torch.Tensor, scale: float | None) -> float:
 def output_like(query: torch.Tensor) -> torch.Tensor:
     """An uninitialised tensor of the query's shape, dtype, device and memory order (the order of its strides), so
     that a `(B, S, H, D)` query viewed as `(B, H, S, D)` gets an output the caller can transpose back for free. The
-    custom op's fake implementation promises exactly this layout."""
-    order = sorted(range(query.dim()), key=lambda d: (query.stride(d), query.shape[d]), reverse=True)
+    custom op's fake implementation promises exactly this layout. The head dim is always contiguous, and an expanded
+    (stride-0) dim of the query is laid out outermost."""
+    # The last dim stays innermost (the kernels store rows); an expanded (stride-0) dim has no memory order of its
+    # own and goes outermost.
+    last = query.dim() - 1
+    leading = sorted(range(last), key=lambda d: (query.stride(d) == 0, query.stride(d), query.shape[d]), reverse=True)
+    order = [*leading, last]
     strides = [0] * query.dim()
     running = 1
     for dim in reversed(order):

@@ -37,6 +37,7 @@ import contextvars
 import dataclasses
 import functools
 import inspect
+import numbers
 import sys
 import threading
 import weakref
@@ -344,10 +345,11 @@ def reset_schedule() -> None:
 def set_plan_cache_limit(max_bytes: int) -> None:
     """Cap the bytes of each compiled model's cached plans (default 8 GiB); least recently used plans are evicted
     beyond it."""
-    if not isinstance(max_bytes, int) or isinstance(max_bytes, bool):
-        raise TypeError(f"max_bytes must be an int, got {type(max_bytes).__name__}")
+    if not isinstance(max_bytes, numbers.Integral) or isinstance(max_bytes, bool):
+        raise TypeError(f"max_bytes must be an int >= 0, got {max_bytes!r} of type {type(max_bytes).__name__}")
     if max_bytes < 0:
-        raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        raise ValueError(f"max_bytes must be an int >= 0, got {max_bytes}")
+    max_bytes = int(max_bytes)
     plan_cache_limit().max_bytes = max_bytes
     for model in default_registry().models():
         model.plan_cache.set_limit(max_bytes)

@@ -20,15 +20,23 @@ from __future__ import annotations
 import collections
 import dataclasses
 import threading
-import weakref
 from collections.abc import Hashable
 from typing import Protocol
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..plan import SparsePlan
 
-__all__ = ["CacheLimit", "CachedPlan", "MaskFingerprints", "PlanCache", "plan_cache_limit", "plan_summary", "refresh_density"]
+__all__ = [
+    "CacheLimit",
+    "CachedPlan",
+    "MaskFingerprints",
+    "PlanCache",
+    "plan_cache_limit",
+    "plan_summary",
+    "refresh_density",
+]
 
 
 class AtStep(Protocol):
@@ -99,7 +107,7 @@ class MaskFingerprints:
     def __init__(self, capacity: int = 8) -> None:
         self.capacity = capacity
         self._known: collections.OrderedDict[int, torch.Tensor] = collections.OrderedDict()
-        self._seen: dict[int, tuple[weakref.ref, int, int]] = {}  # id(tensor) -> (ref, version, name)
+        self._seen: WeakIdKeyDictionary = WeakIdKeyDictionary()  # tensor -> (version, name)
         self._next = 0
         self._lock = threading.Lock()
 
@@ -109,11 +117,10 @@ class MaskFingerprints:
             return None
         version = _version(mask)
         with self._lock:
-            seen = self._seen.get(id(mask))
-            if seen is not None and seen[0]() is mask and version is not None and seen[1] == version:
-                if seen[2] in self._known:
-                    self._known.move_to_end(seen[2])
-                    return seen[2]
+            seen = self._seen.get(mask)
+            if seen is not None and version is not None and seen[0] == version and seen[1] in self._known:
+                self._known.move_to_end(seen[1])
+                return seen[1]
             name = next((n for n, known in self._known.items() if _same_mask(known, mask)), None)
             if name is None:
                 name, self._next = self._next, self._next + 1
@@ -122,15 +129,8 @@ class MaskFingerprints:
                     self._known.popitem(last=False)
             self._known.move_to_end(name)
             if version is not None:
-                key = id(mask)
-                self._seen[key] = (weakref.ref(mask, lambda _, key=key: self._forget(key)), version, name)
+                self._seen[mask] = (version, name)
             return name
-
-    def _forget(self, key: int) -> None:
-        # Called when a mask tensor is freed (no lock: the callback may run while `of` holds it; a dict pop is atomic).
-        entry = self._seen.get(key)
-        if entry is not None and entry[0]() is None:
-            self._seen.pop(key, None)
 
     def clear(self) -> None:
         with self._lock:
