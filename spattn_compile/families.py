@@ -59,6 +59,32 @@ def _size(value: object) -> int | None:
     return None
 
 
+def _channel_dim(
+    model: torch.nn.Module, shape: tuple[int, ...], channels: object, rule: LatentRule
+) -> int | str:
+    """The channel dim of a 5-D latent of `shape`, or why it cannot be told. A family of `FAMILY_RULES` names it (and
+    the config's channel count, when known, must be there); otherwise it is the dim among 1, 2 and 4 that holds the
+    channel count, and when several do, only if every reading gives the same grid (`(B, C, F, H, W)` with `C == F`).
+    Nothing is guessed: a misread latent of the same token count would run sparse on the wrong grid."""
+    name = type(model).__name__
+    if rule is not DEFAULT_RULE:
+        if channels is not None and shape[rule.channel_dim] != channels:
+            return (
+                f"{name}'s latent {shape} has {shape[rule.channel_dim]} entries in dim {rule.channel_dim}, where its "
+                f"family keeps the {channels} channels"
+            )
+        return rule.channel_dim
+    matches = [d for d in (1, 2, 4) if shape[d] == channels]
+    readings = {tuple(shape[d] for d in range(1, 5) if d != match) for match in matches}
+    if len(readings) == 1:
+        return matches[0]
+    where = f"dims {matches} all hold" if matches else "no dim among 1, 2 and 4 holds"
+    return (
+        f"{name}'s latent {shape} cannot be read unambiguously ({where} the channel count {channels!r} of its config): "
+        "add its family to spattn_compile.families.FAMILY_RULES, or set video_grid"
+    )
+
+
 def latent_grid(model: torch.nn.Module, arguments: Mapping[str, Any]) -> tuple[tuple[int, int, int] | None, str]:
     """The attention grid (frames, height, width) of a forward of `model` with `arguments` (its forward's arguments by
     name; see the module docstring), or (None, why not)."""
@@ -79,8 +105,9 @@ def latent_grid(model: torch.nn.Module, arguments: Mapping[str, Any]) -> tuple[t
     rule = rule_of(model)
     if latent.dim() == 5:
         channels = next((value for name in rule.channels if (value := getattr(config, name, None))), None)
-        matches = [d for d in (1, 2, 4) if latent.shape[d] == channels]
-        channel_dim = matches[0] if len(matches) == 1 else rule.channel_dim
+        channel_dim = _channel_dim(model, tuple(latent.shape), channels, rule)
+        if isinstance(channel_dim, str):
+            return None, channel_dim
         sizes = [latent.shape[d] for d in range(1, 5) if d != channel_dim]
     elif latent.dim() == 3:
         given = [_size(arguments.get(name)) for name in rule.sizes]

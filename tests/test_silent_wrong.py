@@ -254,3 +254,48 @@ def test_expanded_inputs_run_like_their_copies(which):
         out = spattn_compile.sparse_attention(**tensors, **LAYOUT, config=BASE, impl=impl)
         ref = spattn_compile.sparse_attention(**contiguous, **LAYOUT, config=BASE, impl=impl)
         torch.testing.assert_close(out, ref)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading the latent grid of a forward (regional compilation)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class _Video(torch.nn.Module):
+    """A model of a family missing from `FAMILY_RULES`, whose config has `in_channels` and patch (1, 2, 2)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.config = type("Config", (), {"patch_size": (1, 2, 2), "in_channels": channels})()
+
+
+@given(
+    st.integers(1, 6), st.integers(1, 5).map(lambda n: 2 * n), st.integers(1, 5).map(lambda n: 2 * n),
+    st.integers(1, 8), st.sampled_from([1, 2, 4]),
+)  # fmt: skip
+def test_a_latent_is_read_right_or_not_at_all(frames, height, width, channels, channel_dim):
+    """Property: a 5-D latent with its channels in dim 1, 2 or 4 gives its true grid, or no grid with a reason that
+    names the fix; never another grid (issue 18 item 3: a channels-last latent whose channel count matches another
+    dim was read as (T, W, C)-shaped)."""
+    from spattn_compile.families import latent_grid
+
+    sizes = [frames, height, width]
+    shape = [1, *sizes]
+    shape.insert(channel_dim, channels)
+    if channel_dim == 4:  # (B, F, H, W, C)
+        shape = [1, frames, height, width, channels]
+    grid, why = latent_grid(_Video(channels), {"hidden_states": torch.zeros(shape)})
+    if grid is None:
+        assert "FAMILY_RULES" in why and "video_grid" in why
+    else:
+        assert grid == (frames, height // 2, width // 2), (shape, grid)
+
+
+def test_a_channels_last_latent_matching_another_dim_is_not_guessed():
+    from spattn_compile.families import latent_grid
+
+    grid, why = latent_grid(_Video(4), {"hidden_states": torch.zeros(1, 4, 8, 12, 4)})
+    assert grid is None and "cannot be read unambiguously" in why
+    assert latent_grid(_Video(4), {"hidden_states": torch.zeros(1, 3, 8, 12, 4)}) == ((3, 4, 6), "")
+    # (B, C, F, H, W) with C == F: both readings give the same grid.
+    assert latent_grid(_Video(4), {"hidden_states": torch.zeros(1, 4, 4, 8, 12)}) == ((4, 4, 6), "")
