@@ -130,7 +130,29 @@ class SparseAttention:
         """Stage 1 (estimate): the block scores `P_hat (B, H, NB, NB + 1)` of `estimator` (default: the config's),
         from a preparation at its `pool_tile_size`."""
         estimator = self.estimator if estimator is None else estimator
-        return getattr(estimator_for(estimator), self.implementation.kind)(prepared.estimator_inputs(), estimator)
+        scores = getattr(estimator_for(estimator), self.implementation.kind)(prepared.estimator_inputs(), estimator)
+        self._check_scores(scores, estimator)
+        return scores
+
+    def _check_scores(self, scores: object, estimator: EstimatorConfig) -> None:
+        """An estimator's scores must be a float `(B, H, NB, NB + 1)` tensor on the inputs' device (a registered
+        estimator written elsewhere is checked here, where its result enters the plan, not where it fails later)."""
+        batch, heads = self.query.shape[:2]
+        nb = self.layout.num_video_blocks
+        expected = (batch, heads, nb, nb + 1)
+        if (
+            not isinstance(scores, torch.Tensor)
+            or tuple(scores.shape) != expected
+            or not scores.is_floating_point()
+            or scores.device != self.query.device
+        ):
+            got = f"{type(scores).__name__}" if not isinstance(scores, torch.Tensor) else (
+                f"{scores.dtype} tensor of shape {tuple(scores.shape)} on {scores.device}"
+            )  # fmt: skip
+            raise ValueError(
+                f"estimator {estimator.name!r} ({type(estimator).__name__}) returned {got}; an estimator returns "
+                f"float block scores of shape (B, H, NB, NB + 1) = {expected} on {self.query.device}"
+            )
 
     def select(
         self, prepared: Prepared, scores: torch.Tensor, selection: SelectionConfig | None = None, label: str = ""

@@ -24,6 +24,7 @@ import spattn_compile
 from spattn_compile.attention import SparseAttention
 from spattn_compile.call_layout import CallLayout
 from spattn_compile.config import SparseAttentionConfig
+from spattn_compile.estimators import EstimatorConfig, EstimatorInputs, register_estimator, unregister_estimator
 from spattn_compile.implementations import ReferenceImplementation
 from spattn_compile.runtime import op
 from spattn_compile.runtime.plan_cache import MaskFingerprints
@@ -299,3 +300,43 @@ def test_a_channels_last_latent_matching_another_dim_is_not_guessed():
     assert latent_grid(_Video(4), {"hidden_states": torch.zeros(1, 3, 8, 12, 4)}) == ((3, 4, 6), "")
     # (B, C, F, H, W) with C == F: both readings give the same grid.
     assert latent_grid(_Video(4), {"hidden_states": torch.zeros(1, 4, 4, 8, 12)}) == ((4, 4, 6), "")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A custom estimator's scores; dense_layers naming a layer the model lacks (issue 18 item 5)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Misshapen(EstimatorConfig):
+    name = "misshapen_for_test"
+
+
+def _misshapen(inputs: EstimatorInputs, settings: _Misshapen) -> torch.Tensor:
+    nb = inputs.layout.num_video_blocks
+    b, h = inputs.q.shape[:2]
+    return torch.full((b, h, nb, nb), 1.0 / nb, device=inputs.q.device)  # the text column is missing
+
+
+def test_an_estimator_returning_misshapen_scores_is_refused_where_it_returns():
+    register_estimator(_Misshapen, reference=_misshapen, kernel=_misshapen)
+    try:
+        q, k, v = _qkv()
+        config = dataclasses.replace(BASE, estimator="misshapen_for_test")
+        with pytest.raises(ValueError, match=r"misshapen_for_test.*\(1, 2, 5, 5\).*\(1, 2, 5, 6\)"):
+            spattn_compile.select_plan(q, k, v, **LAYOUT, config=config)
+    finally:
+        unregister_estimator(_Misshapen)
+
+
+def test_dense_layers_naming_a_missing_layer_raises():
+    model = TinyVideoAttention()
+    inputs = tiny_inputs(3, 8, 12, TEXT)
+    compiled = compile_spattn(model)
+    with torch.no_grad(), spattn_compile.config(**SETTINGS, dense_layers=(3,)):
+        compiled(*inputs)  # the first forward: the layers are not all known yet
+        with pytest.raises(ValueError, match=r"dense_layers=\(3,\).*\[3\].*1 sparse-capable"):
+            compiled(*inputs)
+    with torch.no_grad(), spattn_compile.config(**SETTINGS, dense_layers=(0,)):
+        compiled(*inputs)
+    assert spattn_compile.report().records[-1].kind == "dense_layer"

@@ -109,6 +109,7 @@ class ModelState:
         self.rules: collections.Counter[str] = collections.Counter()
         self.sparse_calls = 0
         self.graphs = 0
+        self.forwards = 0  # forwards begun (advance calls): after the first, every attention layer has an index
         self.warned = False
 
     def __repr__(self) -> str:
@@ -121,6 +122,7 @@ class ModelState:
     def advance(self, timestep: object) -> StepContext:
         """Account for one forward of the model with this `timestep` argument (`steps.StepTracker`)."""
         at = self.tracker.advance(timestep)
+        self.forwards += 1
         return StepContext(self, at.generation, at.step, at.branch, at.source)
 
     def layer_index(self, name: str) -> int:
@@ -137,6 +139,19 @@ class ModelState:
         """The plan cached for the attention layer `layer` (a module path, as `report()` names it) and CFG branch, if
         any. Under context parallelism it covers the heads this rank holds (`report()`'s heads column)."""
         return self.plan_cache.plan((layer, branch))
+
+    def check_dense_layers(self, dense_layers: tuple[int, ...]) -> None:
+        """Raise ValueError when `dense_layers` names a layer index the model does not have (known once a whole
+        forward has run: from the second forward on)."""
+        if self.forwards < 2 or not dense_layers:
+            return
+        count = len(self._layers)
+        missing = [index for index in dense_layers if index >= count]
+        if missing:
+            raise ValueError(
+                f"spattn: dense_layers={dense_layers!r} names layer(s) {missing}, but {self.name} has {count} "
+                f"sparse-capable attention layers (indices 0 to {count - 1}, named in spattn_compile.report())"
+            )
 
     @property
     def layers(self) -> dict[str, int]:

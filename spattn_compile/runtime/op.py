@@ -152,6 +152,7 @@ def _scheduled_attention(
     """One call inside a compiled model: returns the output and (kind, cache, density, recall, keep share, estimator)
     for the report, see `records.AttentionRecord`. `layer`: (model-level index, module path)."""
     layer_index, layer_name = layer
+    context.model.check_dense_layers(config.dense_layers)
     dense_kind = ""
     if isinstance(layout, str):
         dense_kind = "no_grid"
