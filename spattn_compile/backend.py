@@ -298,7 +298,9 @@ class _GraphRunner:
         self.layer_names = _layer_names(decisions)
         self.layer_heads = _layer_heads(decisions)
         self.short = [d for d in decisions if d.rule == "short"]
+        self.no_grid = [d for d in decisions if d.rule == "no_grid"]
         self.warned_min_seq_len: set[int] = set()
+        self.warned_video_grid = False
         self.calls = 0
 
     def settings(self) -> SparseAttentionConfig:
@@ -315,6 +317,21 @@ class _GraphRunner:
                     stuck,
                     compiled_min,
                 )
+        if (
+            self.no_grid
+            and effective.video_grid is not None
+            and self.compiled_config.video_grid is None
+            and not self.warned_video_grid
+        ):
+            # The nodes were left dense at compile time (no grid then); the op is not in the graph to read it now.
+            self.warned_video_grid = True
+            logger.warning(
+                "spattn: video_grid=%s is active, but %s were compiled without a video grid and stay dense until a "
+                "recompile: give video_grid when the model is compiled (options={'video_grid': ...} or a "
+                "spattn_compile.config(video_grid=...) block around its first call), or torch._dynamo.reset()",
+                effective.video_grid,
+                [d.node for d in self.no_grid],
+            )
         return effective
 
     def context(self, owner: Owner, args: tuple) -> StepContext | None:

@@ -16,7 +16,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from helpers import SETTINGS, SparseSDPA, TinyVideoAttention, compile_spattn, tiny_inputs
+from helpers import SETTINGS, SparseSDPA, TinyVideoAttention, capture_warnings, compile_spattn, tiny_inputs
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -340,3 +340,40 @@ def test_dense_layers_naming_a_missing_layer_raises():
     with torch.no_grad(), spattn_compile.config(**SETTINGS, dense_layers=(0,)):
         compiled(*inputs)
     assert spattn_compile.report().records[-1].kind == "dense_layer"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Warnings that name what to do (issue 18 item 4 and the nothing-sparse reason)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_a_grid_set_after_a_compile_without_one_says_it_needs_a_recompile(caplog):
+    """A packed-token model first compiled without a grid stays dense inside `config(video_grid=...)` (its node was
+    not rewritten): that is said, with the fix, instead of a warning suggesting the setting already in force."""
+    model = TinyVideoAttention(patch_embed=False)
+    inputs = tiny_inputs(3, 8, 12, TEXT, packed=True)
+    compiled = compile_spattn(model)
+    with torch.no_grad(), capture_warnings(caplog) as warnings:
+        with spattn_compile.config(**SETTINGS):
+            compiled(*inputs)
+        with spattn_compile.config(**SETTINGS, video_grid=GRID, text_position="last"):
+            compiled(*inputs)
+            compiled(*inputs)
+    recompile = [w for w in warnings if "video_grid=(3, 4, 6) is active" in w]
+    assert len(recompile) == 1 and "recompile" in recompile[0] and "options={'video_grid'" in recompile[0]
+
+
+def test_the_nothing_sparse_warning_names_the_self_attentions_reason():
+    """Cross-attention calls outnumbering the self-attention's: the warning names the self-attention's reason."""
+    from spattn_compile.runtime.model_state import ModelState, nothing_sparse_message
+
+    state = ModelState("Model")
+    state.note_decisions([_Decision("cross_attention")] * 3 + [_Decision("no_grid")])
+    message = nothing_sparse_message(state)
+    assert "'no_grid'" in message and "video_grid" in message
+
+
+@dataclasses.dataclass
+class _Decision:
+    rule: str
+    sparse: bool = False

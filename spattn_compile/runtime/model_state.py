@@ -214,7 +214,9 @@ _FIXES = {
 def nothing_sparse_message(state: ModelState) -> str:
     """The warning for a model none of whose attention calls became sparse: the commonest reason and its fix."""
     if state.rules:
-        rule, count = state.rules.most_common(1)[0]
+        # Cross-attention is never sparse; when self-attention stayed dense too, its reason is the one to fix.
+        own = [(rule, count) for rule, count in state.rules.most_common() if rule != "cross_attention"]
+        rule, count = (own or state.rules.most_common(1))[0]
         total = sum(state.rules.values())
         reason = f"{count} of its {total} attention calls stay dense for the reason {rule!r}"
     elif type(getattr(state.module, "_cache_config", None)).__name__ == "MagCacheConfig":
