@@ -53,7 +53,7 @@ def _check_plan_settings(plan: SparsePlan, config: SparseAttentionConfig, given:
         if name in given and name in selected and selected[name] != getattr(config, name)
     ]
     if all(name in selected for name in _TRUST_FIELDS):
-        planned = dataclasses.replace(config, rectify=selected["rectify"], gapr=selected["gapr"])
+        planned = dataclasses.replace(config, rectify=str(selected["rectify"]), gapr=bool(selected["gapr"]))
         if rectification_settings(planned).trust != rectification_settings(config).trust:
             differences += [
                 f"{name}={selected[name]!r} (plan) vs {getattr(config, name)!r} (config)"
