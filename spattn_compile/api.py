@@ -47,19 +47,16 @@ def _check_plan_settings(plan: SparsePlan, config: SparseAttentionConfig, given:
     if not plan.selected_with:
         return
     selected = dict(plan.selected_with)
-    differences = [
-        f"{name}={selected[name]!r} (plan) vs {getattr(config, name)!r} (config)"
-        for name in _SELECTION_FIELDS
-        if name in given and name in selected and selected[name] != getattr(config, name)
-    ]
+    checked = [name for name in _SELECTION_FIELDS if name in given and name in selected]
     if all(name in selected for name in _TRUST_FIELDS):
         planned = dataclasses.replace(config, rectify=str(selected["rectify"]), gapr=bool(selected["gapr"]))
         if rectification_settings(planned).trust != rectification_settings(config).trust:
-            differences += [
-                f"{name}={selected[name]!r} (plan) vs {getattr(config, name)!r} (config)"
-                for name in _TRUST_FIELDS
-                if selected[name] != getattr(config, name)
-            ]
+            checked += _TRUST_FIELDS
+    differences = [
+        f"{name}={selected[name]!r} (the plan's) vs {name}={getattr(config, name)!r} (this call's)"
+        for name in checked
+        if selected[name] != getattr(config, name)
+    ]
     if differences:
         raise ValueError(
             "plan was selected with other settings than this call's: " + "; ".join(differences) + ". A plan is "
