@@ -16,7 +16,16 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from helpers import SETTINGS, SparseSDPA, TinyVideoAttention, capture_warnings, compile_spattn, tiny_inputs
+import torch.nn.functional as F
+from helpers import (
+    SETTINGS,
+    SparseSDPA,
+    TinyVideoAttention,
+    capture_warnings,
+    compile_spattn,
+    explain_model,
+    tiny_inputs,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -377,3 +386,52 @@ def test_the_nothing_sparse_warning_names_the_self_attentions_reason():
 class _Decision:
     rule: str
     sparse: bool = False
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Dense where it could be sparse: complex rotary embeddings
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class _ComplexRotary(torch.nn.Module):
+    """Packed video tokens `(B, 72, 4)` whose grid (3, 4, 6) shows only in a complex rotary embedding applied with
+    `view_as_complex` / `view_as_real` (Lumina- / Mochi-style), or its real-valued twin."""
+
+    def __init__(self, complex_valued: bool) -> None:
+        super().__init__()
+        self.complex_valued = complex_valued
+        self.tokens, self.qkv = torch.nn.Linear(4, 32), torch.nn.Linear(32, 96)
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(self.tokens(video)).unflatten(-1, (3, 2, 16)).permute(2, 0, 3, 1, 4)
+        f, h, w = torch.meshgrid(torch.arange(3.0), torch.arange(4.0), torch.arange(6.0), indexing="ij")
+        angles = (f + h * 0.5 + w * 0.25)[..., None] * torch.arange(1.0, 9.0)
+        if self.complex_valued:
+            freqs = torch.polar(torch.ones_like(angles), angles).reshape(72, 8)
+
+            def rotate(t: torch.Tensor) -> torch.Tensor:
+                pairs = torch.view_as_complex(t.float().reshape(*t.shape[:-1], 8, 2))
+                return torch.view_as_real(pairs * freqs).flatten(3).type_as(t)
+        else:
+            cos = angles.cos().reshape(72, 8).repeat_interleave(2, -1)
+            sin = angles.sin().reshape(72, 8).repeat_interleave(2, -1)
+
+            def rotate(t: torch.Tensor) -> torch.Tensor:
+                return t * cos + t.flip(-1) * sin
+
+        return F.scaled_dot_product_attention(rotate(q), rotate(k), v).transpose(1, 2).flatten(2)
+
+
+@pytest.mark.parametrize("complex_valued", [False, True])
+def test_a_grid_seen_only_through_a_complex_rotary_embedding_is_read(complex_valued):
+    model = _ComplexRotary(complex_valued)
+    video = torch.randn(1, 72, 4, generator=torch.Generator().manual_seed(0))
+    decision = explain_model(model, {"video": video}).decisions[0]
+    assert decision.sparse and decision.video_grid == (3, 4, 6), decision.reason
+    with torch.no_grad(), spattn_compile.config(**SETTINGS, sparsity=0.5):
+        with SparseSDPA((3, 4, 6)) as expected:
+            reference = model(video)
+        out = compile_spattn(model)(video)
+    assert expected.sparse_calls == 1
+    assert relative_error(out, reference) < 1e-5
+    assert relative_error(out, model(video)) > 1e-4  # sparse, not dense

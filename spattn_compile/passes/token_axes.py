@@ -512,8 +512,8 @@ _UNARY = frozenset(
 _BROADCAST = frozenset(
     """
     add addcdiv addcmul and_ atan2 bitwise_and bitwise_or bitwise_xor copysign div eq floordiv fmod ge gt le lerp
-    logical_and logical_or logical_xor lt masked_fill maximum minimum mod mul ne or_ pow remainder sub true_divide
-    truediv where xor
+    logical_and logical_or logical_xor lt masked_fill maximum minimum mod mul ne or_ polar pow remainder sub
+    true_divide truediv where xor complex
     """.split()
 )
 _RESHAPES = frozenset("flatten reshape squeeze unflatten unsqueeze view view_as reshape_as".split())
@@ -645,6 +645,11 @@ class TokenAxisAnalysis:
             return self._reshape(first, first_shape, shape)
         if name in ("transpose", "swapaxes", "swapdims", "permute", "movedim", "t"):
             return self._permute(node, name, first, first_shape, shape)
+        if name == "view_as_complex":
+            # (..., n, 2) real -> (..., n) complex (complex rotary embeddings): every dim but the pairs is kept.
+            return self._carry(first, first_shape, shape, range(len(shape)))
+        if name == "view_as_real":
+            return self._carry(first, first_shape, shape, range(len(first_shape)))
         if name in ("expand", "expand_as", "broadcast_to"):
             return self._broadcast(node, shape, [first])
         if name == "repeat":
