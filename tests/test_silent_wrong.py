@@ -435,3 +435,43 @@ def test_a_grid_seen_only_through_a_complex_rotary_embedding_is_read(complex_val
     assert expected.sparse_calls == 1
     assert relative_error(out, reference) < 1e-5
     assert relative_error(out, model(video)) > 1e-4  # sparse, not dense
+
+
+class _FrameModulated(torch.nn.Module):
+    """Packed tokens with a per-frame modulation reshape `(F, H*W)` and a rotary table over `(F, H, W)` (3, 4, 6)."""
+
+    def __init__(self, rotary_grid: tuple[int, int, int] = (3, 4, 6)) -> None:
+        super().__init__()
+        self.rotary_grid = rotary_grid
+        self.tokens, self.qkv, self.modulation = torch.nn.Linear(4, 32), torch.nn.Linear(32, 96), torch.nn.Linear(1, 32)
+
+    def forward(self, video: torch.Tensor, per_frame: torch.Tensor) -> torch.Tensor:
+        x = self.tokens(video)
+        x = (x.unflatten(1, (3, 24)) * (1 + self.modulation(per_frame)[:, :, None])).flatten(1, 2)
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 16)).permute(2, 0, 3, 1, 4)
+        f, h, w = torch.meshgrid(*(torch.arange(float(n)) for n in self.rotary_grid), indexing="ij")
+        angles = (f + h * 0.5 + w * 0.25)[..., None] * torch.arange(1.0, 9.0)
+        cos = angles.cos().reshape(72, 8).repeat_interleave(2, -1)
+        sin = angles.sin().reshape(72, 8).repeat_interleave(2, -1)
+        q, k = (t * cos + t.flip(-1) * sin for t in (q, k))
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+
+def test_a_per_frame_reshape_agreeing_with_the_rotary_grid_is_not_ambiguous():
+    model = _FrameModulated()
+    inputs = {"video": torch.randn(1, 72, 4), "per_frame": torch.randn(1, 3, 1)}
+    decision = explain_model(model, inputs).decisions[0]
+    assert decision.sparse and decision.video_grid == (3, 4, 6), decision.reason
+    with torch.no_grad(), spattn_compile.config(**SETTINGS, sparsity=0.5):
+        with SparseSDPA((3, 4, 6)) as expected:
+            reference = model(**inputs)
+        out = compile_spattn(model)(**inputs)
+    assert expected.sparse_calls == 1 and relative_error(out, reference) < 1e-5
+
+
+def test_a_per_frame_reshape_that_disagrees_with_the_rotary_grid_stays_dense():
+    """(3, 24) against a rotary over (6, 3, 4): 24 is no product of consecutive factors; nothing is guessed."""
+    decision = explain_model(
+        _FrameModulated((6, 3, 4)), {"video": torch.randn(1, 72, 4), "per_frame": torch.randn(1, 3, 1)}
+    ).decisions[0]
+    assert not decision.sparse and decision.rule == "ambiguous_grid"

@@ -311,9 +311,43 @@ def _combine(infos: Iterable[DimInfo | None], where: str) -> DimInfo | None:
             return info
         if result is None:
             result = info
-        elif isinstance(result, Conflict) or not result.same_layout(info):
-            return Conflict(f"{where}: {result.describe()} meets {info.describe()}")
+        elif isinstance(result, Conflict):
+            return result
+        elif not result.same_layout(info):
+            finer = finer_axis(result, info)
+            if finer is None:
+                return Conflict(f"{where}: {result.describe()} meets {info.describe()}")
+            result = finer
     return result
+
+
+def finer_axis(a: DimInfo, b: DimInfo) -> TokenAxis | None:
+    """The one of two token axes whose grids refine the other's, span by span, or None when they disagree. A grid
+    `(F, H*W)` (a per-frame modulation's reshape) and a grid `(F, H, W)` (a rotary table's) describe the same
+    row-major tokens: each factor of the coarser is the product of consecutive factors of the finer, so the finer is
+    what both prove. Grids of other orders (`(3, 4, 6)` against `(3, 6, 4)`) still conflict."""
+    if not isinstance(a, TokenAxis) or not isinstance(b, TokenAxis) or len(a.spans) != len(b.spans):
+        return None
+    spans: list[Span] = []
+    for mine, theirs in zip(a.spans, b.spans):
+        if isinstance(mine, GridSpan) and isinstance(theirs, GridSpan):
+            span = _finer_grid(mine, theirs)
+            if span is None:
+                return None
+            spans.append(span)
+        elif type(mine) is type(theirs) and known_equal(mine.length, theirs.length):
+            spans.append(mine)
+        else:
+            return None
+    return TokenAxis(tuple(spans))
+
+
+def _finer_grid(a: GridSpan, b: GridSpan) -> GridSpan | None:
+    for fine, coarse in ((a, b), (b, a)):
+        sizes = [f.size for f in coarse.factors if not known_equal(f.size, 1)]
+        if sizes and _partition_factors(fine.factors, sizes) is not None:
+            return fine
+    return None
 
 
 def _slice_axis(info: DimInfo, start: Size, stop: Size) -> DimInfo | None:
