@@ -358,7 +358,7 @@ class _GraphRunner:
         self.calls += 1
         if self.calls == 2 and not owner.state.hooked:
             # A graph runs again: its model has run a whole forward, every graph of it has been compiled once.
-            owner.state.check_nothing_sparse()
+            owner.state.check_nothing_sparse(effective.video_grid)
         return output
 
 

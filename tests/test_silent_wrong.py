@@ -370,6 +370,23 @@ def test_a_grid_set_after_a_compile_without_one_says_it_needs_a_recompile(caplog
             compiled(*inputs)
     recompile = [w for w in warnings if "video_grid=(3, 4, 6) is active" in w]
     assert len(recompile) == 1 and "recompile" in recompile[0] and "options={'video_grid'" in recompile[0]
+    # The nothing-sparse warning does not suggest the setting already in force.
+    assert not any("set the latent token grid" in w for w in warnings), warnings
+
+
+def test_a_key_padding_mask_of_one_key_column_is_sparse_in_a_compiled_model():
+    """A `(B, 1, 1, 1)` boolean mask broadcasts over the keys (SDPA's rules): the pass keeps it as a key-padding
+    mask."""
+    model = TinyVideoAttention()
+    inputs = tiny_inputs(3, 8, 12, TEXT)
+    mask = torch.ones(1, 1, 1, 1, dtype=torch.bool)
+    decision = explain_model(model, {"video": inputs[0], "text": inputs[1], "attn_mask": mask}).decisions[0]
+    assert decision.sparse, decision.reason
+    with torch.no_grad(), spattn_compile.config(**SETTINGS, sparsity=0.5):
+        with SparseSDPA(GRID, TEXT):
+            reference = model(*inputs, mask)
+        out = compile_spattn(model)(*inputs, mask)
+    assert relative_error(out, reference) < 1e-5
 
 
 def test_the_nothing_sparse_warning_names_the_self_attentions_reason():

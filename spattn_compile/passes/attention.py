@@ -372,7 +372,7 @@ def _check_mask(mask_node: object, query: torch.Tensor) -> _MaskPlan:
     full = (1,) * (4 - mask.dim()) + tuple(mask.shape)
     batch_ok = known_equal(full[0], 1) or known_equal(full[0], batch)
     if (
-        known_equal(full[3], seq_len)
+        (known_equal(full[3], seq_len) or known_equal(full[3], 1))  # a key dim of 1 broadcasts (SDPA's rules)
         and known_equal(full[2], 1)
         and (known_equal(full[1], 1) or known_equal(full[1], heads))
         and batch_ok

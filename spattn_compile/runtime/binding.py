@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..config import current_config
 from ..families import latent_grid
 from .model_state import ModelState, StepContext
 from .plan_cache import plan_cache_limit
@@ -294,7 +295,7 @@ class ModelRegistry:
         def before_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             current = state_ref()
             if current is not None and _ACTIVE.get() in (None, self):
-                current.check_nothing_sparse()
+                current.check_nothing_sparse(current_config().video_grid)
                 current.forward = forward_context(current, module, args, kwargs)
 
         @_hook_safe

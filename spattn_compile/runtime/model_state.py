@@ -166,13 +166,14 @@ class ModelState:
             self.sparse_calls += sum(1 for d in decisions if d.sparse)
             self.rules.update(d.rule for d in decisions if not d.sparse)
 
-    def check_nothing_sparse(self) -> None:
-        """Log one WARNING (once per model) when the model has run, was compiled, and nothing in it became sparse."""
+    def check_nothing_sparse(self, video_grid: tuple[int, int, int] | None = None) -> None:
+        """Log one WARNING (once per model) when the model has run, was compiled, and nothing in it became sparse;
+        `video_grid`: the setting in force now (a fix that suggests it says that it needs a recompile)."""
         with self.lock:
             if self.warned or self.graphs == 0 or self.sparse_calls:
                 return
             self.warned = True
-        logger.warning(nothing_sparse_message(self))
+        logger.warning(nothing_sparse_message(self, video_grid))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -211,8 +212,9 @@ _FIXES = {
 }
 
 
-def nothing_sparse_message(state: ModelState) -> str:
-    """The warning for a model none of whose attention calls became sparse: the commonest reason and its fix."""
+def nothing_sparse_message(state: ModelState, video_grid: tuple[int, int, int] | None = None) -> str:
+    """The warning for a model none of whose attention calls became sparse: the commonest reason and its fix
+    (`video_grid`: the setting in force when it runs)."""
     if state.rules:
         # Cross-attention is never sparse; when self-attention stayed dense too, its reason is the one to fix.
         own = [(rule, count) for rule, count in state.rules.most_common() if rule != "cross_attention"]
@@ -224,8 +226,15 @@ def nothing_sparse_message(state: ModelState) -> str:
         rule, reason = "mag_cache", "diffusers' MagCache runs its transformer blocks outside torch.compile"
     else:
         rule, reason = "", "its compiled graphs hold no scaled_dot_product_attention call"
+    fix = _FIXES.get(rule, _FIXES[""])
+    if rule == "no_grid" and video_grid is not None:
+        fix = (
+            f"video_grid={video_grid} is set now, but the graphs were compiled without a grid, and a node left dense "
+            "when compiled stays dense: give video_grid when compiling (options={'video_grid': ...}, or a "
+            "spattn_compile.config(video_grid=...) block around the first call), or torch._dynamo.reset()"
+        )
     return (
-        f"spattn: no attention call of {state.name} became sparse: {reason}. Fix: {_FIXES.get(rule, _FIXES[''])}. "
+        f"spattn: no attention call of {state.name} became sparse: {reason}. Fix: {fix}. "
         "spattn_compile.explain(model, ...) shows every call's decision."
     )
 
