@@ -146,9 +146,9 @@ class SparseAttention:
             or not scores.is_floating_point()
             or scores.device != self.query.device
         ):
-            got = f"{type(scores).__name__}" if not isinstance(scores, torch.Tensor) else (
-                f"{scores.dtype} tensor of shape {tuple(scores.shape)} on {scores.device}"
-            )  # fmt: skip
+            got = type(scores).__name__
+            if isinstance(scores, torch.Tensor):
+                got = f"a {scores.dtype} tensor of shape {tuple(scores.shape)} on {scores.device}"
             raise ValueError(
                 f"estimator {estimator.name!r} ({type(estimator).__name__}) returned {got}; an estimator returns "
                 f"float block scores of shape (B, H, NB, NB + 1) = {expected} on {self.query.device}"

@@ -102,7 +102,7 @@ class MaskFingerprints:
     A mask tensor seen before, unchanged since (same object, same in-place version counter), gets its name without
     touching the device. Another one is compared on the device with the last `capacity` distinct masks (one host sync
     per comparison, `torch.equal`); a new mask gets a new name and a copy of it is kept (a key-padding mask is small:
-    `B * S` booleans at most, broadcast dims are kept unexpanded)."""
+    `B * H * S` booleans at most, broadcast dims are kept unexpanded)."""
 
     def __init__(self, capacity: int = 8) -> None:
         self.capacity = capacity
