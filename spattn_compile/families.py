@@ -3,8 +3,10 @@
 A block compiled on its own (regional compilation) holds no patch embedding, so the grid of its attention comes from
 the model's forward: its latent and `config.patch_size` / `patch_size_t` (read by the forward hook, see
 `runtime.binding`). `latent_grid` reads it the same way for every diffusers video transformer: a 5-D latent is
-`(B, C, F, H, W)`, or `(B, F, C, H, W)` / `(B, F, H, W, C)` when that is where the config's channel count is; a
-packed `(B, S, C)` latent takes its sizes from the forward's `num_frames`, `height` and `width` arguments
+`(B, C, F, H, W)`, or `(B, F, C, H, W)` / `(B, F, H, W, C)` when that is where the config's channel count is (and
+only then: a latent whose channel dim is not singled out is not guessed); a 6-D multi-item latent
+`(B, N, C, T, H, W)` of a family whose rule says so joins its items' frames; a packed `(B, S, C)` latent takes its
+sizes from the forward's `num_frames`, `height` and `width` arguments
 (LTX-Video). Where the channel count does not single out one dim (it matches several, or none), `FAMILY_RULES` names
 the family's channel dim. A new family whose latent the defaults do not read is one entry of `FAMILY_RULES` (and its
 test in `tests/families.py`); the compiler pass reads the grid of a whole model from the graph instead
@@ -29,11 +31,13 @@ class LatentRule:
     channel_dim: the dim of a 5-D latent that holds the channels, when the config's channel count does not say.
     channels: the config attributes holding the channel count, in the order they are read.
     sizes: the forward's arguments that give a packed `(B, S, C)` latent's (frames, height, width).
+    multi_item: a 6-D latent `(B, N, C, T, H, W)` holds N items whose frames the model joins, `(B, C, N * T, H, W)`.
     """
 
     channel_dim: int = 1
     channels: tuple[str, ...] = ("in_channels", "in_visual_dim")
     sizes: tuple[str, str, str] = ("num_frames", "height", "width")
+    multi_item: bool = False
 
 
 DEFAULT_RULE = LatentRule()
@@ -42,6 +46,8 @@ FAMILY_RULES: dict[str, LatentRule] = {
     "CogVideoX": LatentRule(channel_dim=2),
     "ConsisID": LatentRule(channel_dim=2),
     "Kandinsky5": LatentRule(channel_dim=4),
+    # (B, N, C, T, H, W) -> (B, C, N * T, H, W) before its patch embedding (transformer_joyimage.py).
+    "JoyImageEditTransformer3DModel": LatentRule(multi_item=True),
 }
 
 
@@ -109,6 +115,13 @@ def latent_grid(model: torch.nn.Module, arguments: Mapping[str, Any]) -> tuple[t
         if isinstance(channel_dim, str):
             return None, channel_dim
         sizes = [latent.shape[d] for d in range(1, 5) if d != channel_dim]
+    elif latent.dim() == 6 and rule.multi_item:
+        channels = next((value for name in rule.channels if (value := getattr(config, name, None))), None)
+        _, items, latent_channels, frames, height, width = latent.shape
+        if channels is not None and latent_channels != channels:
+            shape = tuple(latent.shape)
+            return None, f"{type(model).__name__}'s 6-D latent {shape} has no {channels} channels in dim 2"
+        sizes = [items * frames, height, width]
     elif latent.dim() == 3:
         given = [_size(arguments.get(name)) for name in rule.sizes]
         sizes = [size for size in given if size is not None]

@@ -492,3 +492,19 @@ def test_a_per_frame_reshape_that_disagrees_with_the_rotary_grid_stays_dense():
         _FrameModulated((6, 3, 4)), {"video": torch.randn(1, 72, 4), "per_frame": torch.randn(1, 3, 1)}
     ).decisions[0]
     assert not decision.sparse and decision.rule == "ambiguous_grid"
+
+
+def test_a_multi_item_latent_is_read_for_its_family():
+    """JoyImage's 6-D latent `(B, N, C, T, H, W)` joins its items' frames: grid `(N * T, H / 2, W / 2)`; another
+    family's 6-D latent is not guessed."""
+    from diffusers.models.transformers.transformer_joyimage import JoyImageEditTransformer3DModel
+
+    from spattn_compile.families import latent_grid
+
+    model = JoyImageEditTransformer3DModel(
+        in_channels=4, hidden_size=32, num_attention_heads=2, text_dim=8, num_layers=1, rope_dim_list=[4, 6, 6]
+    )
+    latent = torch.zeros(1, 2, 4, 3, 8, 12)
+    assert latent_grid(model, {"hidden_states": latent}) == ((6, 4, 6), "")
+    assert latent_grid(model, {"hidden_states": latent[:, :, :3]})[0] is None  # 3 channels, not 4
+    assert latent_grid(_Video(4), {"hidden_states": latent})[0] is None
