@@ -508,3 +508,30 @@ def test_a_multi_item_latent_is_read_for_its_family():
     assert latent_grid(model, {"hidden_states": latent}) == ((6, 4, 6), "")
     assert latent_grid(model, {"hidden_states": latent[:, :, :3]})[0] is None  # 3 channels, not 4
     assert latent_grid(_Video(4), {"hidden_states": latent})[0] is None
+
+
+def test_a_multi_item_model_runs_sparse_on_its_grid_under_regional_compilation():
+    """Issue 18: the 6-D multi-item latent under `compile_repeated_blocks`: the blocks run sparse on the grid
+    (N * T, H / 2, W / 2), equal to sparse SDPA on that grid in eager mode."""
+    from diffusers.models.transformers.transformer_joyimage import JoyImageEditTransformer3DModel
+
+    from helpers import compile_blocks
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return JoyImageEditTransformer3DModel(
+            in_channels=4, hidden_size=32, num_attention_heads=2, text_dim=8, num_layers=1, rope_dim_list=[4, 6, 6]
+        ).eval()
+
+    eager, compiled = build(), compile_blocks(build())
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(
+        hidden_states=torch.randn(1, 2, 4, 3, 8, 12, generator=g), timestep=torch.tensor([500.0]),
+        encoder_hidden_states=torch.randn(1, 5, 8, generator=g), return_dict=False,
+    )  # fmt: skip
+    with torch.no_grad(), spattn_compile.config(**SETTINGS, sparsity=0.5):
+        out = compiled(**inputs)[0]
+        with SparseSDPA((6, 4, 6), 5) as expected:
+            reference = eager(**inputs)[0]
+    assert [r.kind for r in spattn_compile.report().records] == ["sparse"]
+    assert expected.sparse_calls == 1 and relative_error(out, reference) < 1e-5
