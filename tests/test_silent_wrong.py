@@ -514,7 +514,6 @@ def test_a_multi_item_model_runs_sparse_on_its_grid_under_regional_compilation()
     """Issue 18: the 6-D multi-item latent under `compile_repeated_blocks`: the blocks run sparse on the grid
     (N * T, H / 2, W / 2), equal to sparse SDPA on that grid in eager mode."""
     from diffusers.models.transformers.transformer_joyimage import JoyImageEditTransformer3DModel
-
     from helpers import compile_blocks
 
     def build() -> torch.nn.Module:

@@ -20,6 +20,7 @@ backend's options, threads) with one thing wrong or unusual; `classify(case)` ru
 from __future__ import annotations
 
 import dataclasses
+import sys
 import threading
 from collections.abc import Callable
 
@@ -27,7 +28,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import backend as spattn_backend_module
 from ..api import select_plan, sparse_attention
 from ..backend import SpattnBackend
 from ..capability import check_capability
@@ -228,7 +228,9 @@ CASES: tuple[Case, ...] = (
     Case("backend sparsity out of range", lambda: _compile_with({"sparsity": 2.0}), Exception, ("sparsity",)),
     Case("mode reduce-overhead", lambda: _compile_with({"compiler": "inductor"}, "reduce-overhead"), Exception,
          ("reduce-overhead",)),  # fmt: skip
-    Case("spattn_compile.backend({...})", lambda: spattn_backend_module({"sparsity": 0.9}), TypeError,
+    # `spattn_compile.backend` is the backend module, callable (`sys.modules`: importing it by name from here would
+    # import the package above this layer).
+    Case("spattn_compile.backend({...})", lambda: sys.modules[SpattnBackend.__module__]({"sparsity": 0.9}), TypeError,
          ("keyword", "sparsity=0.9")),  # fmt: skip
     # NumPy integers wherever ints are taken
     Case("step(np.int64)", lambda: _in_step(np.int64(2), np.int32(0)), check=lambda _: True),
