@@ -10,14 +10,17 @@ and hands the call to `attention.SparseAttention`, the orchestrator the compiled
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
 from .attention import SparseAttention
-from .config import SparseAttentionConfig, current_config
+from .config import SparseAttentionConfig, current_config, explicit_fields
 from .implementations import Implementation, check_autograd, implementation_for
 from .inputs import validate_attention_inputs
 from .plan import SparsePlan
+from .policies import rectification_settings
 
 __all__ = ["select_plan", "sparse_attention"]
 
@@ -29,6 +32,36 @@ def _settings(config: object, impl: str, query: torch.Tensor) -> tuple[SparseAtt
     elif not isinstance(config, SparseAttentionConfig):
         raise TypeError(f"config must be a SparseAttentionConfig or None, got {type(config).__name__}")
     return config, implementation_for(impl, query)
+
+
+# The settings a plan is selected with, besides its layout (`SparsePlan.check_compatible`): the selection's and the
+# estimator's (the blocks it keeps) and the rectification's (the trusted blocks it lists).
+_SELECTION_FIELDS = ("sparsity", "estimator", "mass_threshold", "max_density", "neighbors")
+_TRUST_FIELDS = ("rectify", "gapr")
+_ALL_FIELDS = frozenset(f.name for f in dataclasses.fields(SparseAttentionConfig))
+
+
+def _check_plan_settings(plan: SparsePlan, config: SparseAttentionConfig, given: frozenset[str]) -> None:
+    """Raise ValueError when `config` contradicts the settings `plan` was selected with (see `sparse_attention`):
+    the rectification's trusted blocks always; the selection settings among `given` (the fields the caller set)."""
+    if not plan.selected_with:
+        return
+    selected = dict(plan.selected_with)
+    checked = [name for name in _SELECTION_FIELDS if name in given and name in selected]
+    if all(name in selected for name in _TRUST_FIELDS):
+        planned = dataclasses.replace(config, rectify=str(selected["rectify"]), gapr=bool(selected["gapr"]))
+        if rectification_settings(planned).trust != rectification_settings(config).trust:
+            checked += _TRUST_FIELDS
+    differences = [
+        f"{name}={selected[name]!r} (the plan's) vs {name}={getattr(config, name)!r} (this call's)"
+        for name in checked
+        if selected[name] != getattr(config, name)
+    ]
+    if differences:
+        raise ValueError(
+            "plan was selected with other settings than this call's: " + "; ".join(differences) + ". A plan is "
+            "attended as it was selected: pass the config it was selected with, or select a plan with this one"
+        )
 
 
 def select_plan(
@@ -65,7 +98,8 @@ def select_plan(
         raise ValueError(f"query has an empty batch dimension: {tuple(query.shape)}; there is nothing to plan")
     call = SparseAttention(query, key, value, layout, attn_mask=attn_mask, scale=checked_scale, config=config,
                            implementation=implementation)  # fmt: skip
-    return call.plan()
+    selected_with = tuple((name, getattr(config, name)) for name in (*_SELECTION_FIELDS, *_TRUST_FIELDS))
+    return dataclasses.replace(call.plan(), selected_with=selected_with)
 
 
 def sparse_attention(
@@ -94,7 +128,12 @@ def sparse_attention(
         impl: "auto" (Triton on CUDA, the reference on the CPU), "triton" (on the CPU: the Triton interpreter,
             `TRITON_INTERPRET=1` must be set before triton is imported), or "reference".
         plan: a `SparsePlan` from `select_plan` (or `SparsePlan.from_mask`) for this call's layout and `(B, H)` (a
-            batch-1 plan applies to every sample). None: select one now, at `config.density`.
+            batch-1 plan applies to every sample). None: select one now, at `config.density`. A plan is attended as
+            it was selected, so settings given with it must agree with those `select_plan` used, else ValueError
+            naming each: `rectify` and `gapr` always (they decide which skipped blocks the plan lists for
+            rectification; "block" and "query" read the same ones), and `sparsity`, `estimator`, `mass_threshold`,
+            `max_density` and `neighbors` when given (in `config`, or set in an enclosing `spattn_compile.config`
+            block). A plan built by hand (`from_mask`) records no settings: its trusted lists are used as given.
 
     Returns:
         `(B, H, S, D)` in the dtype and memory order of `query`. Without a plan, sequences shorter than
@@ -104,12 +143,14 @@ def sparse_attention(
         query, key, value, video_grid=video_grid, text_len=text_len, text_first=text_first, attn_mask=attn_mask,
         scale=scale,
     )  # fmt: skip
+    given = _ALL_FIELDS if config is not None else explicit_fields()
     config, implementation = _settings(config, impl, query)
     batch, heads, seq_len, _ = query.shape
     if plan is not None:
         if not isinstance(plan, SparsePlan):
             raise TypeError(f"plan must be a SparsePlan or None, got {type(plan).__name__}")
         plan.check_compatible(batch, heads, layout.token_layout(config.block_size, config.reorder), query.device)
+        _check_plan_settings(plan, config, given)
     if batch == 0 or (plan is None and seq_len < config.min_seq_len):
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, scale=checked_scale)
     check_autograd(impl, query, key, value)

@@ -38,11 +38,10 @@ __all__ = ["PlanKey", "SparseAttention"]
 
 @dataclasses.dataclass(frozen=True)
 class PlanKey:
-    """What a plan was selected for. Every input of `SparseAttention.plan` is here (the call's shapes, dtype, device,
-    layout and mask, and the settings of its estimator, selection policy and rectification mode), so a plan cached
-    under this key cannot outlive a change of any of them.
-
-    Not yet here: the mask's contents (only its shape), so a cached plan serves a call whose mask changed values.
+    """What a plan was selected for. Every input of `SparseAttention.plan` but the tensors' values is here (the
+    call's shapes, dtype, device, layout, softmax scale and mask shape, and the settings of its estimator, selection
+    policy and rectification mode), so a plan cached under this key cannot outlive a change of any of them. The
+    mask's contents are named by the plan cache (`runtime.plan_cache.MaskFingerprints`), which adds them to the key.
     """
 
     shape: tuple[int, ...]
@@ -52,6 +51,7 @@ class PlanKey:
     block_size: int
     reorder: str
     mask_shape: tuple[int, ...] | None
+    scale: float
     estimator: EstimatorConfig
     selection: SelectionConfig
     rectification: RectificationConfig
@@ -87,6 +87,7 @@ class SparseAttention:
         self.query, self.key, self.value = query, key, value
         self.call_layout = layout
         self.layout = layout.token_layout(config.block_size, config.reorder)
+        self.attn_mask = attn_mask
         self.mask_shape = None if attn_mask is None else tuple(attn_mask.shape)
         self.key_valid = key_padding_valid(attn_mask, batch, heads, seq_len)
         self.scale = default_scale(query, scale)
@@ -112,6 +113,7 @@ class SparseAttention:
             self.layout.block_size,
             self.layout.reorder,
             self.mask_shape,
+            self.scale,
             self.estimator,
             self.selection,
             self.rectification,
@@ -128,7 +130,29 @@ class SparseAttention:
         """Stage 1 (estimate): the block scores `P_hat (B, H, NB, NB + 1)` of `estimator` (default: the config's),
         from a preparation at its `pool_tile_size`."""
         estimator = self.estimator if estimator is None else estimator
-        return getattr(estimator_for(estimator), self.implementation.kind)(prepared.estimator_inputs(), estimator)
+        scores = getattr(estimator_for(estimator), self.implementation.kind)(prepared.estimator_inputs(), estimator)
+        self._check_scores(scores, estimator)
+        return scores
+
+    def _check_scores(self, scores: object, estimator: EstimatorConfig) -> None:
+        """An estimator's scores must be a float `(B, H, NB, NB + 1)` tensor on the inputs' device (a registered
+        estimator written elsewhere is checked here, where its result enters the plan, not where it fails later)."""
+        batch, heads = self.query.shape[:2]
+        nb = self.layout.num_video_blocks
+        expected = (batch, heads, nb, nb + 1)
+        if (
+            not isinstance(scores, torch.Tensor)
+            or tuple(scores.shape) != expected
+            or not scores.is_floating_point()
+            or scores.device != self.query.device
+        ):
+            got = type(scores).__name__
+            if isinstance(scores, torch.Tensor):
+                got = f"a {scores.dtype} tensor of shape {tuple(scores.shape)} on {scores.device}"
+            raise ValueError(
+                f"estimator {estimator.name!r} ({type(estimator).__name__}) returned {got}; an estimator returns "
+                f"float block scores of shape (B, H, NB, NB + 1) = {expected} on {self.query.device}"
+            )
 
     def select(
         self, prepared: Prepared, scores: torch.Tensor, selection: SelectionConfig | None = None, label: str = ""

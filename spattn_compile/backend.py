@@ -298,7 +298,9 @@ class _GraphRunner:
         self.layer_names = _layer_names(decisions)
         self.layer_heads = _layer_heads(decisions)
         self.short = [d for d in decisions if d.rule == "short"]
+        self.no_grid = [d for d in decisions if d.rule == "no_grid"]
         self.warned_min_seq_len: set[int] = set()
+        self.warned_video_grid = False
         self.calls = 0
 
     def settings(self) -> SparseAttentionConfig:
@@ -315,6 +317,21 @@ class _GraphRunner:
                     stuck,
                     compiled_min,
                 )
+        if (
+            self.no_grid
+            and effective.video_grid is not None
+            and self.compiled_config.video_grid is None
+            and not self.warned_video_grid
+        ):
+            # The nodes were left dense at compile time (no grid then); the op is not in the graph to read it now.
+            self.warned_video_grid = True
+            logger.warning(
+                "spattn: video_grid=%s is active, but %s were compiled without a video grid and stay dense until a "
+                "recompile: give video_grid when the model is compiled (options={'video_grid': ...} or a "
+                "spattn_compile.config(video_grid=...) block around its first call), or torch._dynamo.reset()",
+                effective.video_grid,
+                [d.node for d in self.no_grid],
+            )
         return effective
 
     def context(self, owner: Owner, args: tuple) -> StepContext | None:
@@ -341,7 +358,7 @@ class _GraphRunner:
         self.calls += 1
         if self.calls == 2 and not owner.state.hooked:
             # A graph runs again: its model has run a whole forward, every graph of it has been compiled once.
-            owner.state.check_nothing_sparse()
+            owner.state.check_nothing_sparse(effective.video_grid)
         return output
 
 
@@ -423,7 +440,15 @@ class _CallableModule(types.ModuleType):
     """`spattn_compile.backend(**options)`: this module, called, makes a backend with preset options (so that the
     settings reach the backend when torch.compile is given `mode=`, which excludes `options=`)."""
 
-    def __call__(self, **options: Any) -> SpattnBackend:
+    def __call__(self, *args: Any, **options: Any) -> SpattnBackend:
+        if args:
+            given = ", ".join(f"{type(a).__name__}" for a in args)
+            example = ", ".join(f"{k}={v!r}" for k, v in args[0].items()) if isinstance(args[0], Mapping) else ""
+            raise TypeError(
+                f"spattn_compile.backend takes its options as keyword arguments, got positional argument(s) of type "
+                f"{given}: write spattn_compile.backend({example or 'sparsity=0.9'})"
+                + (" or spattn_compile.backend(**options)" if example else "")
+            )
         return SpattnBackend(options)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import numbers
 
 import torch
 
@@ -62,8 +63,9 @@ def triton_available() -> bool:
 
 def padded_head_dim(head_dim: int) -> int:
     """The head dim the kernels compute with: the next power of two >= `head_dim` (at least `MIN_HEAD_DIM`)."""
-    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
+    if isinstance(head_dim, bool) or not isinstance(head_dim, numbers.Integral) or head_dim < 1:
         raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
+    head_dim = int(head_dim)
     return max(MIN_HEAD_DIM, 1 << (head_dim - 1).bit_length())
 
 
@@ -87,8 +89,9 @@ def check_capability(dtype: torch.dtype, head_dim: int, device: torch.device | s
     device."""
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__}")
-    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
+    if isinstance(head_dim, bool) or not isinstance(head_dim, numbers.Integral) or head_dim < 1:
         raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
+    head_dim = int(head_dim)
     device = torch.device(device)
     if device.type == "cpu":
         if dtype not in REFERENCE_DTYPES:

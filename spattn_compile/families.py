@@ -3,8 +3,10 @@
 A block compiled on its own (regional compilation) holds no patch embedding, so the grid of its attention comes from
 the model's forward: its latent and `config.patch_size` / `patch_size_t` (read by the forward hook, see
 `runtime.binding`). `latent_grid` reads it the same way for every diffusers video transformer: a 5-D latent is
-`(B, C, F, H, W)`, or `(B, F, C, H, W)` / `(B, F, H, W, C)` when that is where the config's channel count is; a
-packed `(B, S, C)` latent takes its sizes from the forward's `num_frames`, `height` and `width` arguments
+`(B, C, F, H, W)`, or `(B, F, C, H, W)` / `(B, F, H, W, C)` when that is where the config's channel count is (and
+only then: a latent whose channel dim is not singled out is not guessed); a 6-D multi-item latent
+`(B, N, C, T, H, W)` of a family whose rule says so joins its items' frames; a packed `(B, S, C)` latent takes its
+sizes from the forward's `num_frames`, `height` and `width` arguments
 (LTX-Video). Where the channel count does not single out one dim (it matches several, or none), `FAMILY_RULES` names
 the family's channel dim. A new family whose latent the defaults do not read is one entry of `FAMILY_RULES` (and its
 test in `tests/families.py`); the compiler pass reads the grid of a whole model from the graph instead
@@ -29,11 +31,13 @@ class LatentRule:
     channel_dim: the dim of a 5-D latent that holds the channels, when the config's channel count does not say.
     channels: the config attributes holding the channel count, in the order they are read.
     sizes: the forward's arguments that give a packed `(B, S, C)` latent's (frames, height, width).
+    multi_item: a 6-D latent `(B, N, C, T, H, W)` holds N items whose frames the model joins, `(B, C, N * T, H, W)`.
     """
 
     channel_dim: int = 1
     channels: tuple[str, ...] = ("in_channels", "in_visual_dim")
     sizes: tuple[str, str, str] = ("num_frames", "height", "width")
+    multi_item: bool = False
 
 
 DEFAULT_RULE = LatentRule()
@@ -42,6 +46,8 @@ FAMILY_RULES: dict[str, LatentRule] = {
     "CogVideoX": LatentRule(channel_dim=2),
     "ConsisID": LatentRule(channel_dim=2),
     "Kandinsky5": LatentRule(channel_dim=4),
+    # (B, N, C, T, H, W) -> (B, C, N * T, H, W) before its patch embedding (transformer_joyimage.py).
+    "JoyImageEditTransformer3DModel": LatentRule(multi_item=True),
 }
 
 
@@ -57,6 +63,32 @@ def _size(value: object) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     return None
+
+
+def _channel_dim(
+    model: torch.nn.Module, shape: tuple[int, ...], channels: object, rule: LatentRule
+) -> int | str:
+    """The channel dim of a 5-D latent of `shape`, or why it cannot be told. A family of `FAMILY_RULES` names it (and
+    the config's channel count, when known, must be there); otherwise it is the dim among 1, 2 and 4 that holds the
+    channel count, and when several do, only if every reading gives the same grid (`(B, C, F, H, W)` with `C == F`).
+    Nothing is guessed: a misread latent of the same token count would run sparse on the wrong grid."""
+    name = type(model).__name__
+    if rule is not DEFAULT_RULE:
+        if channels is not None and shape[rule.channel_dim] != channels:
+            return (
+                f"{name}'s latent {shape} has {shape[rule.channel_dim]} entries in dim {rule.channel_dim}, where its "
+                f"family keeps the {channels} channels"
+            )
+        return rule.channel_dim
+    matches = [d for d in (1, 2, 4) if shape[d] == channels]
+    readings = {tuple(shape[d] for d in range(1, 5) if d != match) for match in matches}
+    if len(readings) == 1:
+        return matches[0]
+    where = f"dims {matches} all hold" if matches else "no dim among 1, 2 and 4 holds"
+    return (
+        f"{name}'s latent {shape} cannot be read unambiguously ({where} the channel count {channels!r} of its config): "
+        "add its family to spattn_compile.families.FAMILY_RULES, or set video_grid"
+    )
 
 
 def latent_grid(model: torch.nn.Module, arguments: Mapping[str, Any]) -> tuple[tuple[int, int, int] | None, str]:
@@ -79,9 +111,17 @@ def latent_grid(model: torch.nn.Module, arguments: Mapping[str, Any]) -> tuple[t
     rule = rule_of(model)
     if latent.dim() == 5:
         channels = next((value for name in rule.channels if (value := getattr(config, name, None))), None)
-        matches = [d for d in (1, 2, 4) if latent.shape[d] == channels]
-        channel_dim = matches[0] if len(matches) == 1 else rule.channel_dim
+        channel_dim = _channel_dim(model, tuple(latent.shape), channels, rule)
+        if isinstance(channel_dim, str):
+            return None, channel_dim
         sizes = [latent.shape[d] for d in range(1, 5) if d != channel_dim]
+    elif latent.dim() == 6 and rule.multi_item:
+        channels = next((value for name in rule.channels if (value := getattr(config, name, None))), None)
+        _, items, latent_channels, frames, height, width = latent.shape
+        if channels is not None and latent_channels != channels:
+            shape = tuple(latent.shape)
+            return None, f"{type(model).__name__}'s 6-D latent {shape} has no {channels} channels in dim 2"
+        sizes = [items * frames, height, width]
     elif latent.dim() == 3:
         given = [_size(arguments.get(name)) for name in rule.sizes]
         sizes = [size for size in given if size is not None]

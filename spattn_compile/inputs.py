@@ -28,8 +28,9 @@ def key_padding_valid(attn_mask: torch.Tensor | None, batch: int, heads: int, se
     """Validate a boolean key-padding mask by SDPA's broadcasting rules and return it as bool `(B, H, S)` (a view).
 
     SDPA broadcasts a mask of 2 to 4 dims, aligned right, to `(B, H, L, S)`; a key-padding mask is one whose query
-    dimension is 1: `(1, S)`, `(H|1, 1, S)`, `(B|1, H|1, 1, S)`. True keeps a key, as in SDPA. A 1-D mask (SDPA rejects
-    it), masks that vary over queries and float masks raise.
+    dimension is 1: `(1, S|1)`, `(H|1, 1, S|1)`, `(B|1, H|1, 1, S|1)` (a key dimension of 1 keeps or drops every key of
+    its sample and head). True keeps a key, as in SDPA. A 1-D mask (SDPA rejects it), masks that vary over queries and
+    float masks raise.
     """
     if attn_mask is None:
         return None
@@ -38,7 +39,7 @@ def key_padding_valid(attn_mask: torch.Tensor | None, batch: int, heads: int, se
     if attn_mask.dtype != torch.bool:
         raise TypeError(f"attn_mask must be a boolean key-padding mask (True = attend), got dtype {attn_mask.dtype}")
     shape = tuple(attn_mask.shape)
-    if attn_mask.dim() < 2 or attn_mask.dim() > 4 or shape[-1] != seq_len:
+    if attn_mask.dim() < 2 or attn_mask.dim() > 4 or shape[-1] not in (1, seq_len):
         raise ValueError(
             f"attn_mask of shape {shape} is not a key-padding mask: expected 2 to 4 dims broadcastable to "
             f"({batch}, {heads}, 1, {seq_len}) (SDPA's rules: aligned right)"
@@ -49,7 +50,7 @@ def key_padding_valid(attn_mask: torch.Tensor | None, batch: int, heads: int, se
             f"attn_mask of shape {shape} is not a key-padding mask: expected a shape broadcastable to "
             f"({batch}, {heads}, 1, {seq_len}) with a query dimension of 1"
         )
-    return attn_mask.reshape(full)[:, :, 0, :].expand(batch, heads, seq_len)
+    return attn_mask.reshape(full)[:, :, 0, :].expand(batch, heads, seq_len)  # a key dim of 1 broadcasts too
 
 
 def validate_attention_inputs(
@@ -110,8 +111,13 @@ def default_scale(query: torch.Tensor, scale: float | None) -> float:
 def output_like(query: torch.Tensor) -> torch.Tensor:
     """An uninitialised tensor of the query's shape, dtype, device and memory order (the order of its strides), so
     that a `(B, S, H, D)` query viewed as `(B, H, S, D)` gets an output the caller can transpose back for free. The
-    custom op's fake implementation promises exactly this layout."""
-    order = sorted(range(query.dim()), key=lambda d: (query.stride(d), query.shape[d]), reverse=True)
+    custom op's fake implementation promises exactly this layout. The head dim is always contiguous, and an expanded
+    (stride-0) dim of the query is laid out outermost."""
+    # The last dim stays innermost (the kernels store rows); an expanded (stride-0) dim has no memory order of its
+    # own and goes outermost.
+    last = query.dim() - 1
+    leading = sorted(range(last), key=lambda d: (query.stride(d) == 0, query.stride(d), query.shape[d]), reverse=True)
+    order = [*leading, last]
     strides = [0] * query.dim()
     running = 1
     for dim in reversed(order):

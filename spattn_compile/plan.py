@@ -91,6 +91,9 @@ class SparsePlan:
             key block (columns 0..NB-1) and on all text keys together (column NB), each row summing to 1.
         estimator: what produced `block_scores`: an estimator's name ("query_tiles", "sampled_rows", "pooled"),
             "exact" (the true mass of every row), "oracle", or "mask" (`from_mask`, no scores).
+        selected_with: the `SparseAttentionConfig` settings the plan was selected with, as (field, value) pairs
+            (`select_plan` records them, so that `sparse_attention(..., plan=)` can refuse a run that contradicts
+            them); empty for a plan built by hand.
     """
 
     layout: TokenLayout
@@ -100,6 +103,7 @@ class SparsePlan:
     trusted_indices: torch.Tensor
     block_scores: torch.Tensor
     estimator: str
+    selected_with: tuple[tuple[str, object], ...] = ()
 
     @property
     def num_video_blocks(self) -> int:

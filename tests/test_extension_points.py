@@ -209,6 +209,7 @@ class ChannelsLastVideoModel(torch.nn.Module):
 def test_a_new_family_rule_is_one_table_entry(monkeypatch):
     model = ChannelsLastVideoModel()
     arguments = {"hidden_states": torch.zeros(1, 3, 8, 12, 4), "timestep": torch.zeros(1)}
-    assert latent_grid(model, arguments)[0] == (8, 6, 2), "the default rule reads dim 1 as the channels"
+    grid, why = latent_grid(model, arguments)
+    assert grid is None and "FAMILY_RULES" in why, "without its rule the latent is not guessed"
     monkeypatch.setitem(FAMILY_RULES, "ChannelsLastVideo", LatentRule(channel_dim=4))
     assert latent_grid(model, arguments) == ((3, 4, 6), "")

@@ -78,6 +78,7 @@ from .token_axes import (
     Shard,
     TokenAxis,
     TokenAxisAnalysis,
+    finer_axis,
     known_equal,
     node_value,
     resolve_group,
@@ -371,7 +372,7 @@ def _check_mask(mask_node: object, query: torch.Tensor) -> _MaskPlan:
     full = (1,) * (4 - mask.dim()) + tuple(mask.shape)
     batch_ok = known_equal(full[0], 1) or known_equal(full[0], batch)
     if (
-        known_equal(full[3], seq_len)
+        (known_equal(full[3], seq_len) or known_equal(full[3], 1))  # a key dim of 1 broadcasts (SDPA's rules)
         and known_equal(full[2], 1)
         and (known_equal(full[1], 1) or known_equal(full[1], heads))
         and batch_ok
@@ -410,18 +411,23 @@ def _infer_layout(
             f"no video grid reaches the {missing}: no reshape of a (frames, height, width) grid into its "
             "sequence was found (set video_grid to force)",
         )
-    if not query_axis.same_layout(key_axis):
-        raise _Dense("ambiguous_grid", f"query ({query_axis.describe()}) and key ({key_axis.describe()}) differ")
-    if value_axis is not None and not query_axis.same_layout(value_axis):
-        raise _Dense("ambiguous_grid", f"query ({query_axis.describe()}) and value ({value_axis.describe()}) differ")
-    spans = query_axis.spans
+    # The query, key and value agree when their grids are equal or one refines the other (`finer_axis`).
+    tokens: TokenAxis = query_axis
+    for name, other in (("key", key_axis), ("value", value_axis)):
+        if other is None or tokens.same_layout(other):
+            continue
+        merged = finer_axis(tokens, other)
+        if merged is None:
+            raise _Dense("ambiguous_grid", f"query ({tokens.describe()}) and {name} ({other.describe()}) differ")
+        tokens = merged
+    spans = tokens.spans
     grids = [i for i, span in enumerate(spans) if isinstance(span, VIDEO_SPANS)]
     if len(grids) != 1:
-        raise _Dense("ambiguous_grid", f"the sequence holds {len(grids)} grids: {query_axis.describe()}")
+        raise _Dense("ambiguous_grid", f"the sequence holds {len(grids)} grids: {tokens.describe()}")
     position = grids[0]
     before, after = spans[:position], spans[position + 1 :]
     if before and after:
-        raise _Dense("ambiguous_grid", f"tokens on both sides of the video grid: {query_axis.describe()}")
+        raise _Dense("ambiguous_grid", f"tokens on both sides of the video grid: {tokens.describe()}")
     text = TokenAxis(before or after).length if (before or after) else 0
     span = spans[position]
     if isinstance(span, ContextSpan):

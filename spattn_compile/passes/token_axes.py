@@ -311,9 +311,43 @@ def _combine(infos: Iterable[DimInfo | None], where: str) -> DimInfo | None:
             return info
         if result is None:
             result = info
-        elif isinstance(result, Conflict) or not result.same_layout(info):
-            return Conflict(f"{where}: {result.describe()} meets {info.describe()}")
+        elif isinstance(result, Conflict):
+            return result
+        elif not result.same_layout(info):
+            finer = finer_axis(result, info)
+            if finer is None:
+                return Conflict(f"{where}: {result.describe()} meets {info.describe()}")
+            result = finer
     return result
+
+
+def finer_axis(a: DimInfo, b: DimInfo) -> TokenAxis | None:
+    """The one of two token axes whose grids refine the other's, span by span, or None when they disagree. A grid
+    `(F, H*W)` (a per-frame modulation's reshape) and a grid `(F, H, W)` (a rotary table's) describe the same
+    row-major tokens: each factor of the coarser is the product of consecutive factors of the finer, so the finer is
+    what both prove. Grids of other orders (`(3, 4, 6)` against `(3, 6, 4)`) still conflict."""
+    if not isinstance(a, TokenAxis) or not isinstance(b, TokenAxis) or len(a.spans) != len(b.spans):
+        return None
+    spans: list[Span] = []
+    for mine, theirs in zip(a.spans, b.spans):
+        if isinstance(mine, GridSpan) and isinstance(theirs, GridSpan):
+            span = _finer_grid(mine, theirs)
+            if span is None:
+                return None
+            spans.append(span)
+        elif type(mine) is type(theirs) and known_equal(mine.length, theirs.length):
+            spans.append(mine)
+        else:
+            return None
+    return TokenAxis(tuple(spans))
+
+
+def _finer_grid(a: GridSpan, b: GridSpan) -> GridSpan | None:
+    for fine, coarse in ((a, b), (b, a)):
+        sizes = [f.size for f in coarse.factors if not known_equal(f.size, 1)]
+        if sizes and _partition_factors(fine.factors, sizes) is not None:
+            return fine
+    return None
 
 
 def _slice_axis(info: DimInfo, start: Size, stop: Size) -> DimInfo | None:
@@ -512,8 +546,8 @@ _UNARY = frozenset(
 _BROADCAST = frozenset(
     """
     add addcdiv addcmul and_ atan2 bitwise_and bitwise_or bitwise_xor copysign div eq floordiv fmod ge gt le lerp
-    logical_and logical_or logical_xor lt masked_fill maximum minimum mod mul ne or_ pow remainder sub true_divide
-    truediv where xor
+    logical_and logical_or logical_xor lt masked_fill maximum minimum mod mul ne or_ polar pow remainder sub
+    true_divide truediv where xor complex
     """.split()
 )
 _RESHAPES = frozenset("flatten reshape squeeze unflatten unsqueeze view view_as reshape_as".split())
@@ -645,6 +679,11 @@ class TokenAxisAnalysis:
             return self._reshape(first, first_shape, shape)
         if name in ("transpose", "swapaxes", "swapdims", "permute", "movedim", "t"):
             return self._permute(node, name, first, first_shape, shape)
+        if name == "view_as_complex":
+            # (..., n, 2) real -> (..., n) complex (complex rotary embeddings): every dim but the pairs is kept.
+            return self._carry(first, first_shape, shape, range(len(shape)))
+        if name == "view_as_real":
+            return self._carry(first, first_shape, shape, range(len(first_shape)))
         if name in ("expand", "expand_as", "broadcast_to"):
             return self._broadcast(node, shape, [first])
         if name == "repeat":

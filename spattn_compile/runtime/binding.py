@@ -37,6 +37,7 @@ import contextvars
 import dataclasses
 import functools
 import inspect
+import numbers
 import sys
 import threading
 import weakref
@@ -47,6 +48,7 @@ from typing import Any
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..config import current_config
 from ..families import latent_grid
 from .model_state import ModelState, StepContext
 from .plan_cache import plan_cache_limit
@@ -293,7 +295,7 @@ class ModelRegistry:
         def before_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             current = state_ref()
             if current is not None and _ACTIVE.get() in (None, self):
-                current.check_nothing_sparse()
+                current.check_nothing_sparse(current_config().video_grid)
                 current.forward = forward_context(current, module, args, kwargs)
 
         @_hook_safe
@@ -344,10 +346,11 @@ def reset_schedule() -> None:
 def set_plan_cache_limit(max_bytes: int) -> None:
     """Cap the bytes of each compiled model's cached plans (default 8 GiB); least recently used plans are evicted
     beyond it."""
-    if not isinstance(max_bytes, int) or isinstance(max_bytes, bool):
-        raise TypeError(f"max_bytes must be an int, got {type(max_bytes).__name__}")
+    if not isinstance(max_bytes, numbers.Integral) or isinstance(max_bytes, bool):
+        raise TypeError(f"max_bytes must be an int >= 0, got {max_bytes!r} of type {type(max_bytes).__name__}")
     if max_bytes < 0:
-        raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        raise ValueError(f"max_bytes must be an int >= 0, got {max_bytes}")
+    max_bytes = int(max_bytes)
     plan_cache_limit().max_bytes = max_bytes
     for model in default_registry().models():
         model.plan_cache.set_limit(max_bytes)

@@ -109,6 +109,7 @@ class ModelState:
         self.rules: collections.Counter[str] = collections.Counter()
         self.sparse_calls = 0
         self.graphs = 0
+        self.forwards = 0  # forwards begun (advance calls): after the first, every attention layer has an index
         self.warned = False
 
     def __repr__(self) -> str:
@@ -121,6 +122,7 @@ class ModelState:
     def advance(self, timestep: object) -> StepContext:
         """Account for one forward of the model with this `timestep` argument (`steps.StepTracker`)."""
         at = self.tracker.advance(timestep)
+        self.forwards += 1
         return StepContext(self, at.generation, at.step, at.branch, at.source)
 
     def layer_index(self, name: str) -> int:
@@ -138,6 +140,19 @@ class ModelState:
         any. Under context parallelism it covers the heads this rank holds (`report()`'s heads column)."""
         return self.plan_cache.plan((layer, branch))
 
+    def check_dense_layers(self, dense_layers: tuple[int, ...]) -> None:
+        """Raise ValueError when `dense_layers` names a layer index the model does not have (known once a whole
+        forward has run: from the second forward on)."""
+        if self.forwards < 2 or not dense_layers:
+            return
+        count = len(self._layers)
+        missing = [index for index in dense_layers if index >= count]
+        if missing:
+            raise ValueError(
+                f"spattn: dense_layers={dense_layers!r} names layer(s) {missing}, but {self.name} has {count} "
+                f"sparse-capable attention layers (indices 0 to {count - 1}, named in spattn_compile.report())"
+            )
+
     @property
     def layers(self) -> dict[str, int]:
         """Layer name -> model-level index, for every layer that has run."""
@@ -151,13 +166,14 @@ class ModelState:
             self.sparse_calls += sum(1 for d in decisions if d.sparse)
             self.rules.update(d.rule for d in decisions if not d.sparse)
 
-    def check_nothing_sparse(self) -> None:
-        """Log one WARNING (once per model) when the model has run, was compiled, and nothing in it became sparse."""
+    def check_nothing_sparse(self, video_grid: tuple[int, int, int] | None = None) -> None:
+        """Log one WARNING (once per model) when the model has run, was compiled, and nothing in it became sparse;
+        `video_grid`: the setting in force now (a fix that suggests it says that it needs a recompile)."""
         with self.lock:
             if self.warned or self.graphs == 0 or self.sparse_calls:
                 return
             self.warned = True
-        logger.warning(nothing_sparse_message(self))
+        logger.warning(nothing_sparse_message(self, video_grid))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -196,10 +212,13 @@ _FIXES = {
 }
 
 
-def nothing_sparse_message(state: ModelState) -> str:
-    """The warning for a model none of whose attention calls became sparse: the commonest reason and its fix."""
+def nothing_sparse_message(state: ModelState, video_grid: tuple[int, int, int] | None = None) -> str:
+    """The warning for a model none of whose attention calls became sparse: the commonest reason and its fix
+    (`video_grid`: the setting in force when it runs)."""
     if state.rules:
-        rule, count = state.rules.most_common(1)[0]
+        # Cross-attention is never sparse; when self-attention stayed dense too, its reason is the one to fix.
+        own = [(rule, count) for rule, count in state.rules.most_common() if rule != "cross_attention"]
+        rule, count = (own or state.rules.most_common(1))[0]
         total = sum(state.rules.values())
         reason = f"{count} of its {total} attention calls stay dense for the reason {rule!r}"
     elif type(getattr(state.module, "_cache_config", None)).__name__ == "MagCacheConfig":
@@ -207,8 +226,15 @@ def nothing_sparse_message(state: ModelState) -> str:
         rule, reason = "mag_cache", "diffusers' MagCache runs its transformer blocks outside torch.compile"
     else:
         rule, reason = "", "its compiled graphs hold no scaled_dot_product_attention call"
+    fix = _FIXES.get(rule, _FIXES[""])
+    if rule == "no_grid" and video_grid is not None:
+        fix = (
+            f"video_grid={video_grid} is set now, but the graphs were compiled without a grid, and a node left dense "
+            "when compiled stays dense: give video_grid when compiling (options={'video_grid': ...}, or a "
+            "spattn_compile.config(video_grid=...) block around the first call), or torch._dynamo.reset()"
+        )
     return (
-        f"spattn: no attention call of {state.name} became sparse: {reason}. Fix: {_FIXES.get(rule, _FIXES[''])}. "
+        f"spattn: no attention call of {state.name} became sparse: {reason}. Fix: {fix}. "
         "spattn_compile.explain(model, ...) shows every call's decision."
     )
 

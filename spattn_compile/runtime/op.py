@@ -35,7 +35,7 @@ from ..estimators import SampledRows
 from ..implementations import make_implementation
 from ..inputs import in_query_layout, output_like
 from .model_state import StepContext, current_step, record
-from .plan_cache import plan_summary, refresh_density
+from .plan_cache import MaskFingerprints, plan_summary, refresh_density
 from .records import timing_enabled
 
 __all__ = ["plan_signature", "sparse_attention_op"]
@@ -126,10 +126,15 @@ def _call(
     )
 
 
-def plan_signature(call: SparseAttention, config: SparseAttentionConfig) -> tuple:
-    """What a cached plan is reused for: everything the call's plan depends on (`SparseAttention.plan_key`) and the
-    schedule's decay of its density."""
-    return (call.plan_key(), config.density_decay)
+def plan_signature(
+    call: SparseAttention, config: SparseAttentionConfig, masks: MaskFingerprints | None = None
+) -> tuple:
+    """What a cached plan is reused for: everything the call's plan depends on (`SparseAttention.plan_key`), the
+    contents of its mask (named by `masks`, the plan cache's `MaskFingerprints`; without them, the mask tensor's
+    identity, which never serves another tensor) and the schedule's decay of its density."""
+    mask = call.attn_mask
+    fingerprint = (None if mask is None else ("tensor", id(mask))) if masks is None else masks.of(mask)
+    return (call.plan_key(), fingerprint, config.density_decay)
 
 
 def _scheduled_attention(
@@ -147,6 +152,7 @@ def _scheduled_attention(
     """One call inside a compiled model: returns the output and (kind, cache, density, recall, keep share, estimator)
     for the report, see `records.AttentionRecord`. `layer`: (model-level index, module path)."""
     layer_index, layer_name = layer
+    context.model.check_dense_layers(config.dense_layers)
     dense_kind = ""
     if isinstance(layout, str):
         dense_kind = "no_grid"
@@ -184,14 +190,14 @@ def _scheduled_attention(
         )
         seeded_at = dataclasses.replace(context, step=context.step + 1)
         kept, recall, keep_share = plan_summary(plan)
-        signature = plan_signature(call, config)
+        signature = plan_signature(call, config, cache.masks)
         cache.store(cache_key, seeded_at, signature, plan, 0, (kept, recall), lifetime=config.exact_plan_steps)
         # Its kept blocks go to the report's plot: the steps it serves are cache hits, which record none.
         return out, (dense_kind, "exact", 1.0, 1.0, keep_share, plan.estimator)
 
     assert isinstance(layout, CallLayout)
     call = _call(query, key, value, layout, attn_mask, scale, config, capability)
-    signature = plan_signature(call, config)
+    signature = plan_signature(call, config, cache.masks)
     entry = cache.lookup(cache_key, context, signature, config.refresh_interval)
     if entry is not None:
         out = call.run(entry.plan)

@@ -6,9 +6,13 @@ generation) selects at density `max(1 / NB, (1 - sparsity) - r * density_decay)`
 (`refresh_density`). An entry serves a later call only in the same generation and with an equal `signature`: the op
 passes the call's `attention.PlanKey` (every input of the plan: shapes, layout, mask, the estimator's, selection's and
 rectification's settings) with the schedule's `density_decay`, so a change of any of them refreshes the plan and
-restarts its refresh count. Each model's cache is bounded by a byte cap (`spattn_compile.set_plan_cache_limit`, 8 GiB
+restarts its refresh count. A key-padding mask is in the signature by its contents: `MaskFingerprints` names every
+mask it sees by a small int, equal for equal masks, so a same-shape mask that keeps other keys refreshes the plan.
+Each model's cache is bounded by a byte cap (`spattn_compile.set_plan_cache_limit`, 8 GiB
 by default) with least-recently-used eviction (an evicted entry is recomputed at the density its refresh count calls
-for). Lookups compare Python values only: the cached path never synchronises with the device.
+for). Lookups compare Python values only; the cached path synchronises with the device only to compare a mask
+tensor it has not seen before with the masks it knows (once per new mask tensor, not per layer: the layers of one
+forward share their mask tensor), and never without a mask.
 """
 
 from __future__ import annotations
@@ -20,10 +24,19 @@ from collections.abc import Hashable
 from typing import Protocol
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..plan import SparsePlan
 
-__all__ = ["CacheLimit", "CachedPlan", "PlanCache", "plan_cache_limit", "plan_summary", "refresh_density"]
+__all__ = [
+    "CacheLimit",
+    "CachedPlan",
+    "MaskFingerprints",
+    "PlanCache",
+    "plan_cache_limit",
+    "plan_summary",
+    "refresh_density",
+]
 
 
 class AtStep(Protocol):
@@ -74,6 +87,61 @@ def _plan_bytes(plan: SparsePlan) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _version(tensor: torch.Tensor) -> int | None:
+    """The tensor's in-place version counter, or None where it has none (inference tensors)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
+
+class MaskFingerprints:
+    """Names key-padding masks by their contents: `of(mask)` is a small int, equal for masks of equal shape, dtype,
+    device and values, so that a plan cache key can hold a mask's contents as a Python value.
+
+    A mask tensor seen before, unchanged since (same object, same in-place version counter), gets its name without
+    touching the device. Another one is compared on the device with the last `capacity` distinct masks (one host sync
+    per comparison, `torch.equal`); a new mask gets a new name and a copy of it is kept (a key-padding mask is small:
+    `B * H * S` booleans at most, broadcast dims are kept unexpanded)."""
+
+    def __init__(self, capacity: int = 8) -> None:
+        self.capacity = capacity
+        self._known: collections.OrderedDict[int, torch.Tensor] = collections.OrderedDict()
+        self._seen: WeakIdKeyDictionary = WeakIdKeyDictionary()  # tensor -> (version, name)
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def of(self, mask: torch.Tensor | None) -> int | None:
+        """The name of `mask`'s contents (None for no mask)."""
+        if mask is None:
+            return None
+        version = _version(mask)
+        with self._lock:
+            seen = self._seen.get(mask)
+            if seen is not None and version is not None and seen[0] == version and seen[1] in self._known:
+                self._known.move_to_end(seen[1])
+                return seen[1]
+            name = next((n for n, known in self._known.items() if _same_mask(known, mask)), None)
+            if name is None:
+                name, self._next = self._next, self._next + 1
+                self._known[name] = mask.detach().clone()
+                while len(self._known) > self.capacity:
+                    self._known.popitem(last=False)
+            self._known.move_to_end(name)
+            if version is not None:
+                self._seen[mask] = (version, name)
+            return name
+
+    def clear(self) -> None:
+        with self._lock:
+            self._known.clear()
+            self._seen.clear()
+
+
+def _same_mask(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+
+
 class PlanCache:
     """One model's plans by (layer, branch), bounded by `max_bytes` with least-recently-used eviction.
 
@@ -86,6 +154,7 @@ class PlanCache:
         self._refreshes: dict[Hashable, tuple[int, Hashable, int]] = {}
         self._bytes = 0
         self._lock = threading.Lock()
+        self.masks = MaskFingerprints()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -171,6 +240,7 @@ class PlanCache:
             self._entries.clear()
             self._refreshes.clear()
             self._bytes = 0
+        self.masks.clear()
 
 
 class CacheLimit:

@@ -28,6 +28,7 @@ import contextlib
 import contextvars
 import dataclasses
 import itertools
+import numbers
 import threading
 from collections.abc import Callable, Iterator
 
@@ -72,11 +73,12 @@ _CLOCK = _GenerationClock()
 
 
 def _check_index(name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    """`value` as a Python int >= 0 (Python or NumPy integers), else TypeError / ValueError naming `name`."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int >= 0, got {value!r} of type {type(value).__name__}")
     if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
+        raise ValueError(f"{name} must be an int >= 0, got {value}")
+    return int(value)
 
 
 @contextlib.contextmanager
@@ -91,9 +93,9 @@ def step(index: int, *, branch: int | None = None) -> Iterator[None]:
                 noise_cond = transformer(latents, t, cond)
                 noise_uncond = transformer(latents, t, uncond)
     """
-    _check_index("step index", index)
+    index = _check_index("step index", index)
     if branch is not None:
-        _check_index("branch", branch)
+        branch = _check_index("branch", branch)
     token = _OVERRIDE.set((index, branch))
     try:
         yield

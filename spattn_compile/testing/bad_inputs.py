@@ -20,6 +20,7 @@ backend's options, threads) with one thing wrong or unusual; `classify(case)` ru
 from __future__ import annotations
 
 import dataclasses
+import sys
 import threading
 from collections.abc import Callable
 
@@ -29,8 +30,10 @@ import torch.nn.functional as F
 
 from ..api import select_plan, sparse_attention
 from ..backend import SpattnBackend
+from ..capability import check_capability
 from ..config import SparseAttentionConfig, config, current_config
 from ..estimators import PooledTiles, SampledRows
+from ..runtime import set_plan_cache_limit, step
 
 __all__ = ["CASES", "Case", "classify"]
 
@@ -112,6 +115,49 @@ def _requires_grad_triton() -> torch.Tensor:
     return sparse_attention(q, k, v, video_grid=GRID, text_len=TEXT, config=CONFIG, impl="triton")
 
 
+def _plan_run_with(selected: dict, run: dict) -> torch.Tensor:
+    q, k, v = _inputs()
+    plan = select_plan(q, k, v, video_grid=GRID, text_len=TEXT, config=dataclasses.replace(CONFIG, **selected))
+    return _call(plan=plan, config=dataclasses.replace(CONFIG, **run))
+
+
+def _keep_first(n: int) -> torch.Tensor:
+    mask = torch.zeros(1, 1, 1, SEQ, dtype=torch.bool)
+    mask[..., :n] = True
+    return mask
+
+
+def _cached_plan_after_a_mask_change() -> bool:
+    """A compiled function reusing plans for 5 steps, its mask changed (same shape) at step 1: its output is the
+    fresh call's."""
+    q, k, v = _inputs(dtype=torch.float32)
+    options = {"compiler": "eager", "block_size": 16, "sparsity": 0.5, "min_seq_len": 0, "video_grid": GRID,
+               "text_position": "last", "refresh_interval": 5}  # fmt: skip
+    compiled = torch.compile(
+        lambda q, k, v, mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), backend="spattn",
+        options=options,
+    )  # fmt: skip
+    masks = (torch.ones(1, 1, 1, SEQ, dtype=torch.bool), _keep_first(16))
+    outputs = []
+    for index, mask in enumerate(masks):
+        with step(index):
+            outputs.append(compiled(q, k, v, mask))
+    fresh = _call(qkv=[q, k, v], attn_mask=masks[1], config=dataclasses.replace(CONFIG, block_size=16))
+    return torch.allclose(outputs[1], fresh, rtol=1e-4, atol=1e-5)
+
+
+def _in_step(index, branch) -> None:
+    with step(index, branch=branch):
+        pass
+
+
+def _expanded_query_triton() -> bool:
+    q, k, v = (t.float() for t in _inputs())
+    q = q[:, :1].expand(-1, 2, -1, -1)
+    out = _call(qkv=[q, k, v], impl="triton")
+    return torch.allclose(out, _call(qkv=[q.contiguous(), k, v], impl="triton"), rtol=1e-5, atol=1e-6)
+
+
 CASES: tuple[Case, ...] = (
     # Tensors
     Case("query is a list", lambda: _call(qkv=[[1.0], *_inputs()[1:]]), TypeError, ("query", "tensor")),
@@ -143,12 +189,23 @@ CASES: tuple[Case, ...] = (
          ("attn_mask", "key-padding")),  # fmt: skip
     Case("(H, 1, S) mask", lambda: _call(attn_mask=torch.ones(2, 1, SEQ, dtype=torch.bool)),
          check=lambda out: torch.equal(out, _call())),  # fmt: skip
+    Case("(B, 1, 1, 1) mask", lambda: _call(attn_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool)),
+         check=lambda out: torch.equal(out, _call())),  # fmt: skip
     # Other arguments
     Case("impl unknown", lambda: _call(impl="cuda"), ValueError, ("impl",)),
     Case("config a dict", lambda: _call(config={"sparsity": 0.5}), TypeError, ("config",)),
     Case("plan a string", lambda: _call(plan="plan"), TypeError, ("plan",)),
     Case("plan of another block size", _plan_of_another_layout, ValueError, ("plan", "block_size")),
     Case("impl='triton' with inputs requiring grad", _requires_grad_triton, RuntimeError, ("no_grad", "reference")),
+    Case("plan of gapr=True run with gapr=False", lambda: _plan_run_with({"gapr": True}, {"gapr": False}),
+         ValueError, ("plan", "gapr=True", "gapr=False")),  # fmt: skip
+    Case("plan of rectify='none' run with 'query'", lambda: _plan_run_with({"rectify": "none"}, {"rectify": "query"}),
+         ValueError, ("plan", "rectify='none'", "rectify='query'")),  # fmt: skip
+    Case("plan of sparsity 0.5 run with 0.9", lambda: _plan_run_with({"sparsity": 0.5}, {"sparsity": 0.9}),
+         ValueError, ("plan", "sparsity=0.5", "sparsity=0.9")),  # fmt: skip
+    Case("plan run with its own settings", lambda: _plan_run_with({}, {}), check=lambda out: torch.equal(out, _call())),
+    Case("expanded (stride-0) query, impl='triton'", lambda: None, check=lambda _: _expanded_query_triton()),
+    Case("cached plan after a mask change", lambda: None, check=lambda _: _cached_plan_after_a_mask_change()),
     # Non-finite values: non-finite exactly where SDPA's output is
     Case("NaN in a query", lambda: None, check=lambda _: _nonfinite_like_sdpa((0, 0, 3, 1), 0, float("nan"))()),
     Case("+inf in a key", lambda: None, check=lambda _: _nonfinite_like_sdpa((0, 1, 20, 2), 1, float("inf"))()),
@@ -171,6 +228,16 @@ CASES: tuple[Case, ...] = (
     Case("backend sparsity out of range", lambda: _compile_with({"sparsity": 2.0}), Exception, ("sparsity",)),
     Case("mode reduce-overhead", lambda: _compile_with({"compiler": "inductor"}, "reduce-overhead"), Exception,
          ("reduce-overhead",)),  # fmt: skip
+    # `spattn_compile.backend` is the backend module, callable (`sys.modules`: importing it by name from here would
+    # import the package above this layer).
+    Case("spattn_compile.backend({...})", lambda: sys.modules[SpattnBackend.__module__]({"sparsity": 0.9}), TypeError,
+         ("keyword", "sparsity=0.9")),  # fmt: skip
+    # NumPy integers wherever ints are taken
+    Case("step(np.int64)", lambda: _in_step(np.int64(2), np.int32(0)), check=lambda _: True),
+    Case("step(True)", lambda: _in_step(True, None), TypeError, ("step", "int")),
+    Case("set_plan_cache_limit(np.int64)", lambda: set_plan_cache_limit(np.int64(8 << 30)), check=lambda _: True),
+    Case("check_capability head_dim np.int64", lambda: check_capability(torch.float32, np.int64(64), "cpu"),
+         check=bool),  # fmt: skip
     # Threads
     Case("config is private to its thread", lambda: None, check=lambda _: _thread_isolation()),
 )
