@@ -42,6 +42,7 @@ from spattn_compile.estimators import (
 )
 from spattn_compile.estimators.pooled import pooled_scores_reference, tile_outliers_reference
 from spattn_compile.estimators.probes import probe_scores_reference, probe_weights, sampled_row_probes
+from spattn_compile.kernels.reorder_pool import prepare_statistics
 from spattn_compile.layout import token_layout
 from spattn_compile.testing import dit_attention_inputs
 
@@ -103,6 +104,8 @@ def estimator_cases(draw):
         "mask_kind": draw(st.sampled_from(["none", "per_batch", "per_head", "empty"])),
         "gain": draw(st.sampled_from([0.5, 1.0, 3.0])),
         "dtype": draw(st.sampled_from([torch.float16, torch.float32])),
+        # The caller's tensors read through the layout (`prepare_statistics`), or canonical copies (`reorder_pool`).
+        "source_order": draw(st.booleans()),
     }
 
 
@@ -128,8 +131,14 @@ def test_estimator_kernel_matches_reference(case):
     tile = estimator.pool_tile_size(layout.block_size)
     scale = case["head_dim"] ** -0.5
     with poisoned_allocations():
-        prepared = triton_prepared(query, key, value, mask, layout, tile, scale)
-        scores = estimator_for(estimator).kernel(prepared.estimator_inputs(), estimator)
+        if case["source_order"]:
+            valid = reference.key_padding_valid(mask, case["batch"], case["heads"], layout.seq_len)
+            outliers = isinstance(estimator, PooledTiles) and estimator.outliers
+            found = prepare_statistics(query, key, value, layout, tile_size=tile, key_valid=valid, outliers=outliers)
+            inputs = found.estimator_inputs(query, key, scale)
+        else:
+            inputs = triton_prepared(query, key, value, mask, layout, tile, scale).estimator_inputs()
+        scores = estimator_for(estimator).kernel(inputs, estimator)
     expected_prepared = reference_prepared(query, key, value, mask, layout, tile, scale)
     expected = estimator_for(estimator).reference(expected_prepared.estimator_inputs(), estimator)
 
@@ -282,11 +291,15 @@ def test_probe_weights_drop_non_finite_probes():
     per_head_weights=st.booleans(),
     mask_kind=st.sampled_from(["none", "per_head", "empty"]),
     dtype=st.sampled_from([torch.float16, torch.float32]),
+    source_order=st.booleans(),
 )
+# The NaN probe's row of logits is all NaN: the interpreter's numpy says so while the kernel gives it no weight.
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
 def test_probe_kernel_matches_reference_with_any_probes(
-    seed, grid, text_len, per_block, head_dim, per_head_weights, mask_kind, dtype
+    seed, grid, text_len, per_block, head_dim, per_head_weights, mask_kind, dtype, source_order
 ):
-    """`probe_scores` on arbitrary probe vectors and weights (per head or shared; a NaN probe weighs nothing)."""
+    """`probe_scores` on arbitrary probe vectors and weights (per head or shared; a NaN probe weighs nothing), the
+    keys as canonical copies or the caller's (B, S, H, D)-strided tensor read through the layout."""
     from spattn_compile.kernels.probe_scores import probe_scores
 
     generator = torch.Generator().manual_seed(seed)
@@ -299,8 +312,11 @@ def test_probe_kernel_matches_reference_with_any_probes(
     probes[0, 1, 0, 0] = math.nan
     shape = (2, 2, num_probes) if per_head_weights else (num_probes,)
     weights = torch.rand(shape, generator=generator) + 0.1
+    keys = {"k_c": prepared.k}
+    if source_order:
+        keys = {"k_c": key.transpose(1, 2).contiguous().transpose(1, 2), "source_index": layout.source_index}
     with poisoned_allocations():
-        scores = probe_scores(probes, weights, prepared.k, prepared.key_usable, layout, 0.3)
+        scores = probe_scores(probes, weights, keys.pop("k_c"), prepared.key_usable, layout, 0.3, **keys)
     expected = probe_scores_reference(probes.double(), weights, prepared.k.double(), prepared.key_usable, layout, 0.3)
     assert torch.isfinite(scores).all()
     # Probes are cast to the keys' dtype in the kernel: float16 probes are exact, so one tolerance fits both.
@@ -395,6 +411,122 @@ def _farthest_candidates(k: torch.Tensor, valid: torch.Tensor, num_tiles: int, t
     distance = (keys - mean[..., None, :]).pow(2).sum(-1).masked_fill(~ok, -1.0)
     farthest = distance.max(-1, keepdim=True).values
     return ok & (distance >= farthest * (1 - 1e-5))
+
+
+@settings(max_examples=10)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    grid=st.sampled_from(GRIDS),
+    tile=st.sampled_from([16, 32]),
+    head_dim=st.sampled_from(HEAD_DIMS),
+    mask_kind=st.sampled_from(["none", "per_head", "empty"]),
+    masked_share=st.sampled_from([0.0, 0.5, 0.95]),
+    dtype=st.sampled_from([torch.float16, torch.float32]),
+)
+def test_prepared_outliers_match_the_definition(seed, grid, tile, head_dim, mask_kind, masked_share, dtype):
+    """The outliers `prepare_statistics` finds in its pass over the caller's keys are the definition's (the loops of
+    `_loop_tile_outliers` on the canonical keys), near-tied tiles up to which of their farthest keys is taken."""
+    generator = torch.Generator().manual_seed(seed)
+    layout = token_layout(grid, 5, False, 32)
+    query, key, value = make_inputs(
+        generator, batch=1, heads=2, head_dim=head_dim, layout=layout, dtype=dtype, memory="transposed"
+    )
+    mask = make_key_valid(generator, batch=1, heads=2, layout=layout, kind=mask_kind, masked_share=masked_share)
+    valid = reference.key_padding_valid(mask, 1, 2, layout.seq_len)
+    with poisoned_allocations():
+        found = prepare_statistics(
+            query, key, value, layout, tile_size=tile, key_valid=valid, outliers=True, tile_dtype=torch.float32
+        ).outliers
+    assert found is not None
+    canonical = reference_prepared(query, key, value, mask, layout, tile, 0.25)
+    num_tiles = layout.num_video_blocks * layout.block_size // tile
+    by_loops = _loop_tile_outliers(canonical.k, canonical.key_usable, num_tiles, tile)
+    candidates = _farthest_candidates(canonical.k, canonical.key_usable, num_tiles, tile)
+    tied = candidates.sum(-1) > 1
+    got = (found.rest_mean, found.rest_count, found.outlier, found.outlier_count)
+    for name, a, c in zip(("rest_mean", "rest_count", "outlier", "outlier_count"), got, by_loops):
+        assert a.dtype == torch.float32 and torch.isfinite(a).all(), name
+        if name.endswith("count"):
+            assert torch.equal(a.double(), c), name
+        elif name == "outlier":
+            assert torch.equal(a[~tied].double(), c[~tied]), name  # a selection: exact
+        else:
+            torch.testing.assert_close(a[~tied].double(), c[~tied], rtol=1e-5, atol=1e-5, msg=name)
+    keys = canonical.k[..., : num_tiles * tile, :].reshape(*found.outlier.shape[:3], tile, -1)
+    is_chosen = (keys == found.outlier.double()[..., None, :]).all(-1) & candidates
+    assert is_chosen[tied].any(-1).all(), "a near-tied tile's outlier is not one of its farthest keys"
+
+
+@settings(max_examples=10)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    grid=st.sampled_from(GRIDS),
+    text_len=st.sampled_from([0, 5, 37]),
+    block_size=st.sampled_from([16, 32]),
+    outliers=st.booleans(),
+    mask_kind=st.sampled_from(["none", "per_head", "empty"]),
+    dtype=st.sampled_from([torch.float16, torch.float32]),
+)
+def test_one_pass_scores_equal_the_two_pass_kernel(seed, grid, text_len, block_size, outliers, mask_kind, dtype):
+    """`pooled_scores_one_pass` on canonical copies: the two-pass kernel's scores up to float32 rounding (one
+    exponential per logit, rescaled once, against two), and the reference's within the products' tolerance."""
+    from spattn_compile.kernels.pooled_scores import pooled_scores, pooled_scores_one_pass
+
+    generator = torch.Generator().manual_seed(seed)
+    layout = token_layout(grid, text_len, False, block_size)
+    query, key, value = make_inputs(generator, batch=2, heads=2, head_dim=24, layout=layout, dtype=dtype, gain=2.0)
+    mask = make_key_valid(generator, batch=2, heads=2, layout=layout, kind=mask_kind, masked_share=0.3)
+    inputs = triton_prepared(query, key, value, mask, layout, 16, 0.3).estimator_inputs()
+    with poisoned_allocations():
+        one_pass = pooled_scores_one_pass(inputs, outliers=outliers)
+    two_pass = pooled_scores(inputs, outliers=outliers)
+    estimator = PooledTiles(16, outliers=outliers)
+    expected = pooled_scores_reference(reference_prepared(query, key, value, mask, layout, 16, 0.3).estimator_inputs(),
+                                       estimator)  # fmt: skip
+    assert torch.isfinite(one_pass).all()
+    assert relative_error(one_pass, two_pass) < 1e-5
+    assert relative_error(one_pass, expected) < score_tolerance(estimator, dtype)
+
+
+def test_one_pass_options_and_inputs_are_checked():
+    """The GPU-only options refuse the interpreter by name; inputs in source order need the prepared outliers."""
+    from spattn_compile.kernels.common import INTERPRETED
+    from spattn_compile.kernels.pooled_scores import pooled_scores, pooled_scores_one_pass
+
+    generator = torch.Generator().manual_seed(0)
+    layout = token_layout((2, 4, 8), 3, False, 16)
+    query, key, value = make_inputs(generator, batch=1, heads=1, head_dim=16, layout=layout, dtype=torch.float32)
+    found = prepare_statistics(query, key, value, layout, tile_size=16)
+    inputs = found.estimator_inputs(query, key, 0.25)
+    assert inputs.in_source_order
+    with pytest.raises(ValueError, match="outliers=True on inputs in source order needs inputs.outliers"):
+        pooled_scores_one_pass(inputs, outliers=True)
+    with pytest.raises(ValueError, match="operands must be one of"):
+        pooled_scores_one_pass(inputs, outliers=False, operands="float64")
+    with pytest.raises(ValueError, match="pooled_scores reads canonical copies"):
+        pooled_scores(inputs, outliers=False)
+    if INTERPRETED:
+        with pytest.raises(ValueError, match="fast_exp=True needs CUDA"):
+            pooled_scores_one_pass(inputs, outliers=False, fast_exp=True)
+        with pytest.raises(ValueError, match="operands='float8' needs CUDA"):
+            pooled_scores_one_pass(inputs, outliers=False, operands="float8")
+
+
+def test_estimator_inputs_in_source_order_gather_for_the_references():
+    """`canonical_q()` / `canonical_k()` of inputs in source order are the reference's canonical copies; a bundle
+    whose tensors do not fit the layout is refused."""
+    generator = torch.Generator().manual_seed(2)
+    layout = token_layout((2, 3, 5), 7, True, 16)
+    query, key, value = make_inputs(generator, batch=1, heads=2, head_dim=16, layout=layout, dtype=torch.float32)
+    inputs = prepare_statistics(query, key, value, layout, tile_size=16).estimator_inputs(query, key, 0.25)
+    assert torch.equal(inputs.canonical_q(), reference.gather_canonical(query, layout))
+    assert torch.equal(inputs.canonical_k(), reference.gather_canonical(key, layout))
+    q_c, k_c = inputs.canonical_q(), inputs.canonical_k()
+    copies = base.EstimatorInputs(q_c, k_c, inputs.key_valid, inputs.stats, layout, 1.0)
+    assert not copies.in_source_order and copies.canonical_k() is copies.k
+    with pytest.raises(ValueError, match="with source_index, q and k must be the caller's"):
+        base.EstimatorInputs(copies.q, copies.k, inputs.key_valid, inputs.stats, layout, 1.0,
+                             source_index=inputs.source_index)  # fmt: skip
 
 
 def test_outlier_is_the_planted_far_key():

@@ -476,3 +476,89 @@ def test_gpu_pipeline_captures_in_a_cuda_graph_and_stays_small(estimator):
     batch, heads, seq_len, head_dim = out.shape
     one_score_matrix = batch * heads * seq_len * seq_len * 2
     assert extra < one_score_matrix / 8
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Planning without copies: prepare_statistics -> the estimator in source order -> select_plan_threshold
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _plan_without_copies(query, key, value, attn_mask, layout, config, *, fused_gate: bool, scale=None):
+    """The planning path the wiring switches to, composed from its kernels (pipeline.py still runs the copying one)."""
+    from spattn_compile.estimators import estimator_for
+    from spattn_compile.kernels.reorder_pool import prepare_statistics
+    from spattn_compile.kernels.select import gapr_gate, select_plan_threshold
+
+    estimator = config.estimator
+    tile = estimator.pool_tile_size(layout.block_size)
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    outliers = isinstance(estimator, PooledTiles) and estimator.outliers
+    found = prepare_statistics(
+        query, key, value, layout, tile_size=tile, key_valid=_key_valid(attn_mask, query), outliers=outliers
+    )
+    scores = estimator_for(estimator).kernel(found.estimator_inputs(query, key, scale), estimator)
+    gating = {"stats": found.stats} if fused_gate else {"gate": gapr_gate(found.stats, found.key_block_count, layout)}
+    return select_plan_threshold(
+        scores, found.key_block_count, layout, density=config.density, config=config, estimator=estimator.name,
+        forced_blocks=found.block_non_finite, **gating,
+    )  # fmt: skip
+
+
+@settings(max_examples=12)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    heads=st.integers(1, 3),
+    head_dim=st.sampled_from(HEAD_DIMS),
+    grid=st.sampled_from(GRIDS),
+    text_len=st.sampled_from([0, 5, 37]),
+    text_first=st.booleans(),
+    block_size=st.sampled_from([16, 32]),
+    estimator=st.sampled_from(ESTIMATORS),
+    sparsity=st.floats(0.0, 0.95),
+    mass_threshold=st.sampled_from([None, 0.5, 0.9]),
+    neighbors=st.booleans(),
+    rectify=st.sampled_from(["none", "block", "query"]),
+    mask_kind=st.sampled_from(["none", "per_batch", "per_head", "empty"]),
+    fused_gate=st.booleans(),
+    dtype=st.sampled_from([torch.float16, torch.float32]),
+)
+def test_planning_without_copies_matches_reference(
+    seed, heads, head_dim, grid, text_len, text_first, block_size, estimator, sparsity, mass_threshold, neighbors,
+    rectify, mask_kind, fused_gate, dtype,
+):  # fmt: skip
+    generator = torch.Generator().manual_seed(seed)
+    layout = token_layout(grid, text_len, text_first, block_size)
+    query, key, value = make_inputs(
+        generator, batch=2, heads=heads, head_dim=head_dim, layout=layout, dtype=dtype, memory="transposed", gain=2.0
+    )
+    mask = make_key_valid(generator, batch=2, heads=heads, layout=layout, kind=mask_kind, masked_share=0.3)
+    config = SparseAttentionConfig(
+        block_size=block_size, estimator=estimator, sparsity=sparsity, mass_threshold=mass_threshold,
+        neighbors=neighbors, rectify=rectify,
+    )  # fmt: skip
+    with poisoned_allocations():
+        plan = _plan_without_copies(query, key, value, mask, layout, config, fused_gate=fused_gate)
+    expected_plan, stats = _reference_plan(query, key, value, mask, layout, config)
+    assert plan.estimator == expected_plan.estimator
+    assert relative_error(plan.block_scores, expected_plan.block_scores) < score_tolerance(estimator, dtype)
+    score_error = float((plan.block_scores.double() - expected_plan.block_scores).abs().max())
+    _check_plan_agrees(plan, expected_plan, stats, score_error)
+
+
+def test_gpu_planning_explore_smoke(tmp_path, monkeypatch):
+    """benchmarks/gpu_planning_explore.py --smoke: every check and timing step of the script the H200 runs, at a toy
+    size on the CPU; its checks pass and it writes its report under $OUT."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_planning_explore.py"
+    spec = importlib.util.spec_from_file_location("gpu_planning_explore", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # (its dataclasses look their module up there)
+    spec.loader.exec_module(module)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert module.main(["--smoke"]) == 0
+    report = (tmp_path / "planning_explore.md").read_text()
+    assert "checks passed" in report and "| toy |" in report and "FAILED" not in report

@@ -1,6 +1,7 @@
-"""The stage kernels other than the estimators and the attention: reorder + pool (`kernels.reorder_pool`), GAPR's gate
-and the selection (`kernels.select`), against the float64 reference (`reference.gather_canonical`,
-`canonical_key_valid`, `key_usable`, `block_non_finite`, `pool_statistics`, `gapr_trusted`, `select_plan_reference`).
+"""The stage kernels other than the estimators and the attention: reorder + pool and the statistics without copies
+(`kernels.reorder_pool`), GAPR's gate and the selections, sorting and by threshold search (`kernels.select`), against
+the float64 reference (`reference.gather_canonical`, `canonical_key_valid`, `key_usable`, `block_non_finite`,
+`pool_statistics`, `gapr_trusted`, `select_plan_reference`).
 
 CPU tests run the kernels under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1) on small grids with
 prime sides, float16/float32 inputs, head dims that are powers of two and not. Every buffer the launchers allocate is
@@ -28,8 +29,8 @@ from kernel_helpers import (
 
 from spattn_compile import reference
 from spattn_compile.config import SparseAttentionConfig
-from spattn_compile.kernels.reorder_pool import reorder_pool, reorder_pool_tensors
-from spattn_compile.kernels.select import gapr_gate, select_plan
+from spattn_compile.kernels.reorder_pool import prepare_statistics, reorder_pool, reorder_pool_tensors
+from spattn_compile.kernels.select import gapr_gate, select_plan, select_plan_threshold
 from spattn_compile.layout import token_layout
 from spattn_compile.plan import PooledStats
 
@@ -47,6 +48,10 @@ STAT_FIELDS = (
 )
 
 
+# The kernels test finiteness as `x - x != 0`; on an infinity the interpreter's numpy says so in a RuntimeWarning.
+infinities_in_the_interpreter = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+
 def float32_stats(stats: PooledStats) -> PooledStats:
     return PooledStats(tile_size=stats.tile_size, **{name: getattr(stats, name).float() for name in STAT_FIELDS})
 
@@ -56,6 +61,7 @@ def float32_stats(stats: PooledStats) -> PooledStats:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+@infinities_in_the_interpreter
 @settings(max_examples=25)
 @given(
     seed=st.integers(0, 2**31 - 1),
@@ -132,6 +138,7 @@ def test_reorder_pool_partial_and_empty_groups_use_true_counts():
     assert not out.block_non_finite.any()
 
 
+@infinities_in_the_interpreter
 @pytest.mark.parametrize("impl", ["triton", "reference"])
 def test_non_finite_rows_are_left_out_and_flag_their_block(impl):
     """Hand-checked on one block of 32 rows (two tiles of 16): a NaN query row, an infinite key row, a NaN value row
@@ -452,3 +459,274 @@ def test_gpu_reorder_pool_compiles_for_16_bit_inputs(dtype):
         want = getattr(expected.stats, name)
         if want.norm() > 0:
             assert relative_error(getattr(out.stats, name), want) < 1e-5, name
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Statistics without copies (`prepare_statistics`)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _broadcast_inputs(generator, *, batch, heads, head_dim, layout, dtype):
+    """Q, K, V `(B, H, S, D)` as stride-0 expanded views (one head, one sample in memory), as a caller that repeats
+    keys over heads passes them."""
+    query, key, value = make_inputs(generator, batch=1, heads=1, head_dim=head_dim, layout=layout, dtype=dtype)
+    return tuple(t.expand(batch, heads, -1, -1) for t in (query, key, value))
+
+
+@infinities_in_the_interpreter
+@settings(max_examples=25)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    batch=st.integers(1, 2),
+    heads=st.integers(1, 3),
+    head_dim=st.sampled_from(HEAD_DIMS),
+    grid=st.sampled_from(GRIDS),
+    text_len=st.sampled_from([0, 3, 13, 37]),
+    text_first=st.booleans(),
+    # (block, tile, rows per chunk or None for the launcher's): chunks of whole tiles, of several tiles, and of
+    # pieces of a tile (64 / 16: four chunks per tile).
+    blocking=st.sampled_from([(16, 16, None), (32, 16, 32), (64, 16, 64), (64, 64, None), (64, 64, 16), (32, 32, 32)]),
+    mask_kind=st.sampled_from(["none", "per_batch", "per_head", "empty"]),
+    masked_share=st.floats(0.0, 0.6),
+    memory=st.sampled_from(["contiguous", "transposed", "sliced", "expanded"]),
+    dtype=st.sampled_from([torch.float16, torch.float32]),
+    non_finite=st.sampled_from([0, 0, 1, 3]),
+    outliers=st.booleans(),
+    tile_dtype=st.sampled_from([None, torch.float32]),
+)
+def test_prepare_statistics_matches_reference(
+    seed, batch, heads, head_dim, grid, text_len, text_first, blocking, mask_kind, masked_share, memory, dtype,
+    non_finite, outliers, tile_dtype,
+):  # fmt: skip
+    block_size, tile_size, chunk = blocking
+    if outliers and chunk is not None and chunk < tile_size:
+        chunk = tile_size  # outliers need whole tiles in a chunk
+    generator = torch.Generator().manual_seed(seed)
+    layout = token_layout(grid, text_len, text_first, block_size)
+    if memory == "expanded":
+        query, key, value = _broadcast_inputs(
+            generator, batch=batch, heads=heads, head_dim=head_dim, layout=layout, dtype=dtype
+        )
+    else:
+        query, key, value = make_inputs(
+            generator, batch=batch, heads=heads, head_dim=head_dim, layout=layout, dtype=dtype, memory=memory
+        )
+    if non_finite:
+        query, key, value = sprinkle_non_finite(generator, (query, key, value), non_finite)
+    mask = make_key_valid(generator, batch=batch, heads=heads, layout=layout, kind=mask_kind, masked_share=masked_share)
+    valid = reference.key_padding_valid(mask, batch, heads, layout.seq_len)
+
+    launch = {} if chunk is None else {"config": (chunk, 4)}
+    with poisoned_allocations():
+        out = prepare_statistics(
+            query, key, value, layout, tile_size=tile_size, key_valid=valid, outliers=outliers, tile_dtype=tile_dtype,
+            **launch,
+        )  # fmt: skip
+    expected = reference_prepared(query, key, value, mask, layout, tile_size, 1.0)
+
+    assert torch.equal(out.key_valid, expected.key_valid)
+    assert torch.equal(out.key_usable, expected.key_usable)
+    assert torch.equal(out.block_non_finite, expected.block_non_finite)
+    assert torch.equal(out.key_block_count, expected.key_block_count.float())
+    assert out.source_index.equal(layout.source_index) and out.layout is layout
+    means_dtype = tile_dtype or (dtype if dtype != torch.float32 else torch.float32)
+    for name in STAT_FIELDS:
+        got, want = getattr(out.stats, name), getattr(expected.stats, name)
+        tile_mean = name in ("q_tile", "k_tile")
+        assert got.dtype == (means_dtype if tile_mean else torch.float32), name
+        assert got.shape == want.shape, name
+        assert torch.isfinite(got).all(), name  # non-finite rows are left out of every statistic
+        if name.endswith("count"):
+            assert torch.equal(got.double(), want), name
+        elif want.norm() > 0:
+            bound = 1e-3 if got.dtype == torch.float16 else 1e-6
+            assert relative_error(got, want) < bound, name
+        else:
+            assert torch.equal(got, torch.zeros_like(got)), name
+    if not outliers:
+        assert out.outliers is None
+        return
+    found = out.outliers
+    assert found is not None
+    # Every usable key is in its tile's rest or is its outlier (the outlier itself: see test_estimators).
+    assert torch.equal(found.outlier_count, (out.stats.k_tile_count > 0).float())
+    assert torch.equal(found.rest_count + found.outlier_count, out.stats.k_tile_count)
+    total = found.rest_mean.double() * found.rest_count[..., None] + found.outlier.double()
+    expected_total = expected.stats.k_tile * expected.stats.k_tile_count[..., None]
+    bound = 2e-3 if found.rest_mean.dtype == torch.float16 else 1e-6
+    if expected_total.norm() > 0:
+        assert relative_error(total, expected_total) < bound
+
+
+def test_prepare_statistics_reads_no_copy_and_rejects_bad_arguments():
+    """Its outputs are statistics and validity only (nothing of the inputs' size); arguments are checked by name."""
+    layout, args = _valid_launch_args()
+    query, key, value = args["query"], args["key"], args["value"]
+    out = prepare_statistics(query, key, value, layout, tile_size=16, outliers=True)
+    fields = [getattr(out.stats, f) for f in STAT_FIELDS] + [out.key_valid, out.key_usable, out.key_block_count]
+    assert all(t.numel() < query.numel() for t in fields)
+    with pytest.raises(TypeError, match="tile_dtype must be float16, bfloat16 or float32"):
+        prepare_statistics(query, key, value, layout, tile_size=16, tile_dtype=torch.float64)
+    with pytest.raises(TypeError, match="outliers must be a bool"):
+        prepare_statistics(query, key, value, layout, tile_size=16, outliers=1)
+    with pytest.raises(ValueError, match=r"query must have shape \(B, H, 15, D\) for this layout"):
+        prepare_statistics(query[..., :14, :], key, value, layout, tile_size=16)
+    with pytest.raises(ValueError, match="tile_size=32 must divide block_size=16"):
+        prepare_statistics(query, key, value, layout, tile_size=32)
+    with pytest.raises(TypeError, match="layout must be a TokenLayout"):
+        prepare_statistics(query, key, value, "layout", tile_size=16)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Selection by threshold search (`select_plan_threshold`)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _check_plan_fused_gate(plan, expected, stats) -> None:
+    """Kept blocks exactly; trusted blocks exactly except where GAPR's test is a near-tie (the fused gate multiplies
+    float32 statistics, the reference float64 ones)."""
+    for name in ("kv_counts", "kv_indices"):
+        assert torch.equal(getattr(plan, name), getattr(expected, name)), name
+    nb = expected.num_video_blocks
+    differs = (plan.trusted_mask() != expected.trusted_mask())[..., :nb, :]
+    if differs.any():
+        gain = (stats.q_block @ stats.k_block.transpose(-1, -2)).abs()
+        error = (stats.q_block_mad @ stats.k_block.transpose(-1, -2)).abs() + (
+            stats.q_block @ stats.k_block_mad.transpose(-1, -2)
+        ).abs()
+        near_tie = (gain - error).abs() <= 1e-4 * (gain + error + 1e-6)
+        assert not (differs & ~near_tie).any()
+
+
+@settings(max_examples=15)
+@given(
+    **selection_settings,
+    mass_threshold=st.sampled_from([None, 0.25, 0.5, 0.75, 0.875, 1.0]),
+    max_density=st.sampled_from([0.25, 0.5, 1.0]),
+    fused_gate=st.booleans(),
+)
+def test_threshold_selection_matches_reference_exactly_with_ties(
+    seed, heads, grid, text_len, text_first, empty_share, forced, sparsity, neighbors, gapr, rectify, mass_threshold,
+    max_density, fused_gate,
+):  # fmt: skip
+    """Dyadic scores with many ties (every sum exact): the threshold search equals the reference and the sorting
+    kernel, ties in index order, forced and empty blocks, neighbours, text and the mass threshold included."""
+    layout, generator, valid_c, stats, key_block_count, forced_blocks = _selection_case(
+        seed, heads=heads, grid=grid, text_len=text_len, text_first=text_first, empty_share=empty_share, forced=forced
+    )
+    nb = layout.num_video_blocks
+    weights = torch.randint(0, 6, (2, heads, nb, nb + 1), generator=generator).double()
+    weights[..., nb] *= 3
+    scores = weights * 2.0 ** -math.ceil(math.log2(weights.sum(-1).max().item() + 1))
+    config = SparseAttentionConfig(
+        block_size=16, sparsity=sparsity, mass_threshold=mass_threshold, max_density=max_density, neighbors=neighbors,
+        gapr=gapr, rectify=rectify,
+    )  # fmt: skip
+    gate = reference.gapr_trusted(stats).to(torch.int8)
+    gating = {"stats": float32_stats(stats)} if fused_gate else {"gate": gate}
+    arguments = dict(density=config.density, config=config, estimator="test", forced_blocks=forced_blocks)
+    with poisoned_allocations():
+        plan = select_plan_threshold(scores.float(), key_block_count, layout, **arguments, **gating)
+    expected = reference.select_plan_reference(
+        scores, stats, valid_c, layout, density=config.density, config=config, estimator="test",
+        forced_blocks=forced_blocks,
+    )  # fmt: skip
+    if fused_gate:
+        _check_plan_fused_gate(plan, expected, stats)
+    else:
+        _check_plan(plan, expected)
+        assert torch.equal(plan.kv_indices, select_plan(scores.float(), key_block_count, layout, gate=gate,
+                                                        **arguments).kv_indices)  # fmt: skip
+
+
+@settings(max_examples=10)
+@given(**selection_settings, gain=st.floats(0.5, 4.0), mass_threshold=st.sampled_from([None, 0.9]))
+def test_threshold_selection_on_softmax_scores(
+    seed, heads, grid, text_len, text_first, empty_share, forced, sparsity, neighbors, gapr, rectify, gain,
+    mass_threshold,
+):  # fmt: skip
+    """Softmax rows of random logits (float32 values, no planted ties): the threshold search keeps the blocks the
+    sorting kernel keeps, bit for bit, and the reference's."""
+    layout, generator, valid_c, stats, key_block_count, forced_blocks = _selection_case(
+        seed, heads=heads, grid=grid, text_len=text_len, text_first=text_first, empty_share=empty_share, forced=forced
+    )
+    nb = layout.num_video_blocks
+    scores = torch.softmax(gain * torch.randn(2, heads, nb, nb + 1, generator=generator, dtype=torch.float64), -1)
+    scores = scores.float()
+    config = SparseAttentionConfig(
+        block_size=16, sparsity=sparsity, neighbors=neighbors, gapr=gapr, rectify=rectify,
+        mass_threshold=mass_threshold,
+    )  # fmt: skip
+    gate = reference.gapr_trusted(stats).to(torch.int8)
+    arguments = dict(density=config.density, config=config, estimator="test", forced_blocks=forced_blocks)
+    with poisoned_allocations():
+        plan = select_plan_threshold(scores, key_block_count, layout, gate=gate, **arguments)
+    _check_plan(plan, select_plan(scores, key_block_count, layout, gate=gate, **arguments))
+    if mass_threshold is None:  # (float32 sums against float64 ones could split a row whose mass ties the threshold)
+        expected = reference.select_plan_reference(
+            scores.double(), stats, valid_c, layout, density=config.density, config=config, estimator="test",
+            forced_blocks=forced_blocks,
+        )  # fmt: skip
+        _check_plan(plan, expected)
+
+
+@settings(max_examples=10)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    heads=st.integers(1, 3),
+    grid=st.sampled_from(GRIDS),
+    text_len=st.sampled_from([0, 7]),
+    mass_threshold=st.sampled_from([None, 0.5]),
+    neighbors=st.booleans(),
+)
+def test_per_head_budgets_select_each_head_at_its_budget(seed, heads, grid, text_len, mass_threshold, neighbors):
+    """An int32 (B, H) budget: every head's plan is the reference's at that head's budget (density budget / NB)."""
+    layout, generator, valid_c, stats, key_block_count, forced_blocks = _selection_case(
+        seed, heads=heads, grid=grid, text_len=text_len, text_first=False, empty_share=0.2, forced=0.15
+    )
+    nb = layout.num_video_blocks
+    weights = torch.randint(0, 6, (2, heads, nb, nb + 1), generator=generator).double()
+    scores = weights * 2.0 ** -math.ceil(math.log2(weights.sum(-1).max().item() + 1))
+    budgets = torch.randint(1, nb + 1, (2, heads), generator=generator, dtype=torch.int32)
+    config = SparseAttentionConfig(block_size=16, mass_threshold=mass_threshold, neighbors=neighbors, max_density=0.5)
+    gate = reference.gapr_trusted(stats).to(torch.int8)
+    with poisoned_allocations():
+        plan = select_plan_threshold(
+            scores.float(), key_block_count, layout, budget=budgets, config=config, estimator="test", gate=gate,
+            forced_blocks=forced_blocks,
+        )  # fmt: skip
+    for b in range(2):
+        for h in range(heads):
+            one = (slice(b, b + 1), slice(h, h + 1))
+            head_stats = PooledStats(tile_size=16, **{n: getattr(stats, n)[one] for n in STAT_FIELDS})
+            expected = reference.select_plan_reference(
+                scores[one], head_stats, valid_c[one], layout, density=int(budgets[b, h]) / nb, config=config,
+                estimator="test", forced_blocks=forced_blocks[one],
+            )  # fmt: skip
+            for name in ("kv_counts", "kv_indices", "trusted_counts", "trusted_indices"):
+                assert torch.equal(getattr(plan, name)[one], getattr(expected, name)), (name, b, h)
+
+
+def test_threshold_selection_rejects_bad_arguments():
+    layout, args = _valid_launch_args()
+    pooled = reorder_pool(args["query"], args["key"], args["value"], layout, tile_size=16)
+    config = SparseAttentionConfig(block_size=16)
+    scores = torch.full((1, 1, 1, 2), 0.5)
+    count = pooled.key_block_count
+    kwargs = dict(config=config, estimator="test", stats=pooled.stats)
+    with pytest.raises(ValueError, match="give exactly one of density and budget"):
+        select_plan_threshold(scores, count, layout, **kwargs)
+    with pytest.raises(ValueError, match="give exactly one of density and budget"):
+        select_plan_threshold(scores, count, layout, density=0.5, budget=1, **kwargs)
+    with pytest.raises(ValueError, match=r"budget must be an int in \[1, 1\]"):
+        select_plan_threshold(scores, count, layout, budget=2, **kwargs)
+    with pytest.raises(ValueError, match=r"budget must be an int or an int32 tensor of shape \(1, 1\)"):
+        select_plan_threshold(scores, count, layout, budget=torch.ones(1, 2, dtype=torch.int32), **kwargs)
+    with pytest.raises(ValueError, match="config.gapr needs gate"):
+        select_plan_threshold(scores, count, layout, density=0.5, config=config, estimator="test")
+    with pytest.raises(ValueError, match="gate must be an int8 tensor"):
+        select_plan_threshold(scores, count, layout, density=0.5, config=config, estimator="test", gate=scores)
+    with pytest.raises(TypeError, match="scores must be float32"):
+        select_plan_threshold(scores.double(), count, layout, density=0.5, **kwargs)
+    with pytest.raises(ValueError, match="density must be a number in"):
+        select_plan_threshold(scores, count, layout, density=1.5, **kwargs)

@@ -95,13 +95,13 @@ def pooled_scores_reference(inputs: EstimatorInputs, config: PooledTiles) -> tor
     key_sets: list[tuple[torch.Tensor, torch.Tensor]]
     if config.outliers:
         rest, rest_count, outlier, outlier_count = tile_outliers_reference(
-            inputs.k.to(dtype), inputs.key_valid, n_tiles, tile
+            inputs.canonical_k().to(dtype), inputs.key_valid, n_tiles, tile
         )
         key_sets = [(rest, rest_count), (outlier, outlier_count)]
     else:
         key_sets = [(stats.k_tile.to(dtype), stats.k_tile_count.to(dtype))]
     columns = [inputs.scale * q_tile @ keys.transpose(-1, -2) + counts.log()[..., None, :] for keys, counts in key_sets]
-    text = inputs.k[..., layout.text_offset :, :].to(dtype)
+    text = inputs.canonical_k()[..., layout.text_offset :, :].to(dtype)
     if text.shape[-2]:
         text_logits = inputs.scale * q_tile @ text.transpose(-1, -2)
         columns.append(text_logits.masked_fill(~inputs.key_valid[..., None, layout.text_offset :], -math.inf))
@@ -127,8 +127,12 @@ def pooled_scores_reference(inputs: EstimatorInputs, config: PooledTiles) -> tor
 
 
 def _pooled_scores_kernel(inputs: EstimatorInputs, config: PooledTiles) -> torch.Tensor:
-    from ..kernels.pooled_scores import pooled_scores
+    from ..kernels.pooled_scores import pooled_scores, pooled_scores_one_pass
 
+    # Canonical copies: the two-pass kernel of the copying pipeline. The caller's tensors (`prepare_statistics`):
+    # the one-pass kernel, which reads the text keys through the layout's index.
+    if inputs.in_source_order:
+        return pooled_scores_one_pass(inputs, outliers=config.outliers)
     return pooled_scores(inputs, outliers=config.outliers)
 
 

@@ -21,10 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..estimators.base import EstimatorInputs
+from ..estimators.base import EstimatorInputs, KeyTileOutliers
 from .common import INTERPRETED, LOG2E, check_device, online_logsumexp, padded_head_dim
 
-__all__ = ["pooled_scores", "tile_outliers"]
+__all__ = ["pooled_scores", "pooled_scores_one_pass", "tile_outliers"]
 
 
 @triton.jit
@@ -220,6 +220,190 @@ def _pooled_scores_kernel(
     )
 
 
+
+# --------------------------------------------------------------------------------------------------------------------
+# One pass
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _exp2(x, FAST_EXP: tl.constexpr):
+    """2^x for x <= 0: float32 `ex2.approx` on the SFUs, or with FAST_EXP two at a time in float16
+    (`ex2.approx.f16x2`: half the SFU instructions; the argument rounded to float16, results below 2^-24 are zero)."""
+    if FAST_EXP:
+        half = x.to(tl.float16)
+        y = tl.inline_asm_elementwise(
+            "ex2.approx.f16x2 $0, $1;", "=r,r", [half], dtype=tl.float16, is_pure=True, pack=2
+        )
+        return y.to(tl.float32)
+    else:
+        return tl.math.exp2(x)
+
+
+@triton.jit
+def _text_logits_indexed(
+    q, K, SourceIndex, KeyUsable, key_base, usable_base, text_offset, start, text_rows, offs_n, offs_d, stride_ks,
+    qk_scale, HEAD_DIM: tl.constexpr, SOURCE_ORDER: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Logits in log2 units of the query tiles `q` against the text keys `start + offs_n` (canonical rows from
+    `text_offset`), read from the caller's keys through `SourceIndex` (SOURCE_ORDER) or from canonical copies;
+    keys that are not usable (masked, padding, not finite) get -inf."""
+    rows = start + offs_n
+    in_range = rows < text_rows
+    canonical = text_offset + rows
+    ok = tl.load(KeyUsable + usable_base + canonical, mask=in_range, other=0) != 0
+    if SOURCE_ORDER:
+        source = tl.maximum(tl.load(SourceIndex + canonical, mask=in_range, other=0).to(tl.int64), 0)
+    else:
+        source = canonical.to(tl.int64)
+    k_mask = ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    k = tl.load(key_base + source[:, None] * stride_ks + offs_d[None, :], mask=k_mask, other=0.0)
+    logits = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
+    return tl.where(ok[None, :], logits, float("-inf"))
+
+
+@triton.jit
+def _pooled_scores_one_pass_kernel(
+    QTile,
+    QTileCount,
+    KeyMean,
+    KeyMeanCount,
+    KeyOutlier,
+    KeyOutlierCount,
+    K,
+    SourceIndex,
+    KeyUsable,
+    Scores,
+    Partial,
+    RowMax,
+    num_heads,
+    num_video_blocks,
+    num_pairs,
+    text_offset,
+    text_rows,
+    padded_len,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    scratch_rows,
+    scratch_cols,
+    scratch_steps,
+    qk_scale,
+    TILES_PER_BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_PAD: tl.constexpr,
+    HAS_OUTLIERS: tl.constexpr,
+    HAS_TEXT: tl.constexpr,
+    SOURCE_ORDER: tl.constexpr,
+    OPERAND_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    FAST_EXP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    EPILOGUE_N: tl.constexpr,
+):
+    # Persistent programs: each takes work items (one (batch, head) and BLOCK_M query tiles, whole query blocks) in
+    # turn and owns one slot of the scratch: per query tile and key block, the weights' sum relative to the running
+    # maximum of the step that produced it (Partial), and that maximum per step (RowMax). The slot is rescaled to the
+    # final maximum and normaliser at the end of the item, so every logit is computed and exponentiated once.
+    BLOCK_Q: tl.constexpr = BLOCK_M // TILES_PER_BLOCK
+    KEY_BLOCKS: tl.constexpr = BLOCK_N // TILES_PER_BLOCK
+    pid = tl.program_id(0)
+    num_tiles = num_video_blocks * TILES_PER_BLOCK
+    groups = tl.cdiv(num_tiles, BLOCK_M)
+    num_items = num_pairs * groups
+    steps = tl.cdiv(num_tiles, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_PAD)
+    offs_kb = tl.arange(0, KEY_BLOCKS)
+    offs_e = tl.arange(0, EPILOGUE_N)
+    slot = pid.to(tl.int64) * scratch_rows
+    partial_rows = Partial + (slot + offs_m)[:, None] * scratch_cols
+    max_rows = RowMax + (slot + offs_m) * scratch_steps
+
+    for item in range(pid, num_items, tl.num_programs(0)):
+        bh = (item // groups).to(tl.int64)
+        group = item % groups
+        off_b = bh // num_heads
+        off_h = bh % num_heads
+        tile_base = bh * num_tiles
+        tiles_m = group * BLOCK_M + offs_m
+        query_ok = tiles_m < num_tiles
+        q_mask = query_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+        q = tl.load(QTile + (tile_base + tiles_m)[:, None] * HEAD_DIM + offs_d[None, :], mask=q_mask, other=0.0)
+        q = q.to(OPERAND_DTYPE)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for step in range(0, steps):
+            start = step * BLOCK_N
+            logits = _key_tile_logits(
+                q, KeyMean, KeyMeanCount, tile_base, start, num_tiles, offs_n, offs_d, qk_scale, HEAD_DIM,
+                DOT_PRECISION,
+            )  # fmt: skip
+            m_new = tl.maximum(m_i, tl.max(logits, 1))
+            if HAS_OUTLIERS:
+                outlier_logits = _key_tile_logits(
+                    q, KeyOutlier, KeyOutlierCount, tile_base, start, num_tiles, offs_n, offs_d, qk_scale, HEAD_DIM,
+                    DOT_PRECISION,
+                )  # fmt: skip
+                m_new = tl.maximum(m_new, tl.max(outlier_logits, 1))
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            weights = _exp2(logits - m_shift[:, None], FAST_EXP)
+            if HAS_OUTLIERS:
+                weights += _exp2(outlier_logits - m_shift[:, None], FAST_EXP)
+            per_key_block = tl.sum(tl.reshape(weights, (BLOCK_M, KEY_BLOCKS, TILES_PER_BLOCK)), 2)
+            l_i = l_i * tl.math.exp2(m_i - m_shift) + tl.sum(per_key_block, 1)
+            m_i = m_new
+            key_blocks = step * KEY_BLOCKS + offs_kb
+            tl.store(partial_rows + key_blocks[None, :], per_key_block, mask=(key_blocks < num_video_blocks)[None, :])
+            tl.store(max_rows + step, m_new)
+        # The text keys, last: their sum is relative to the final maximum as it stands.
+        text_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if HAS_TEXT:
+            key_base = K + off_b * stride_kb + off_h * stride_kh
+            for start in range(0, text_rows, BLOCK_N):
+                logits = _text_logits_indexed(
+                    q, K, SourceIndex, KeyUsable, key_base, bh * padded_len, text_offset, start, text_rows, offs_n,
+                    offs_d, stride_ks, qk_scale, HEAD_DIM, SOURCE_ORDER, DOT_PRECISION,
+                )  # fmt: skip
+                m_new = tl.maximum(m_i, tl.max(logits, 1))
+                m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.math.exp2(m_i - m_shift)
+                text_weights = tl.sum(_exp2(logits - m_shift[:, None], FAST_EXP), 1)
+                l_i = l_i * alpha + text_weights
+                text_sum = text_sum * alpha + text_weights
+                m_i = m_new
+
+        # Epilogue: each query tile's weights enter its block's mean with the tile's real row count; a tile whose keys
+        # are all masked (l = 0) contributes nothing.
+        m_final = tl.where(m_i == float("-inf"), 0.0, m_i)
+        query_count = tl.load(QTileCount + tile_base + tiles_m, mask=query_ok, other=0.0)
+        block_count = tl.sum(tl.reshape(query_count, (BLOCK_Q, TILES_PER_BLOCK)), 1)
+        block_of_tile = tl.reshape(
+            tl.broadcast_to(tl.maximum(block_count, 1.0)[:, None], (BLOCK_Q, TILES_PER_BLOCK)), (BLOCK_M,)
+        )
+        row_factor = tl.where(l_i > 0.0, query_count / (tl.where(l_i > 0.0, l_i, 1.0) * block_of_tile), 0.0)
+        q_blocks = group * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        score_rows = Scores + (bh * num_video_blocks + q_blocks)[:, None] * (num_video_blocks + 1)
+        tl.debug_barrier()  # the slot was written by other threads of this program
+        for first in range(0, num_video_blocks, EPILOGUE_N):
+            cols = first + offs_e
+            col_ok = cols < num_video_blocks
+            partial = tl.load(partial_rows + cols[None, :], mask=col_ok[None, :], other=0.0)
+            # The maximum of the step that wrote the column (-inf for a step that saw no key: its sums are 0).
+            m_then = tl.load(
+                max_rows[:, None] + (cols // KEY_BLOCKS)[None, :], mask=col_ok[None, :], other=float("-inf")
+            )
+            weighted = partial * (tl.math.exp2(m_then - m_final[:, None]) * row_factor[:, None])
+            per_block = tl.sum(tl.reshape(weighted, (BLOCK_Q, TILES_PER_BLOCK, EPILOGUE_N)), 1)
+            block_ok = (q_blocks < num_video_blocks)[:, None] & col_ok[None, :]
+            tl.store(score_rows + cols[None, :], per_block, mask=block_ok)
+        text_mass = tl.sum(tl.reshape(text_sum * row_factor, (BLOCK_Q, TILES_PER_BLOCK)), 1)
+        tl.store(score_rows + num_video_blocks, text_mass[:, None], mask=(q_blocks < num_video_blocks)[:, None])
+        tl.debug_barrier()  # the slot is read before the next item writes it
+
 # (BLOCK_M query tiles, BLOCK_N key tiles, warps, stages). The fp32 operands of tf32x3 products take shared memory
 # for their high and low halves: these all fit Hopper's 227 KiB (128x64 only with one stage).
 _SCORE_CANDIDATES = ((64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 1), (64, 32, 4, 2), (128, 32, 8, 2), (32, 64, 4, 2))
@@ -295,6 +479,8 @@ def pooled_scores(
     (float32 inputs: tf32 on the GPU). None: on the GPU for 16-bit inputs, and under the interpreter for float16 (it
     cannot multiply bfloat16)."""
     stats, layout, k_c = inputs.stats, inputs.layout, inputs.k
+    if inputs.in_source_order:
+        raise ValueError("pooled_scores reads canonical copies; inputs in source order go to pooled_scores_one_pass")
     batch, heads, num_tiles, head_dim = stats.q_tile.shape
     device = stats.q_tile.device
     check_device(device, "stats")
@@ -355,4 +541,168 @@ def pooled_scores(
         _pooled_scores_kernel[grid](*args, **constants, BLOCK_M=block, BLOCK_N=block)
     else:
         _autotuned_scores[grid](*args, **constants)
+    return scores
+
+
+# (BLOCK_M query tiles, BLOCK_N key tiles, warps, stages) of the one-pass kernel: 16-bit operands, so the query tiles
+# and two stages of both key sets fit the shared memory at BLOCK_M = 128.
+_ONE_PASS_CANDIDATES = ((128, 64, 8, 2), (64, 64, 4, 2))
+# Persistent programs per SM, and the scratch slot each owns.
+_PROGRAMS_PER_SM = 2
+_OPERANDS = ("input", "float32", "float8")
+
+
+def _prune_one_pass_configs(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
+    return _prune_score_configs(configs, named_args, **kwargs)
+
+
+_autotuned_one_pass = triton.autotune(
+    configs=[
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "EPILOGUE_N": 64}, num_warps=warps, num_stages=stages)
+        for m, n, warps, stages in _ONE_PASS_CANDIDATES
+    ],
+    key=[
+        "TILES_PER_BLOCK",
+        "HEAD_PAD",
+        "HAS_OUTLIERS",
+        "HAS_TEXT",
+        "SOURCE_ORDER",
+        "OPERAND_DTYPE",
+        "DOT_PRECISION",
+        "FAST_EXP",
+        "num_video_blocks",
+    ],
+    prune_configs_by={"early_config_prune": _prune_one_pass_configs},
+)(_pooled_scores_one_pass_kernel)
+
+
+def _operand_dtype(operands: str, key_dtype: torch.dtype):
+    """The Triton dtype the tile means are rounded to for the products (see `pooled_scores_one_pass`)."""
+    if operands not in _OPERANDS:
+        raise ValueError(f"operands must be one of {_OPERANDS}, got {operands!r}")
+    if operands == "float8":
+        if INTERPRETED:
+            raise ValueError("operands='float8' needs CUDA (a Hopper GPU): the interpreter has no float8 products")
+        return tl.float8e4nv
+    if operands == "float32" or key_dtype == torch.float32 or (INTERPRETED and key_dtype == torch.bfloat16):
+        return tl.float32
+    return tl.float16 if key_dtype == torch.float16 else tl.bfloat16
+
+
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def pooled_scores_one_pass(
+    inputs: EstimatorInputs,
+    *,
+    outliers: bool,
+    fast_exp: bool = False,
+    operands: str = "input",
+    config: tuple[int, int, int, int] | None = None,
+    programs_per_sm: int = _PROGRAMS_PER_SM,
+) -> torch.Tensor:
+    """`P_hat` float32 `(B, H, NB, NB + 1)` of the pooled estimator in one pass over the key tiles, as
+    `estimators.pooled.pooled_scores_reference`.
+
+    Every (query tile, key tile) logit is computed and exponentiated once (the two-pass `pooled_scores` does both
+    twice): persistent programs keep per (query tile, key block) the weights' sum relative to the running maximum of
+    its step, with that maximum, in a scratch slot of their own (`programs * BLOCK_M * (NB + NT / BLOCK_N)` float32,
+    about 2 * SMs * 128 * NB * 4 bytes), and rescale it to the final maximum and normaliser at the end of the item.
+
+    `inputs` may hold canonical copies or the caller's tensors (`inputs.in_source_order`: the text keys are read
+    through `inputs.source_index`). With `outliers`, the key tiles' outliers come from `inputs.outliers`
+    (`prepare_statistics(outliers=True)`), or from `tile_outliers` on canonical copies.
+
+    Options (the defaults give the two-pass kernel's products): `fast_exp` exponentiates in float16 pairs
+    (`ex2.approx.f16x2`, CUDA only; its error is measured by `benchmarks/gpu_planning_explore.py`); `operands` is
+    what the tile means are rounded to for the products: "input" (the inputs' 16-bit dtype, float32 for float32
+    inputs and bfloat16 under the interpreter), "float32" (tf32 on the GPU) or "float8" (e4m3, CUDA only).
+    `config`: (BLOCK_M, BLOCK_N, warps, stages) instead of the autotuned choice; `programs_per_sm`: persistent
+    programs (and scratch slots) per multiprocessor.
+    """
+    stats, layout = inputs.stats, inputs.layout
+    batch, heads, num_tiles, head_dim = stats.q_tile.shape
+    device = stats.q_tile.device
+    check_device(device, "stats")
+    nb = layout.num_video_blocks
+    tiles_per_block = layout.block_size // stats.tile_size
+    if num_tiles != nb * tiles_per_block:
+        raise ValueError(
+            f"stats.q_tile has {num_tiles} tiles; the layout has {nb * tiles_per_block} of {stats.tile_size}"
+        )
+    if outliers:
+        found = inputs.outliers
+        if found is None:
+            if inputs.in_source_order:
+                raise ValueError(
+                    "outliers=True on inputs in source order needs inputs.outliers "
+                    "(prepare_statistics(..., outliers=True) computes them in its pass over the keys)"
+                )
+            found = KeyTileOutliers(*tile_outliers(inputs.k, inputs.key_valid, num_tiles, stats.tile_size))
+        key_sets = (found.rest_mean, found.rest_count, found.outlier, found.outlier_count)
+    else:
+        key_sets = (stats.k_tile, stats.k_tile_count, stats.k_tile, stats.k_tile_count)  # the second set is not read
+    if fast_exp and INTERPRETED:
+        raise ValueError("fast_exp=True needs CUDA: the Triton interpreter runs no inline PTX")
+    operand_dtype = _operand_dtype(operands, inputs.k.dtype)
+    key = inputs.k
+    if not inputs.in_source_order:
+        key = key.contiguous()
+    scores = torch.empty(batch, heads, nb, nb + 1, device=device, dtype=torch.float32)
+    candidates = [config] if config is not None else list(_ONE_PASS_CANDIDATES)
+    if INTERPRETED:
+        block = max(16, tiles_per_block)
+        candidates = [(block, block, 4, 1)]
+    max_m = max(c[0] for c in candidates)
+    steps = triton.cdiv(num_tiles, min(c[1] for c in candidates))
+    items = batch * heads * triton.cdiv(num_tiles, min(c[0] for c in candidates))
+    programs = max(1, min(items, programs_per_sm * _multiprocessors(device)))
+    partial = torch.empty(programs, max_m, nb, device=device, dtype=torch.float32)
+    row_max = torch.empty(programs, max_m, steps, device=device, dtype=torch.float32)
+    args = (
+        stats.q_tile.contiguous(),
+        stats.q_tile_count.contiguous(),
+        *(t.contiguous() for t in key_sets),
+        key,
+        inputs.source_index if inputs.source_index is not None else scores,
+        inputs.key_valid.contiguous().view(torch.int8),
+        scores,
+        partial,
+        row_max,
+        heads,
+        nb,
+        batch * heads,
+        layout.text_offset,
+        layout.num_text_blocks * layout.block_size,
+        layout.padded_len,
+        *key.stride()[:3],
+        max_m,
+        nb,
+        steps,
+        float(inputs.scale) * LOG2E,
+    )
+    constants = {
+        "TILES_PER_BLOCK": tiles_per_block,
+        "HEAD_DIM": head_dim,
+        "HEAD_PAD": padded_head_dim(head_dim),
+        "HAS_OUTLIERS": outliers,
+        "HAS_TEXT": layout.num_text > 0,
+        "SOURCE_ORDER": inputs.in_source_order,
+        "OPERAND_DTYPE": operand_dtype,
+        "DOT_PRECISION": "ieee" if INTERPRETED else "tf32",
+        "FAST_EXP": fast_exp,
+    }
+
+    def grid(meta: dict) -> tuple[int]:
+        return (min(batch * heads * triton.cdiv(num_tiles, meta["BLOCK_M"]), programs),)
+
+    if INTERPRETED or config is not None:
+        m, n, warps, stages = candidates[0]
+        meta = {"BLOCK_M": m, "BLOCK_N": n, "EPILOGUE_N": 64}
+        _pooled_scores_one_pass_kernel[grid(meta)](*args, **constants, **meta, num_warps=warps, num_stages=stages)
+    else:
+        _autotuned_one_pass[grid](*args, **constants)
     return scores
