@@ -11,6 +11,8 @@ one process (triton.testing.do_bench medians, the variants interleaved over roun
     ours      the kernel alone, rectify "none", on the same plan and key-validity mask (text query blocks scheduled
               first, `priority_query_blocks`)
     +scatter  the same, storing through `out_index` into a (B, S, H, D) buffer (the fused inverse reorder)
+    gathered  the same, reading Q, K, V from (B, S, H, D) inputs in the original order through the layout's row index
+              (no canonical copies), storing as +scatter
     block     rectify "block" (epilogue R * O + c)
     query     rectify "query" with every skipped non-empty video block trusted (the most virtual keys: upper bound)
     text rows not first   (shapes with text) ours without `priority_query_blocks`
@@ -324,6 +326,18 @@ def _time_density(problem: Problem, density: float, flex, dense, args, sweep: bo
         "flex": run_flex,
         "dense": dense,
         "scatter": lambda: ours(out_index=problem.out_index, out=buffer.transpose(1, 2)),
+        # Q, K, V read straight from the (B, S, H, D) inputs through the layout's row index: no canonical copies.
+        "gathered": lambda: bsa.block_sparse_attention(
+            *problem.original,
+            kv_counts,
+            kv_indices,
+            scale=problem.scale,
+            block_size=BLOCK_SIZE,
+            key_valid=problem.key_valid,
+            row_index=problem.out_index,
+            out=buffer.transpose(1, 2),
+            priority_query_blocks=layout.num_text_blocks,
+        ),
         "block": lambda: ours("block", block_args),
         "query": lambda: ours("query", query_args),
     }
@@ -358,7 +372,8 @@ def _time_density(problem: Problem, density: float, flex, dense, args, sweep: bo
     line = (
         f"  d={density:.2f} work {row['work']:.3f}: ours {times['ours']:.2f} ms ({row['ours_tflops']:.0f} TFLOP/s, "
         f"{config}), flex {times['flex']:.2f} ms ({row['flex_tflops']:.0f}), dense {times['dense']:.2f} ms, "
-        f"+scatter {times['scatter']:.2f}, block {times['block']:.2f}, query {times['query']:.2f} "
+        f"+scatter {times['scatter']:.2f}, gathered reads {times['gathered']:.2f}, block {times['block']:.2f}, "
+        f"query {times['query']:.2f} "
         f"({virtual_per_row:.0f} virtual keys/row)"
     )
     if "no_priority" in times:
@@ -379,7 +394,9 @@ def _time_density(problem: Problem, density: float, flex, dense, args, sweep: bo
         print(f"  without key_valid (timing only): {no_mask_ms:.3f} ms")
         print("  tile sweep (rectify none):")
         for candidate in bsa.autotune_configs():
-            tile = {**candidate.kwargs, "num_warps": candidate.num_warps, "num_stages": candidate.num_stages}
+            tile = bsa.TileConfig.of(candidate)
+            if BLOCK_SIZE % tile.block_m or BLOCK_SIZE % tile.block_n:
+                continue
             try:
                 ms = _bench(lambda tile=tile: ours(tile_config=tile), args.quick)
                 print(f"    {tile}: {ms:.3f} ms, {kept_flops / ms / 1e9:.0f} TFLOP/s")
@@ -430,8 +447,8 @@ def main() -> None:
 
     header = (
         "| shape | density | work | cuDNN dense ms | flex ms | ours ms | ours TFLOP/s | flex TFLOP/s | ours/flex speed "
-        "| dense/ours | of ideal | +scatter ms | block ms | query ms | text rows not first ms | pipeline ms "
-        "| pipeline density | dense/pipeline | cached-plan pipeline ms | dense/cached |"
+        "| dense/ours | of ideal | +scatter ms | gathered ms | block ms | query ms | text rows not first ms "
+        "| pipeline ms | pipeline density | dense/pipeline | cached-plan pipeline ms | dense/cached |"
     )
     print()
     print(header)
@@ -441,6 +458,7 @@ def main() -> None:
             f"| {r['shape']} | {r['density']:.2f} | {r['work']:.3f} | {r['dense']:.2f} | {r['flex']:.2f} | "
             f"{r['ours']:.2f} | {r['ours_tflops']:.0f} | {r['flex_tflops']:.0f} | {r['flex'] / r['ours']:.2f}x | "
             f"{r['dense'] / r['ours']:.2f}x | {r['ours_tflops'] / r['dense_tflops']:.0%} | {r['scatter']:.2f} | "
+            f"{r['gathered']:.2f} | "
             f"{r['block']:.2f} | {r['query']:.2f} | {r.get('no_priority', math.nan):.2f} | {r['pipeline']:.2f} | "
             f"{r['pipeline_density']:.3f} | {r['dense'] / r['pipeline']:.2f}x | {r['cached']:.2f} | "
             f"{r['dense'] / r['cached']:.2f}x |"
