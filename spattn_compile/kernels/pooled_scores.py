@@ -1,18 +1,25 @@
 """The pooled estimator on the device (`estimators.PooledTiles`): tile-mean queries against tile-mean keys.
 
-Two kernels:
+Kernels:
 
-- `_tile_outliers_kernel` (only with `outliers=True`): per video key tile, the usable key farthest from the tile's
-  mean (the first on ties), the mean and count of the tile's other usable keys, and whether the outlier exists; a
-  whole tile per program, in registers (one read of the keys).
-- `_pooled_scores_kernel`: per (batch, head, group of query blocks), tile logits `scale * q_tile . k + log2 n` (log2
-  units) against every key tile (its mean over the others and, with outliers, its outlier key with multiplicity 1)
-  and every text key (isolated, multiplicity 1, masked keys excluded); two passes over the keys (row maximum and
-  normaliser, then the normalised weights), summed per key block and averaged over the query tiles of each block
-  with their true row counts: `P_hat (B, H, NB, NB + 1)` in float32, as `estimators.pooled.pooled_scores_reference`.
-  For 16-bit inputs the products take the tile means rounded to the inputs' type (float32 accumulation).
+- `_tile_outliers_kernel` (only with `outliers=True` on canonical copies; `prepare_statistics` computes the same in its
+  pass over the keys): per video key tile, the usable key farthest from the tile's mean (the first on ties), the mean
+  and count of the tile's other usable keys, and whether the outlier exists; a whole tile per program, in registers.
+- `_pooled_scores_kernel` (`pooled_scores`, the copying pipeline's): per (batch, head, group of query blocks), tile
+  logits `scale * q_tile . k + log2 n` (log2 units) against every key tile (its mean over the others and, with
+  outliers, its outlier key with multiplicity 1) and every text key (isolated, multiplicity 1, masked keys excluded);
+  two passes over the keys (row maximum and normaliser, then the normalised weights), summed per key block and
+  averaged over the query tiles of each block with their true row counts.
+- `_pooled_scores_one_pass_kernel` (`pooled_scores_one_pass`): the same scores with every logit computed and
+  exponentiated once. Persistent programs keep each (query tile, key block) sum relative to the running maximum of
+  its group of key blocks in a scratch slot of their own and rescale it once at the end; keys go key-block-major (one
+  tile of each of BLOCK_N key blocks per step), so the per-block sums are an accumulator, not a reduction. It reads
+  canonical copies or, through the layout's index, the caller's text keys. Options: float16-pair exponentials,
+  float8 products.
 
-Head dims that are not a power of two are padded to one in registers (masked loads); nothing reads back to the host.
+All give `P_hat (B, H, NB, NB + 1)` in float32, as `estimators.pooled.pooled_scores_reference`. For 16-bit inputs the
+products take the tile means rounded to the inputs' type (float32 accumulation). Head dims that are not a power of
+two are padded to one in registers (masked loads); nothing reads back to the host.
 """
 
 from __future__ import annotations
@@ -76,19 +83,26 @@ def _tile_outliers_kernel(
 
 
 @triton.jit
-def _key_tile_logits(
-    q, Keys, Counts, tile_base, start, num_tiles, offs_n, offs_d, qk_scale,
-    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def _tile_logits(
+    q, Keys, Counts, tile_base, tiles, in_range, offs_d, qk_scale, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr
 ):  # fmt: skip
-    """Logits in log2 units of the query tiles `q` against key tiles `start + offs_n` of one key set:
-    `scale * q . k * log2(e) + log2(n)`; tiles past the end or with no key get -inf."""
-    tiles = start + offs_n
-    in_range = tiles < num_tiles
+    """Logits in log2 units of the query tiles `q` against the key tiles `tiles` of one key set:
+    `scale * q . k * log2(e) + log2(n)`; tiles out of range or with no key get -inf."""
     k_mask = in_range[:, None] & (offs_d < HEAD_DIM)[None, :]
     k = tl.load(Keys + (tile_base + tiles)[:, None] * HEAD_DIM + offs_d[None, :], mask=k_mask, other=0.0)
     count = tl.load(Counts + tile_base + tiles, mask=in_range, other=0.0)
     log_count = tl.where(count > 0, tl.math.log2(tl.maximum(count, 1.0)), float("-inf"))
     return tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale + log_count[None, :]
+
+
+@triton.jit
+def _key_tile_logits(
+    q, Keys, Counts, tile_base, start, num_tiles, offs_n, offs_d, qk_scale,
+    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """`_tile_logits` of the consecutive key tiles `start + offs_n`."""
+    tiles = start + offs_n
+    return _tile_logits(q, Keys, Counts, tile_base, tiles, tiles < num_tiles, offs_d, qk_scale, HEAD_DIM, DOT_PRECISION)
 
 
 @triton.jit
@@ -241,6 +255,16 @@ def _exp2(x, FAST_EXP: tl.constexpr):
 
 
 @triton.jit
+def _accumulate(m_i, acc, logits, FAST_EXP: tl.constexpr):
+    """Fold a tile of logits (log2 units, one column per key block) into the per-column sums `acc`, kept relative to
+    the running row maximum `m_i`; returns the new maximum and sums. A row that saw only -inf keeps m = -inf, no NaN."""
+    m_new = tl.maximum(m_i, tl.max(logits, 1))
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    acc = acc * tl.math.exp2(m_i - m_shift)[:, None] + _exp2(logits - m_shift[:, None], FAST_EXP)
+    return m_new, acc
+
+
+@triton.jit
 def _text_logits_indexed(
     q, K, SourceIndex, KeyUsable, key_base, usable_base, text_offset, start, text_rows, offs_n, offs_d, stride_ks,
     qk_scale, HEAD_DIM: tl.constexpr, SOURCE_ORDER: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -300,27 +324,30 @@ def _pooled_scores_one_pass_kernel(
     FAST_EXP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    EPILOGUE_N: tl.constexpr,
 ):
     # Persistent programs: each takes work items (one (batch, head) and BLOCK_M query tiles, whole query blocks) in
-    # turn and owns one slot of the scratch: per query tile and key block, the weights' sum relative to the running
-    # maximum of the step that produced it (Partial), and that maximum per step (RowMax). The slot is rescaled to the
-    # final maximum and normaliser at the end of the item, so every logit is computed and exponentiated once.
+    # turn and owns one slot of the scratch. The keys go by groups of BLOCK_N key blocks, one tile of each block per
+    # step (TILES_PER_BLOCK steps a group), so each column of the logits is one key block and the weights add up per
+    # key block in an accumulator (rescaled when the running maximum grows), with no reduction across columns. At
+    # the end of a group the accumulator goes to the slot (Partial) with the maximum it is relative to (RowMax); the
+    # slot is rescaled to the final maximum and normaliser at the end of the item, so every logit is computed and
+    # exponentiated once.
     BLOCK_Q: tl.constexpr = BLOCK_M // TILES_PER_BLOCK
-    KEY_BLOCKS: tl.constexpr = BLOCK_N // TILES_PER_BLOCK
     pid = tl.program_id(0)
     num_tiles = num_video_blocks * TILES_PER_BLOCK
     groups = tl.cdiv(num_tiles, BLOCK_M)
     num_items = num_pairs * groups
-    steps = tl.cdiv(num_tiles, BLOCK_N)
+    key_groups = tl.cdiv(num_video_blocks, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_PAD)
-    offs_kb = tl.arange(0, KEY_BLOCKS)
-    offs_e = tl.arange(0, EPILOGUE_N)
     slot = pid.to(tl.int64) * scratch_rows
     partial_rows = Partial + (slot + offs_m)[:, None] * scratch_cols
     max_rows = RowMax + (slot + offs_m) * scratch_steps
+    # The same slot rows as (query blocks, their tiles), for the epilogue.
+    rows3 = tl.arange(0, BLOCK_Q)[:, None] * TILES_PER_BLOCK + tl.arange(0, TILES_PER_BLOCK)[None, :]
+    partial_rows3 = Partial + (slot + rows3)[:, :, None] * scratch_cols
+    max_rows3 = RowMax + (slot + rows3) * scratch_steps
 
     for item in range(pid, num_items, tl.num_programs(0)):
         bh = (item // groups).to(tl.int64)
@@ -336,29 +363,28 @@ def _pooled_scores_one_pass_kernel(
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for step in range(0, steps):
-            start = step * BLOCK_N
-            logits = _key_tile_logits(
-                q, KeyMean, KeyMeanCount, tile_base, start, num_tiles, offs_n, offs_d, qk_scale, HEAD_DIM,
-                DOT_PRECISION,
-            )  # fmt: skip
-            m_new = tl.maximum(m_i, tl.max(logits, 1))
-            if HAS_OUTLIERS:
-                outlier_logits = _key_tile_logits(
-                    q, KeyOutlier, KeyOutlierCount, tile_base, start, num_tiles, offs_n, offs_d, qk_scale, HEAD_DIM,
-                    DOT_PRECISION,
-                )  # fmt: skip
-                m_new = tl.maximum(m_new, tl.max(outlier_logits, 1))
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            weights = _exp2(logits - m_shift[:, None], FAST_EXP)
-            if HAS_OUTLIERS:
-                weights += _exp2(outlier_logits - m_shift[:, None], FAST_EXP)
-            per_key_block = tl.sum(tl.reshape(weights, (BLOCK_M, KEY_BLOCKS, TILES_PER_BLOCK)), 2)
-            l_i = l_i * tl.math.exp2(m_i - m_shift) + tl.sum(per_key_block, 1)
-            m_i = m_new
-            key_blocks = step * KEY_BLOCKS + offs_kb
-            tl.store(partial_rows + key_blocks[None, :], per_key_block, mask=(key_blocks < num_video_blocks)[None, :])
-            tl.store(max_rows + step, m_new)
+        for key_group in range(0, key_groups):
+            key_blocks = key_group * BLOCK_N + offs_n
+            block_ok = key_blocks < num_video_blocks
+            m_start = m_i
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for part in range(0, TILES_PER_BLOCK):
+                tiles = key_blocks * TILES_PER_BLOCK + part
+                logits = _tile_logits(
+                    q, KeyMean, KeyMeanCount, tile_base, tiles, block_ok, offs_d, qk_scale, HEAD_DIM, DOT_PRECISION
+                )
+                m_i, acc = _accumulate(m_i, acc, logits, FAST_EXP)
+                if HAS_OUTLIERS:
+                    # The second key set after the first: one tile of logits in registers at a time.
+                    logits = _tile_logits(
+                        q, KeyOutlier, KeyOutlierCount, tile_base, tiles, block_ok, offs_d, qk_scale, HEAD_DIM,
+                        DOT_PRECISION,
+                    )  # fmt: skip
+                    m_i, acc = _accumulate(m_i, acc, logits, FAST_EXP)
+            m_shift = tl.where(m_i == float("-inf"), 0.0, m_i)
+            l_i = l_i * tl.math.exp2(m_start - m_shift) + tl.sum(acc, 1)
+            tl.store(partial_rows + key_blocks[None, :], acc, mask=block_ok[None, :])
+            tl.store(max_rows + key_group, m_i)
         # The text keys, last: their sum is relative to the final maximum as it stands.
         text_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
         if HAS_TEXT:
@@ -377,7 +403,8 @@ def _pooled_scores_one_pass_kernel(
                 m_i = m_new
 
         # Epilogue: each query tile's weights enter its block's mean with the tile's real row count; a tile whose keys
-        # are all masked (l = 0) contributes nothing.
+        # are all masked (l = 0) contributes nothing. The slot is read back as (query blocks, their tiles, key blocks),
+        # so the sum over a block's tiles is a reduction over the middle axis, one group of key blocks at a time.
         m_final = tl.where(m_i == float("-inf"), 0.0, m_i)
         query_count = tl.load(QTileCount + tile_base + tiles_m, mask=query_ok, other=0.0)
         block_count = tl.sum(tl.reshape(query_count, (BLOCK_Q, TILES_PER_BLOCK)), 1)
@@ -385,21 +412,20 @@ def _pooled_scores_one_pass_kernel(
             tl.broadcast_to(tl.maximum(block_count, 1.0)[:, None], (BLOCK_Q, TILES_PER_BLOCK)), (BLOCK_M,)
         )
         row_factor = tl.where(l_i > 0.0, query_count / (tl.where(l_i > 0.0, l_i, 1.0) * block_of_tile), 0.0)
+        m_final3 = tl.reshape(m_final, (BLOCK_Q, TILES_PER_BLOCK))
+        row_factor3 = tl.reshape(row_factor, (BLOCK_Q, TILES_PER_BLOCK))
         q_blocks = group * BLOCK_Q + tl.arange(0, BLOCK_Q)
         score_rows = Scores + (bh * num_video_blocks + q_blocks)[:, None] * (num_video_blocks + 1)
         tl.debug_barrier()  # the slot was written by other threads of this program
-        for first in range(0, num_video_blocks, EPILOGUE_N):
-            cols = first + offs_e
-            col_ok = cols < num_video_blocks
-            partial = tl.load(partial_rows + cols[None, :], mask=col_ok[None, :], other=0.0)
-            # The maximum of the step that wrote the column (-inf for a step that saw no key: its sums are 0).
-            m_then = tl.load(
-                max_rows[:, None] + (cols // KEY_BLOCKS)[None, :], mask=col_ok[None, :], other=float("-inf")
-            )
-            weighted = partial * (tl.math.exp2(m_then - m_final[:, None]) * row_factor[:, None])
-            per_block = tl.sum(tl.reshape(weighted, (BLOCK_Q, TILES_PER_BLOCK, EPILOGUE_N)), 1)
-            block_ok = (q_blocks < num_video_blocks)[:, None] & col_ok[None, :]
-            tl.store(score_rows + cols[None, :], per_block, mask=block_ok)
+        for key_group in range(0, key_groups):
+            key_blocks = key_group * BLOCK_N + offs_n
+            block_ok = key_blocks < num_video_blocks
+            partial = tl.load(partial_rows3 + key_blocks[None, None, :], mask=block_ok[None, None, :], other=0.0)
+            # The maximum the group's sums are relative to (-inf for a group that saw no key: its sums are 0).
+            factor = tl.math.exp2(tl.load(max_rows3 + key_group) - m_final3) * row_factor3
+            per_block = tl.sum(partial * factor[:, :, None], 1)
+            store_ok = (q_blocks < num_video_blocks)[:, None] & block_ok[None, :]
+            tl.store(score_rows + key_blocks[None, :], per_block, mask=store_ok)
         text_mass = tl.sum(tl.reshape(text_sum * row_factor, (BLOCK_Q, TILES_PER_BLOCK)), 1)
         tl.store(score_rows + num_video_blocks, text_mass[:, None], mask=(q_blocks < num_video_blocks)[:, None])
         tl.debug_barrier()  # the slot is read before the next item writes it
@@ -544,21 +570,25 @@ def pooled_scores(
     return scores
 
 
-# (BLOCK_M query tiles, BLOCK_N key tiles, warps, stages) of the one-pass kernel: 16-bit operands, so the query tiles
-# and two stages of both key sets fit the shared memory at BLOCK_M = 128.
-_ONE_PASS_CANDIDATES = ((128, 64, 8, 2), (64, 64, 4, 2))
+# (BLOCK_M query tiles, BLOCK_N key blocks, warps, stages) of the one-pass kernel. Compiled for sm_90 (Triton 3.9),
+# these fit the registers (128 x 16: 128 per thread, two programs per SM; 128 x 32: 255, no spill; 128 x 64 spills
+# 192 bytes); 64-tile programs of 4 warps spilled 0.5-1 KB.
+_ONE_PASS_CANDIDATES = ((128, 32, 8, 3), (128, 16, 8, 2), (128, 64, 8, 2))
 # Persistent programs per SM, and the scratch slot each owns.
 _PROGRAMS_PER_SM = 2
 _OPERANDS = ("input", "float32", "float8")
 
 
 def _prune_one_pass_configs(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
-    return _prune_score_configs(configs, named_args, **kwargs)
+    """The query tiles must hold whole blocks."""
+    tiles_per_block = {**named_args, **kwargs}["TILES_PER_BLOCK"]
+    fitting = [c for c in configs if c.kwargs["BLOCK_M"] >= tiles_per_block]
+    return fitting or [triton.Config({"BLOCK_M": tiles_per_block, "BLOCK_N": 32}, num_warps=8)]
 
 
 _autotuned_one_pass = triton.autotune(
     configs=[
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "EPILOGUE_N": 64}, num_warps=warps, num_stages=stages)
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
         for m, n, warps, stages in _ONE_PASS_CANDIDATES
     ],
     key=[
@@ -654,10 +684,9 @@ def pooled_scores_one_pass(
     scores = torch.empty(batch, heads, nb, nb + 1, device=device, dtype=torch.float32)
     candidates = [config] if config is not None else list(_ONE_PASS_CANDIDATES)
     if INTERPRETED:
-        block = max(16, tiles_per_block)
-        candidates = [(block, block, 4, 1)]
-    max_m = max(c[0] for c in candidates)
-    steps = triton.cdiv(num_tiles, min(c[1] for c in candidates))
+        candidates = [(max(16, tiles_per_block), 16, 4, 1)]
+    max_m = max(max(c[0] for c in candidates), tiles_per_block)
+    steps = triton.cdiv(nb, min(c[1] for c in candidates))
     items = batch * heads * triton.cdiv(num_tiles, min(c[0] for c in candidates))
     programs = max(1, min(items, programs_per_sm * _multiprocessors(device)))
     partial = torch.empty(programs, max_m, nb, device=device, dtype=torch.float32)
@@ -701,7 +730,7 @@ def pooled_scores_one_pass(
 
     if INTERPRETED or config is not None:
         m, n, warps, stages = candidates[0]
-        meta = {"BLOCK_M": m, "BLOCK_N": n, "EPILOGUE_N": 64}
+        meta = {"BLOCK_M": m, "BLOCK_N": n}
         _pooled_scores_one_pass_kernel[grid(meta)](*args, **constants, **meta, num_warps=warps, num_stages=stages)
     else:
         _autotuned_one_pass[grid](*args, **constants)

@@ -11,8 +11,10 @@ Each probe p (a query vector with a weight w_p, `R` per video query block) is sc
 2. `_probe_combine_kernel`, one program per (batch, head, query block): each probe's log-sum-exp over its row of
    log-masses, then `P_hat[i, j] = sum_p w_p 2^(a_pj - lse_p) / sum_p w_p` (a probe with no valid key has no mass).
 
-The scratch is `B * H * NB * R * (NB + 1) * 4` bytes; the launcher processes (batch, head) pairs in groups that keep
-it under `_SCRATCH_BYTES`. Equals `estimators.probes.probe_scores_reference`. Nothing reads back to the host.
+The keys are canonical copies, or the caller's `(B, H, S, D)` keys read through the layout's index (`source_index`:
+each row is one contiguous D-vector, so the gathered load moves the same bytes). The scratch is
+`B * H * NB * R * (NB + 1) * 4` bytes; the launcher processes (batch, head) pairs in groups that keep it under
+`_SCRATCH_BYTES`. Equals `estimators.probes.probe_scores_reference`. Nothing reads back to the host.
 """
 
 from __future__ import annotations
@@ -196,13 +198,15 @@ def probe_scores(
     scale: float,
     *,
     source_index: torch.Tensor | None = None,
+    config: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """`P_hat` float32 `(B, H, NB, NB + 1)` from `probes (B, H, NB * R, D)` (any float dtype; cast to the keys' dtype
     for the products) with `weights` float32 `(NB * R,)`, the keys `k_c` (float16, bfloat16 or float32) and
     `key_valid_c` bool `(B, H, P)` in canonical order; equals `estimators.probes.probe_scores_reference` on the
     canonical keys. `k_c` is `(B, H, P, D)` canonical copies, or with `source_index` (`layout.source_index` on the
     device) the caller's `(B, H, S, D)` keys (any strides, the last dim contiguous), read through it.
-    Keys are masked only in blocks that hold an invalid one (a per-block flag, read once per block)."""
+    Keys are masked only in blocks that hold an invalid one (a per-block flag, read once per block). `config`:
+    (BLOCK_M, BLOCK_N, warps, stages) of the log-mass kernel instead of the autotuned choice (benchmarks)."""
     batch, heads, num_probes, head_dim = probes.shape
     device = k_c.device
     check_device(device, "k_c")
@@ -263,6 +267,11 @@ def probe_scores(
             block_n = min(layout.block_size, 32)
             grid = (triton.cdiv(num_probes, 16), count)
             _probe_log_mass_kernel[grid](*args, **constants, BLOCK_M=16, BLOCK_N=block_n)
+        elif config is not None:
+            block_m, block_n, warps, stages = config
+            _probe_log_mass_kernel[(triton.cdiv(num_probes, block_m), count)](
+                *args, **constants, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages
+            )
         else:
             _autotuned_log_mass[_log_mass_grid(num_probes, count)](*args, **constants)
         _probe_combine_kernel[(nb, count)](

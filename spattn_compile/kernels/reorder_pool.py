@@ -1,16 +1,25 @@
-"""Reorder + pool: one Triton kernel that gathers Q, K, V into the canonical layout and pools them in the same pass.
+"""Stage 0 on the device: the canonical layout's statistics from one pass over Q, K, V, with or without copies.
 
-This module owns stage 0 of docs/DESIGN.md on the device. One program per (batch, head, canonical block)
-gathers the block's `BLOCK_SIZE` rows of Q, K and V from the original sequence through `layout.source_index` (any
-input strides, last dim contiguous, so a transposed `(B, S, H, D)` buffer is read in place), writes them to contiguous
-canonical copies (padding rows as zeros), and, for video blocks, pools them in the same pass: tile means of Q and K,
-block means of Q, K, V, the per-dimension mean absolute deviations of Q and K about their block means (GAPR), and the
-unmasked key counts per tile and per block. The block goes through registers in chunks of rows; the deviations need
-the block means first, so the program reads its just-written canonical Q and K rows back (from L2: Q, K and V still
-cross HBM once in and once out). Means divide by true counts of the usable rows (real queries with finite entries;
-unmasked keys whose key and value rows are finite, for keys and values), as `reference.pool_statistics` does; a group
-with nothing to count has a zero mean. All statistics are float32. `reorder_pool` returns them as a
-`plan.PooledStats`; `reorder_pool_tensors` is the tensor-level launcher.
+Two kernels, one program per (batch, head, canonical block), reading the block's rows from the caller's tensors through
+`layout.source_index` (any input strides, the last dim contiguous, so a transposed `(B, S, H, D)` buffer is read in
+place):
+
+- `reorder_pool` (`_reorder_pool_kernel`, the pipeline's today): writes contiguous canonical copies of Q, K, V
+  (padding rows as zeros) and pools them in the same pass: tile means of Q and K, block means of Q, K, V, the
+  per-dimension mean absolute deviations of Q and K about their block means (GAPR), the unmasked key counts per tile
+  and per block. The deviations need the block means first, so the program reads its just-written canonical Q and K
+  rows back (from L2: Q, K and V still cross HBM once in and once out).
+- `prepare_statistics` (`_prepare_stats_kernel`, the planning path without copies): the same statistics, the canonical
+  key validity and the pooled estimator's key-tile outliers (`estimators.KeyTileOutliers`, from the keys already in
+  registers), and nothing of the size of Q, K or V: Q, K and V cross HBM once, in. A chunk holds several whole tiles
+  (their sums and outliers are reductions inside the chunk) or a piece of a larger tile; the deviations read Q and K
+  again, from L2. Heads vary fastest over the grid, so programs running together read neighbouring heads of the same
+  tokens, which a `(B, S, H, D)` buffer stores side by side.
+
+Means divide by true counts of the usable rows (real queries with finite entries; unmasked keys whose key and value
+rows are finite, for keys and values), as `reference.pool_statistics` does; a group with nothing to count has a zero
+mean. Block statistics are float32; tile means float32, or with `prepare_statistics` the inputs' 16-bit dtype by
+default (the estimators round them to it for their products anyway).
 """
 
 from __future__ import annotations
@@ -750,7 +759,9 @@ def reorder_pool(
 
 
 # (CHUNK rows held at once, warps): about 96 float32 registers per thread for the three (CHUNK, D = 128) row sets.
-_PREPARE_CANDIDATES = ((16, 2), (32, 4), (64, 8))
+# One warp per 16-row tile keeps the row sums inside a warp (the outlier kernel ran 3-6x faster so; see
+# NOTES_pipeline.md), at the price of registers.
+_PREPARE_CANDIDATES = ((16, 1), (16, 2), (32, 4), (64, 8))
 
 
 def _prune_prepare_configs(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:

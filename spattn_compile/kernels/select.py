@@ -1,9 +1,12 @@
-"""Selection on the device: GAPR's gate and the block selection (stage 2 of docs/DESIGN.md), as two Triton kernels.
+"""Selection on the device: GAPR's gate and the block selection (stage 2 of docs/DESIGN.md), as Triton kernels.
 
 - `gapr_gate`: GAPR's test `|q_i . k_j| > |dq_i . k_j| + |q_i . dk_j|` for every pooled block pair, `(B, H, NB, NB)`.
 - `select_plan`: one program per (batch, head, query block) sorts its row of scores (`tl.sort`), finds the budget /
   mass-threshold cut, and writes the kept and the trusted key blocks as ascending int32 lists, as
   `reference.select_plan_reference` does (stable descending order: equal scores are taken in index order).
+- `select_plan_threshold`: the same plans without a sort. A program holds a few rows; bisections over the bit patterns
+  of the scores find each row's mass-threshold cut and the budget's k-th largest score, and ties are taken in index
+  order. Budgets may differ per (batch, head); GAPR's gate may be computed inside it from the block statistics.
 
 Nothing here reads a value back to the host and every shape is a function of the layout, so the stage can be captured
 in a CUDA graph. The scores come from an estimator (`spattn_compile.estimators`).
@@ -611,6 +614,11 @@ def select_plan_threshold(
     head_dim = stats.q_block.shape[-1] if fused and stats is not None else 16
     # Under the interpreter, fewer and larger programs (its cost is per program).
     rows = rows_per_program or (16 if fused or INTERPRETED else 4)
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1 or rows & (rows - 1) or (fused and rows < 16):
+        raise ValueError(
+            f"rows_per_program must be a power of two (at least 16 with the fused gate: its products take 16 rows), "
+            f"got {rows_per_program!r}"
+        )
     cap = block_budget(config.max_density, nb)
     kv_counts = torch.empty(batch, heads, nq, device=device, dtype=torch.int32)
     kv_indices = torch.empty(batch, heads, nq, nq, device=device, dtype=torch.int32)
