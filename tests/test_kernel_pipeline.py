@@ -562,3 +562,27 @@ def test_gpu_planning_explore_smoke(tmp_path, monkeypatch):
     assert module.main(["--smoke"]) == 0
     report = (tmp_path / "planning_explore.md").read_text()
     assert "checks passed" in report and "| toy |" in report and "FAILED" not in report
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(_GPU_CASES))
+@pytest.mark.parametrize("estimator", ESTIMATORS, ids=str)
+def test_gpu_bf16_planning_without_copies_matches_float64_reference(case, estimator):
+    """The planning path without copies in bfloat16 at real sizes, Q/K/V as (B, S, H, D)-strided views: the reference's
+    plan up to near-ties of the scores, and the copying path's scores up to the rounding of tile means summed in
+    another order before their rounding to bfloat16."""
+    spec = _GPU_CASES[case]
+    inputs = _gpu_inputs(spec)
+    q, k, v, mask = (inputs.query, inputs.key, inputs.value, inputs.attn_mask)
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    config = SparseAttentionConfig(sparsity=0.8, estimator=estimator, mass_threshold=0.6, max_density=0.4)
+    layout = token_layout(spec["grid"], spec["text_len"], spec["text_first"], config.block_size)
+    plan = _plan_without_copies(q, k, v, mask, layout, config, fused_gate=True)
+    expected_plan, stats = _reference_plan(q, k, v, mask, layout, config)
+    assert relative_error(plan.block_scores, expected_plan.block_scores) < 1e-2
+    score_error = float((plan.block_scores.double() - expected_plan.block_scores).abs().max())
+    _check_plan_agrees(plan, expected_plan, stats, score_error)
+    copying, _ = plan_attention(
+        q, k, v, layout=layout, key_valid=_key_valid(mask, q), scale=None, config=config, stages=_triton_stages()
+    )
+    assert relative_error(plan.block_scores, copying.block_scores) < 1e-3
