@@ -513,7 +513,6 @@ def time_new(run: Run, case: TimingCase) -> tuple[dict[str, float], list[tuple[s
     scores = pooled_scores_one_pass(inputs, outliers=True)
     variants: list[tuple[str, float]] = []
     options = [
-        ("one pass, float16-pair exp2", dict(fast_exp=True)),
         ("one pass, float8 products", dict(operands="float8")),
         ("one pass, config (128, 32, 8, 3), 1 program per SM", dict(config=(128, 32, 8, 3), programs_per_sm=1)),
     ]

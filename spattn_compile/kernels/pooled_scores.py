@@ -243,7 +243,9 @@ def _pooled_scores_kernel(
 @triton.jit
 def _exp2(x, FAST_EXP: tl.constexpr):
     """2^x for x <= 0: float32 `ex2.approx` on the SFUs, or with FAST_EXP two at a time in float16
-    (`ex2.approx.f16x2`: half the SFU instructions; the argument rounded to float16, results below 2^-24 are zero)."""
+    (`ex2.approx.f16x2`; the argument rounded to float16, results below 2^-24 are zero). On sm_90 ptxas issues the
+    pair as two `MUFU.EX2.F16`, so FAST_EXP saves no SFU work there and adds a pack and two unpacks per pair: an
+    option kept for measurement (benchmarks/NOTES_pipeline.md)."""
     if FAST_EXP:
         half = x.to(tl.float16)
         y = tl.inline_asm_elementwise(
@@ -570,10 +572,10 @@ def pooled_scores(
     return scores
 
 
-# (BLOCK_M query tiles, BLOCK_N key blocks, warps, stages) of the one-pass kernel. Compiled for sm_90 (Triton 3.9),
-# these fit the registers (128 x 16: 128 per thread, two programs per SM; 128 x 32: 255, no spill; 128 x 64 spills
-# 192 bytes); 64-tile programs of 4 warps spilled 0.5-1 KB.
-_ONE_PASS_CANDIDATES = ((128, 32, 8, 3), (128, 16, 8, 2), (128, 64, 8, 2))
+# (BLOCK_M query tiles, BLOCK_N key blocks, warps, stages) of the one-pass kernel. Compiled for sm_90 with triton 3.6
+# (no GPU needed), these fit the registers: 128 x 32 at 255 per thread with 0-8 bytes of spill, 128 x 16 at 128 (two
+# programs per SM); 128 x 64 spilled ~500 bytes and 64-tile programs of 4 warps 0.5-1 KB.
+_ONE_PASS_CANDIDATES = ((128, 32, 8, 3), (128, 16, 8, 2), (128, 32, 8, 2))
 # Persistent programs per SM, and the scratch slot each owns.
 _PROGRAMS_PER_SM = 2
 _OPERANDS = ("input", "float32", "float8")
