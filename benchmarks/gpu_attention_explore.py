@@ -43,6 +43,7 @@ import argparse  # noqa: E402
 import concurrent.futures  # noqa: E402
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402
+import inspect  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -195,6 +196,7 @@ class Problem:
         nb = layout.num_video_blocks
         generator = torch.Generator(device=DEVICE).manual_seed(seed)
         scores = torch.rand(1, heads, nb, nb + 1, generator=generator, device=DEVICE)
+        scores /= scores.sum(-1, keepdim=True)  # block mass shares, as the estimators give them
         keep = reference.select_blocks(scores, layout, density=density, key_block_nonempty=self.nonempty)
         trusted = torch.zeros(1, heads, layout.num_blocks, nb, dtype=torch.bool, device=DEVICE)
         skipped = ~keep[:, :, :nb, :nb] & self.nonempty[:, :, None, :nb]
@@ -322,9 +324,7 @@ def _dense_call(problem: Problem) -> Callable[[], object] | None:
 
 def _flex_call(problem: Problem, plan: SparsePlan, flex) -> Callable[[], object] | None:
     """FlexAttention on the canonical inputs with the same kept blocks: blocks holding a masked key are partial
-    (mask_mod reads key validity), the others full."""
-    if flex is None:
-        return None
+    (mask_mod reads key validity), the others full. Without `flex` (smoke) the mask is built but not used."""
     from torch.nn.attention.flex_attention import BlockMask
 
     keep = plan.to_dense()
@@ -336,18 +336,18 @@ def _flex_call(problem: Problem, plan: SparsePlan, flex) -> Callable[[], object]
     def mask_mod(b, h, q_idx, kv_idx):
         return keep[b, h, q_idx // BLOCK, kv_idx // BLOCK] & valid[kv_idx]
 
+    # Older releases have no seq_lengths (they infer the lengths from the block counts).
     padded = problem.layout.padded_len
+    lengths = (
+        {"seq_lengths": (padded, padded)}
+        if "seq_lengths" in inspect.signature(BlockMask.from_kv_blocks).parameters
+        else {}
+    )
     block_mask = BlockMask.from_kv_blocks(
-        partial_counts,
-        partial_indices,
-        full_counts,
-        full_indices,
-        BLOCK_SIZE=BLOCK,
-        mask_mod=mask_mod,
-        seq_lengths=(padded, padded),
+        partial_counts, partial_indices, full_counts, full_indices, BLOCK_SIZE=BLOCK, mask_mod=mask_mod, **lengths
     )
     q, k, v = problem.canonical
-    return lambda: flex(q, k, v, block_mask=block_mask, scale=problem.scale)
+    return None if flex is None else lambda: flex(q, k, v, block_mask=block_mask, scale=problem.scale)
 
 
 # --------------------------------------------------------------------------------------------------------------------
