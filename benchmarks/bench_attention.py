@@ -16,7 +16,7 @@ one process (triton.testing.do_bench medians, the variants interleaved over roun
     block     rectify "block" (epilogue R * O + c)
     query     rectify "query" with every skipped non-empty video block trusted (the most virtual keys: upper bound)
     text rows not first   (shapes with text) ours without `priority_query_blocks`
-    pipeline  the whole sparse pipeline as the compiled model runs it (`pipeline.run_attention`, Triton stages):
+    pipeline  the whole sparse pipeline as the compiled model runs it (`attention.SparseAttention`, Triton):
               (B, S, H, D)-strided inputs in the original token order, Hilbert reorder + pooling, hierarchical
               scoring + selection at the same target density (its own plan, from the inputs' scores, so its
               density is printed), block rectification with GAPR, attention, inverse reorder into the output
@@ -24,7 +24,7 @@ one process (triton.testing.do_bench medians, the variants interleaved over roun
 
 The plan: per query block, the diagonal block plus the top-scoring video key blocks of uniform random scores up to
 `ceil(density * NB)` video blocks (so the density is exact), plus every text block; text query rows keep all blocks
-(`reference.select_blocks`). TFLOP/s count the executed work: 4 * BS^2 * D flops per kept (query block, key block)
+(`policies.topk.select_blocks`). TFLOP/s count the executed work: 4 * BS^2 * D flops per kept (query block, key block)
 pair per head (2 for QK^T, 2 for PV); dense counts 4 * S^2 * D per head. "of ideal" is our TFLOP/s over cuDNN's dense
 TFLOP/s, i.e. (dense time * kept share of the work) / our time.
 
@@ -48,13 +48,18 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import dataclasses  # noqa: E402
+
 from spattn_compile import reference  # noqa: E402
+from spattn_compile.attention import SparseAttention  # noqa: E402
+from spattn_compile.call_layout import CallLayout  # noqa: E402
 from spattn_compile.config import SparseAttentionConfig  # noqa: E402
+from spattn_compile.implementations import make_implementation  # noqa: E402
 from spattn_compile.kernels import block_sparse_attention as bsa  # noqa: E402
-from spattn_compile.kernels.stages import TritonStages  # noqa: E402
 from spattn_compile.layout import token_layout  # noqa: E402
-from spattn_compile.pipeline import attend_with_plan, run_attention  # noqa: E402
 from spattn_compile.plan import SparsePlan, indices_from_mask  # noqa: E402
+from spattn_compile.policies.rectification import block_rectification  # noqa: E402
+from spattn_compile.policies.topk import select_blocks  # noqa: E402
 
 # Everything runs on the GPU; a smoke test may point this at the CPU (Triton interpreter, tiny shapes).
 DEVICE = "cuda"
@@ -171,7 +176,7 @@ class Problem:
         generator = torch.Generator(device=DEVICE).manual_seed(seed)
         nb = layout.num_video_blocks
         scores = torch.rand(1, self.heads, nb, nb + 1, generator=generator, device=DEVICE)
-        keep = reference.select_blocks(scores, layout, density=density, key_block_nonempty=self.nonempty)
+        keep = select_blocks(scores, layout, density=density, key_block_nonempty=self.nonempty)
         return keep
 
 
@@ -236,7 +241,7 @@ def _rectify_args(problem: Problem, keep: torch.Tensor, rectify: str) -> dict:
         scores = scores / scores.sum(-1, keepdim=True)
         counts, indices = indices_from_mask(keep)
         plan = SparsePlan(layout, counts, indices, trusted_counts, trusted_indices, scores, "random")
-        rescale, correction = reference.block_rectification(plan, stats, nq)
+        rescale, correction = block_rectification(plan, stats, nq)
         return {"rescale": rescale, "correction": correction}
     return {
         "trusted_counts": trusted_counts,
@@ -343,16 +348,24 @@ def _time_density(problem: Problem, density: float, flex, dense, args, sweep: bo
     }
     pipeline_config = SparseAttentionConfig(block_size=BLOCK_SIZE, min_seq_len=0, max_density=max(0.5, density))
 
-    valid = reference.key_padding_valid(problem.attn_mask, 1, problem.heads, problem.seq_len)
-    arguments = dict(key_valid=valid, scale=None, config=pipeline_config, stages=TritonStages())
+    call_layout = CallLayout(layout.video_grid, layout.num_text, layout.text_first)
+    triton = make_implementation("triton")
+
+    def call() -> SparseAttention:
+        return SparseAttention(
+            *problem.original, call_layout, attn_mask=problem.attn_mask, scale=None, config=pipeline_config,
+            implementation=triton,
+        )  # fmt: skip
 
     def pipeline():
-        return run_attention(*problem.original, layout=layout, density=density, **arguments)
+        attention = call()
+        plan = attention.plan(selection=dataclasses.replace(attention.selection, density=density))
+        return attention.run(plan), plan
 
     _, pipeline_plan = pipeline()
     pipeline_density = float(pipeline_plan.density().mean())
     variants["pipeline"] = pipeline
-    variants["cached"] = lambda: attend_with_plan(*problem.original, plan=pipeline_plan, **arguments)
+    variants["cached"] = lambda: call().run(pipeline_plan)
     if layout.num_text_blocks:
         # The text query rows attend to every block: without scheduling them first they may finish last.
         variants["no_priority"] = lambda: ours(priority=0)

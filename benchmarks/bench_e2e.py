@@ -44,82 +44,73 @@ import datetime
 import functools
 import math
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-REPOSITORY = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPOSITORY), str(REPOSITORY / "examples")]
-
-from quickstart import PRESETS as QUICKSTART_PRESETS  # noqa: E402
-
-import spattn_compile  # noqa: E402
-from spattn_compile import schedule, zoo  # noqa: E402
-
-# The published Wan 2.1 transformer configs, as the quickstart builds them.
-WAN_1_3B = QUICKSTART_PRESETS["wan2.1-1.3b"][0]
-WAN_14B = QUICKSTART_PRESETS["wan2.1-14b"][0]
-# diffusers' HunyuanVideoTransformer3DModel defaults are the 13B model; spelled out so that the table states them.
-HUNYUAN_13B = {
-    "in_channels": 16,
-    "out_channels": 16,
-    "num_attention_heads": 24,
-    "attention_head_dim": 128,
-    "num_layers": 20,
-    "num_single_layers": 40,
-    "num_refiner_layers": 2,
-    "mlp_ratio": 4.0,
-    "patch_size": 2,
-    "patch_size_t": 1,
-    "qk_norm": "rms_norm",
-    "guidance_embeds": True,
-    "text_embed_dim": 4096,
-    "pooled_projection_dim": 768,
-    "rope_theta": 256.0,
-    "rope_axes_dim": (16, 56, 56),
-}
+import spattn_compile
+from spattn_compile.runtime import reset_schedule
+from spattn_compile.testing import zoo
+from spattn_compile.testing.benchmark import MODELS, ModelPreset, relative_error, synchronize, time_ms
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelCase:
-    """A model to benchmark: its diffusers class, config, the config keys that count its blocks, the latent size
-    (frames, height, width) before patching, text tokens (valid ones), and transformer calls per denoising step."""
+    """A model to benchmark: its published preset (`spattn_compile.testing.benchmark.MODELS`: config, latent size
+    before patching, transformer calls per denoising step), the config keys that count its blocks and its text
+    tokens (valid ones)."""
 
     name: str
     family: str
-    config: dict
+    preset: ModelPreset
     layer_keys: tuple[str, ...]
-    latent: tuple[int, int, int]
     text_len: int
     valid_text: int
-    calls_per_step: int
+
+    @property
+    def config(self) -> dict:
+        return self.preset.config
+
+    @property
+    def latent(self) -> tuple[int, int, int]:
+        return self.preset.latent
+
+    @property
+    def calls_per_step(self) -> int:
+        return self.preset.calls_per_step
 
 
 CASES = {
     case.name: case
     for case in (
-        ModelCase("wan1.3b-480p", "wan", WAN_1_3B, ("num_layers",), (21, 60, 104), 512, 512, 2),
-        ModelCase("wan14b-720p", "wan", WAN_14B, ("num_layers",), (21, 90, 160), 512, 512, 2),
-        ModelCase(
-            "hunyuan-720p", "hunyuan", HUNYUAN_13B, ("num_layers", "num_single_layers"), (33, 90, 160), 256, 171, 1
-        ),
+        ModelCase("wan1.3b-480p", "wan", MODELS["wan2.1-1.3b"], ("num_layers",), 512, 512),
+        ModelCase("wan14b-720p", "wan", MODELS["wan2.1-14b"], ("num_layers",), 512, 512),
+        ModelCase("hunyuan-720p", "hunyuan", MODELS["hunyuan-13b"], ("num_layers", "num_single_layers"), 256, 171),
     )
 }
-# The tiny models of the tests and examples (`spattn_compile.zoo`), for `--smoke`.
+# The tiny models of the tests and examples (`spattn_compile.testing.zoo`), for `--smoke`.
 SMOKE_CASES = {
-    "wan-smoke": ModelCase("wan-smoke", "wan", zoo.wan_config(num_layers=2), ("num_layers",), (3, 16, 24), 8, 8, 2),
+    "wan-smoke": ModelCase(
+        "wan-smoke",
+        "wan",
+        ModelPreset("WanTransformer3DModel", zoo.wan_config(num_layers=2), (3, 16, 24), 2),
+        ("num_layers",),
+        8,
+        8,
+    ),
     "hunyuan-smoke": ModelCase(
         "hunyuan-smoke",
         "hunyuan",
-        zoo.hunyuan_video_config(num_layers=1, num_single_layers=1),
+        ModelPreset(
+            "HunyuanVideoTransformer3DModel",
+            zoo.hunyuan_video_config(num_layers=1, num_single_layers=1),
+            (3, 16, 24),
+            1,
+        ),
         ("num_layers", "num_single_layers"),
-        (3, 16, 24),
         12,
         8,
-        1,
     ),
 }
 
@@ -198,23 +189,6 @@ def make_inputs(case: ModelCase, model, device: str, dtype: torch.dtype) -> dict
     }
 
 
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def time_forward(fn: Callable[[int], torch.Tensor], repeats: int, device: str) -> tuple[torch.Tensor, float]:
-    """Median wall time in ms of `fn(i)` for i = 1..repeats (the caller has warmed up), and the last output."""
-    times, out = [], None
-    for i in range(1, repeats + 1):
-        synchronize(device)
-        start = time.perf_counter()
-        out = fn(i)
-        synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return out, statistics.median(times)
-
-
 def peak_extra_memory(fn: Callable[[], torch.Tensor], device: str) -> float:
     """GiB allocated at the peak of `fn()` above what was allocated before it (weights, inputs)."""
     if not device.startswith("cuda"):
@@ -254,11 +228,6 @@ def attention_profile(
     return attention / max(everything, 1e-9), ranked, (copies, copy_ms)
 
 
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm()).item()
-
-
 @dataclasses.dataclass
 class Row:
     model: str
@@ -290,7 +259,7 @@ def run_case(case: ModelCase, args: argparse.Namespace, rows: list[Row], project
     forward(dense_model)
     synchronize(device)
     print(f"dense compile + first forward: {time.perf_counter() - start:.1f} s")
-    dense_out, dense_ms = time_forward(lambda i: forward(dense_model), args.repeats, device)
+    dense_out, dense_ms = time_ms(lambda i: forward(dense_model), args.repeats, device)
     dense_peak = peak_extra_memory(lambda: forward(dense_model), device)
     dense_share, dense_top, dense_copies = attention_profile(lambda: forward(dense_model), device, args.top)
     print(f"dense: {dense_copies[0]} copy kernels per forward ({dense_copies[1]:.2f} ms)")
@@ -303,7 +272,7 @@ def run_case(case: ModelCase, args: argparse.Namespace, rows: list[Row], project
     dense_model = None  # frees Inductor's buffers before the sparse model compiles
 
     torch._dynamo.reset()
-    schedule.reset_schedule()
+    reset_schedule()
     options = {"compiler": "eager" if args.smoke else "inductor"}
     if args.smoke:
         options.update(min_seq_len=0, block_size=32)
@@ -314,7 +283,7 @@ def run_case(case: ModelCase, args: argparse.Namespace, rows: list[Row], project
     for sparsity in args.sparsities:
         timings = {}
         for mode, refresh_interval in (("refresh", 1), ("cached", 10**6)):
-            schedule.reset_schedule()
+            reset_schedule()
             spattn_compile.reset_report()
             with spattn_compile.config(sparsity=sparsity, refresh_interval=refresh_interval, dense_steps=0):
 
@@ -327,7 +296,7 @@ def run_case(case: ModelCase, args: argparse.Namespace, rows: list[Row], project
                 synchronize(device)
                 if mode == "refresh" and sparsity == args.sparsities[0]:
                     print(f"spattn compile + first forward: {time.perf_counter() - start:.1f} s")
-                out, ms = time_forward(at_step, args.repeats, device)
+                out, ms = time_ms(at_step, args.repeats, device)
                 peak = peak_extra_memory(functools.partial(at_step, args.repeats + 1), device)
                 share, top, copies = attention_profile(functools.partial(at_step, args.repeats + 2), device, args.top)
                 print(f"  {copies[0]} copy kernels per forward ({copies[1]:.2f} ms; dense: {dense_copies[0]})")
@@ -356,7 +325,7 @@ def run_case(case: ModelCase, args: argparse.Namespace, rows: list[Row], project
         projections.extend(project_generation(case, sparsity, dense_ms * scale_to_full, timings, scale_to_full))
     sparse_model = model = None
     torch._dynamo.reset()
-    schedule.reset_schedule()
+    reset_schedule()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
 
@@ -430,7 +399,7 @@ def run_ulysses(case: ModelCase, args: argparse.Namespace, rank: int, rows: list
         timings = {}
         out = None
         for mode, refresh_interval in (("refresh", 1), ("cached", 10**6)):
-            schedule.reset_schedule()
+            reset_schedule()
             with spattn_compile.config(refresh_interval=refresh_interval, dense_steps=0):
 
                 def at_step(i: int) -> torch.Tensor:
@@ -439,7 +408,7 @@ def run_ulysses(case: ModelCase, args: argparse.Namespace, rank: int, rows: list
 
                 first = at_step(0)
                 out = first if mode == "refresh" else out
-                _, timings[mode] = time_forward(at_step, args.repeats, device)
+                _, timings[mode] = time_ms(at_step, args.repeats, device)
         assert out is not None
         return out, timings["refresh"], timings["cached"]
 
@@ -452,7 +421,7 @@ def run_ulysses(case: ModelCase, args: argparse.Namespace, rank: int, rows: list
         torch._dynamo.reset()
         compiled = dense_compile(model)
         forward(compiled)
-        single["dense"], ms = time_forward(lambda i: forward(compiled), args.repeats, device)
+        single["dense"], ms = time_ms(lambda i: forward(compiled), args.repeats, device)
         rows.append(UlyssesRow("dense", 1, ms, ms * scale, 0.0))
         for sparsity in args.sparsities:
             torch._dynamo.reset()
@@ -481,12 +450,12 @@ def run_ulysses(case: ModelCase, args: argparse.Namespace, rank: int, rows: list
     torch._dynamo.reset()
     compiled = dense_compile(model)
     forward(compiled)
-    out, ms = time_forward(lambda i: forward(compiled), args.repeats, device)
+    out, ms = time_ms(lambda i: forward(compiled), args.repeats, device)
     if rank == 0:
         rows.append(UlyssesRow("dense", degree, ms, ms * scale, error(out, "dense")))
     for sparsity in args.sparsities:
         torch._dynamo.reset()
-        schedule.reset_schedule()
+        reset_schedule()
         compiled = torch.compile(model, backend="spattn", options=options)
         with spattn_compile.config(sparsity=sparsity):
             out, refresh, cached = spattn_times(compiled)
@@ -502,7 +471,7 @@ def run_ulysses(case: ModelCase, args: argparse.Namespace, rank: int, rows: list
             rows.append(UlyssesRow(f"{label} cached", degree, cached, cached * scale, float("nan")))
     compiled = None
     torch._dynamo.reset()
-    schedule.reset_schedule()
+    reset_schedule()
 
 
 def print_ulysses(rows: list[UlyssesRow], degree: int, header: str) -> None:
@@ -516,9 +485,7 @@ def print_ulysses(rows: list[UlyssesRow], degree: int, header: str) -> None:
         same = by.get((r.variant, 1))
         versus = "-" if same is None or r.gpus == 1 else f"{same.ms / r.ms:.2f}x"
         error = "-" if r.gpus == 1 or math.isnan(r.error) else f"{r.error:.2e}"
-        print(
-            f"| {r.variant} | {r.gpus} | {r.ms:.1f} | {r.full_ms:.0f} | {dense_1 / r.ms:.2f}x | {versus} | {error} |"
-        )
+        print(f"| {r.variant} | {r.gpus} | {r.ms:.1f} | {r.full_ms:.0f} | {dense_1 / r.ms:.2f}x | {versus} | {error} |")
     for r in rows:
         if r.gpus != degree or not r.variant.endswith("refresh"):
             continue

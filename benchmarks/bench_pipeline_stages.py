@@ -1,6 +1,6 @@
 """Time every stage of the Triton pipeline, for every estimator, at real video sizes, beside cuDNN dense SDPA.
 
-Owns the per-stage cost report of `spattn_compile.pipeline` with `kernels.stages.TritonStages`. For each case (Wan 2.1
+Owns the per-stage cost report of `attention.SparseAttention` with the Triton implementation. For each case (Wan 2.1
 14B 720p: grid 21x45x80, 40 heads; HunyuanVideo 720p: grid 33x45x80 + 256 text tokens last, 128 of them padding,
 24 heads; head dim 128, bfloat16, Q/K/V as transposed views of (B, S, H, D) buffers like a DiT's) it times, in one
 run and on the same inputs (`spattn_compile.testing.dit_attention_inputs`, a few heads repeated to the full count):
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import sys
 import time
 from pathlib import Path
@@ -33,11 +32,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from spattn_compile.attention import SparseAttention  # noqa: E402
+from spattn_compile.call_layout import CallLayout  # noqa: E402
 from spattn_compile.config import SparseAttentionConfig  # noqa: E402
 from spattn_compile.estimators import EstimatorConfig, PooledTiles, QueryTiles, SampledRows  # noqa: E402
-from spattn_compile.layout import token_layout  # noqa: E402
-from spattn_compile.pipeline import attend_with_plan, run_attention  # noqa: E402
-from spattn_compile.reference import key_padding_valid  # noqa: E402
+from spattn_compile.implementations import make_implementation  # noqa: E402
 from spattn_compile.testing import dit_attention_inputs  # noqa: E402
 
 CASES = {
@@ -106,36 +105,33 @@ def _label(estimator: EstimatorConfig) -> str:
     return f"{estimator.name}({fields})"
 
 
-def _time_estimator(
-    stages, inputs, valid, case: dict, config: SparseAttentionConfig
-) -> tuple[float, float, float, int]:
-    """Milliseconds of prepare, scores and select for `config.estimator`, and the scores' peak extra memory."""
-    query, key, value = inputs
-    scale = 1.0 / math.sqrt(query.shape[-1])
-    layout = token_layout(case["grid"], case["text_len"], False, config.block_size, config.reorder)
-    tile = config.estimator.pool_tile_size(layout.block_size)
-    prepare_ms, _ = _bench(lambda: stages.prepare(query, key, value, layout, valid, tile, scale))
-    prepared = stages.prepare(query, key, value, layout, valid, tile, scale)
-    scores_ms, scores_mem = _bench(lambda: stages.scores(prepared, config.estimator))
-    scores = stages.scores(prepared, config.estimator)
-    select_ms, _ = _bench(
-        lambda: stages.select(prepared, scores, density=config.density, config=config, estimator_name="x")
+def _call(inputs, mask, case: dict, config: SparseAttentionConfig) -> SparseAttention:
+    """The orchestrator of the case's call with the Triton implementation."""
+    layout = CallLayout(tuple(case["grid"]), case["text_len"], False)
+    return SparseAttention(
+        *inputs, layout, attn_mask=mask, scale=None, config=config, implementation=make_implementation("triton")
     )
+
+
+def _time_estimator(inputs, mask, case: dict, config: SparseAttentionConfig) -> tuple[float, float, float, int]:
+    """Milliseconds of prepare, scores and select for `config.estimator`, and the scores' peak extra memory."""
+    call = _call(inputs, mask, case, config)
+    tile = config.estimator.pool_tile_size(config.block_size)
+    prepare_ms, _ = _bench(lambda: call.prepare(tile))
+    prepared = call.prepare(tile)
+    scores_ms, scores_mem = _bench(lambda: call.estimate(prepared))
+    scores = call.estimate(prepared)
+    select_ms, _ = _bench(lambda: call.select(prepared, scores, label="x"))
     return prepare_ms, scores_ms, select_ms, scores_mem
 
 
 def run_case(name: str, case: dict, sparsity: float, rectify: str) -> list[str]:
-    from spattn_compile.kernels.stages import TritonStages
-
     started = time.time()
     (query, key, value), mask = case_inputs(case, torch.device("cuda"))
     batch, heads, seq_len, head_dim = query.shape
     print(f"# {name}: S={seq_len}, H={heads}, D={head_dim} ({time.time() - started:.0f} s to build)", flush=True)
     dense_fn, backend = _dense(query, key, value, mask)
     dense_ms, _ = _bench(dense_fn)
-    stages = TritonStages()
-    valid = key_padding_valid(mask, batch, heads, seq_len)
-    scale = 1.0 / math.sqrt(head_dim)
     lines = [
         f"\n## {name}: grid {case['grid']} + {case['text_len']} text ({case['text_padding']} padded), S={seq_len}, "
         f"H={heads}, D=128, bf16; sparsity {sparsity}, rectify {rectify}; dense SDPA ({backend}) {dense_ms:.2f} ms\n",
@@ -144,7 +140,7 @@ def run_case(name: str, case: dict, sparsity: float, rectify: str) -> list[str]:
     ]
     for estimator in ESTIMATORS:
         config = SparseAttentionConfig(sparsity=sparsity, rectify=rectify, estimator=estimator)
-        prepare_ms, scores_ms, select_ms, scores_mem = _time_estimator(stages, (query, key, value), valid, case, config)
+        prepare_ms, scores_ms, select_ms, scores_mem = _time_estimator((query, key, value), mask, case, config)
         total = scores_ms + select_ms
         line = (
             f"| {_label(estimator)} | {prepare_ms:.2f} | {scores_ms:.2f} | {select_ms:.2f} | {total:.2f} | "
@@ -155,14 +151,19 @@ def run_case(name: str, case: dict, sparsity: float, rectify: str) -> list[str]:
         torch.cuda.empty_cache()
 
     config = SparseAttentionConfig(sparsity=sparsity, rectify=rectify)
-    layout = token_layout(case["grid"], case["text_len"], False, config.block_size, config.reorder)
-    arguments = dict(key_valid=valid, scale=None, config=config, stages=stages)
-    _, plan = run_attention(query, key, value, layout=layout, **arguments)
-    pipeline_ms, pipeline_mem = _bench(lambda: run_attention(query, key, value, layout=layout, **arguments))
+    inputs = (query, key, value)
+
+    def pipeline():
+        call = _call(inputs, mask, case, config)
+        return call.run(call.plan())
+
+    plan = _call(inputs, mask, case, config).plan()
+    pipeline_ms, pipeline_mem = _bench(pipeline)
     # The plan carries its layout.
-    cached_ms, _ = _bench(lambda: attend_with_plan(query, key, value, plan=plan, **arguments))
-    prepared = stages.prepare(query, key, value, layout, valid, layout.block_size, scale)
-    attention_ms, _ = _bench(lambda: stages.attend(prepared, plan, rectify=rectify))
+    cached_ms, _ = _bench(lambda: _call(inputs, mask, case, config).run(plan))
+    call = _call(inputs, mask, case, config)
+    prepared = call.prepare()
+    attention_ms, _ = _bench(lambda: call.attend(prepared, plan))
     lines += [
         "",
         f"default estimator {_label(config.estimator)}: kept density {float(plan.density().mean()):.3f}; "

@@ -34,13 +34,17 @@ from pathlib import Path
 
 import torch
 
+from spattn_compile.attention import SparseAttention
+from spattn_compile.call_layout import CallLayout
 from spattn_compile.config import SparseAttentionConfig
 from spattn_compile.estimators import EstimatorConfig, PooledTiles, QueryTiles, SampledRows
-from spattn_compile.layout import token_layout
-from spattn_compile.pipeline import ReferenceStages, plan_attention
+from spattn_compile.implementations import ReferenceImplementation
+from spattn_compile.layout import TokenLayout, token_layout
 from spattn_compile.plan import SparsePlan
-from spattn_compile.reference import key_padding_valid, select_plan_reference
+from spattn_compile.policies import Trust
+from spattn_compile.policies.topk import select_plan_reference
 from spattn_compile.testing import PlanEvaluator, VideoAttentionInputs, dit_attention_inputs, video_attention_inputs
+from spattn_compile.testing.benchmark import ATTENTION_CASES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,35 +105,40 @@ def _cost(estimator: EstimatorConfig, block_size: int) -> float:
     return (2 if getattr(estimator, "outliers", False) else 1) / tile**2
 
 
+def _reference_call(inputs, layout: TokenLayout, config: SparseAttentionConfig) -> SparseAttention:
+    """One call of `inputs` over `layout` with the float64 reference implementation."""
+    call_layout = CallLayout(layout.video_grid, layout.num_text, layout.text_first)
+    return SparseAttention(
+        inputs.query, inputs.key, inputs.value, call_layout, attn_mask=inputs.attn_mask, scale=None, config=config,
+        implementation=ReferenceImplementation(torch.float64),
+    )  # fmt: skip
+
+
+def _oracle(call: SparseAttention, true_mass: torch.Tensor, density: float, label: str) -> SparsePlan:
+    """The plan of the true block mass at `density` (the call's selection and rectification settings otherwise)."""
+    # Stage 0 at the block size: the block statistics GAPR's gate reads.
+    call.plan(estimator=PooledTiles(tile_size=call.layout.block_size, outliers=False))
+    assert call.prepared is not None
+    selection = dataclasses.replace(call.selection, density=density)
+    return select_plan_reference(
+        true_mass, call.prepared.stats, call.prepared.key_valid, call.layout, selection=selection,
+        trust=call.rectification.trust, estimator=label,
+    )  # fmt: skip
+
+
 def _plans(inputs, layout, evaluator, densities, rectify_modes, defaults: SparseAttentionConfig):
     """name -> (plan, rectify, density, estimator name)."""
-    b, h, s, _ = inputs.query.shape
-    valid = key_padding_valid(inputs.attn_mask, b, h, s)
-    stages = ReferenceStages(torch.float64)
     plans = {}
     mass = evaluator.true_mass()
     for density in densities:
         for rectify in rectify_modes:
             config = dataclasses.replace(defaults, sparsity=1 - density, rectify=rectify, mass_threshold=None)
-            _, prepared = plan_attention(
-                inputs.query, inputs.key, inputs.value, layout=layout, key_valid=valid, scale=None, config=config,
-                stages=stages, estimator=PooledTiles(tile_size=defaults.block_size, outliers=False),
-            )  # fmt: skip
-            oracle = select_plan_reference(
-                mass, prepared.stats, prepared.key_valid, layout, density=density, config=config, estimator="oracle"
-            )
-            plans[f"oracle|{rectify}|{density}"] = (oracle, rectify, density, "oracle")
+            call = _reference_call(inputs, layout, config)
+            plans[f"oracle|{rectify}|{density}"] = (_oracle(call, mass, density, "oracle"), rectify, density, "oracle")
             for label, estimator in ESTIMATORS.items():
-                estimated, _ = plan_attention(
-                    inputs.query, inputs.key, inputs.value, layout=layout, key_valid=valid, scale=None,
-                    config=config, stages=stages, estimator=estimator,
-                )  # fmt: skip
-                plans[f"{label}|{rectify}|{density}"] = (estimated, rectify, density, label)
+                plans[f"{label}|{rectify}|{density}"] = (call.plan(estimator=estimator), rectify, density, label)
         threshold = dataclasses.replace(defaults, sparsity=1 - density, mass_threshold=0.95, max_density=0.5)
-        plan, _ = plan_attention(
-            inputs.query, inputs.key, inputs.value, layout=layout, key_valid=valid, scale=None, config=threshold,
-            stages=stages,
-        )  # fmt: skip
+        plan = _reference_call(inputs, layout, threshold).plan()
         plans[f"default + mass_threshold 0.95|{defaults.rectify}|{density}"] = (plan, defaults.rectify, density, "")
     return plans
 
@@ -200,7 +209,6 @@ def run_drift(grid, device, defaults: SparseAttentionConfig, steps: int, drifts,
         "| drift / step | density | " + " | ".join(f"s={s}" for s in range(steps + 1)) + " |",
         "|---|---|" + "---|" * (steps + 1),
     ]
-    stages = ReferenceStages(torch.float64)
     for drift in drifts:
         per_step = []
         for s in range(steps + 1):
@@ -213,27 +221,21 @@ def run_drift(grid, device, defaults: SparseAttentionConfig, steps: int, drifts,
         for density in densities:
             config = dataclasses.replace(defaults, sparsity=1 - density)
             base_inputs, layout, base_evaluator = per_step[0]
-            _, prepared = plan_attention(
-                base_inputs.query, base_inputs.key, base_inputs.value, layout=layout, key_valid=None, scale=None,
-                config=config, stages=stages,
-            )  # fmt: skip
+            base = _reference_call(base_inputs, layout, config)
+            estimate0 = base.plan()
             exact0 = select_plan_reference(
-                base_evaluator.true_mass(), prepared.stats, prepared.key_valid, layout, density=density,
-                config=config, estimator="exact",
-            )  # fmt: skip
-            estimate0, _ = plan_attention(
-                base_inputs.query, base_inputs.key, base_inputs.value, layout=layout, key_valid=None, scale=None,
-                config=config, stages=stages,
+                base_evaluator.true_mass(), base.prepared.stats, base.prepared.key_valid, layout,
+                selection=dataclasses.replace(base.selection, density=density), trust=base.rectification.trust,
+                estimator="exact",
             )  # fmt: skip
             series: dict[str, list[str]] = {"exact@0": [], "estimate@0": [], "fresh": []}
             for inputs, _, evaluator in per_step:
-                fresh, step_prepared = plan_attention(
-                    inputs.query, inputs.key, inputs.value, layout=layout, key_valid=None, scale=None, config=config,
-                    stages=stages,
-                )  # fmt: skip
+                step_call = _reference_call(inputs, layout, config)
+                fresh = step_call.plan()
                 oracle = select_plan_reference(
-                    evaluator.true_mass(), step_prepared.stats, step_prepared.key_valid, layout, density=density,
-                    config=dataclasses.replace(config, rectify="none"), estimator="oracle",
+                    evaluator.true_mass(), step_call.prepared.stats, step_call.prepared.key_valid, layout,
+                    selection=dataclasses.replace(step_call.selection, density=density),
+                    trust=Trust(compensate=False, gapr=False), estimator="oracle",
                 )  # fmt: skip
                 # The reused plans' block scores are step 0's; block mode reads them, as the cache does.
                 plans: dict[str, tuple[SparsePlan, str]] = {
@@ -253,7 +255,7 @@ def run_drift(grid, device, defaults: SparseAttentionConfig, steps: int, drifts,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--suite", choices=["hard", "smooth", "drift"], default="hard")
-    parser.add_argument("--grid", type=int, nargs=3, default=(21, 30, 52))
+    parser.add_argument("--grid", type=int, nargs=3, default=ATTENTION_CASES["wan1.3b-480p"].grid)
     parser.add_argument("--densities", type=float, nargs="+", default=[0.25, 0.10])
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--cases", type=int, nargs="*", default=None, help="indices of the suite's cases to run")

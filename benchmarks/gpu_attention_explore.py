@@ -60,6 +60,9 @@ from spattn_compile import reference  # noqa: E402
 from spattn_compile.kernels import block_sparse_attention as bsa  # noqa: E402
 from spattn_compile.layout import TokenLayout, token_layout  # noqa: E402
 from spattn_compile.plan import SparsePlan, indices_from_mask  # noqa: E402
+from spattn_compile.policies import rectification_terms  # noqa: E402
+from spattn_compile.policies.rectification import block_rectification  # noqa: E402
+from spattn_compile.policies.topk import select_blocks  # noqa: E402
 
 BLOCK = 16 if SMOKE else 128
 DTYPE = torch.float16 if SMOKE else torch.bfloat16
@@ -197,7 +200,7 @@ class Problem:
         generator = torch.Generator(device=DEVICE).manual_seed(seed)
         scores = torch.rand(1, heads, nb, nb + 1, generator=generator, device=DEVICE)
         scores /= scores.sum(-1, keepdim=True)  # block mass shares, as the estimators give them
-        keep = reference.select_blocks(scores, layout, density=density, key_block_nonempty=self.nonempty)
+        keep = select_blocks(scores, layout, density=density, key_block_nonempty=self.nonempty)
         trusted = torch.zeros(1, heads, layout.num_blocks, nb, dtype=torch.bool, device=DEVICE)
         skipped = ~keep[:, :, :nb, :nb] & self.nonempty[:, :, None, :nb]
         trusted[:, :, :nb] = skipped & (torch.rand(skipped.shape, generator=generator, device=DEVICE) < TRUSTED_SHARE)
@@ -400,12 +403,13 @@ def _check_cases(head_dims: tuple[int, ...]) -> list[CheckCase]:
             stats = reference.pool_statistics(q64, k64, v64, problem.key_valid, problem.layout, BLOCK)
             variants = _variants(head_dim)
             for rectify in ("none", "block", "query"):
+                terms = rectification_terms(rectify, plan, stats)
                 expected = reference.rectified_sparse_attention(
-                    q64, k64, v64, problem.key_valid, plan, stats, problem.layout, scale=problem.scale, rectify=rectify
+                    q64, k64, v64, problem.key_valid, plan, problem.layout, scale=problem.scale, terms=terms
                 )
                 bundle: bsa.BlockRectify | bsa.QueryRectify | None = None
                 if rectify == "block":
-                    rescale, correction = reference.block_rectification(plan, stats, problem.layout.num_blocks)
+                    rescale, correction = block_rectification(plan, stats, problem.layout.num_blocks)
                     bundle = bsa.BlockRectify(rescale.float(), correction.float())
                 if rectify == "query":
                     log_count = stats.k_block_count.log().float()

@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spattn_compile.config import SparseAttentionConfig  # noqa: E402
 from spattn_compile.estimators import PooledTiles, estimator_for  # noqa: E402
+from spattn_compile.implementations import ReferenceImplementation, make_implementation  # noqa: E402
 from spattn_compile.layout import token_layout  # noqa: E402
-from spattn_compile.pipeline import ReferenceStages  # noqa: E402
 from spattn_compile.testing import dit_attention_inputs  # noqa: E402
 
 # Everything runs on the GPU; a smoke test may point these at the CPU (Triton interpreter, float16, a small grid).
@@ -41,11 +41,10 @@ def _speed(rows: list[str]) -> None:
     from profile_pipeline import GRID, _inputs
 
     from spattn_compile.kernels.pooled_scores import pooled_scores, tile_outliers
-    from spattn_compile.kernels.stages import TritonStages
 
     query, key, value = _inputs(torch.device("cuda"))
     layout = token_layout(GRID, 0, False, 128)
-    inputs = TritonStages().prepare(query, key, value, layout, None, 16, 128**-0.5).estimator_inputs()
+    inputs = make_implementation("triton").prepare(query, key, value, layout, None, 16, 128**-0.5).estimator_inputs()
     num_tiles = layout.num_video_blocks * layout.block_size // 16
     outliers_ms = triton.testing.do_bench(
         lambda: tile_outliers(inputs.k, inputs.key_valid, num_tiles, 16), return_mode="median"
@@ -68,17 +67,16 @@ def _speed(rows: list[str]) -> None:
 
 def _fidelity(rows: list[str]) -> None:
     from spattn_compile.kernels.pooled_scores import pooled_scores
-    from spattn_compile.kernels.stages import TritonStages
 
     layout = token_layout(_HARD_GRID, 0, False, 128)
-    stages = TritonStages()
+    stages = make_implementation("triton")
     for temperatures, label in ((None, "moderate"), (2.0, "2x sharper")):
         generated = dit_attention_inputs(
             _HARD_GRID, heads=4, head_dim=128, temperatures=temperatures, dtype=DTYPE, device=DEVICE, seed=0
         )
         q, k, v = generated.query, generated.key, generated.value
         dense = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
-        reference = ReferenceStages(torch.float64).prepare(q, k, v, layout, None, 16, 128**-0.5)
+        reference = ReferenceImplementation(torch.float64).prepare(q, k, v, layout, None, 16, 128**-0.5)
         expected = estimator_for(_ESTIMATOR).reference(reference.estimator_inputs(), _ESTIMATOR)[..., :-1]
         prepared = stages.prepare(q, k, v, layout, None, 16, 128**-0.5)
         top = max(1, round(0.1 * layout.num_video_blocks))

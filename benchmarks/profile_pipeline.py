@@ -1,4 +1,4 @@
-"""Where the time of one sparse attention call goes: every GPU kernel of `pipeline.run_attention`, by name.
+"""Where the time of one sparse attention call goes: every GPU kernel of `attention.SparseAttention`, by name.
 
 `bench_pipeline_stages.py` times the stages as a user sees them; this profiles the kernels underneath them with
 `torch.profiler` (CUDA activity), at Wan 2.1 14B 720p (grid 21x45x80, 75,600 tokens, 40 heads, head dim 128, bf16,
@@ -24,10 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_pipeline_stages import CASES, case_inputs  # noqa: E402
 
+from spattn_compile.attention import SparseAttention  # noqa: E402
+from spattn_compile.call_layout import CallLayout  # noqa: E402
 from spattn_compile.config import SparseAttentionConfig  # noqa: E402
 from spattn_compile.estimators import EstimatorConfig, PooledTiles  # noqa: E402
-from spattn_compile.layout import token_layout  # noqa: E402
-from spattn_compile.pipeline import attend_with_plan, run_attention  # noqa: E402
+from spattn_compile.implementations import make_implementation  # noqa: E402
 
 CASE = CASES["wan14b"]
 GRID = CASE["grid"]
@@ -72,17 +73,26 @@ def _dense_ms(query, key, value) -> float:
 
 
 def profile_estimator(inputs, estimator: EstimatorConfig, sparsity: float, repeats: int, dense_ms: float) -> list[str]:
-    from spattn_compile.kernels.stages import TritonStages
-
     query, key, value = inputs
     config = SparseAttentionConfig(sparsity=sparsity, estimator=estimator)
-    layout = token_layout(GRID, 0, False, config.block_size, config.reorder)
-    arguments = dict(key_valid=None, scale=1.0 / math.sqrt(query.shape[-1]), config=config, stages=TritonStages())
-    _, plan = run_attention(query, key, value, layout=layout, **arguments)
+    triton = make_implementation("triton")
+
+    def call() -> SparseAttention:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+        return SparseAttention(
+            query, key, value, CallLayout(GRID, 0, False), attn_mask=None, scale=scale, config=config,
+            implementation=triton,
+        )  # fmt: skip
+
+    def fresh() -> torch.Tensor:
+        attention = call()
+        return attention.run(attention.plan())
+
+    plan = call().plan()
     lines = []
     for label, fn in (
-        ("fresh plan", lambda: run_attention(query, key, value, layout=layout, **arguments)),
-        ("cached plan", lambda: attend_with_plan(query, key, value, plan=plan, **arguments)),
+        ("fresh plan", fresh),
+        ("cached plan", lambda: call().run(plan)),
     ):
         times = _kernel_times(fn, repeats)
         total = sum(ms for _, ms in times.values())

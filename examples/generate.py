@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 import spattn_compile
-from spattn_compile import zoo
+from spattn_compile.testing import zoo
 
 MODELS = ("wan", "hunyuan", "cogvideox")
 PIPELINE_CLASSES = {"wan": "WanPipeline", "hunyuan": "HunyuanVideoPipeline", "cogvideox": "CogVideoXPipeline"}

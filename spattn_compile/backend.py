@@ -30,11 +30,12 @@ that was left dense as too short logs a warning, since that call stays dense unt
 grid, the op reads `video_grid` when it runs, so it may change per call (per resolution). Where the graph proves the
 layout, a consistent setting is accepted and a contradicting one raises an error naming both.
 
-Each call of a compiled graph is placed in its model (`spattn_compile.tracking`: the model's `ModelState`, and the
-block for regionally compiled models) and runs in the model's step context (`spattn_compile.schedule`: denoising step
-and CFG branch, from the model's `timestep`, unless `spattn_compile.step(...)` names them), which the op reads for
-the dense warm-up steps, the layer numbering, the plan cache and the report. A model in which no attention call
-became sparse logs one WARNING with the commonest reason and its fix, when it runs a second time.
+When it compiles a graph, the backend binds it to its model (`runtime.binding`: the model's `ModelState`, the block
+for regionally compiled models, and a forward hook on the model); each call of the graph then runs in the model's
+step context (`runtime.steps`: denoising step and CFG branch, from the model's `timestep`, unless
+`spattn_compile.step(...)` names them), which the op reads for the dense warm-up steps, the layer numbering, the plan
+cache and the report. A model in which no attention call became sparse logs one WARNING with the commonest reason
+and its fix, when it runs a second time.
 """
 
 from __future__ import annotations
@@ -47,29 +48,21 @@ import math
 import re
 import sys
 import types
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from importlib.metadata import EntryPoint
 from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.utils.weak import WeakIdKeyDictionary
 
-from . import ops  # noqa: F401  (registers torch.ops.spattn.sparse_attention)
 from .config import SparseAttentionConfig, config, current_config, explicit_fields
-from .passes import AttentionDecision, context_seeds, rewrite_attention
-from .report import HeadRange
-from .schedule import ModelState, StepContext, step_context
-from .tracking import (
-    ModelRegistry,
-    Owner,
-    check_nothing_sparse,
-    default_registry,
-    note_decisions,
-    sequence_parallel,
-)
+from .passes import AttentionDecision, GroupInfo, context_seeds, rewrite_attention
+from .runtime import op  # noqa: F401  (registers torch.ops.spattn.sparse_attention)
+from .runtime.binding import Binding, ModelRegistry, Owner, default_registry
+from .runtime.model_state import StepContext, step_context
+from .runtime.records import HeadRange
 
-__all__ = ["BackendOptions", "SpattnBackend", "spattn_backend"]
+__all__ = ["BackendOptions", "SpattnBackend", "graph_seeds", "note_missing_grid", "sequence_parallel", "spattn_backend"]
 
 logger = logging.getLogger("spattn_compile")
 
@@ -197,7 +190,8 @@ def _inner_compiler(
 
 
 def timestep_input_position(gm: fx.GraphModule) -> int | None:
-    """Position, among the graph's inputs, of the model's `timestep` argument; None if the graph has none."""
+    """Position, among the graph's inputs, of the compiled function's `timestep` argument; None if the graph has
+    none. (A model's steps advance in its forward hook; a compiled function's graph advances its own.)"""
     placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
     for position, node in enumerate(placeholders):
         if _TIMESTEP_INPUT.match(str(node.target)) or _TIMESTEP_INPUT.match(node.name):
@@ -205,17 +199,49 @@ def timestep_input_position(gm: fx.GraphModule) -> int | None:
     return None
 
 
-def parameter_input_position(example_inputs: Sequence[object]) -> int | None:
-    """Position of the first module parameter among a graph's inputs (Dynamo passes parameters as inputs, so one
-    compiled graph serves every instance of a module class); None if there is none."""
-    return next((i for i, value in enumerate(example_inputs) if isinstance(value, torch.nn.Parameter)), None)
 
 
-def _frame_key() -> Hashable:
-    """Dynamo's frame id of the graph being compiled (shared by the recompiles of one frame), or a fresh key."""
-    compile_id = torch._guards.CompileContext.current_compile_id()
-    frame_id = getattr(compile_id, "frame_id", None)
-    return ("frame", frame_id) if frame_id is not None else object()
+
+
+def sequence_parallel(model: torch.nn.Module | None) -> GroupInfo | None:
+    """The sequence-parallel group of a diffusers model run with Ulysses context parallelism
+    (`model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=N))`): its size N and this process's rank.
+    diffusers' context-parallel hooks split the sequence before the blocks in N equal, contiguous pieces in rank order
+    (`EquipartitionSharder`), so a block's graph receives this rank's piece (`passes.context_seeds`). None without
+    context parallelism, with ring attention (`ring_degree > 1`: no call sees the whole sequence) and with uneven
+    pieces (`ulysses_anything`)."""
+    config = getattr(getattr(model, "_parallel_config", None), "context_parallel_config", None)
+    if config is None:
+        return None
+    ulysses, ring = getattr(config, "ulysses_degree", 1) or 1, getattr(config, "ring_degree", 1) or 1
+    if ulysses <= 1 or ring != 1 or getattr(config, "ulysses_anything", False):
+        return None
+    mesh = getattr(config, "_flattened_mesh", None)
+    if mesh is None or not torch.distributed.is_initialized():
+        return None
+    # The rank diffusers' sharder takes its piece by (EquipartitionSharder.shard).
+    return GroupInfo(ulysses, torch.distributed.get_rank(mesh.get_group()))
+
+
+def graph_seeds(gm: fx.GraphModule, owner: Owner) -> dict | None:
+    """The token axes a block's graph starts from: its inputs that hold the video tokens of the model's forward."""
+    forward = owner.state.forward if owner.block else None
+    if forward is None or forward.video_grid is None:
+        return None
+    return context_seeds(gm.graph, math.prod(forward.video_grid), sequence_parallel(owner.state.module))
+
+
+def note_missing_grid(decisions: list[AttentionDecision], owner: Owner) -> list[AttentionDecision]:
+    """A block's decisions that found no grid say why the model's forward gave none."""
+    forward = owner.state.forward if owner.block else None
+    if forward is None or forward.video_grid is not None:
+        return decisions
+    return [
+        dataclasses.replace(d, reason=f"{d.reason}; the model's forward gave no grid: {forward.grid_note}")
+        if d.rule == "no_grid"
+        else d
+        for d in decisions
+    ]
 
 
 def _layer_order(decision: AttentionDecision) -> int:
@@ -248,11 +274,6 @@ def _layer_heads(decisions: list[AttentionDecision]) -> tuple[HeadRange | None, 
     return tuple(heads)
 
 
-def _claim_leadership(state: ModelState, frame: Hashable, timestep_position: int | None) -> None:
-    """Make `frame`'s graph the one that advances the steps of a model without a forward hook: the first graph with
-    sparse calls, preferring one that reads the timestep (one advance per forward, whatever the number of graphs)."""
-    if state.leader is None or (timestep_position is not None and not state.leader_reads_timestep):
-        state.leader, state.leader_reads_timestep = frame, timestep_position is not None
 
 
 class _GraphRunner:
@@ -264,33 +285,20 @@ class _GraphRunner:
         options: BackendOptions,
         compiled_config: SparseAttentionConfig,
         decisions: list[AttentionDecision],
-        owner: Owner,
-        registry: ModelRegistry,
-        parameter_position: int | None,
-        parameter: torch.Tensor | None,
+        binding: Binding,
         timestep_position: int | None,
-        frame: Hashable,
     ) -> None:
         self.compiled = compiled
         self.options = options
         self.compiled_config = compiled_config
-        self.owner: Owner | None = owner
-        self.registry = registry
-        self.parameter_position = parameter_position
+        self.binding = binding
         self.timestep_position = timestep_position
-        self.frame = frame
         self.sparse = any(d.sparse for d in decisions)
         self.layer_names = _layer_names(decisions)
         self.layer_heads = _layer_heads(decisions)
         self.short = [d for d in decisions if d.rule == "short"]
         self.warned_min_seq_len: set[int] = set()
         self.calls = 0
-        # Parameter -> owner, per graph: one compiled graph serves every instance of a module class. Valid for one
-        # epoch of the registry (reset_schedule() forgets every model).
-        self.owners: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        self.epoch = registry.epoch
-        if parameter is not None:
-            self.owners[parameter] = owner
 
     def settings(self) -> SparseAttentionConfig:
         effective = self.options.compose(current_config())
@@ -308,47 +316,20 @@ class _GraphRunner:
                 )
         return effective
 
-    def owner_of(self, args: tuple) -> Owner:
-        """The model (and block) this call belongs to: from the identity of its parameter input."""
-        if self.epoch != self.registry.epoch:
-            self.epoch = self.registry.epoch
-            self.owners = WeakIdKeyDictionary()
-            self.owner = None
-        if self.parameter_position is None:
-            if self.owner is None:
-                self.owner = self.registry.resolve(None, sys._getframe(2)) or self._anonymous()
-            return self.owner
-        parameter = args[self.parameter_position]
-        found = self.owners.get(parameter)
-        if found is None:
-            found = self.registry.resolve(parameter, sys._getframe(2)) or self.owner or self._anonymous()
-            self.owners[parameter] = found
-        return found
-
-    def _anonymous(self) -> Owner:
-        self.owner = Owner(self.registry.anonymous("function"))
-        return self.owner
-
     def context(self, owner: Owner, args: tuple) -> StepContext | None:
         state = owner.state
-        if state.hooked:
-            # The model's forward hook advanced the steps and read the grid.
-            base = state.forward
-            return None if base is None else base.in_graph(owner.block, self.layer_names, self.layer_heads)
-        if state.leader is None:
-            # A model this graph was not compiled for (Dynamo shares graphs between instances of a class).
-            _claim_leadership(state, self.frame, self.timestep_position)
-        if state.leader == self.frame:
+        if state.module is None:
+            # A compiled function: its graph is its forward, and advances its steps.
             timestep = args[self.timestep_position] if self.timestep_position is not None else None
-            base = state.forward = state.tracker.advance(timestep)
-        else:
-            base = state.forward if state.forward is not None else state.tracker.advance(None)
+            state.forward = state.advance(timestep)
+        # A model's forward hook advanced the steps and read the grid (None outside the model's forward).
+        base = state.forward
         return None if base is None else base.in_graph(owner.block, self.layer_names, self.layer_heads)
 
     def __call__(self, *args: Any) -> Any:
         # Dynamo calls a backend's compiled function with the graph inputs as positional arguments.
         effective = self.settings()
-        owner = self.owner_of(args)
+        owner = self.binding.owner_of(args)
         context = self.context(owner, args) if self.sparse else None
         with contextlib.ExitStack() as scope:
             if effective is not current_config():
@@ -359,7 +340,7 @@ class _GraphRunner:
         self.calls += 1
         if self.calls == 2 and not owner.state.hooked:
             # A graph runs again: its model has run a whole forward, every graph of it has been compiled once.
-            check_nothing_sparse(owner.state)
+            owner.state.check_nothing_sparse()
         return output
 
 
@@ -396,41 +377,15 @@ class SpattnBackend:
         parsed = BackendOptions.parse({**self.preset, **(options or {})})
         compile_inner = _inner_compiler(parsed, mode)
         compiled_config = parsed.compose(current_config())
-        registry = self.registry
-        parameter_position = parameter_input_position(example_inputs)
-        parameter = None if parameter_position is None else example_inputs[parameter_position]
-        owner = registry.resolve(parameter, sys._getframe(1)) or Owner(registry.anonymous("function"))
-        state = owner.state
-        seeds = None
-        forward = state.forward if owner.block else None
-        if forward is not None and forward.video_grid is not None:
-            seeds = context_seeds(gm.graph, math.prod(forward.video_grid), sequence_parallel(state.module))
-        decisions = rewrite_attention(gm, compiled_config, seeds=seeds)
-        if owner.block and forward is not None and forward.video_grid is None:
-            decisions = [
-                dataclasses.replace(d, reason=f"{d.reason}; the model's forward gave no grid: {forward.grid_note}")
-                if d.rule == "no_grid"
-                else d
-                for d in decisions
-            ]
-        note_decisions(state, decisions)
-        timestep_position = None if owner.block else timestep_input_position(gm)
-        frame = _frame_key()
-        if any(d.sparse for d in decisions) and not owner.block:
-            _claim_leadership(state, frame, timestep_position)
+        binding = self.registry.bind(example_inputs)
+        owner = binding.owner
+        assert owner is not None  # bind places the graph
+        decisions = rewrite_attention(gm, compiled_config, seeds=graph_seeds(gm, owner))
+        decisions = note_missing_grid(decisions, owner)
+        owner.state.note_decisions(decisions)
+        timestep_position = timestep_input_position(gm) if owner.state.module is None else None
         compiled = compile_inner(gm, example_inputs)
-        return _GraphRunner(
-            compiled,
-            parsed,
-            compiled_config,
-            decisions,
-            owner,
-            registry,
-            parameter_position,
-            parameter,
-            timestep_position,
-            frame,
-        )
+        return _GraphRunner(compiled, parsed, compiled_config, decisions, binding, timestep_position)
 
 
 _DEFAULT_BACKEND = SpattnBackend()

@@ -1,9 +1,12 @@
 """Settings of spattn_compile: one frozen dataclass and a context manager that scopes overrides.
 
 `SparseAttentionConfig` holds every knob of docs/DESIGN.md; each field is validated on construction with an error that
-names the field, the value and what is allowed. The active settings live in a `contextvars.ContextVar`, so
-`with spattn_compile.config(...)` nests, and is private to its thread and its asyncio task. Compiled graphs read the
-active settings when the op runs (never at trace time), so changing them never recompiles.
+names the field, the value and what is allowed (this is the one place settings are validated). The estimator and the
+rectification mode are validated against their registries (`estimators.base`, `policies.base`; importing those
+registers the built-in estimators and policies), so a newly registered one is a valid setting. The active settings
+live in a `contextvars.ContextVar`, so `with spattn_compile.config(...)` nests, and is private to its thread and its
+asyncio task. Compiled graphs read the active settings when the op runs (never at trace time), so changing them never
+recompiles.
 """
 
 from __future__ import annotations
@@ -11,21 +14,21 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import math
 import numbers
 from collections.abc import Iterator
 from typing import Literal
 
-from .estimators import EstimatorConfig, PooledTiles, parse_estimator
+from .estimators.base import EstimatorConfig, parse_estimator
+from .policies.base import rectification_modes
 
 __all__ = ["SparseAttentionConfig", "config", "current_config", "explicit_fields", "reset_config", "set_config"]
 
 ReorderMode = Literal["hilbert", "none"]
-RectifyMode = Literal["none", "block", "query"]
 TextPosition = Literal["first", "last"]
 
 _REORDER_MODES = ("hilbert", "none")
-_RECTIFY_MODES = ("none", "block", "query")
 _TEXT_POSITIONS = ("first", "last")
 
 
@@ -55,7 +58,7 @@ def _fail_type(field: str, value: object, allowed: str) -> None:
 class SparseAttentionConfig:
     """Settings of sparse attention. Frozen: derive variants with `dataclasses.replace` or `spattn_compile.config`.
 
-    Selection (stages 1-2 of docs/DESIGN.md):
+    Selection (estimate and select, stages 1-2 of docs/DESIGN.md):
         sparsity: fraction of video key blocks each query block skips, in [0, 1). 0 keeps every block (dense).
         block_size: tokens per block after reordering (a power of two, 16 to 256).
         estimator: the block-importance estimator: an `EstimatorConfig` (`spattn_compile.estimators`:
@@ -66,11 +69,12 @@ class SparseAttentionConfig:
         max_density: upper bound, in (0, 1], on the share of video key blocks the threshold may grow a row to.
         reorder: "hilbert" (3-D generalized Hilbert curve) or "none" (raster order).
         neighbors: always keep the blocks holding any 26-neighbour of a token of the query block.
-    Rectification (stage 3):
-        rectify: "none" (plain block-sparse), "block" (IPAR/GAPR scalar R and vector c per query block) or "query"
-            (trusted skipped blocks enter the softmax as virtual pooled keys).
+    Rectification (attend, stage 3):
+        rectify: a registered rectification mode (`spattn_compile.policies`): "none" (plain block-sparse), "block"
+            (IPAR/GAPR scalar R and vector c per query block) or "query" (trusted skipped blocks enter the softmax as
+            virtual pooled keys).
         gapr: gate the compensation of skipped blocks by GAPR's test; False compensates every skipped block.
-    Schedule (stage 4):
+    Schedule (across denoising steps and layers, `spattn_compile.runtime`):
         dense_steps: number of leading denoising steps run dense.
         dense_layers: attention layer indices (as numbered by the compiler pass) that always run dense.
         refresh_interval: steps between recomputations of a cached plan (1: recompute every step).
@@ -86,11 +90,12 @@ class SparseAttentionConfig:
 
     sparsity: float = 0.75
     block_size: int = 128
-    estimator: EstimatorConfig = PooledTiles(tile_size=16, outliers=True)  # noqa: RUF009  (frozen: safe to share)
+    # PooledTiles(tile_size=16, outliers=True): the registered "pooled" estimator's defaults.
+    estimator: EstimatorConfig = dataclasses.field(default_factory=functools.partial(parse_estimator, "pooled"))
     mass_threshold: float | None = None
     max_density: float = 0.5
     reorder: ReorderMode = "hilbert"
-    rectify: RectifyMode = "query"
+    rectify: str = "query"
     gapr: bool = True
     neighbors: bool = False
     dense_steps: int = 0
@@ -137,8 +142,8 @@ class SparseAttentionConfig:
         )
         if self.reorder not in _REORDER_MODES:
             _fail("reorder", self.reorder, f"one of {_REORDER_MODES}")
-        if self.rectify not in _RECTIFY_MODES:
-            _fail("rectify", self.rectify, f"one of {_RECTIFY_MODES}")
+        if self.rectify not in rectification_modes():
+            _fail("rectify", self.rectify, f"one of {rectification_modes()}")
         for name in ("gapr", "neighbors"):
             if not isinstance(getattr(self, name), bool):
                 _fail_type(name, getattr(self, name), "a bool")
@@ -246,8 +251,9 @@ def config(base: SparseAttentionConfig | None = None, /, **overrides: object) ->
     unknown = sorted(set(overrides) - _ALL_FIELDS)
     if unknown:
         raise TypeError(f"unknown SparseAttentionConfig field(s) {unknown}; known fields: {sorted(_ALL_FIELDS)}")
-    # Values of any type reach __post_init__, which validates them with errors naming the field.
-    new = dataclasses.replace(start, **overrides)  # type: ignore[arg-type]
+    # Values of any type reach __post_init__, which validates them with errors naming the field; a config given
+    # whole was validated when it was built.
+    new = dataclasses.replace(start, **overrides) if overrides else start  # type: ignore[arg-type]
     explicit = _ALL_FIELDS if base is not None else _EXPLICIT.get() | frozenset(overrides)
     token = set_config(new)
     _EXPLICIT.reset(token[1])

@@ -16,15 +16,15 @@ or schedule state behind. Under context parallelism (diffusers' Ulysses attentio
 from __future__ import annotations
 
 import dataclasses
-import math
-import sys
 from collections.abc import Callable
 
 import torch
 
+from .backend import graph_seeds, note_missing_grid
+from .call_layout import LayoutOverrideError
 from .config import SparseAttentionConfig, current_config
-from .passes import AttentionDecision, LayoutOverrideError, analyze_attention, context_seeds
-from .tracking import ModelRegistry, Owner, only, sequence_parallel
+from .passes import AttentionDecision, analyze_attention
+from .runtime.binding import ModelRegistry, only
 
 __all__ = ["ExplainReport", "explain"]
 
@@ -117,34 +117,14 @@ class _Capture:
         reason = getattr(gm, "compile_subgraph_reason", None)
         if getattr(reason, "graph_break", False):
             self.break_reasons.append(str(getattr(reason, "reason", reason)).strip())
-        position = next((i for i, v in enumerate(example_inputs) if isinstance(v, torch.nn.Parameter)), None)
-        parameter = None if position is None else example_inputs[position]
-        owner = self.registry.resolve(parameter, sys._getframe(1)) or Owner(self.registry.anonymous("function"))
-        forward = owner.state.forward if owner.block else None
-        seeds = None
-        if forward is not None and forward.video_grid is not None:
-            seeds = context_seeds(gm.graph, math.prod(forward.video_grid), sequence_parallel(owner.state.module))
-        decisions = analyze_attention(gm.graph, self.settings, graph_index=index, seeds=seeds)
-        if forward is not None and forward.video_grid is None:
-            decisions = [
-                dataclasses.replace(d, reason=f"{d.reason}; the model's forward gave no grid: {forward.grid_note}")
-                if d.rule == "no_grid"
-                else d
-                for d in decisions
-            ]
-        self.graphs.append(decisions)
-        owners: dict[int, Owner] = {} if parameter is None else {id(parameter): owner}
+        binding = self.registry.bind(example_inputs)
+        owner = binding.owner
+        assert owner is not None  # bind places the graph
+        decisions = analyze_attention(gm.graph, self.settings, graph_index=index, seeds=graph_seeds(gm, owner))
+        self.graphs.append(note_missing_grid(decisions, owner))
 
         def run(*args: object) -> object:
-            found = owner
-            if position is not None:
-                # The model is alive while explain runs: ids of its parameters are stable.
-                known = owners.get(id(args[position]))
-                if known is None:
-                    known = owners[id(args[position])] = (
-                        self.registry.resolve(_as_tensor(args[position]), sys._getframe(1)) or owner
-                    )
-                found = known
+            found = binding.owner_of(args)
             state = found.state
             grid = state.forward.video_grid if found.block and state.forward is not None else None
             self.calls.append((index, found.block, grid))
@@ -171,8 +151,6 @@ class _Capture:
         return rows
 
 
-def _as_tensor(value: object) -> torch.Tensor | None:
-    return value if isinstance(value, torch.Tensor) else None
 
 
 def _compiled_blocks(model: object) -> list[torch.nn.Module]:

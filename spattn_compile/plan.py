@@ -9,18 +9,26 @@ Building a plan is separate from attending with it, so a plan can be inspected (
 
 `PooledStats` holds the tile and block means of the canonical Q, K, V (and GAPR's deviations) that the pooled
 estimator, GAPR's gate and the rectification read. The plain-PyTorch reference (`reference.pool_statistics`) and the
-Triton kernel (`kernels.reorder_pool`) both produce it. See docs/DESIGN.md.
+Triton kernel (`kernels.reorder_pool`) both produce it. `block_budget` is the budget rule of selection. See
+docs/DESIGN.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
 from .layout import TokenLayout, token_layout
 
-__all__ = ["PooledStats", "SparsePlan", "indices_from_mask", "mask_from_indices"]
+__all__ = ["PooledStats", "SparsePlan", "block_budget", "indices_from_mask", "mask_from_indices"]
+
+
+def block_budget(density: float, num_blocks: int) -> int:
+    """The key blocks a query block keeps at `density`: `ceil(density * num_blocks)`, at least 1, robust to float
+    noise (0.3 * 10 keeps 3, not 4). The one rule of the budget, shared by the selection policies and their kernels."""
+    return max(1, min(num_blocks, math.ceil(density * num_blocks - 1e-9)))
 
 
 def indices_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,18 +1,20 @@
-"""Plain-PyTorch reference of every stage in docs/DESIGN.md: the specification and the CPU execution path.
+"""Plain-PyTorch reference of the stages in docs/DESIGN.md that every policy shares: the specification of the Triton
+kernels, the CPU implementation's arithmetic (`implementations.reference`) and the ground truth of the tests.
 
-Each stage is a function on SDPA-layout tensors `(B, H, S, D)` (or on the canonical block layout of
-`spattn_compile.layout`), of any float dtype, computing in `compute_dtype` (float64 for tests; by default float32 or
-wider). The stages are:
+Each function works on SDPA-layout tensors `(B, H, S, D)` (or on the canonical block layout of
+`spattn_compile.layout`), of any float dtype, computing in the dtype it is given (float64 for tests):
 
-0. `gather_canonical` / `scatter_canonical`: the Hilbert reorder into, and back out of, the canonical layout.
-1. `pool_statistics`: tile and block means and mean absolute deviations (`plan.PooledStats`). The block scores
-   `P_hat` are the estimators' (`spattn_compile.estimators`, each with its own reference function).
-2. `select_blocks`: budget, mass threshold, max density, forced diagonal / neighbour / text blocks.
-   `gapr_trusted`: GAPR's gate. `select_plan_reference` packs both into a `plan.SparsePlan` of int32 index lists.
-3. `rectified_sparse_attention`: exact attention over the kept blocks, with block- or query-mode rectification.
+0. prepare: `gather_canonical` / `scatter_canonical` (the Hilbert reorder into, and back out of, the canonical
+   layout), `canonical_key_valid`, `key_usable`, `block_non_finite`, and `pool_statistics` (tile and block means and
+   mean absolute deviations, `plan.PooledStats`).
+1. estimate and 2. select: the estimators' and the selection policies' own reference functions
+   (`spattn_compile.estimators`, `spattn_compile.policies`).
+3. attend: `rectified_sparse_attention`, exact attention over the kept blocks with a rectification's terms
+   (`policies.RectificationTerms`: virtual keys, an affine epilogue).
 
-`spattn_compile.pipeline` runs them in order. `dense_attention` and `attention_block_mass` give the float64 ground
-truth (they cost O(S^2) memory in query chunks and are meant for tests, benchmarks and the oracle).
+`dense_attention` and `attention_block_mass` give the float64 ground truth (they cost O(S^2) memory in query chunks and
+are meant for tests, benchmarks and the oracle). Only the tests, the test toolkit and the CPU implementation import
+this module.
 """
 
 from __future__ import annotations
@@ -21,41 +23,32 @@ import math
 
 import torch
 
-from .config import SparseAttentionConfig
-from .layout import TokenLayout, neighbor_block_mask
-from .plan import PooledStats, SparsePlan, indices_from_mask
+from .inputs import key_padding_valid
+from .layout import TokenLayout
+from .plan import PooledStats, SparsePlan
+from .policies.base import RectificationTerms
 
 __all__ = [
     "attention_block_mass",
-    "block_budget",
     "block_non_finite",
-    "block_rectification",
     "canonical_key_valid",
     "dense_attention",
     "finite_rows",
-    "gapr_trusted",
     "gather_canonical",
-    "key_padding_valid",
     "key_usable",
     "pool_statistics",
     "rectified_sparse_attention",
     "scatter_canonical",
-    "select_blocks",
-    "select_plan_reference",
 ]
 
 # Bytes of logits one chunk of query rows may materialise in the O(S^2) reference attention.
 _CHUNK_BYTES = 1 << 28
 
 
-def _compute_dtype(dtype: torch.dtype, compute_dtype: torch.dtype | None) -> torch.dtype:
-    if compute_dtype is not None:
-        return compute_dtype
-    return torch.promote_types(dtype, torch.float32)
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Stage 0: reorder and masks
+# Stage 0 (prepare): the reorder and the valid keys
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -76,32 +69,6 @@ def scatter_canonical(y: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     return out
 
 
-def key_padding_valid(attn_mask: torch.Tensor | None, batch: int, heads: int, seq_len: int) -> torch.Tensor | None:
-    """Validate a boolean key-padding mask by SDPA's broadcasting rules and return it as bool `(B, H, S)` (a view).
-
-    SDPA broadcasts a mask of 2 to 4 dims, aligned right, to `(B, H, L, S)`; a key-padding mask is one whose query
-    dimension is 1: `(1, S)`, `(H|1, 1, S)`, `(B|1, H|1, 1, S)`. True keeps a key, as in SDPA. A 1-D mask (SDPA rejects
-    it), masks that vary over queries and float masks raise.
-    """
-    if attn_mask is None:
-        return None
-    if not isinstance(attn_mask, torch.Tensor):
-        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
-    if attn_mask.dtype != torch.bool:
-        raise TypeError(f"attn_mask must be a boolean key-padding mask (True = attend), got dtype {attn_mask.dtype}")
-    shape = tuple(attn_mask.shape)
-    if attn_mask.dim() < 2 or attn_mask.dim() > 4 or shape[-1] != seq_len:
-        raise ValueError(
-            f"attn_mask of shape {shape} is not a key-padding mask: expected 2 to 4 dims broadcastable to "
-            f"({batch}, {heads}, 1, {seq_len}) (SDPA's rules: aligned right)"
-        )
-    full = (1,) * (4 - attn_mask.dim()) + shape
-    if full[2] != 1 or full[0] not in (1, batch) or full[1] not in (1, heads):
-        raise ValueError(
-            f"attn_mask of shape {shape} is not a key-padding mask: expected a shape broadcastable to "
-            f"({batch}, {heads}, 1, {seq_len}) with a query dimension of 1"
-        )
-    return attn_mask.reshape(full)[:, :, 0, :].expand(batch, heads, seq_len)
 
 
 def canonical_key_valid(
@@ -116,7 +83,7 @@ def canonical_key_valid(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Stage 1: pooling and hierarchical scoring
+# Stage 0 (prepare): pooled statistics
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -164,8 +131,9 @@ def pool_statistics(
     layout: TokenLayout,
     tile_size: int,
 ) -> PooledStats:
-    """Stage 1.1 and GAPR's statistics from canonical Q, K, V `(B, H, padded_len, D)` (compute in their dtype), over
-    the usable rows: real queries with finite entries, and `key_usable` keys (values over the same rows)."""
+    """The pooled statistics (estimators, GAPR, rectification) from canonical Q, K, V `(B, H, padded_len, D)`
+    (computed in their dtype), over the usable rows: real queries with finite entries, and `key_usable` keys (values
+    over the same rows)."""
     bs = layout.block_size
     if bs % tile_size:
         raise ValueError(f"tile_size={tile_size} must divide block_size={bs}")
@@ -195,132 +163,13 @@ def pool_statistics(
     )
 
 
-def gapr_trusted(stats: PooledStats) -> torch.Tensor:
-    """GAPR's gate, bool `(B, H, NB, NB)`: pooled block pair (i, j) approximates its attention better than its
-    first-order pooling error, `|q_i . k_j| > |dq_i . k_j| + |q_i . dk_j|`, and key block j has an unmasked key."""
-    dtype = torch.promote_types(stats.q_block.dtype, torch.float32)
-    q, dq = stats.q_block.to(dtype), stats.q_block_mad.to(dtype)
-    k, dk = stats.k_block.to(dtype), stats.k_block_mad.to(dtype)
-    gain = (q @ k.transpose(-1, -2)).abs()
-    error = (dq @ k.transpose(-1, -2)).abs() + (q @ dk.transpose(-1, -2)).abs()
-    return (gain > error) & (stats.k_block_count > 0)[..., None, :]
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Stage 2: selection and the plan
+# Stage 3 (attend): rectified block-sparse attention
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def block_budget(density: float, num_blocks: int) -> int:
-    """`ceil(density * num_blocks)`, at least 1, robust to float noise (0.3 * 10 keeps 3, not 4)."""
-    return max(1, min(num_blocks, math.ceil(density * num_blocks - 1e-9)))
-
-
-def select_blocks(
-    scores: torch.Tensor,
-    layout: TokenLayout,
-    *,
-    density: float,
-    key_block_nonempty: torch.Tensor,
-    mass_threshold: float | None = None,
-    max_density: float = 1.0,
-    neighbors: bool = False,
-    forced_blocks: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Stage 2: bool keep mask `(B, H, num_blocks, num_blocks)` over (query block, key block) of the canonical layout.
-
-    Video query rows keep: the diagonal, the neighbour blocks if asked, the key blocks `forced_blocks` (bool
-    `(B, H, num_blocks)`: blocks holding a non-finite key) for every row, every text block, and the highest-scoring
-    video blocks up to `block_budget(density, NB)` video blocks in all; with `mass_threshold`, more blocks in
-    descending score until the kept video blocks plus text hold that share of the row, up to
-    `block_budget(max_density, NB)` (never below the budget). Text query rows keep every block. Blocks without an
-    unmasked key (`key_block_nonempty` False, `(B, H, num_blocks)`) are never kept.
-    """
-    nb, nt = layout.num_video_blocks, layout.num_text_blocks
-    b, h = scores.shape[:2]
-    device = scores.device
-    video_scores = scores[..., :nb]
-    forced = torch.eye(nb, dtype=torch.bool, device=device)
-    if neighbors:
-        forced = forced | neighbor_block_mask(layout).to(device)
-    if forced_blocks is not None:
-        forced = forced | forced_blocks[..., None, :nb]
-    # Forced blocks rank first; scores are in [0, 1], so adding 2 orders them ahead without changing the rest.
-    priority = video_scores.nan_to_num(0.0) + 2.0 * forced
-    order = priority.argsort(dim=-1, descending=True, stable=True)
-    rank = order.argsort(dim=-1)
-    budget = block_budget(density, nb)
-    keep_video = forced | (rank < budget)
-    if mass_threshold is not None:
-        cap = max(budget, block_budget(max_density, nb))
-        sorted_mass = video_scores.gather(-1, order)
-        mass_before = sorted_mass.cumsum(-1) - sorted_mass + scores[..., nb:]
-        grow_sorted = mass_before < mass_threshold
-        grow = torch.zeros_like(grow_sorted).scatter(-1, order, grow_sorted)
-        keep_video = keep_video | (grow & (rank < cap))
-
-    keep = torch.ones(b, h, nb + nt, nb + nt, dtype=torch.bool, device=device)
-    keep[..., :nb, :nb] = keep_video
-    return keep & key_block_nonempty[..., None, :]
-
-
-def select_plan_reference(
-    scores: torch.Tensor,
-    stats: PooledStats,
-    key_valid_c: torch.Tensor,
-    layout: TokenLayout,
-    *,
-    density: float,
-    config: SparseAttentionConfig,
-    estimator: str,
-    forced_blocks: torch.Tensor | None = None,
-) -> SparsePlan:
-    """Stage 2 and GAPR: select from the block scores `P_hat (B, H, NB, NB + 1)` (`estimator` names their origin) and
-    list the trusted skipped blocks (none with `rectify="none"`). `key_valid_c` (bool `(B, H, P)`) says which keys
-    exist; `forced_blocks` (bool `(B, H, NQ)`) are kept for every query block (`block_non_finite`)."""
-    nb = layout.num_video_blocks
-    nonempty = key_valid_c.reshape(*key_valid_c.shape[:2], layout.num_blocks, layout.block_size).any(-1)
-    keep = select_blocks(
-        scores,
-        layout,
-        density=density,
-        key_block_nonempty=nonempty,
-        mass_threshold=config.mass_threshold,
-        max_density=config.max_density,
-        neighbors=config.neighbors,
-        forced_blocks=forced_blocks,
-    )
-    kv_counts, kv_indices = indices_from_mask(keep)
-    # Only blocks with a usable key can stand in for their keys.
-    skipped = ~keep[..., :nb, :nb] & (stats.k_block_count > 0)[..., None, :]
-    trusted = skipped & gapr_trusted(stats) if config.gapr else skipped
-    if config.rectify == "none":
-        trusted = torch.zeros_like(trusted)
-    b, h = keep.shape[:2]
-    trusted_rows = torch.zeros(b, h, layout.num_blocks, nb, dtype=torch.bool, device=keep.device)
-    trusted_rows[..., :nb, :] = trusted
-    trusted_counts, trusted_indices = indices_from_mask(trusted_rows)
-    return SparsePlan(layout, kv_counts, kv_indices, trusted_counts, trusted_indices, scores, estimator)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Stage 3: rectified block-sparse attention
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def block_rectification(plan: SparsePlan, stats: PooledStats, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block mode's `R (B, H, NQ)` and `c (B, H, NQ, D)`: `R_i = 1 - sum_{j in T_i} P_hat[i, j]`,
-    `c_i = sum_{j in T_i} P_hat[i, j] v_bar_j`; text query rows get R = 1, c = 0."""
-    nb = plan.num_video_blocks
-    trusted = plan.trusted_mask()[..., :nb, :]
-    dtype = stats.v_block.dtype
-    weight = plan.block_scores[..., :nb].to(dtype) * trusted
-    b, h = weight.shape[:2]
-    rescale = torch.ones(b, h, num_blocks, dtype=dtype, device=weight.device)
-    rescale[..., :nb] = 1 - weight.sum(-1)
-    correction = torch.zeros(b, h, num_blocks, stats.v_block.shape[-1], dtype=dtype, device=weight.device)
-    correction[..., :nb, :] = weight @ stats.v_block
-    return rescale, correction
 
 
 def _masked_softmax_attention(logits: torch.Tensor, allowed: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -338,45 +187,34 @@ def rectified_sparse_attention(
     v_c: torch.Tensor,
     key_valid_c: torch.Tensor,
     plan: SparsePlan,
-    stats: PooledStats | None,
     layout: TokenLayout,
     *,
     scale: float,
-    rectify: str,
+    terms: RectificationTerms,
 ) -> torch.Tensor:
     """Stage 3 on the canonical layout, in the dtype of `q_c`: exact softmax attention of each query over the keys of
-    its kept blocks (masked keys excluded), then
-
-    - rectify "none": that is the output;
-    - "block": `R_i * O + c_i` per query block (see `block_rectification`);
-    - "query": each trusted block j of the query's block joins the softmax as one virtual key `k_bar_j` with logit
-      `scale * q . k_bar_j + log n_j` and value `v_bar_j`.
+    its kept blocks (masked keys excluded), with a rectification's `terms`: the virtual keys allowed for the query's
+    block join its softmax (logit `scale * q . k_bar_j + log_weight_j`, value `v_bar_j`), then the block's affine
+    epilogue `rescale * out + correction` applies (`policies.rectification` gives each mode's terms).
 
     Returns `(B, H, padded_len, D)`; padding rows are zero-filled garbage to be dropped by `scatter_canonical`.
     """
-    if rectify not in ("none", "block", "query"):
-        raise ValueError(f"rectify={rectify!r}: expected 'none', 'block' or 'query'")
-    if rectify != "none" and stats is None:
-        raise ValueError(f"rectify={rectify!r} needs the pooled statistics")
     bs = layout.block_size
     keep = plan.to_dense()
     b, h, n, _ = q_c.shape
     # A masked key has no effect, whatever its value row holds (a zero weight times NaN would be NaN).
     v_c = v_c.masked_fill(~key_valid_c[..., None], 0)
     nq = layout.num_blocks
-    nb = layout.num_video_blocks
+    dtype = q_c.dtype
+    virtual = 0
+    if terms.has_virtual_keys:
+        assert terms.virtual_keys is not None and terms.virtual_values is not None
+        assert terms.virtual_log_weights is not None and terms.virtual_allowed is not None
+        k_bar, v_bar = terms.virtual_keys.to(dtype), terms.virtual_values.to(dtype)
+        log_weight, allowed_virtual = terms.virtual_log_weights.to(dtype), terms.virtual_allowed
+        virtual = k_bar.shape[-2]
     out = torch.empty_like(q_c)
-    if rectify == "block":
-        assert stats is not None
-        rescale, correction = block_rectification(plan, stats, nq)
-    if rectify == "query":
-        assert stats is not None
-        trusted = plan.trusted_mask()
-        k_bar = stats.k_block.to(q_c.dtype)
-        v_bar = stats.v_block.to(q_c.dtype)
-        log_mult = torch.log(stats.k_block_count.to(q_c.dtype))
-
-    blocks_per_chunk = max(1, _CHUNK_BYTES // max(1, b * h * bs * (n + nb) * q_c.element_size()))
+    blocks_per_chunk = max(1, _CHUNK_BYTES // max(1, b * h * bs * (n + virtual) * q_c.element_size()))
     for start in range(0, nq, blocks_per_chunk):
         stop = min(nq, start + blocks_per_chunk)
         rows = slice(start * bs, stop * bs)
@@ -385,22 +223,23 @@ def rectified_sparse_attention(
         allowed = allowed & key_valid_c[..., None, :]
         logits = scale * q @ k_c.transpose(-1, -2)
         values = v_c
-        if rectify == "query":
-            virtual_logits = scale * q @ k_bar.transpose(-1, -2) + log_mult[..., None, :]
+        if terms.has_virtual_keys:
+            virtual_logits = scale * q @ k_bar.transpose(-1, -2) + log_weight[..., None, :]
             logits = torch.cat([logits, virtual_logits], dim=-1)
-            allowed = torch.cat([allowed, trusted[..., start:stop, :].repeat_interleave(bs, -2)], dim=-1)
+            allowed = torch.cat([allowed, allowed_virtual[..., start:stop, :].repeat_interleave(bs, -2)], dim=-1)
             values = torch.cat([v_c, v_bar], dim=-2)
         block_out = _masked_softmax_attention(logits, allowed, values)
-        if rectify == "block":
-            r = rescale[..., start:stop].repeat_interleave(bs, -1)[..., None].to(q_c.dtype)
-            c = correction[..., start:stop, :].repeat_interleave(bs, -2).to(q_c.dtype)
+        if terms.has_epilogue:
+            assert terms.rescale is not None and terms.correction is not None
+            r = terms.rescale[..., start:stop].repeat_interleave(bs, -1)[..., None].to(dtype)
+            c = terms.correction[..., start:stop, :].repeat_interleave(bs, -2).to(dtype)
             block_out = r * block_out + c
         out[..., rows, :] = block_out
     return out
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The whole pipeline and the ground truth
+# The ground truth
 # --------------------------------------------------------------------------------------------------------------------
 
 

@@ -1,5 +1,5 @@
 """The model-family table every backend test runs over: one row per diffusers video-DiT family (built tiny by
-`spattn_compile.zoo`), with what the attention pass must decide for it.
+`spattn_compile.testing.zoo`), with what the attention pass must decide for it.
 
 `expected` lists every attention call of one forward in execution order, as (module path, decision): "sparse", or
 the dense rule the pass must give (cross-attention, a text-only attention without a video grid, a mask that is not a
@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import pytest
 
-from spattn_compile import zoo
+from spattn_compile.testing import zoo
 
 
 @dataclasses.dataclass(frozen=True)

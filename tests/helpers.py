@@ -1,5 +1,5 @@
-"""Helpers shared by the tests: errors, the test settings, compiling with the spattn backend, and the eager
-expectation of a compiled model (`SparseSDPA`, `compare_with_eager`). The models come from `spattn_compile.zoo`
+"""Helpers shared by the tests: the test settings, compiling with the spattn backend, and the eager
+expectation of a compiled model (`SparseSDPA`, `compare_with_eager`). The models come from `spattn_compile.testing.zoo`
 (diffusers classes) and, for the pass's unit tests, `TinyVideoAttention` here; `families.py` holds the table of model
 families every backend test runs over. `conftest.py` resets Dynamo and the schedule around every test."""
 
@@ -14,21 +14,13 @@ import torch
 import torch.nn.functional as F
 
 import spattn_compile
-from spattn_compile.zoo import HEAD_DIM, HEADS, TinyModel, finish
+from spattn_compile.testing import relative_error
+from spattn_compile.testing.zoo import HEAD_DIM, HEADS, TinyModel, finish
 
 # Settings that make the tiny models' sequences span several blocks: every test compiles with these.
 SETTINGS = {"block_size": 16, "min_seq_len": 0}
 
 
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64. An all-zero reference must be matched exactly (0.0, else inf), so that a
-    comparison with zeros cannot pass by accident."""
-    assert out.shape == ref.shape, f"shapes differ: {tuple(out.shape)} vs {tuple(ref.shape)}"
-    difference = (out.double() - ref.double()).norm().item()
-    reference_norm = ref.double().norm().item()
-    if reference_norm == 0:
-        return 0.0 if difference == 0 else math.inf
-    return difference / reference_norm
 
 
 def reset_dynamo() -> None:
@@ -36,11 +28,11 @@ def reset_dynamo() -> None:
     model's schedule state and report records, and the hooks the backend put on models."""
     from torch._dynamo.utils import counters
 
-    from spattn_compile import schedule
+    from spattn_compile.runtime.binding import reset_schedule
 
     torch._dynamo.reset()
     counters.clear()
-    schedule.reset_schedule()
+    reset_schedule()
     spattn_compile.reset_report()
 
 

@@ -1,35 +1,34 @@
 """Helpers shared by the kernel, estimator and pipeline tests (not a test module; the harness-wide helpers are in
-helpers.py): a strict relative error, poisoned allocations, random inputs in several memory layouts, random key-padding
-masks, non-finite sprinkles, and the prepared inputs of both implementations.
+helpers.py): poisoned allocations, random inputs in several memory layouts, random key-padding
+masks, non-finite sprinkles, the prepared inputs of both implementations, the orchestrator of one call over a given
+layout (`sparse_call`, `reference_call`), and the reference plan and attention of a config (`reference_plan`,
+`attend_reference`).
 
-Every comparison is against the float64 plain-PyTorch reference; `relative_error` refuses an all-zero reference (such a
-test could not fail). `poisoned_allocations` fills every `torch.empty*` allocation with NaN (floats), the largest value
-(integers) or True (bools) while it is active, so an element a kernel fails to write cannot match the reference.
+Every comparison is against the float64 plain-PyTorch reference, by `spattn_compile.testing.relative_error` (which
+refuses an all-zero reference: such a test could not fail). `poisoned_allocations` fills every `torch.empty*`
+allocation with NaN (floats), the largest value (integers) or True (bools) while it is active, so an element a kernel
+fails to write cannot match the reference.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 
-import helpers
 import torch
 
-from spattn_compile import reference
+from spattn_compile.attention import SparseAttention
+from spattn_compile.call_layout import CallLayout
+from spattn_compile.config import SparseAttentionConfig
 from spattn_compile.estimators import EstimatorConfig, PooledTiles, QueryTiles
-from spattn_compile.pipeline import Prepared, ReferenceStages
-
-# Small grids with prime sides (partial last blocks, text blocks), the interpreter's bread and butter.
-GRIDS = [(1, 3, 5), (2, 5, 7), (3, 5, 7), (1, 1, 13), (3, 3, 3)]
-# Head dims: powers of two and not (the kernels pad to a power of two in registers).
-HEAD_DIMS = [16, 24, 32, 40]
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """`helpers.relative_error` (||out - ref|| / ||ref|| in float64) that refuses an all-zero reference: the kernel
-    tests never compare with zeros (such a test could not fail)."""
-    assert ref.double().norm() > 0, "reference is all zeros"
-    return helpers.relative_error(out, ref)
+from spattn_compile.implementations import Implementation, Prepared, ReferenceImplementation
+from spattn_compile.inputs import key_padding_valid
+from spattn_compile.plan import SparsePlan
+from spattn_compile.policies import TopK, Trust, rectification_settings, rectification_terms
+from spattn_compile.policies.topk import select_plan_reference
+from spattn_compile.reference import rectified_sparse_attention
+from spattn_compile.testing.strategies import GRIDS, HEAD_DIMS  # noqa: F401  (the kernel tests import them here)
 
 
 @contextlib.contextmanager
@@ -114,17 +113,37 @@ def sprinkle_non_finite(
 def reference_prepared(query, key, value, attn_mask, layout, tile_size: int, scale: float) -> Prepared:
     """Stage 0 of the float64 reference on the inputs as given (converted exactly to float64)."""
     batch, heads, seq_len, _ = query.shape
-    valid = reference.key_padding_valid(attn_mask, batch, heads, seq_len)
-    return ReferenceStages(torch.float64).prepare(query, key, value, layout, valid, tile_size, scale)
+    valid = key_padding_valid(attn_mask, batch, heads, seq_len)
+    return ReferenceImplementation(torch.float64).prepare(query, key, value, layout, valid, tile_size, scale)
+
+
+def triton_implementation() -> Implementation:
+    """The Triton implementation (imports the kernels)."""
+    from spattn_compile.implementations.triton import TritonImplementation
+
+    return TritonImplementation()
 
 
 def triton_prepared(query, key, value, attn_mask, layout, tile_size: int, scale: float) -> Prepared:
     """Stage 0 of the Triton path (`reorder_pool`) on the inputs as given."""
-    from spattn_compile.kernels.stages import TritonStages
-
     batch, heads, seq_len, _ = query.shape
-    valid = reference.key_padding_valid(attn_mask, batch, heads, seq_len)
-    return TritonStages().prepare(query, key, value, layout, valid, tile_size, scale)
+    valid = key_padding_valid(attn_mask, batch, heads, seq_len)
+    return triton_implementation().prepare(query, key, value, layout, valid, tile_size, scale)
+
+
+def sparse_call(
+    query, key, value, attn_mask, layout, config, implementation: Implementation, scale: float | None = None
+) -> SparseAttention:
+    """The orchestrator of one call over the canonical `layout` (built with `config`'s block size and reorder)."""
+    call_layout = CallLayout(layout.video_grid, layout.num_text, layout.text_first)
+    return SparseAttention(
+        query, key, value, call_layout, attn_mask=attn_mask, scale=scale, config=config, implementation=implementation
+    )
+
+
+def reference_call(query, key, value, attn_mask, layout, config, scale: float | None = None) -> SparseAttention:
+    """`sparse_call` with the float64 reference implementation."""
+    return sparse_call(query, key, value, attn_mask, layout, config, ReferenceImplementation(torch.float64), scale)
 
 
 def score_tolerance(estimator: EstimatorConfig, dtype: torch.dtype) -> float:
@@ -134,3 +153,29 @@ def score_tolerance(estimator: EstimatorConfig, dtype: torch.dtype) -> float:
     if dtype == torch.float16 and isinstance(estimator, (QueryTiles, PooledTiles)):
         return 1e-3
     return 5e-6 if dtype == torch.float32 else 2e-5
+
+
+def selection_of(config: SparseAttentionConfig, density: float | None = None) -> TopK:
+    """The config's top-k selection settings, at `density` when given (exactly: not through `1 - sparsity`)."""
+    selection = TopK.from_config(config)
+    return selection if density is None else dataclasses.replace(selection, density=density)
+
+
+def trust_of(config: SparseAttentionConfig) -> Trust:
+    """The trusted blocks the config's rectification mode needs in a plan."""
+    return rectification_settings(config).trust
+
+
+def reference_plan(scores, stats, key_valid_c, layout, *, density, config, estimator, forced_blocks=None) -> SparsePlan:
+    """The reference plan of `config`'s selection at `density` and its rectification's trusted blocks, from given
+    block scores (an estimator's, the true mass of the oracle)."""
+    return select_plan_reference(
+        scores, stats, key_valid_c, layout, selection=selection_of(config, density), trust=trust_of(config),
+        estimator=estimator, forced_blocks=forced_blocks,
+    )  # fmt: skip
+
+
+def attend_reference(q_c, k_c, v_c, key_valid_c, plan, stats, layout, *, scale: float, rectify: str) -> torch.Tensor:
+    """`reference.rectified_sparse_attention` with the terms of the rectification mode `rectify`."""
+    terms = rectification_terms(rectify, plan, stats)
+    return rectified_sparse_attention(q_c, k_c, v_c, key_valid_c, plan, layout, scale=scale, terms=terms)

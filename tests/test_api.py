@@ -10,16 +10,13 @@ import torch.nn.functional as F
 
 import spattn_compile
 from spattn_compile import SparseAttentionConfig, SparsePlan, select_plan, sparse_attention
-from spattn_compile.testing import video_attention_inputs
+from spattn_compile.testing import relative_error, video_attention_inputs
 
 GRID, TEXT = (2, 3, 5), 4  # 30 video tokens + 4 text tokens
 SEQ = 34
 EXACT = SparseAttentionConfig(sparsity=0.0, block_size=16, min_seq_len=0)
 
 
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert ref.norm() > 0
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def qkv(batch=2, heads=2, seq=SEQ, dim=8, dtype=torch.float64, seed=0):

@@ -9,7 +9,8 @@ from families import BY_NAME
 from helpers import compare_with_eager, compile_blocks, compile_spattn, compiled_graph_count
 
 import spattn_compile
-from spattn_compile import backend, zoo
+from spattn_compile import backend
+from spattn_compile.testing import zoo
 
 
 @pytest.fixture

@@ -16,12 +16,13 @@ from helpers import (
     compile_spattn,
     compiled_graph_count,
     explain_model,
-    relative_error,
     reset_dynamo,
 )
 
 import spattn_compile
-from spattn_compile import tracking
+from spattn_compile.families import latent_grid
+from spattn_compile.runtime.binding import forward_arguments
+from spattn_compile.testing import relative_error
 
 
 def _check_decisions(family: Family, report: spattn_compile.ExplainReport, grid_from: str) -> None:
@@ -49,15 +50,15 @@ def test_family_latent_grid_from_the_forward_arguments(family: Family):
     # What the forward hook of a regionally compiled model reads: the attention grid, from the latent's shape and the
     # model's patch sizes, whatever the family's latent layout (channels first, second or last, or packed tokens).
     tiny = family.build()
-    arguments = tracking._bind(tiny.model, (), tiny.make_inputs(*family.latent))
-    assert tracking.latent_grid(tiny.model, arguments) == (family.grid, "")
+    arguments = forward_arguments(tiny.model, (), tiny.make_inputs(*family.latent))
+    assert latent_grid(tiny.model, arguments) == (family.grid, "")
 
 
 def test_latent_grid_says_why_it_has_none():
-    grid, note = tracking.latent_grid(torch.nn.Linear(2, 2), {"hidden_states": torch.zeros(1, 4, 3, 8, 8)})
+    grid, note = latent_grid(torch.nn.Linear(2, 2), {"hidden_states": torch.zeros(1, 4, 3, 8, 8)})
     assert grid is None and "no config.patch_size" in note
     tiny = BY_NAME["ltx_video"].build()
-    grid, note = tracking.latent_grid(tiny.model, {"hidden_states": torch.zeros(1, 72, 4)})
+    grid, note = latent_grid(tiny.model, {"hidden_states": torch.zeros(1, 72, 4)})
     assert grid is None and "num_frames, height and width" in note
 
 

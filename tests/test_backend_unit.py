@@ -16,7 +16,6 @@ from helpers import (
     TinyVideoAttention,
     compile_spattn,
     compiled_graph_count,
-    relative_error,
     reset_dynamo,
     tiny_inputs,
 )
@@ -26,6 +25,7 @@ from hypothesis import strategies as st
 import spattn_compile
 from spattn_compile.backend import BackendOptions, spattn_backend
 from spattn_compile.passes import analyze_attention, rewrite_attention
+from spattn_compile.testing import relative_error
 
 # Grid 3 x 4 x 6 = 72 video tokens and 5 text tokens: 77 tokens, five 16-token video blocks (the last one partial).
 FRAMES, HEIGHT, WIDTH, TEXT = 3, 8, 12, 5

@@ -10,13 +10,14 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from helpers import SETTINGS, TinyVideoAttention, compile_spattn, relative_error, tiny_inputs
+from helpers import SETTINGS, TinyVideoAttention, compile_spattn, tiny_inputs
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import spattn_compile
 from spattn_compile import capability
 from spattn_compile.passes import analyze_attention
 from spattn_compile.passes.token_axes import Factor, GridSpan, TokenAxis
+from spattn_compile.testing import relative_error
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = (8, 15, 16, 24, 32, 48, 64, 72, 80, 96, 100, 128, 160, 256, 264, 512)
@@ -130,10 +131,10 @@ def test_explain_and_the_op_use_the_same_rule(monkeypatch):
     def nothing_runs(dtype, head_dim, device):
         return capability.Capability(False, "reference", f"no sparse attention for head dim {head_dim} here")
 
-    from spattn_compile import ops
     from spattn_compile.passes import attention
+    from spattn_compile.runtime import op
 
-    monkeypatch.setattr(ops, "check_capability", nothing_runs)
+    monkeypatch.setattr(op, "check_capability", nothing_runs)
     with torch.no_grad():
         out = compiled(*inputs)
     monkeypatch.setattr(attention, "check_capability", nothing_runs)

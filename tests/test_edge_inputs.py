@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_helpers import relative_error
 
 import spattn_compile
 from spattn_compile import SparseAttentionConfig, select_plan, sparse_attention
-from spattn_compile.testing import dit_attention_inputs
+from spattn_compile.testing import dit_attention_inputs, relative_error
 
 GRID, TEXT = (2, 3, 5), 7
 SEQ = 37

@@ -17,13 +17,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kernel_helpers import (
-    GRIDS,
-    HEAD_DIMS,
     make_inputs,
     make_key_valid,
     poisoned_allocations,
     reference_prepared,
-    relative_error,
     score_tolerance,
     triton_prepared,
 )
@@ -44,7 +41,9 @@ from spattn_compile.estimators.pooled import pooled_scores_reference, tile_outli
 from spattn_compile.estimators.probes import probe_scores_reference, probe_weights, sampled_row_probes
 from spattn_compile.kernels.reorder_pool import prepare_statistics
 from spattn_compile.layout import token_layout
-from spattn_compile.testing import dit_attention_inputs
+from spattn_compile.plan import block_budget
+from spattn_compile.testing import dit_attention_inputs, relative_error
+from spattn_compile.testing.strategies import head_dims, kernel_grids, seeds
 
 F64 = torch.float64
 DEFAULT_ESTIMATORS = (PooledTiles(), SampledRows(), QueryTiles())
@@ -92,11 +91,11 @@ def estimator_cases(draw):
     block_size = draw(st.sampled_from([16, 32]))
     text_len = draw(st.sampled_from([0, 0, 5, 37]))
     return {
-        "seed": draw(st.integers(0, 2**31 - 1)),
+        "seed": draw(seeds()),
         "batch": draw(st.integers(1, 2)),
         "heads": draw(st.integers(1, 3)),
-        "head_dim": draw(st.sampled_from(HEAD_DIMS)),
-        "grid": draw(st.sampled_from(GRIDS)),
+        "head_dim": draw(head_dims()),
+        "grid": draw(kernel_grids()),
         "text_len": text_len,
         "text_first": draw(st.booleans()),
         "block_size": block_size,
@@ -283,11 +282,11 @@ def test_probe_weights_drop_non_finite_probes():
 
 @settings(max_examples=10)
 @given(
-    seed=st.integers(0, 2**31 - 1),
-    grid=st.sampled_from(GRIDS),
+    seed=seeds(),
+    grid=kernel_grids(),
     text_len=st.sampled_from([0, 7, 37]),
     per_block=st.integers(1, 5),
-    head_dim=st.sampled_from(HEAD_DIMS),
+    head_dim=head_dims(),
     per_head_weights=st.booleans(),
     mask_kind=st.sampled_from(["none", "per_head", "empty"]),
     dtype=st.sampled_from([torch.float16, torch.float32]),
@@ -356,10 +355,10 @@ def _loop_tile_outliers(k: torch.Tensor, valid: torch.Tensor, num_tiles: int, ti
 
 @settings(max_examples=15)
 @given(
-    seed=st.integers(0, 2**31 - 1),
-    grid=st.sampled_from(GRIDS),
+    seed=seeds(),
+    grid=kernel_grids(),
     tile=st.sampled_from([16, 32]),
-    head_dim=st.sampled_from(HEAD_DIMS),
+    head_dim=head_dims(),
     mask_kind=st.sampled_from(["none", "per_head", "empty"]),
     masked_share=st.sampled_from([0.0, 0.5, 0.95]),
     dtype=st.sampled_from([torch.float16, torch.float32]),
@@ -416,9 +415,9 @@ def _farthest_candidates(k: torch.Tensor, valid: torch.Tensor, num_tiles: int, t
 @settings(max_examples=10)
 @given(
     seed=st.integers(0, 2**31 - 1),
-    grid=st.sampled_from(GRIDS),
+    grid=kernel_grids(),
     tile=st.sampled_from([16, 32]),
-    head_dim=st.sampled_from(HEAD_DIMS),
+    head_dim=head_dims(),
     mask_kind=st.sampled_from(["none", "per_head", "empty"]),
     masked_share=st.sampled_from([0.0, 0.5, 0.95]),
     dtype=st.sampled_from([torch.float16, torch.float32]),
@@ -460,7 +459,7 @@ def test_prepared_outliers_match_the_definition(seed, grid, tile, head_dim, mask
 @settings(max_examples=10)
 @given(
     seed=st.integers(0, 2**31 - 1),
-    grid=st.sampled_from(GRIDS),
+    grid=kernel_grids(),
     text_len=st.sampled_from([0, 5, 37]),
     block_size=st.sampled_from([16, 32]),
     outliers=st.booleans(),
@@ -623,7 +622,7 @@ def _sink_margin(inputs, layout, density: float) -> float:
     nb = layout.num_video_blocks
     mass = reference.attention_block_mass(inputs.query, inputs.key, layout, inputs.attn_mask)[..., :nb].double()
     sinks = _sink_block(inputs, layout)
-    budget = reference.block_budget(density, nb)
+    budget = block_budget(density, nb)
     margin = math.inf
     for b in range(mass.shape[0]):
         for h in range(mass.shape[1]):

@@ -8,12 +8,13 @@ import dataclasses
 
 import pytest
 import torch
-from kernel_helpers import relative_error
+from kernel_helpers import reference_plan
 
 from spattn_compile import SparseAttentionConfig, SparsePlan, reference, select_plan, sparse_attention
 from spattn_compile.estimators import QueryTiles, SampledRows
+from spattn_compile.inputs import key_padding_valid
 from spattn_compile.layout import token_layout
-from spattn_compile.testing import PlanEvaluator, PlanResult, dit_attention_inputs
+from spattn_compile.testing import PlanEvaluator, PlanResult, dit_attention_inputs, relative_error
 
 F64 = torch.float64
 
@@ -128,10 +129,10 @@ def test_recall_of_a_plan_scored_by_true_mass_is_its_estimated_recall():
     config = SparseAttentionConfig(block_size=16, sparsity=0.7, rectify="none", min_seq_len=0)
     truth = evaluator.true_mass()
     b, h = truth.shape[:2]
-    valid = reference.key_padding_valid(inputs.attn_mask, b, h, inputs.seq_len)
+    valid = key_padding_valid(inputs.attn_mask, b, h, inputs.seq_len)
     valid_c = reference.canonical_key_valid(valid, layout, b, h, truth.device)
     stats = evaluator.stats
-    oracle = reference.select_plan_reference(
+    oracle = reference_plan(
         truth, stats, valid_c, layout, density=config.density, config=config, estimator="oracle"
     )
     result = evaluator.evaluate({"oracle": (oracle, "none")})["oracle"]

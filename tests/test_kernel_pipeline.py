@@ -1,5 +1,6 @@
-"""The Triton pipeline (`kernels.stages.TritonStages` through `spattn_compile.pipeline`, `sparse_attention(...,
-impl="triton")`) against the float64 reference pipeline (`pipeline.ReferenceStages(torch.float64)`) and dense SDPA.
+"""The Triton implementation (`implementations.triton.TritonImplementation` through `attention.SparseAttention`,
+`sparse_attention(..., impl="triton")`) against the float64 reference (`ReferenceImplementation(torch.float64)`) and
+dense SDPA.
 
 CPU tests run every kernel under the Triton interpreter on small prime-sided grids, float16/float32, every estimator.
 The plan is compared with the reference's: exactly, or, where two blocks' scores agree to the scores' rounding and the
@@ -19,51 +20,39 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kernel_helpers import (
-    GRIDS,
-    HEAD_DIMS,
     make_inputs,
     make_key_valid,
     poisoned_allocations,
-    relative_error,
+    reference_call,
     score_tolerance,
+    sparse_call,
+    triton_implementation,
 )
 
 import spattn_compile
 from spattn_compile import reference, select_plan, sparse_attention
 from spattn_compile.config import SparseAttentionConfig
 from spattn_compile.estimators import PooledTiles, QueryTiles, SampledRows
+from spattn_compile.inputs import key_padding_valid
 from spattn_compile.layout import token_layout
-from spattn_compile.pipeline import ReferenceStages, attend_with_plan, plan_attention, run_attention
+from spattn_compile.plan import block_budget
+from spattn_compile.testing import relative_error
+from spattn_compile.testing.strategies import head_dims, kernel_grids, rectify_modes, seeds
 
 _TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1e-2}
 ESTIMATORS = (PooledTiles(16, outliers=True), PooledTiles(16, outliers=False), SampledRows(4), QueryTiles(16))
 
 
-def _triton_stages():
-    from spattn_compile.kernels.stages import TritonStages
-
-    return TritonStages()
-
-
-def _key_valid(mask, query):
-    batch, heads, seq_len, _ = query.shape
-    return reference.key_padding_valid(mask, batch, heads, seq_len)
-
-
 def _reference_on_plan(query, key, value, attn_mask, plan, config, scale=None):
     """Float64 reference attention (with rectification) of the inputs as given, on a given plan."""
-    return attend_with_plan(
-        query, key, value, plan=plan, key_valid=_key_valid(attn_mask, query), scale=scale, config=config,
-        stages=ReferenceStages(torch.float64),
-    )  # fmt: skip
+    return reference_call(query, key, value, attn_mask, plan.layout, config, scale).run(plan)
 
 
 def _reference_plan(query, key, value, attn_mask, layout, config, scale=None):
-    plan, prepared = plan_attention(
-        query, key, value, layout=layout, key_valid=_key_valid(attn_mask, query), scale=scale, config=config,
-        stages=ReferenceStages(torch.float64),
-    )  # fmt: skip
-    return plan, prepared.stats
+    call = reference_call(query, key, value, attn_mask, layout, config, scale)
+    plan = call.plan()
+    assert call.prepared is not None
+    return plan, call.prepared.stats
 
 
 def _check_plan_agrees(plan, expected, stats, score_error: float) -> None:
@@ -90,10 +79,9 @@ def _check_plan_agrees(plan, expected, stats, score_error: float) -> None:
 def _run_triton(query, key, value, attn_mask, *, grid, text_len, text_first, config, scale=None):
     layout = token_layout(grid, text_len, text_first, config.block_size, config.reorder)
     with poisoned_allocations():
-        out, plan = run_attention(
-            query, key, value, layout=layout, key_valid=_key_valid(attn_mask, query), scale=scale, config=config,
-            stages=_triton_stages(),
-        )  # fmt: skip
+        call = sparse_call(query, key, value, attn_mask, layout, config, triton_implementation(), scale)
+        plan = call.plan()
+        out = call.run(plan)
     assert out.shape == query.shape and out.dtype == query.dtype
     assert torch.isfinite(out).all(), "an output row was not written (poisoned with NaN)"
     return out, plan
@@ -106,16 +94,16 @@ def _run_triton(query, key, value, attn_mask, *, grid, text_len, text_first, con
 
 @settings(max_examples=8)
 @given(
-    seed=st.integers(0, 2**31 - 1),
+    seed=seeds(),
     batch=st.integers(1, 2),
     heads=st.integers(1, 3),
-    head_dim=st.sampled_from(HEAD_DIMS),
-    grid=st.sampled_from(GRIDS),
+    head_dim=head_dims(),
+    grid=kernel_grids(),
     text_len=st.sampled_from([0, 5, 37]),
     text_first=st.booleans(),
     block_size=st.sampled_from([16, 32]),
     estimator=st.sampled_from(ESTIMATORS),
-    rectify=st.sampled_from(["none", "block", "query"]),
+    rectify=rectify_modes(),
     mask_kind=st.sampled_from(["none", "per_batch", "per_head"]),
     memory=st.sampled_from(["contiguous", "transposed"]),
     dtype=st.sampled_from([torch.float16, torch.float32]),
@@ -139,11 +127,11 @@ def test_sparsity_zero_equals_dense_sdpa(
 
 @settings(max_examples=20)
 @given(
-    seed=st.integers(0, 2**31 - 1),
+    seed=seeds(),
     batch=st.integers(1, 2),
     heads=st.integers(1, 3),
-    head_dim=st.sampled_from(HEAD_DIMS),
-    grid=st.sampled_from(GRIDS),
+    head_dim=head_dims(),
+    grid=kernel_grids(),
     text_len=st.sampled_from([0, 5, 37]),
     text_first=st.booleans(),
     block_size=st.sampled_from([16, 32]),
@@ -152,7 +140,7 @@ def test_sparsity_zero_equals_dense_sdpa(
     mass_threshold=st.sampled_from([None, 0.5, 0.9]),
     neighbors=st.booleans(),
     gapr=st.booleans(),
-    rectify=st.sampled_from(["none", "block", "query"]),
+    rectify=rectify_modes(),
     mask_kind=st.sampled_from(["none", "per_batch", "per_head", "empty"]),
     gain=st.floats(0.5, 3.0),
     dtype=st.sampled_from([torch.float16, torch.float32]),
@@ -201,9 +189,9 @@ def test_api_impl_triton_runs_the_pipeline():
     query, key, value = make_inputs(generator, batch=1, heads=2, head_dim=24, layout=layout, dtype=torch.float32)
     config = SparseAttentionConfig(block_size=16, sparsity=0.6, rectify="query", min_seq_len=0)
     out = sparse_attention(query, key, value, video_grid=grid, text_len=text_len, config=config, impl="triton")
-    direct, plan = run_attention(
-        query, key, value, layout=layout, key_valid=None, scale=None, config=config, stages=_triton_stages()
-    )
+    call = sparse_call(query, key, value, None, layout, config, triton_implementation())
+    plan = call.plan()
+    direct = call.run(plan)
     assert torch.equal(out, direct)
     expected_plan, _ = _reference_plan(query, key, value, None, layout, config)
     assert torch.equal(plan.kv_indices, expected_plan.kv_indices)
@@ -243,17 +231,16 @@ def test_density_override_changes_the_plan():
     generator = torch.Generator().manual_seed(5)
     query, key, value = make_inputs(generator, batch=1, heads=1, head_dim=16, layout=layout, dtype=torch.float32)
     config = SparseAttentionConfig(block_size=16, sparsity=0.0, rectify="none")
-    kwargs = dict(layout=layout, key_valid=None, scale=None, config=config, stages=_triton_stages())
-    dense_plan, _ = plan_attention(query, key, value, **kwargs)
-    sparse_plan, _ = plan_attention(query, key, value, **kwargs, density=0.3)
+    call = sparse_call(query, key, value, None, layout, config, triton_implementation())
+    dense_plan = call.plan()
+    at_density = dataclasses.replace(call.selection, density=0.3)
+    sparse_plan = call.plan(selection=at_density)
     nb = layout.num_video_blocks
     assert dense_plan.kv_counts.tolist() == [[[nb] * nb]]
-    budget = reference.block_budget(0.3, nb)
+    budget = block_budget(0.3, nb)
     assert sparse_plan.kv_counts.tolist() == [[[budget] * nb]]
     # The estimator override (the op's exact plan of the last dense step) names its origin.
-    exact, _ = plan_attention(
-        query, key, value, **kwargs, density=0.3, estimator=SampledRows(rows=16), estimator_name="exact"
-    )
+    exact = call.plan(selection=at_density, estimator=SampledRows(rows=16), label="exact")
     assert exact.estimator == "exact"
     truth = reference.attention_block_mass(query, key, layout)
     assert relative_error(exact.block_scores, truth) < 2e-6
@@ -286,17 +273,16 @@ def test_pipeline_rejects_bad_inputs():
     config = SparseAttentionConfig(block_size=16, min_seq_len=0)
     with pytest.raises(ValueError, match="impl='triton' cannot run this call: dtype torch.float64 is not supported"):
         sparse_attention(x, x, x, video_grid=(1, 3, 5), config=config, impl="triton")
-    with pytest.raises(TypeError, match="impl='triton' takes float16, bfloat16 or float32 inputs, got query of dtype"):
-        _triton_stages().prepare(x, x, x, token_layout((1, 3, 5), 0, False, 16), None, 16, 0.25)
+    with pytest.raises(TypeError, match="query must be float16, bfloat16 or float32, got torch.float64"):
+        triton_implementation().prepare(x, x, x, token_layout((1, 3, 5), 0, False, 16), None, 16, 0.25)
     z = torch.randn(1, 1, 15, 12)
     with pytest.raises(ValueError, match="impl='triton' cannot run this call: head dim 12 is not supported"):
         sparse_attention(z, z, z, video_grid=(1, 3, 5), config=config, impl="triton")
     y = x.float()
     layout = token_layout((1, 3, 5), 0, False, 16)
     with pytest.raises(ValueError, match="density must be a number in"):
-        plan_attention(
-            y, y, y, layout=layout, key_valid=None, scale=None, config=config, stages=_triton_stages(), density=1.5
-        )
+        call = sparse_call(y, y, y, None, layout, config, triton_implementation())
+        call.plan(selection=dataclasses.replace(call.selection, density=1.5))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -493,9 +479,8 @@ def _plan_without_copies(query, key, value, attn_mask, layout, config, *, fused_
     tile = estimator.pool_tile_size(layout.block_size)
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     outliers = isinstance(estimator, PooledTiles) and estimator.outliers
-    found = prepare_statistics(
-        query, key, value, layout, tile_size=tile, key_valid=_key_valid(attn_mask, query), outliers=outliers
-    )
+    key_valid = key_padding_valid(attn_mask, *query.shape[:3])
+    found = prepare_statistics(query, key, value, layout, tile_size=tile, key_valid=key_valid, outliers=outliers)
     scores = estimator_for(estimator).kernel(found.estimator_inputs(query, key, scale), estimator)
     gating = {"stats": found.stats} if fused_gate else {"gate": gapr_gate(found.stats, found.key_block_count, layout)}
     return select_plan_threshold(
@@ -508,8 +493,8 @@ def _plan_without_copies(query, key, value, attn_mask, layout, config, *, fused_
 @given(
     seed=st.integers(0, 2**31 - 1),
     heads=st.integers(1, 3),
-    head_dim=st.sampled_from(HEAD_DIMS),
-    grid=st.sampled_from(GRIDS),
+    head_dim=head_dims(),
+    grid=kernel_grids(),
     text_len=st.sampled_from([0, 5, 37]),
     text_first=st.booleans(),
     block_size=st.sampled_from([16, 32]),
@@ -545,25 +530,6 @@ def test_planning_without_copies_matches_reference(
     _check_plan_agrees(plan, expected_plan, stats, score_error)
 
 
-def test_gpu_planning_explore_smoke(tmp_path, monkeypatch):
-    """benchmarks/gpu_planning_explore.py --smoke: every check and timing step of the script the H200 runs, at a toy
-    size on the CPU; its checks pass and it writes its report under $OUT."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_planning_explore.py"
-    spec = importlib.util.spec_from_file_location("gpu_planning_explore", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # (its dataclasses look their module up there)
-    spec.loader.exec_module(module)
-    monkeypatch.setenv("OUT", str(tmp_path))
-    assert module.main(["--smoke"]) == 0
-    report = (tmp_path / "planning_explore.md").read_text()
-    assert "checks passed" in report and "| toy |" in report and "FAILED" not in report
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", list(_GPU_CASES))
 @pytest.mark.parametrize("estimator", ESTIMATORS, ids=str)
@@ -582,7 +548,5 @@ def test_gpu_bf16_planning_without_copies_matches_float64_reference(case, estima
     assert relative_error(plan.block_scores, expected_plan.block_scores) < 1e-2
     score_error = float((plan.block_scores.double() - expected_plan.block_scores).abs().max())
     _check_plan_agrees(plan, expected_plan, stats, score_error)
-    copying, _ = plan_attention(
-        q, k, v, layout=layout, key_valid=_key_valid(mask, q), scale=None, config=config, stages=_triton_stages()
-    )
+    copying = sparse_call(q, k, v, mask, layout, config, triton_implementation()).plan()
     assert relative_error(plan.block_scores, copying.block_scores) < 1e-3

@@ -17,22 +17,24 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kernel_helpers import (
-    GRIDS,
-    HEAD_DIMS,
     make_inputs,
     make_key_valid,
     poisoned_allocations,
+    reference_plan,
     reference_prepared,
-    relative_error,
     sprinkle_non_finite,
 )
 
 from spattn_compile import reference
 from spattn_compile.config import SparseAttentionConfig
+from spattn_compile.inputs import key_padding_valid
 from spattn_compile.kernels.reorder_pool import prepare_statistics, reorder_pool, reorder_pool_tensors
 from spattn_compile.kernels.select import gapr_gate, select_plan, select_plan_threshold
 from spattn_compile.layout import token_layout
 from spattn_compile.plan import PooledStats
+from spattn_compile.policies.rectification import gapr_trusted
+from spattn_compile.testing import relative_error
+from spattn_compile.testing.strategies import head_dims, kernel_grids, rectify_modes, seeds
 
 STAT_FIELDS = (
     "q_tile",
@@ -64,11 +66,11 @@ def float32_stats(stats: PooledStats) -> PooledStats:
 @infinities_in_the_interpreter
 @settings(max_examples=25)
 @given(
-    seed=st.integers(0, 2**31 - 1),
+    seed=seeds(),
     batch=st.integers(1, 2),
     heads=st.integers(1, 3),
-    head_dim=st.sampled_from(HEAD_DIMS),
-    grid=st.sampled_from(GRIDS),
+    head_dim=head_dims(),
+    grid=kernel_grids(),
     text_len=st.sampled_from([0, 3, 13, 37]),
     text_first=st.booleans(),
     # (64, 64): a tile of two 32-row chunks in the kernel.
@@ -92,7 +94,7 @@ def test_reorder_pool_matches_reference(
     if non_finite:
         query, key, value = sprinkle_non_finite(generator, (query, key, value), non_finite)
     mask = make_key_valid(generator, batch=batch, heads=heads, layout=layout, kind=mask_kind, masked_share=masked_share)
-    valid = reference.key_padding_valid(mask, batch, heads, layout.seq_len)
+    valid = key_padding_valid(mask, batch, heads, layout.seq_len)
 
     with poisoned_allocations():
         out = reorder_pool(query, key, value, layout, tile_size=tile_size, key_valid=valid)
@@ -186,10 +188,10 @@ def test_non_finite_rows_are_left_out_and_flag_their_block(impl):
 
 @settings(max_examples=15)
 @given(
-    seed=st.integers(0, 2**31 - 1),
+    seed=seeds(),
     heads=st.integers(1, 3),
-    grid=st.sampled_from(GRIDS),
-    head_dim=st.sampled_from(HEAD_DIMS),
+    grid=kernel_grids(),
+    head_dim=head_dims(),
     mask_kind=st.sampled_from(["none", "empty"]),
     bias=st.floats(0.0, 1.5),
 )
@@ -199,13 +201,13 @@ def test_gapr_gate_matches_reference(seed, heads, grid, head_dim, mask_kind, bia
     q_c = torch.randn(1, heads, layout.padded_len, head_dim, generator=generator, dtype=torch.float64) + bias
     k_c = torch.randn(1, heads, layout.padded_len, head_dim, generator=generator, dtype=torch.float64) + bias
     mask = make_key_valid(generator, batch=1, heads=heads, layout=layout, kind=mask_kind, masked_share=0.2)
-    valid = reference.key_padding_valid(mask, 1, heads, layout.seq_len)
+    valid = key_padding_valid(mask, 1, heads, layout.seq_len)
     valid_c = reference.canonical_key_valid(valid, layout, 1, heads, q_c.device)
     stats = reference.pool_statistics(q_c, k_c, k_c, valid_c, layout, 16)
     key_block_count = valid_c.reshape(1, heads, layout.num_blocks, 16).sum(-1).float()
     with poisoned_allocations():
         gate = gapr_gate(float32_stats(stats), key_block_count, layout)
-    expected = reference.gapr_trusted(stats)
+    expected = gapr_trusted(stats)
 
     assert gate.dtype == torch.int8 and set(gate.unique().tolist()) <= {0, 1}
     # Pairs whose gain and error agree to float32 rounding may fall either way.
@@ -253,9 +255,9 @@ def _check_plan(plan, expected) -> None:
 
 
 selection_settings = dict(
-    seed=st.integers(0, 2**31 - 1),
+    seed=seeds(),
     heads=st.integers(1, 2),
-    grid=st.sampled_from(GRIDS),
+    grid=kernel_grids(),
     text_len=st.sampled_from([0, 7, 37]),
     text_first=st.booleans(),
     empty_share=st.sampled_from([0.0, 0.2]),
@@ -263,7 +265,7 @@ selection_settings = dict(
     sparsity=st.floats(0.0, 0.95),
     neighbors=st.booleans(),
     gapr=st.booleans(),
-    rectify=st.sampled_from(["none", "block", "query"]),
+    rectify=rectify_modes(),
 )
 
 
@@ -296,13 +298,13 @@ def test_selection_matches_reference_exactly_with_ties(
         gapr=gapr,
         rectify=rectify,
     )
-    gate = reference.gapr_trusted(stats).to(torch.int8)
+    gate = gapr_trusted(stats).to(torch.int8)
     with poisoned_allocations():
         plan = select_plan(
             scores.float(), key_block_count, layout, density=config.density, config=config, estimator="test",
             gate=gate, forced_blocks=forced_blocks,
         )  # fmt: skip
-    expected = reference.select_plan_reference(
+    expected = reference_plan(
         scores, stats, valid_c, layout, density=config.density, config=config, estimator="test",
         forced_blocks=forced_blocks,
     )  # fmt: skip
@@ -325,13 +327,13 @@ def test_selection_matches_reference_on_continuous_scores(
     logits = gain * torch.randn(2, heads, nb, nb + 1, generator=generator, dtype=torch.float64)
     scores = torch.softmax(logits, -1).float()
     config = SparseAttentionConfig(block_size=16, sparsity=sparsity, neighbors=neighbors, gapr=gapr, rectify=rectify)
-    gate = reference.gapr_trusted(stats).to(torch.int8)
+    gate = gapr_trusted(stats).to(torch.int8)
     with poisoned_allocations():
         plan = select_plan(
             scores, key_block_count, layout, density=config.density, config=config, estimator="test", gate=gate,
             forced_blocks=forced_blocks,
         )  # fmt: skip
-    expected = reference.select_plan_reference(
+    expected = reference_plan(
         scores.double(), stats, valid_c, layout, density=config.density, config=config, estimator="test",
         forced_blocks=forced_blocks,
     )  # fmt: skip
@@ -476,11 +478,11 @@ def _broadcast_inputs(generator, *, batch, heads, head_dim, layout, dtype):
 @infinities_in_the_interpreter
 @settings(max_examples=25)
 @given(
-    seed=st.integers(0, 2**31 - 1),
+    seed=seeds(),
     batch=st.integers(1, 2),
     heads=st.integers(1, 3),
-    head_dim=st.sampled_from(HEAD_DIMS),
-    grid=st.sampled_from(GRIDS),
+    head_dim=head_dims(),
+    grid=kernel_grids(),
     text_len=st.sampled_from([0, 3, 13, 37]),
     text_first=st.booleans(),
     # (block, tile, rows per chunk or None for the launcher's): chunks of whole tiles, of several tiles, and of
@@ -514,7 +516,7 @@ def test_prepare_statistics_matches_reference(
     if non_finite:
         query, key, value = sprinkle_non_finite(generator, (query, key, value), non_finite)
     mask = make_key_valid(generator, batch=batch, heads=heads, layout=layout, kind=mask_kind, masked_share=masked_share)
-    valid = reference.key_padding_valid(mask, batch, heads, layout.seq_len)
+    valid = key_padding_valid(mask, batch, heads, layout.seq_len)
 
     launch = {} if chunk is None else {"config": (chunk, 4)}
     with poisoned_allocations():
@@ -622,12 +624,12 @@ def test_threshold_selection_matches_reference_exactly_with_ties(
         block_size=16, sparsity=sparsity, mass_threshold=mass_threshold, max_density=max_density, neighbors=neighbors,
         gapr=gapr, rectify=rectify,
     )  # fmt: skip
-    gate = reference.gapr_trusted(stats).to(torch.int8)
+    gate = gapr_trusted(stats).to(torch.int8)
     gating = {"stats": float32_stats(stats)} if fused_gate else {"gate": gate}
     arguments = dict(density=config.density, config=config, estimator="test", forced_blocks=forced_blocks)
     with poisoned_allocations():
         plan = select_plan_threshold(scores.float(), key_block_count, layout, **arguments, **gating)
-    expected = reference.select_plan_reference(
+    expected = reference_plan(
         scores, stats, valid_c, layout, density=config.density, config=config, estimator="test",
         forced_blocks=forced_blocks,
     )  # fmt: skip
@@ -657,13 +659,13 @@ def test_threshold_selection_on_softmax_scores(
         block_size=16, sparsity=sparsity, neighbors=neighbors, gapr=gapr, rectify=rectify,
         mass_threshold=mass_threshold,
     )  # fmt: skip
-    gate = reference.gapr_trusted(stats).to(torch.int8)
+    gate = gapr_trusted(stats).to(torch.int8)
     arguments = dict(density=config.density, config=config, estimator="test", forced_blocks=forced_blocks)
     with poisoned_allocations():
         plan = select_plan_threshold(scores, key_block_count, layout, gate=gate, **arguments)
     _check_plan(plan, select_plan(scores, key_block_count, layout, gate=gate, **arguments))
     if mass_threshold is None:  # (float32 sums against float64 ones could split a row whose mass ties the threshold)
-        expected = reference.select_plan_reference(
+        expected = reference_plan(
             scores.double(), stats, valid_c, layout, density=config.density, config=config, estimator="test",
             forced_blocks=forced_blocks,
         )  # fmt: skip
@@ -672,9 +674,9 @@ def test_threshold_selection_on_softmax_scores(
 
 @settings(max_examples=10)
 @given(
-    seed=st.integers(0, 2**31 - 1),
+    seed=seeds(),
     heads=st.integers(1, 3),
-    grid=st.sampled_from(GRIDS),
+    grid=kernel_grids(),
     text_len=st.sampled_from([0, 7]),
     mass_threshold=st.sampled_from([None, 0.5]),
     neighbors=st.booleans(),
@@ -689,7 +691,7 @@ def test_per_head_budgets_select_each_head_at_its_budget(seed, heads, grid, text
     scores = weights * 2.0 ** -math.ceil(math.log2(weights.sum(-1).max().item() + 1))
     budgets = torch.randint(1, nb + 1, (2, heads), generator=generator, dtype=torch.int32)
     config = SparseAttentionConfig(block_size=16, mass_threshold=mass_threshold, neighbors=neighbors, max_density=0.5)
-    gate = reference.gapr_trusted(stats).to(torch.int8)
+    gate = gapr_trusted(stats).to(torch.int8)
     with poisoned_allocations():
         plan = select_plan_threshold(
             scores.float(), key_block_count, layout, budget=budgets, config=config, estimator="test", gate=gate,
@@ -699,7 +701,7 @@ def test_per_head_budgets_select_each_head_at_its_budget(seed, heads, grid, text
         for h in range(heads):
             one = (slice(b, b + 1), slice(h, h + 1))
             head_stats = PooledStats(tile_size=16, **{n: getattr(stats, n)[one] for n in STAT_FIELDS})
-            expected = reference.select_plan_reference(
+            expected = reference_plan(
                 scores[one], head_stats, valid_c[one], layout, density=int(budgets[b, h]) / nb, config=config,
                 estimator="test", forced_blocks=forced_blocks[one],
             )  # fmt: skip

@@ -9,11 +9,12 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from helpers import SETTINGS, SparseSDPA, compile_spattn, explain_model, relative_error
+from helpers import SETTINGS, SparseSDPA, compile_spattn, explain_model
 
 import spattn_compile
 from spattn_compile.passes.attention import SDPA_TARGETS
 from spattn_compile.passes.masks import MaskForm, prove_padding_mask
+from spattn_compile.testing import relative_error, zoo
 
 B, S = 2, 12
 
@@ -101,7 +102,7 @@ class PaddedJointAttention(torch.nn.Module):
         self.patch = torch.nn.Conv3d(4, 32, (1, 2, 2), stride=(1, 2, 2))
         self.text = torch.nn.Linear(8, 32)
         self.qkv = torch.nn.Linear(32, 96)
-        spattn_compile.zoo.finish(self)
+        zoo.finish(self)
 
     def forward(self, video: torch.Tensor, text: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         x = torch.cat([self.patch(video).flatten(2).transpose(1, 2), self.text(text)], dim=1)

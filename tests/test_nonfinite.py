@@ -19,12 +19,14 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_helpers import GRIDS, make_inputs, make_key_valid, relative_error, triton_prepared
+from kernel_helpers import make_inputs, make_key_valid, triton_prepared
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from spattn_compile import SparseAttentionConfig, select_plan, sparse_attention
 from spattn_compile.estimators import PooledTiles, QueryTiles, SampledRows, estimator_for
 from spattn_compile.layout import token_layout
+from spattn_compile.testing import relative_error
+from spattn_compile.testing.strategies import kernel_grids, seeds
 
 VALUES = (math.nan, math.inf, -math.inf)
 ESTIMATORS = (PooledTiles(16), SampledRows(4), QueryTiles(16))
@@ -52,10 +54,10 @@ def expected_pattern(query, key, value, attn_mask) -> torch.Tensor:
 
 @st.composite
 def non_finite_cases(draw):
-    grid = draw(st.sampled_from(GRIDS))
+    grid = draw(kernel_grids())
     text_len = draw(st.sampled_from([0, 5, 19]))
     layout = token_layout(grid, text_len, draw(st.booleans()), 16)
-    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    generator = torch.Generator().manual_seed(draw(seeds()))
     batch, heads = draw(st.integers(1, 2)), draw(st.integers(1, 2))
     head_dim = draw(st.sampled_from([16, 24]))
     query, key, value = (

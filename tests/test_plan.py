@@ -12,13 +12,12 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_helpers import relative_error
 
 from spattn_compile import SparseAttentionConfig, SparsePlan, reference, select_plan, sparse_attention
 from spattn_compile.estimators import PooledTiles, QueryTiles, SampledRows
 from spattn_compile.layout import token_layout
 from spattn_compile.plan import indices_from_mask
-from spattn_compile.testing import dit_attention_inputs
+from spattn_compile.testing import dit_attention_inputs, relative_error
 
 F64 = torch.float64
 

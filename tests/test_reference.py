@@ -11,42 +11,35 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_helpers import sprinkle_non_finite
+from kernel_helpers import attend_reference, reference_plan, sprinkle_non_finite
 
 import spattn_compile.reference as reference
 from spattn_compile import sparse_attention
 from spattn_compile.config import SparseAttentionConfig
 from spattn_compile.estimators import EstimatorInputs, PooledTiles, QueryTiles, SampledRows, estimator_for
 from spattn_compile.estimators.pooled import pooled_scores_reference
+from spattn_compile.inputs import key_padding_valid
 from spattn_compile.layout import neighbor_block_mask, token_layout
-from spattn_compile.plan import indices_from_mask, mask_from_indices
+from spattn_compile.plan import block_budget, indices_from_mask, mask_from_indices
+from spattn_compile.policies.rectification import block_rectification, gapr_trusted
+from spattn_compile.policies.topk import select_blocks
 from spattn_compile.reference import (
     attention_block_mass,
-    block_budget,
     block_non_finite,
-    block_rectification,
     canonical_key_valid,
     dense_attention,
     finite_rows,
-    gapr_trusted,
     gather_canonical,
-    key_padding_valid,
     key_usable,
     pool_statistics,
-    rectified_sparse_attention,
     scatter_canonical,
-    select_blocks,
-    select_plan_reference,
 )
-from spattn_compile.testing import video_attention_inputs
+from spattn_compile.testing import relative_error, video_attention_inputs
+from spattn_compile.testing.strategies import rectify_modes
 
 F64 = torch.float64
 
 
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert out.shape == ref.shape
-    assert ref.norm() > 0, "never compare against zeros"
-    return ((out.to(F64) - ref.to(F64)).norm() / ref.to(F64).norm()).item()
 
 
 @dataclasses.dataclass
@@ -153,7 +146,7 @@ def plan_for(case: Case, density: float, outliers: bool = True, **config_fields)
     q_c, k_c, v_c, valid_c = case.canonical()
     stats = pool_statistics(q_c, k_c, v_c, valid_c, case.layout, case.tile_size)
     scores = pooled_scores(case, stats, outliers)
-    plan = select_plan_reference(
+    plan = reference_plan(
         scores, stats, valid_c, case.layout, density=density, config=config, estimator="pooled",
         forced_blocks=block_non_finite(k_c, v_c, valid_c, case.layout),
     )  # fmt: skip
@@ -164,14 +157,14 @@ def run_stages(case: Case, density: float, outliers: bool = True, **config_field
     """Stages 0-3 in order, like `sparse_attention(impl="reference")`, but on the case's own block and tile sizes."""
     plan, stats, (q_c, k_c, v_c, valid_c) = plan_for(case, density, outliers, **config_fields)
     rectify = config_fields.get("rectify", SparseAttentionConfig().rectify)
-    out_c = rectified_sparse_attention(
+    out_c = attend_reference(
         q_c, k_c, v_c, valid_c, plan, stats, case.layout, scale=case.scale, rectify=rectify
     )
     return scatter_canonical(out_c, case.layout)
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Stage 0: reorder
+# Stage 0 (prepare): reorder
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -204,7 +197,7 @@ def test_dense_attention_is_invariant_under_the_reorder(case):
 
 @given(
     case=cases(),
-    rectify=st.sampled_from(["none", "block", "query"]),
+    rectify=rectify_modes(),
     gapr=st.booleans(),
     neighbors=st.booleans(),
     mass_threshold=st.sampled_from([None, 0.5, 1.0]),
@@ -228,7 +221,7 @@ def test_pipeline_at_sparsity_zero_equals_sdpa(case, rectify, gapr, neighbors, m
     assert relative_error(out, sdpa(case)) < 1e-10
 
 
-@given(case=cases(), rectify=st.sampled_from(["none", "block", "query"]), outliers=st.booleans())
+@given(case=cases(), rectify=rectify_modes(), outliers=st.booleans())
 @settings(max_examples=40)
 def test_stages_at_full_density_equal_sdpa_for_any_block_and_tile(case, rectify, outliers):
     out = run_stages(case, 1.0, outliers, reorder=case.reorder, rectify=rectify)
@@ -236,7 +229,7 @@ def test_stages_at_full_density_equal_sdpa_for_any_block_and_tile(case, rectify,
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Stage 1: pooling and scoring, against loops over the formulas
+# Stage 0 (prepare) pooling and stage 1 (estimate) scoring, against loops over the formulas
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -506,7 +499,7 @@ def test_true_block_mass_rows_are_distributions(case):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Stage 2: selection
+# Stage 2 (select): selection
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -659,7 +652,7 @@ def test_index_lists_round_trip(shape, seed, p):
 @given(
     case=cases(max_tokens=150),
     density=st.floats(0.05, 0.7),
-    rectify=st.sampled_from(["none", "block", "query"]),
+    rectify=rectify_modes(),
     gapr=st.booleans(),
 )
 @settings(max_examples=60)
@@ -696,7 +689,7 @@ def test_plan_uses_given_scores_for_the_oracle():
     stats = pool_statistics(q_c, k_c, v_c, valid_c, case.layout, 16)
     true_mass = attention_block_mass(case.query, case.key, case.layout)
     config = SparseAttentionConfig(sparsity=0.75, rectify="none", min_seq_len=0)
-    plan = select_plan_reference(
+    plan = reference_plan(
         true_mass, stats, valid_c, case.layout, density=0.25, config=config, estimator="oracle"
     )
     assert plan.block_scores is true_mass and plan.estimator == "oracle"
@@ -711,7 +704,7 @@ def test_plan_uses_given_scores_for_the_oracle():
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Stage 3: rectified block-sparse attention, against explicit per-query formulas
+# Stage 3 (attend): rectified block-sparse attention, against explicit per-query formulas
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -750,11 +743,11 @@ def explicit_sparse_attention(case: Case, plan, stats, rectify: str) -> torch.Te
     return out
 
 
-@given(case=cases(max_tokens=100), density=st.floats(0.05, 0.6), rectify=st.sampled_from(["none", "block", "query"]))
+@given(case=cases(max_tokens=100), density=st.floats(0.05, 0.6), rectify=rectify_modes())
 @settings(max_examples=30)
 def test_rectified_attention_matches_explicit_formulas(case, density, rectify):
     plan, stats, (q_c, k_c, v_c, valid_c) = plan_for(case, density, rectify=rectify, gapr=False)
-    out = rectified_sparse_attention(
+    out = attend_reference(
         q_c, k_c, v_c, valid_c, plan, stats, case.layout, scale=case.scale, rectify=rectify
     )
     expected = explicit_sparse_attention(case, plan, stats, rectify)
@@ -774,8 +767,8 @@ def test_block_mode_without_trusted_blocks_is_plain_sparse_attention(case, densi
     rescale, correction = block_rectification(untrusted, stats, case.layout.num_blocks)
     assert (rescale == 1).all() and (correction == 0).all()
     arguments = (q_c, k_c, v_c, valid_c, untrusted, stats, case.layout)
-    block = rectified_sparse_attention(*arguments, scale=case.scale, rectify="block")
-    plain = rectified_sparse_attention(*arguments, scale=case.scale, rectify="none")
+    block = attend_reference(*arguments, scale=case.scale, rectify="block")
+    plain = attend_reference(*arguments, scale=case.scale, rectify="none")
     assert torch.equal(block, plain)
 
 
@@ -786,14 +779,14 @@ def test_rectification_is_exactly_normalised(case, density, rectify):
     ones = torch.ones_like(case.value)
     case = dataclasses.replace(case, value=ones)
     plan, stats, (q_c, k_c, v_c, valid_c) = plan_for(case, density, rectify=rectify, gapr=False)
-    out = rectified_sparse_attention(
+    out = attend_reference(
         q_c, k_c, v_c, valid_c, plan, stats, case.layout, scale=case.scale, rectify=rectify
     )
     real = case.layout.source_index >= 0
     assert (out[..., real, :] - 1).abs().max() < 1e-13
 
 
-@given(case=cases(max_tokens=150), rectify=st.sampled_from(["none", "block", "query"]), seed=st.integers(0, 99))
+@given(case=cases(max_tokens=150), rectify=rectify_modes(), seed=st.integers(0, 99))
 @settings(max_examples=40)
 def test_masked_keys_have_no_effect(case, rectify, seed):
     if case.attn_mask is None or case.attn_mask.all():

@@ -8,28 +8,30 @@ import math
 
 import pytest
 import torch
-from helpers import relative_error
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_helpers import reference_call
 
 import spattn_compile
-from spattn_compile import schedule
 from spattn_compile.config import SparseAttentionConfig
+from spattn_compile.inputs import key_padding_valid
 from spattn_compile.layout import token_layout
-from spattn_compile.pipeline import ReferenceStages, attend_with_plan, plan_attention
+from spattn_compile.policies import rectification_terms
 from spattn_compile.reference import (
     canonical_key_valid,
     gather_canonical,
-    key_padding_valid,
     pool_statistics,
     rectified_sparse_attention,
     scatter_canonical,
 )
-from spattn_compile.report import record
-from spattn_compile.tracking import default_registry
+from spattn_compile.runtime import model_state, plan_cache, steps
+from spattn_compile.runtime.binding import default_registry
+from spattn_compile.runtime.model_state import record
+from spattn_compile.testing import relative_error
+from spattn_compile.testing.strategies import rectify_modes
 
 
-def _model(name: str = "m") -> schedule.ModelState:
+def _model(name: str = "m") -> model_state.ModelState:
     """A model state known to `report()` (the backend makes these for compiled models)."""
     return default_registry().anonymous(name)
 
@@ -43,7 +45,7 @@ def _t(value: float, batch: int = 1) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _positions(tracker: schedule.StepTracker, calls) -> list[tuple[int, int, int]]:
+def _positions(tracker: steps.StepTracker, calls) -> list[tuple[int, int, int]]:
     out = []
     for timestep in calls:
         context = tracker.advance(timestep)
@@ -105,9 +107,9 @@ def test_step_override_takes_precedence_and_counts_branches():
 
 def test_tracker_repeated_timestep_is_bounded_in_branches():
     tracker = _model("bench").tracker
-    positions = _positions(tracker, [_t(500)] * (2 * schedule.MAX_BRANCHES + 1))
-    assert max(branch for _, _, branch in positions) == schedule.MAX_BRANCHES - 1
-    assert positions[schedule.MAX_BRANCHES] == (1, 0, 0)
+    positions = _positions(tracker, [_t(500)] * (2 * steps.MAX_BRANCHES + 1))
+    assert max(branch for _, _, branch in positions) == steps.MAX_BRANCHES - 1
+    assert positions[steps.MAX_BRANCHES] == (1, 0, 0)
     assert positions[-1] == (2, 0, 0)
 
 
@@ -137,15 +139,15 @@ def test_step_rejects_bad_arguments(index, branch, error):
     blocks=st.integers(1, 600),
 )
 def test_refresh_density_formula(density, decay, refresh, blocks):
-    value = schedule.refresh_density(density, decay, refresh, blocks)
+    value = plan_cache.refresh_density(density, decay, refresh, blocks)
     assert value == max(1.0 / blocks, density - refresh * decay)
     assert 1.0 / blocks <= value <= max(density, 1.0 / blocks)
     if refresh:
-        assert value <= schedule.refresh_density(density, decay, refresh - 1, blocks)
+        assert value <= plan_cache.refresh_density(density, decay, refresh - 1, blocks)
 
 
 def test_refresh_density_follows_dfsattn_ratios():
-    assert [round(schedule.refresh_density(0.3, 0.1, r, 100), 6) for r in range(5)] == [0.3, 0.2, 0.1, 0.01, 0.01]
+    assert [round(plan_cache.refresh_density(0.3, 0.1, r, 100), 6) for r in range(5)] == [0.3, 0.2, 0.1, 0.01, 0.01]
 
 
 def _tiny_plan(batch: int = 1, heads: int = 1, seed: int = 0):
@@ -156,15 +158,15 @@ def _tiny_plan(batch: int = 1, heads: int = 1, seed: int = 0):
     return spattn_compile.select_plan(q, k, v, video_grid=(3, 4, 4), config=config, impl="reference")
 
 
-def _context(step: int, generation: int = 0, branch: int = 0) -> schedule.StepContext:
+def _context(step: int, generation: int = 0, branch: int = 0) -> model_state.StepContext:
     """A context of one model per test (the autouse reset forgets it between tests)."""
     models = default_registry().models()
     model = models[0] if models else _model()
-    return schedule.StepContext(model, generation, step, branch, "override")
+    return model_state.StepContext(model, generation, step, branch, "override")
 
 
 def test_cache_reuses_for_refresh_interval_steps_of_one_generation_and_signature():
-    cache = schedule.PlanCache()
+    cache = plan_cache.PlanCache()
     plan = _tiny_plan()
     summary = (torch.tensor(0.5), torch.tensor(0.8))
     cache.store(("m", 0, 0), _context(4), "sig", plan, 0, summary)
@@ -182,8 +184,8 @@ def test_cache_reuses_for_refresh_interval_steps_of_one_generation_and_signature
 def test_cache_is_bounded_with_lru_eviction_and_keeps_refresh_counts():
     plan = _tiny_plan()
     summary = (torch.tensor(0.5), torch.tensor(0.8))
-    size = schedule._plan_bytes(plan)
-    cache = schedule.PlanCache(max_bytes=2 * size)
+    size = plan_cache._plan_bytes(plan)
+    cache = plan_cache.PlanCache(max_bytes=2 * size)
     for layer in range(3):
         cache.store(("m", layer, 0), _context(0), "sig", plan, 0, summary)
         assert cache.nbytes <= 2 * size
@@ -213,7 +215,7 @@ def test_cache_is_bounded_with_lru_eviction_and_keeps_refresh_counts():
     grid=st.tuples(st.integers(1, 3), st.integers(2, 5), st.integers(2, 6)),
     text_len=st.integers(0, 20),
     text_first=st.booleans(),
-    rectify=st.sampled_from(["none", "block", "query"]),
+    rectify=rectify_modes(),
     sparsity=st.floats(0.2, 0.9),
     masked=st.booleans(),
     dtype=st.sampled_from([torch.float32, torch.float64]),
@@ -234,22 +236,21 @@ def test_reference_reuses_a_given_plan_with_fresh_statistics(
     config = SparseAttentionConfig(block_size=16, sparsity=sparsity, rectify=rectify)
     layout = token_layout(grid, text_len, text_first, 16, "hilbert")
     key_valid = key_padding_valid(attn_mask, 2, 2, seq_len)
-    stages = ReferenceStages(torch.float64)
-    args = dict(key_valid=key_valid, scale=None, config=config, stages=stages)
-    plan, _ = plan_attention(*old, layout=layout, **args)
-    reused = attend_with_plan(*new, plan=plan, **args)
+    plan = reference_call(*old, attn_mask, layout, config).plan()
+    reused = reference_call(*new, attn_mask, layout, config).run(plan)
 
-    # Expected: stages 0-1 on the new inputs, stage 3 with the old plan.
+    # Expected: stage 0 on the new inputs, stage 3 with the old plan.
     valid = canonical_key_valid(key_valid, layout, 2, 2, torch.device("cpu"))
     q_c, k_c, v_c = (gather_canonical(t.double(), layout) for t in new)
     stats = pool_statistics(q_c, k_c, v_c, valid, layout, 16)
-    out_c = rectified_sparse_attention(q_c, k_c, v_c, valid, plan, stats, layout, scale=0.25, rectify=rectify)
+    terms = rectification_terms(rectify, plan, stats)
+    out_c = rectified_sparse_attention(q_c, k_c, v_c, valid, plan, layout, scale=0.25, terms=terms)
     expected = scatter_canonical(out_c, layout)
     tolerance = 1e-12 if dtype == torch.float64 else 1e-5
     assert relative_error(reused, expected) < tolerance
 
-    fresh_plan, _ = plan_attention(*new, layout=layout, **args)
-    fresh = attend_with_plan(*new, plan=fresh_plan, **args)
+    fresh_call = reference_call(*new, attn_mask, layout, config)
+    fresh = fresh_call.run(fresh_call.plan())
     kwargs = dict(video_grid=grid, text_len=text_len, text_first=text_first, attn_mask=attn_mask)
     short = dataclasses.replace(config, min_seq_len=0)
     through_api = spattn_compile.sparse_attention(*(t.double() for t in new), **kwargs, config=short, impl="reference")
@@ -273,7 +274,7 @@ def test_a_plan_of_another_shape_is_rejected():
 
 def _recorded_report():
     plan = _tiny_plan()
-    kept, recall, share = schedule.plan_summary(plan)
+    kept, recall, share = plan_cache.plan_summary(plan)
     record(_context(0), 0, "dense_step", "", 1.0, 1.0)
     record(_context(1), 0, "sparse", "refresh", kept, recall, keep_share=share)
     record(_context(2), 0, "sparse", "hit", kept, recall)
@@ -282,7 +283,7 @@ def _recorded_report():
 
 def test_plan_summary_matches_the_plan():
     plan = _tiny_plan(batch=2, heads=2)
-    kept, recall, share = schedule.plan_summary(plan)
+    kept, recall, share = plan_cache.plan_summary(plan)
     nb = plan.num_video_blocks
     keep = plan.to_dense()[..., :nb, :nb]
     assert kept.item() == pytest.approx(plan.density().mean().item())

@@ -6,35 +6,45 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import SETTINGS, compile_blocks, compile_spattn, compiled_graph_count, relative_error
+from helpers import SETTINGS, compile_blocks, compile_spattn, compiled_graph_count
 
 import spattn_compile
-from spattn_compile import ops, schedule, zoo
-from spattn_compile.tracking import default_registry
+from spattn_compile.attention import SparseAttention
+from spattn_compile.plan import SparsePlan
+from spattn_compile.runtime.binding import default_registry, reset_schedule
+from spattn_compile.runtime.model_state import current_step
+from spattn_compile.testing import relative_error, zoo
 
 
 class PlanCounter:
-    """Counts the op's pipeline calls (`ops.run_attention`) that select a plan and those that reuse one, per branch."""
+    """Counts the op's attention calls (`attention.SparseAttention.run`) with a plan just selected (`plan()` of the same
+    call) and those with a cached one, per branch."""
 
     def __init__(self, monkeypatch):
         self.selected: list[tuple[int, int]] = []  # (step, branch)
         self.reused: list[tuple[int, int, int]] = []  # (step, branch, id of the plan)
         self.plans: dict[int, set[int]] = {}  # branch -> ids of the plans selected for it
-        self._alive: list[object] = []  # holds every plan, so that no id is reused by a later one
-        original = ops.run_attention
+        self._alive: list[object] = []  # holds every plan and call, so that no id is reused by a later one
+        fresh: dict[int, SparsePlan] = {}  # id of a call -> the plan its plan() returned
+        original_plan, original_run = SparseAttention.plan, SparseAttention.run
 
-        def counting(*args, plan=None, **kwargs):
-            context = schedule.current_step()
-            result = original(*args, plan=plan, **kwargs)
-            if plan is None:
-                self.selected.append((context.step, context.branch))
-                self.plans.setdefault(context.branch, set()).add(id(result[1]))
-                self._alive.append(result[1])
-            else:
-                self.reused.append((context.step, context.branch, id(plan)))
+        def plan(call, **kwargs):
+            result = original_plan(call, **kwargs)
+            fresh[id(call)] = result
+            self._alive += [call, result]
             return result
 
-        monkeypatch.setattr(ops, "run_attention", counting)
+        def run(call, plan):
+            context = current_step()
+            if plan is fresh.get(id(call)):
+                self.selected.append((context.step, context.branch))
+                self.plans.setdefault(context.branch, set()).add(id(plan))
+            else:
+                self.reused.append((context.step, context.branch, id(plan)))
+            return original_run(call, plan)
+
+        monkeypatch.setattr(SparseAttention, "plan", plan)
+        monkeypatch.setattr(SparseAttention, "run", run)
 
 
 def _scheduler(steps: int):
@@ -221,7 +231,7 @@ def test_reset_schedule_forgets_the_models_of_compiled_graphs(regional):
     inputs = tiny.make_inputs()
     with torch.no_grad():
         compiled(**inputs)
-        schedule.reset_schedule()  # the graphs stay compiled; their models' states go
+        reset_schedule()  # the graphs stay compiled; their models' states go
         compiled(**{**inputs, "timestep": torch.full((1,), 100)})
     records = spattn_compile.report().records
     assert [(r.model, r.generation, r.step, r.cache) for r in records] == [("WanTransformer3DModel", 0, 0, "refresh")]

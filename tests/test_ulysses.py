@@ -239,9 +239,12 @@ def test_bench_e2e_ulysses_smoke_prints_the_four_variants():
     the 2-process sparse output equals the 1-process one."""
     root = Path(__file__).resolve().parents[1]
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    arguments = [str(root / "benchmarks" / "bench_e2e.py"), "--ulysses", "2", "--smoke", "--sparsities", "0.9"]
-    done = subprocess.run([*command, *arguments], env=environment, capture_output=True, text=True, timeout=300)
+    # Run as a module of the repository (not loaded by path), the way `python -m benchmarks.bench_e2e` runs it.
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--module"]
+    arguments = ["benchmarks.bench_e2e", "--ulysses", "2", "--smoke", "--sparsities", "0.9"]
+    done = subprocess.run(
+        [*command, *arguments], env=environment, cwd=root, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
     rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line for line in done.stdout.splitlines()}
     for variant in ("dense", "spattn 0.90 refresh", "spattn 0.90 cached"):

@@ -24,7 +24,9 @@ import torch
 import torch.distributed as dist
 
 import spattn_compile
-from spattn_compile import schedule, zoo
+from spattn_compile.runtime.binding import default_registry, reset_schedule
+from spattn_compile.runtime.model_state import ModelState
+from spattn_compile.testing import relative_error, zoo
 
 SETTINGS = {"block_size": 16, "min_seq_len": 0, "compiler": "eager"}
 SPARSITY = 0.6
@@ -63,8 +65,6 @@ def run(compiled, step: int) -> torch.Tensor:
         return compiled(**inputs())[0]
 
 
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 def fresh() -> None:
@@ -72,7 +72,7 @@ def fresh() -> None:
 
     torch._dynamo.reset()
     counters.clear()
-    schedule.reset_schedule()
+    reset_schedule()
     spattn_compile.reset_report()
 
 
@@ -165,9 +165,7 @@ def compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def schedule_state() -> schedule.ModelState:
-    from spattn_compile.tracking import default_registry
-
+def schedule_state() -> ModelState:
     (state,) = default_registry().models()
     return state
 

@@ -4,7 +4,7 @@
 |---|---|---|---|
 | `"query_tiles"` | `QueryTiles(tile_size=16)` | tile-mean queries against every key | `1 / tile_size` |
 | `"sampled_rows"` | `SampledRows(rows=8)` | `rows` real query rows per block against every key | `rows / block_size` |
-| `"pooled"` | `PooledTiles(tile_size=32, outliers=True)` | tile-mean queries, tile-mean keys | `~2 / tile_size^2` |
+| `"pooled"` | `PooledTiles(tile_size=16, outliers=True)` | tile means, each outlier key apart | `~2 / tile_size^2` |
 
 `base.py` says what an estimator is and holds the registry; see docs/DESIGN.md for the math and the measurements that
 chose the default.
@@ -19,6 +19,7 @@ from .base import (
     parse_estimator,
     register_estimator,
     registered_estimators,
+    unregister_estimator,
 )
 from .pooled import PooledTiles
 from .probes import QueryTiles, SampledRows
@@ -34,4 +35,5 @@ __all__ = [
     "parse_estimator",
     "register_estimator",
     "registered_estimators",
+    "unregister_estimator",
 ]

@@ -29,7 +29,9 @@ __all__ = [
     "estimator_for",
     "parse_estimator",
     "register_estimator",
+    "probe_weights",
     "registered_estimators",
+    "unregister_estimator",
 ]
 
 
@@ -126,9 +128,9 @@ class EstimatorInputs:
     def _canonical(self, x: torch.Tensor) -> torch.Tensor:
         if self.source_index is None:
             return x
-        from ..reference import gather_canonical  # (the reference imports the settings, which import estimators)
-
-        return gather_canonical(x, self.layout)
+        # `reference.gather_canonical`'s arithmetic; the reference is above this layer (tests/test_architecture.py).
+        source = self.source_index
+        return x.index_select(-2, source.clamp(min=0)).masked_fill((source < 0)[:, None], 0)
 
 
 # The settings argument is the registered settings type; `Any` keeps each function typed by its own settings class.
@@ -159,6 +161,13 @@ def register_estimator(config_type: type[EstimatorConfig], *, reference: ScoreFu
         raise ValueError(f"estimator name {name!r} of {config_type.__name__} is empty or taken")
     _REGISTRY[config_type] = Estimator(config_type, reference, kernel)
     _BY_NAME[name] = config_type
+
+
+def unregister_estimator(config_type: type[EstimatorConfig]) -> None:
+    """Remove a registered estimator (for tests that register one of their own)."""
+    _REGISTRY.pop(config_type, None)
+    for name in [name for name, kind in _BY_NAME.items() if kind is config_type]:
+        del _BY_NAME[name]
 
 
 def registered_estimators() -> dict[str, type[EstimatorConfig]]:
@@ -193,3 +202,12 @@ def parse_estimator(value: object) -> EstimatorConfig:
         f"SparseAttentionConfig.estimator={value!r} has type {type(value).__name__}: expected an estimator name "
         f"({sorted(_BY_NAME)}) or an EstimatorConfig instance"
     )
+
+
+def probe_weights(probes: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """`(B, H, NB * R)`: the probes' weights, zero for a probe with a NaN or an infinity (a query row that is not
+    finite has no attention mass to estimate; dense attention gives that row NaN whatever the plan). Shared by the
+    probe estimators' reference (`estimators.probes`) and their kernel (`kernels.probe_scores`)."""
+    b, h, num_probes = probes.shape[:3]
+    finite = torch.isfinite(probes).all(-1)
+    return torch.where(finite, weights.to(torch.float32).expand(b, h, num_probes), 0.0)

@@ -33,7 +33,7 @@ import numbers
 import torch
 
 from ..layout import TokenLayout
-from .base import EstimatorConfig, EstimatorInputs, register_estimator
+from .base import EstimatorConfig, EstimatorInputs, probe_weights, register_estimator
 
 __all__ = ["QueryTiles", "SampledRows", "probe_scores_reference", "probe_weights", "sampled_row_probes"]
 
@@ -123,13 +123,6 @@ def sampled_row_probes(layout: TokenLayout, rows: int, device: torch.device) -> 
     Cached per device: the copy to the device happens once, so a call can be captured in a CUDA graph."""
     return _sampled_rows_on(layout, rows, torch.device(device))
 
-
-def probe_weights(probes: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """`(B, H, NB * R)`: the probes' weights, zero for a probe with a NaN or an infinity (a query row that is not
-    finite has no attention mass to estimate; dense attention gives that row NaN whatever the plan)."""
-    b, h, num_probes = probes.shape[:3]
-    finite = torch.isfinite(probes).all(-1)
-    return torch.where(finite, weights.to(torch.float32).expand(b, h, num_probes), 0.0)
 
 
 def probe_scores_reference(

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..estimators.probes import probe_weights
+from ..estimators.base import probe_weights
 from ..layout import TokenLayout
 from .common import INTERPRETED, LOG2E, STATS_DOT_PRECISION, check_device, online_logsumexp, padded_head_dim
 

@@ -22,8 +22,7 @@ import triton.language as tl
 
 from ..config import SparseAttentionConfig
 from ..layout import TokenLayout, neighbor_block_mask
-from ..plan import PooledStats, SparsePlan
-from ..reference import block_budget
+from ..plan import PooledStats, SparsePlan, block_budget
 from .common import INTERPRETED, STATS_DOT_PRECISION, check_device, padded_head_dim
 
 __all__ = ["gapr_gate", "select_plan", "select_plan_threshold"]

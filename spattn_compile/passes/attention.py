@@ -61,6 +61,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.fx.node import Argument
 
+from ..call_layout import TEXT_REST, LayoutOverrideError, check_settings, fit_text
 from ..capability import check_capability
 from ..config import SparseAttentionConfig
 from .masks import MaskForm, prove_padding_mask
@@ -117,14 +118,8 @@ GroupResolver = Callable[[object], GroupInfo | None]
 _SDPA_PARAMETERS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# `text_len` passed to the op when the text is "every token that is not video" under the grid of the call.
-TEXT_REST = -1
 
 Size = int | torch.SymInt
-
-
-class LayoutOverrideError(ValueError):
-    """A `video_grid` / `text_len` / `text_position` setting contradicts what the graph proves."""
 
 
 # eq=False: the sizes may be SymInts, and comparing those would evaluate (and guard on) symbolic expressions.
@@ -439,11 +434,6 @@ def _infer_layout(
     return _Layout((factors[0], factors[1], factors[2]), text, bool(before)), _grid_tokens(factors)
 
 
-def _contradiction(what: str, given: object, proved: object) -> LayoutOverrideError:
-    return LayoutOverrideError(
-        f"spattn: {what}={given!r} contradicts the graph, which proves {what}={proved!r} for this attention call; "
-        f"remove the {what} setting (the graph's value is used without it) or set it to {proved!r}"
-    )
 
 
 def _resolve_layout(
@@ -478,10 +468,9 @@ def _resolve_layout(
     num_video = grid[0] * grid[1] * grid[2]
     described = f"video_grid {grid} ({num_video} tokens)"
     if _is_static(seq_len):
-        seq = int(seq_len)
-        text = seq - num_video if config.text_len is None else config.text_len
-        if text < 0 or num_video + text != seq:
-            raise _Dense("override_mismatch", f"{described} + text_len {text} != sequence length {seq}")
+        fitted = fit_text(grid, TEXT_REST if config.text_len is None else config.text_len, int(seq_len))
+        if isinstance(fitted, str):
+            raise _Dense("override_mismatch", fitted)
     if config.text_len == 0:
         return _Layout(None, 0, False), "config"
     if config.text_position is not None:
@@ -493,19 +482,13 @@ def _resolve_layout(
 
 
 def _check_agreement(layout: _Layout, config: SparseAttentionConfig) -> None:
-    """Raise LayoutOverrideError when a setting contradicts the layout the graph proves (decidable statically)."""
-    if config.video_grid is not None and layout.grid is not None:
-        proved = tuple(f.size for f in layout.grid)
-        if all(_is_static(size) for size in proved):
-            proved = tuple(int(size) for size in proved)
-            if proved != tuple(config.video_grid):
-                raise _contradiction("video_grid", tuple(config.video_grid), proved)
-    if config.text_len is not None and _is_static(layout.text_len) and int(layout.text_len) != config.text_len:
-        raise _contradiction("text_len", config.text_len, int(layout.text_len))
-    if config.text_position is not None and not (_is_static(layout.text_len) and int(layout.text_len) == 0):
-        position = "first" if layout.text_first else "last"
-        if position != config.text_position:
-            raise _contradiction("text_position", config.text_position, position)
+    """Raise LayoutOverrideError when a setting contradicts the layout the graph proves (`call_layout.check_settings`;
+    symbolic sizes are not checked here: the op checks them when it runs)."""
+    grid = None
+    if layout.grid is not None and all(_is_static(f.size) for f in layout.grid):
+        grid = (int(layout.grid[0].size), int(layout.grid[1].size), int(layout.grid[2].size))
+    text_len = int(layout.text_len) if _is_static(layout.text_len) else None
+    check_settings(config, video_grid=grid, text_len=text_len, text_first=layout.text_first, source="the graph")
 
 
 def _grid_tokens(grid: Sequence[Factor]) -> Size:
@@ -886,7 +869,7 @@ def rewrite_attention(
     contradict the graph."""
     if not isinstance(config, SparseAttentionConfig):
         raise TypeError(f"config must be a SparseAttentionConfig, got {type(config).__name__}")
-    from .. import ops  # noqa: F401  (registers torch.ops.spattn.sparse_attention)
+    from ..runtime import op  # noqa: F401  (registers torch.ops.spattn.sparse_attention)
 
     results = _analyze(gm.graph, config, graph_index, seeds, groups)
     for decision, plan in results:

@@ -6,10 +6,16 @@
   step-to-step drift. The hard suite, on which selection decisions and defaults are made.
 - `PlanEvaluator` (evaluate.py): dense attention, the true block mass and the output of many plans of one call at the
   cost of about one dense pass (fidelity studies).
+- `relative_error` (metrics.py): the one error measure of the tests and benchmarks.
+- `zoo`: tiny diffusers video transformers (random weights) for the tests, examples and benchmarks.
+- `strategies`: hypothesis strategies shared by the property tests (imports hypothesis, a test dependency: import it
+  as `spattn_compile.testing.strategies`).
 """
 
+from . import zoo
 from .dit import HEAD_KINDS, HeadProfile, dit_attention_inputs
 from .evaluate import PlanEvaluator, PlanResult
+from .metrics import relative_error
 from .smooth import VideoAttentionInputs, rope_dims, video_attention_inputs
 
 __all__ = [
@@ -19,6 +25,8 @@ __all__ = [
     "PlanResult",
     "VideoAttentionInputs",
     "dit_attention_inputs",
+    "relative_error",
     "rope_dims",
     "video_attention_inputs",
+    "zoo",
 ]

@@ -4,7 +4,8 @@ Fidelity studies compare dozens of plans (estimators, rectification modes, densi
 `reference.rectified_sparse_attention` for each costs a dense pass apiece. `PlanEvaluator` instead computes, once per
 chunk of query blocks, every row's partial softmax state per key block, `(m_rj, l_rj, o_rj)` = (the max logit of
 key block j, the sum of `exp(logit - m)` over it, the sum of `exp(logit - m) v` over it), and combines any plan's kept
-blocks (and rectification) from those: exactly `rectified_sparse_attention`'s arithmetic, regrouped. The same pass
+blocks and its rectification's terms (`policies.RectificationTerms`: virtual keys, an affine epilogue; any registered
+mode) from those: exactly `rectified_sparse_attention`'s arithmetic, regrouped. The same pass
 gives dense attention and the true block mass (`reference.attention_block_mass`), so the oracle plans cost nothing
 more. Memory: `B * H * rows * NQ * D` values per chunk, never `S^2`.
 
@@ -19,9 +20,11 @@ from collections.abc import Mapping
 
 import torch
 
+from ..inputs import key_padding_valid
 from ..layout import TokenLayout
-from ..plan import PooledStats, SparsePlan
-from ..reference import canonical_key_valid, gather_canonical, key_padding_valid, pool_statistics, scatter_canonical
+from ..plan import SparsePlan
+from ..policies import RectificationTerms, rectification_terms
+from ..reference import canonical_key_valid, gather_canonical, pool_statistics, scatter_canonical
 
 __all__ = ["PlanEvaluator", "PlanResult"]
 
@@ -141,8 +144,9 @@ class PlanEvaluator:
         self._mass = mass / layout.row_count[:nb].to(self.q.device, self.dtype).clamp(min=1)[:, None]
 
     def evaluate(self, plans: Mapping[str, tuple[SparsePlan, str]]) -> dict[str, PlanResult]:
-        """`plans`: name -> (plan, rectify mode). Returns each plan's `PlanResult`. One pass over the partials for
-        all plans: each chunk's `o` is read once, by one batched product over the plans."""
+        """`plans`: name -> (plan, rectification mode: a registered `rectify` value). Returns each plan's
+        `PlanResult`. One pass over the partials for all plans: each chunk's `o` is read once, by one batched product
+        over the plans."""
         layout = self.layout
         b, h, p, d = self.q.shape
         nb, bs = layout.num_video_blocks, layout.block_size
@@ -150,49 +154,58 @@ class PlanEvaluator:
         mass = self.true_mass()
         names = list(plans)
         outputs = torch.empty(len(names), b, h, p, d, dtype=self.dtype, device=self.q.device)
-        prepared = [self._prepare(plans[name][0].expand_batch(b), plans[name][1]) for name in names]
-        log_count = torch.log(self.stats.k_block_count)
+        prepared: list[tuple[torch.Tensor, RectificationTerms]] = []
+        for name in names:
+            plan, mode = plans[name]
+            plan = plan.expand_batch(b)
+            prepared.append((plan.to_dense(), rectification_terms(mode, plan, self.stats)))
         for start, stop, (m, l, o) in self._chunks():  # noqa: E741
             rows = slice(start * bs, stop * bs)
-            virtual_logits = None
+            # The virtual keys' logits, once per chunk for the plans that share them (every query-mode plan).
+            virtual_logits: dict[tuple[int, int], torch.Tensor] = {}
             factors: list[torch.Tensor] = []
             denominators: list[torch.Tensor] = []
             virtual: list[torch.Tensor | None] = []
-            for keep, rectify, extra in prepared:
+            for keep, terms in prepared:
                 kept = m.masked_fill(~keep[..., start:stop, :].repeat_interleave(bs, -2), -math.inf)
                 top = kept.amax(-1)
-                allowed = None
-                if rectify == "query":
-                    if virtual_logits is None:
-                        virtual_logits = (
-                            self.scale * self.q[..., rows, :] @ self.stats.k_block.transpose(-1, -2)
-                            + log_count[..., None, :]
+                extra = None
+                if terms.has_virtual_keys:
+                    assert terms.virtual_keys is not None and terms.virtual_log_weights is not None
+                    assert terms.virtual_values is not None and terms.virtual_allowed is not None
+                    key = (id(terms.virtual_keys), id(terms.virtual_log_weights))
+                    if key not in virtual_logits:
+                        virtual_logits[key] = (
+                            self.scale * self.q[..., rows, :] @ terms.virtual_keys.to(self.dtype).transpose(-1, -2)
+                            + terms.virtual_log_weights.to(self.dtype)[..., None, :]
                         )
-                    allowed = extra[..., start:stop, :].repeat_interleave(bs, -2)
-                    top = torch.maximum(top, virtual_logits.masked_fill(~allowed, -math.inf).amax(-1))
+                    allowed = terms.virtual_allowed[..., start:stop, :].repeat_interleave(bs, -2)
+                    logits = virtual_logits[key].masked_fill(~allowed, -math.inf)
+                    top = torch.maximum(top, logits.amax(-1))
+                    extra = (logits, terms.virtual_values.to(self.dtype))
                 shift = top.nan_to_num(0.0, neginf=0.0)
                 factor = torch.exp(kept - shift[..., None]).nan_to_num(0.0)
                 denominator = (l * factor).sum(-1)
                 extra_numerator = None
-                if allowed is not None and virtual_logits is not None:
-                    e = torch.exp(virtual_logits.masked_fill(~allowed, -math.inf) - shift[..., None]).nan_to_num(0.0)
+                if extra is not None:
+                    e = torch.exp(extra[0] - shift[..., None]).nan_to_num(0.0)
                     denominator = denominator + e.sum(-1)
-                    extra_numerator = e @ self.stats.v_block
+                    extra_numerator = e @ extra[1]
                 factors.append(factor)
                 denominators.append(denominator)
                 virtual.append(extra_numerator)
             numerators = torch.einsum("pbhrj,bhrjd->pbhrd", torch.stack(factors), o)
-            for index, (_, rectify, extra) in enumerate(prepared):
+            for index, (_, terms) in enumerate(prepared):
                 numerator = numerators[index]
                 extra_numerator = virtual[index]
                 if extra_numerator is not None:
                     numerator = numerator + extra_numerator
                 result = numerator / denominators[index].clamp(min=torch.finfo(self.dtype).tiny)[..., None]
-                if rectify == "block":
-                    rescale, correction = extra
+                if terms.has_epilogue:
+                    assert terms.rescale is not None and terms.correction is not None
                     result = (
-                        rescale[..., start:stop, None].repeat_interleave(bs, -2) * result
-                        + correction[..., start:stop, :].repeat_interleave(bs, -2)
+                        terms.rescale[..., start:stop, None].to(self.dtype).repeat_interleave(bs, -2) * result
+                        + terms.correction[..., start:stop, :].to(self.dtype).repeat_interleave(bs, -2)
                     )
                 outputs[index, ..., rows, :] = result
         results = {}
@@ -211,19 +224,3 @@ class PlanEvaluator:
                 head_error=tuple(float(e) for e in head_error),
             )
         return results
-
-    def _prepare(self, plan: SparsePlan, rectify: str):
-        keep = plan.to_dense()
-        stats: PooledStats = self.stats
-        if rectify == "block":
-            nb = self.layout.num_video_blocks
-            trusted = plan.trusted_mask()[..., :nb, :]
-            weight = plan.block_scores[..., :nb].to(self.dtype) * trusted
-            rescale = torch.ones(*keep.shape[:3], dtype=self.dtype, device=keep.device)
-            rescale[..., :nb] = 1 - weight.sum(-1)
-            correction = torch.zeros(*keep.shape[:3], self.q.shape[-1], dtype=self.dtype, device=keep.device)
-            correction[..., :nb, :] = weight @ stats.v_block
-            return keep, rectify, (rescale, correction)
-        if rectify == "query":
-            return keep, rectify, plan.trusted_mask()
-        return keep, rectify, None

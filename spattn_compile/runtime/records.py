@@ -1,17 +1,14 @@
-"""`spattn_compile.report()`: what the sparse attention of compiled models did, per model, layer, step and branch.
+"""What the sparse attention of a compiled model did, call by call: the records `spattn_compile.report()` reads.
 
-This module owns the run-time record. Each compiled model keeps a `Recorder` (in its `ModelState`, see
-`spattn_compile.schedule`); the op (`spattn_compile.ops`) appends one record per rewritten attention call that runs
-inside a compiled model (so with a step context): dense or sparse and why, the density and estimated recall of the
-plan it used, whether the plan was refreshed or taken from the cache, and, when `enable_timing(True)` is in force on
-CUDA, a pair of CUDA events around the call. Numbers stay device tensors while the model runs (no host sync in the
-hot path) and are read when `report()` is called, which gathers the records of every compiled model in call order.
-Models are named by class (with "#1", "#2"... for further models of one class) and layers by module path. Under context
-parallelism each process (rank) records its own calls, with the global heads each held (`HeadRange`); `report()` reads
-this process's records. Each recorder is bounded (the oldest calls are dropped beyond `max_records`);
-`reset_report()` empties them all.
-`print(report())` shows a table; `report().plot(path)` draws the kept-block share of the latest plan of each layer
-and the density per layer and step to a PNG (needs matplotlib: `pip install spattn_compile[plot]`).
+Each compiled model keeps a `Recorder` (in its `ModelState`); the op appends one record per rewritten attention call
+that runs inside a compiled model (so with a step context): dense or sparse and why, the density and estimated recall
+of the plan it used, whether the plan was refreshed or taken from the cache, and, when `enable_timing(True)` is in
+force on CUDA, a pair of CUDA events around the call. Numbers stay device tensors while the model runs (no host sync in
+the hot path) and are read when `report()` (`runtime.report`) is called. Under context parallelism each process
+(rank) records its own calls, with the global heads each held (`HeadRange`). Each recorder is bounded (the oldest
+calls are dropped beyond `max_records`). `ScheduleReport` is what `report()` returns: `print(report())` shows a table;
+`report().plot(path)` draws the kept-block share of the latest plan of each layer and the density per layer and step
+to a PNG (needs matplotlib: `pip install spattn_compile[plot]`).
 """
 
 from __future__ import annotations
@@ -20,22 +17,20 @@ import collections
 import dataclasses
 import itertools
 import threading
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from .schedule import StepContext
-
 __all__ = [
+    "KINDS",
     "AttentionRecord",
     "HeadRange",
+    "PendingRecord",
+    "ReportSettings",
     "Recorder",
     "ScheduleReport",
     "enable_timing",
-    "record",
-    "report",
-    "reset_report",
+    "report_settings",
+    "timing_enabled",
 ]
 
 # What the schedule did with a call: sparse, or dense because of the warm-up steps, a dense layer, a short sequence,
@@ -97,7 +92,9 @@ class AttentionRecord:
 
 
 @dataclasses.dataclass
-class _PendingRecord:
+class PendingRecord:
+    """One call as the op records it: its numbers may still be device tensors, its time a pair of CUDA events."""
+
     sequence: int
     model: str
     generation: int
@@ -114,7 +111,7 @@ class _PendingRecord:
     heads: HeadRange | None = None
 
 
-class _ReportSettings:
+class ReportSettings:
     """Process-wide report settings: timing, the default bound of each recorder, and the call order across models."""
 
     def __init__(self) -> None:
@@ -123,7 +120,12 @@ class _ReportSettings:
         self.sequence = itertools.count()
 
 
-_SETTINGS = _ReportSettings()
+_SETTINGS = ReportSettings()
+
+
+def report_settings() -> ReportSettings:
+    """The process-wide report settings."""
+    return _SETTINGS
 
 
 class Recorder:
@@ -132,7 +134,7 @@ class Recorder:
 
     def __init__(self, max_records: int | None = None) -> None:
         self.lock = threading.Lock()
-        self.records: collections.deque[_PendingRecord] = collections.deque(maxlen=max_records or _SETTINGS.max_records)
+        self.records: collections.deque[PendingRecord] = collections.deque(maxlen=max_records or _SETTINGS.max_records)
         # (layer index, layer name, branch) -> (step, kept share (NB, NB)) of the latest refresh.
         self.masks: dict[tuple[int, str, int], tuple[int, torch.Tensor]] = {}
 
@@ -155,100 +157,12 @@ def timing_enabled() -> bool:
     return _SETTINGS.timing
 
 
-def record(
-    context: StepContext,
-    layer_index: int,
-    kind: str,
-    cache: str,
-    density: torch.Tensor | float,
-    recall: torch.Tensor | float,
-    events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None,
-    keep_share: torch.Tensor | None = None,
-    layer: str = "",
-    estimator: str = "",
-    heads: HeadRange | None = None,
-) -> None:
-    """Append one call (`context`: its `StepContext`) to its model's recorder; `keep_share` `(NB, NB)` is kept for
-    `plot` (latest only); `heads`: see `AttentionRecord`."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    model = context.model
-    pending = _PendingRecord(
-        next(_SETTINGS.sequence),
-        model.name,
-        context.generation,
-        context.step,
-        context.branch,
-        layer_index,
-        layer,
-        kind,
-        cache,
-        density,
-        recall,
-        events,
-        estimator,
-        heads,
-    )
-    recorder = model.recorder
-    with recorder.lock:
-        recorder.records.append(pending)
-        if keep_share is not None:
-            recorder.masks[(layer_index, layer, context.branch)] = (context.step, keep_share)
 
 
-def reset_report(max_records: int | None = None) -> None:
-    """Forget every record of every compiled model (and optionally change how many each model keeps, 100,000 by
-    default)."""
-    if max_records is not None and (
-        not isinstance(max_records, int) or isinstance(max_records, bool) or max_records < 1
-    ):
-        raise ValueError(f"max_records must be None or a positive int, got {max_records!r}")
-    if max_records is not None:
-        _SETTINGS.max_records = max_records
-    from .tracking import default_registry
-
-    for model in default_registry().models():
-        model.recorder.clear(max_records)
 
 
-def _value(x: torch.Tensor | float) -> float:
-    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
 
 
-def report() -> ScheduleReport:
-    """Read every compiled model's records (one host sync per stored tensor) into a `ScheduleReport`, in call order."""
-    from .tracking import default_registry
-
-    pending: list[_PendingRecord] = []
-    masks: dict[tuple[str, int, str, int], tuple[int, torch.Tensor]] = {}
-    for model in default_registry().models():
-        with model.recorder.lock:
-            pending.extend(model.recorder.records)
-            for (index, layer, branch), value in model.recorder.masks.items():
-                masks[(model.name, index, layer, branch)] = value
-    pending.sort(key=lambda p: p.sequence)
-    if any(p.events is not None for p in pending):
-        torch.cuda.synchronize()
-    records = tuple(
-        AttentionRecord(
-            p.model,
-            p.generation,
-            p.step,
-            p.branch,
-            p.layer_index,
-            p.layer,
-            p.kind,
-            p.cache,
-            _value(p.density),
-            _value(p.recall),
-            None if p.events is None else p.events[0].elapsed_time(p.events[1]),
-            p.estimator,
-            p.heads,
-        )
-        for p in pending
-    )
-    mask_values = {key: (step, share.detach().float().cpu()) for key, (step, share) in masks.items()}
-    return ScheduleReport(records, mask_values)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
