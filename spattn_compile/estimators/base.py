@@ -50,6 +50,12 @@ class EstimatorConfig:
         """The tile size of the `PooledStats` this estimator reads (`block_size`: it reads no tile statistics)."""
         return block_size
 
+    @property
+    def reads_tile_outliers(self) -> bool:
+        """Whether the estimator reads the key tiles' outliers (`KeyTileOutliers`), which the Triton preparation
+        computes in its one pass over the keys when asked."""
+        return False
+
     def check_block_size(self, block_size: int) -> None:
         """Raise ValueError naming the field when these settings cannot work with `block_size`."""
 
@@ -63,7 +69,7 @@ class EstimatorConfig:
 class KeyTileOutliers:
     """The pooled estimator's split of each video key tile (`estimators.pooled`): the tile's usable key farthest from
     the mean of its usable keys (the first on ties), and the mean and count of the others. The Triton path computes
-    them in its one pass over the keys (`kernels.reorder_pool.prepare_statistics`); the reference derives them from
+    them in its one pass over the keys (`kernels.statistics.prepare_statistics`); the reference derives them from
     the canonical keys (`estimators.pooled.tile_outliers_reference`).
 
     rest_mean, outlier: `(B, H, NT, D)`; rest_count, outlier_count: float32 `(B, H, NT)` (outlier_count is 1 where the

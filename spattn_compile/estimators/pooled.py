@@ -53,6 +53,10 @@ class PooledTiles(EstimatorConfig):
     def pool_tile_size(self, block_size: int) -> int:
         return self.tile_size
 
+    @property
+    def reads_tile_outliers(self) -> bool:
+        return self.outliers
+
     def check_block_size(self, block_size: int) -> None:
         if block_size % self.tile_size:
             raise ValueError(
@@ -127,12 +131,8 @@ def pooled_scores_reference(inputs: EstimatorInputs, config: PooledTiles) -> tor
 
 
 def _pooled_scores_kernel(inputs: EstimatorInputs, config: PooledTiles) -> torch.Tensor:
-    from ..kernels.pooled_scores import pooled_scores, pooled_scores_one_pass
+    from ..kernels.pooled_scores import pooled_scores
 
-    # Canonical copies: the two-pass kernel of the copying pipeline. The caller's tensors (`prepare_statistics`):
-    # the one-pass kernel, which reads the text keys through the layout's index.
-    if inputs.in_source_order:
-        return pooled_scores_one_pass(inputs, outliers=config.outliers)
     return pooled_scores(inputs, outliers=config.outliers)
 
 
