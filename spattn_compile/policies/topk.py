@@ -150,6 +150,9 @@ def select_top_k(
     """The plan of `settings` with the `kind` ("reference" or "kernel") implementation; `budget`: int32 `(B, H)`
     per-head budgets of video blocks in place of `settings.density`'s (what a per-head budget policy hands the
     selection; `check_budget`)."""
+    density = settings.density
+    if budget is None and (isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1):
+        raise ValueError(f"TopK: density must be a number in (0, 1], got {density!r}")
     if kind == "reference":
         return select_plan_reference(
             inputs.scores,
