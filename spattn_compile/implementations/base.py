@@ -1,8 +1,8 @@
 """What an implementation of the sparse attention is, and the registry that picks one for a call (diffusers' attention
 dispatcher is the model: named entries, each with the constraints it checks).
 
-An implementation provides the two stages that touch the full-size tensors: `prepare` (stage 0: the reorder into the
-canonical layout and the pooled statistics, as `Prepared`) and `attend` (stage 3: rectified block-sparse attention
+An implementation provides the two stages that touch the full-size tensors: `prepare` (stage 0: the inputs in the
+canonical layout, as copies or read through its index, and the pooled statistics, as `Prepared`) and `attend` (stage 3: rectified block-sparse attention
 with a plan, back in the original token order). The stages in between run the registered policies' handlers of the
 implementation's `kind` (the estimators' and selection policies' `reference` or `kernel` functions), so an
 implementation never names an estimator or a policy.
