@@ -263,7 +263,9 @@ def check(lines: list[str]) -> bool:
             out_error = relative_error(out, expected)
             fresh = sparse_attention(problem.q, problem.k, problem.v, **problem.kwargs(config))
             same = bool(torch.equal(fresh, out))
-            passed = score_error < 1e-2 and deficit <= 4 * score_error + 1e-6 and out_error < 1e-2 and same
+            # Plans may differ where two blocks' scores tie to the scores' rounding: the kept mass may not.
+            score_max_error = float((plan.block_scores.double() - want.block_scores).abs().max())
+            passed = score_error < 1e-2 and deficit <= 4 * score_max_error + 1e-6 and out_error < 1e-2 and same
             ok &= passed
             lines.append(
                 f"| {sparsity} | {rectify} | {score_error:.2e} | {rows_differ:.2%} | {deficit:.1e} | {out_error:.2e} "
