@@ -2,10 +2,10 @@
 dispatcher is the model: named entries, each with the constraints it checks).
 
 An implementation provides the two stages that touch the full-size tensors: `prepare` (stage 0: the inputs in the
-canonical layout, as copies or read through its index, and the pooled statistics, as `Prepared`) and `attend` (stage 3: rectified block-sparse attention
-with a plan, back in the original token order). The stages in between run the registered policies' handlers of the
-implementation's `kind` (the estimators' and selection policies' `reference` or `kernel` functions), so an
-implementation never names an estimator or a policy.
+canonical layout, as copies or read through its index, and the pooled statistics, as `Prepared`) and `attend` (stage
+3: rectified block-sparse attention with a plan, back in the original token order). The stages in between run the
+registered policies' handlers of the implementation's `kind` (the estimators' and selection policies' `reference` or
+`kernel` functions), so an implementation never names an estimator or a policy.
 
 `implementation_for(impl, query)` resolves "auto" (the Triton kernels on CUDA, the reference on the CPU, as
 `capability.check_capability` decides), checks the entry's constraints and raises ValueError naming the reason.
