@@ -1,464 +1,405 @@
-"""Speed of the block-sparse attention kernel against cuDNN dense SDPA and FlexAttention on the identical block mask.
+"""The public path against cuDNN dense attention and FlexAttention, in one run (the issue-17 table).
 
-Owns the kernel benchmark (docs/DESIGN.md): bf16, head dim 128, batch 1, at the video shapes of
-Wan 2.1 1.3B (32,760 tokens, 12 heads), Wan 2.1 14B (75,600 tokens, 40 heads) and HunyuanVideo (118,800 video + 256
-text tokens, a third of the text padded, 24 heads), at densities 25%, 10% and 5%. For each it times, side by side in
-one process (triton.testing.do_bench medians, the variants interleaved over rounds; the median of the rounds):
+    python benchmarks/bench_attention.py            # on a CUDA GPU (H200: about 4 minutes)
+    python benchmarks/bench_attention.py --smoke    # the CPU: Triton interpreter, toy shapes, every step
 
-    dense     cuDNN SDPA (SDPBackend.CUDNN_ATTENTION) over the S real tokens, no mask (a lower bound on dense time)
-    flex      FlexAttention (torch.compile'd) with a BlockMask built from the same kv_counts / kv_indices: blocks with
-              a masked key are partial blocks (mask_mod reads the key-validity vector), the others full blocks
-    ours      the kernel alone, rectify "none", on the same plan and key-validity mask (text query blocks scheduled
-              first, `priority_query_blocks`)
-    +scatter  the same, storing through `out_index` into a (B, S, H, D) buffer (the fused inverse reorder)
-    block     rectify "block" (epilogue R * O + c)
-    query     rectify "query" with every skipped non-empty video block trusted (the most virtual keys: upper bound)
-    text rows not first   (shapes with text) ours without `priority_query_blocks`
-    pipeline  the whole sparse pipeline as the compiled model runs it (`attention.SparseAttention`, Triton):
-              (B, S, H, D)-strided inputs in the original token order, Hilbert reorder + pooling, hierarchical
-              scoring + selection at the same target density (its own plan, from the inputs' scores, so its
-              density is printed), block rectification with GAPR, attention, inverse reorder into the output
-    cached    the same with the plan given (a step that reuses a cached plan: no scoring or selection)
+1. Correctness first, on a small shape (9x30x45 + 77 text tokens, a third of them padding; `--smoke`: a toy one):
+   the bf16 public path (`select_plan` / `sparse_attention`, impl "triton", default settings) against the float64
+   reference (impl "reference" on the inputs in float64): block scores, plans (equal, or equal kept mass under the
+   reference's scores where two blocks tie to the scores' rounding), the output against the reference's output on
+   the same plan, and a fresh call equal to planning then attending.
+2. At Wan 2.1 14B 720p (21x45x80 latent grid after patching, 75,600 tokens, 40 heads) and HunyuanVideo 720p (33x45x80
+   + 256 text tokens of which 128 padding, 24 heads), D = 128, bf16, Q/K/V as (B, S, H, D) projections viewed as
+   (B, H, S, D), default settings at sparsity 0.75 and 0.9, through the public API:
+   - dense: cuDNN SDPA on the same tensors, no mask (Hunyuan too: its unmasked call, as the issue asks);
+   - fresh: `sparse_attention(...)` (plans and attends); cached: `sparse_attention(..., plan=plan)`; planning:
+     `select_plan(...)` (everything it does); their ratios to dense;
+   - attend: stage 3 alone (`SparseAttention.attend` on a preparation and the plan: the rectification's inputs and the
+     kernel), its TFLOP/s on the FLOPs it does (4 * BS^2 * D per kept block pair per head; the virtual keys of query
+     rectification are not counted) and that rate over cuDNN's dense rate (4 * S^2 * D per head);
+   - flex: FlexAttention (torch.compile'd) on the same kept blocks of canonical copies (copies not timed; blocks with a
+     masked key partial), and attend's speed over it;
+   - memory: the fresh call's peak allocation above what was allocated before it, less its output, over the bytes of
+     Q, K and V.
+3. Head dims 64 and 96 (CogVideoX-like: 13x30x45 + 226 text tokens, 48 / 32 heads), sparsity 0.9: attend's rate over
+   cuDNN's at that head dim.
 
-The plan: per query block, the diagonal block plus the top-scoring video key blocks of uniform random scores up to
-`ceil(density * NB)` video blocks (so the density is exact), plus every text block; text query rows keep all blocks
-(`policies.topk.select_blocks`). TFLOP/s count the executed work: 4 * BS^2 * D flops per kept (query block, key block)
-pair per head (2 for QK^T, 2 for PV); dense counts 4 * S^2 * D per head. "of ideal" is our TFLOP/s over cuDNN's dense
-TFLOP/s, i.e. (dense time * kept share of the work) / our time.
-
-Run on a GPU: `python benchmarks/bench_attention.py [--check] [--quick] [--sweep]`. `--check` first compares our output
-with FlexAttention's (all real rows) and both with an fp32 SDPA on an explicit dense mask (first query rows of one
-head), as bf16 relative errors. `--sweep` also times every tile configuration of the autotuner at one shape.
+Times are medians of `spattn_compile.testing.benchmark.time_ms` after a warm-up call (compiles and autotuning);
+a row whose repeats spread more than 2x is marked. The table is printed last; the whole report goes to
+`$OUT/bench_attention.md` when OUT is set.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import inspect
-import math
-import statistics
+import os
 import sys
-from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+SMOKE = "--smoke" in sys.argv
+if SMOKE:
+    # Before torch and triton are imported: the interpreter is chosen when triton loads.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import datetime  # noqa: E402
+import inspect  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-from spattn_compile import reference  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from spattn_compile import reference, select_plan, sparse_attention  # noqa: E402
 from spattn_compile.attention import SparseAttention  # noqa: E402
 from spattn_compile.call_layout import CallLayout  # noqa: E402
 from spattn_compile.config import SparseAttentionConfig  # noqa: E402
+from spattn_compile.estimators import PooledTiles  # noqa: E402
 from spattn_compile.implementations import make_implementation  # noqa: E402
-from spattn_compile.kernels import block_sparse_attention as bsa  # noqa: E402
-from spattn_compile.layout import token_layout  # noqa: E402
 from spattn_compile.plan import SparsePlan, indices_from_mask  # noqa: E402
-from spattn_compile.policies.rectification import block_rectification  # noqa: E402
-from spattn_compile.policies.topk import select_blocks  # noqa: E402
-
-# Everything runs on the GPU; a smoke test may point this at the CPU (Triton interpreter, tiny shapes).
-DEVICE = "cuda"
-BLOCK_SIZE = 128
-HEAD_DIM = 128
-# (name, video grid, heads, text tokens, padded text tokens)
-SHAPES = [
-    ("wan1.3b-480p", (21, 30, 52), 12, 0, 0),
-    ("wan14b-720p", (21, 45, 80), 40, 0, 0),
-    ("hunyuan-720p", (33, 45, 80), 24, 256, 85),
-]
-DENSITIES = (0.25, 0.10, 0.05)
+from spattn_compile.testing.benchmark import ATTENTION_CASES, relative_error, time_ms  # noqa: E402
 
 
-def _estimate_ms(fn) -> float:
-    """Milliseconds of one call of `fn`, after a first call that compiles / autotunes outside the timing."""
-    fn()
-    torch.cuda.synchronize()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    stop.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(stop)
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One attention call: latent grid after patching, heads, head dim, text tokens (after the video) and how many of
+    them are padding (masked keys)."""
+
+    name: str
+    grid: tuple[int, int, int]
+    heads: int
+    head_dim: int = 128
+    text_len: int = 0
+    text_padding: int = 0
+
+    @property
+    def seq_len(self) -> int:
+        return math.prod(self.grid) + self.text_len
 
 
-def _bench(fn, quick: bool) -> float:
-    """Median milliseconds of `fn` (triton.testing.do_bench, which flushes the L2 cache between runs)."""
-    import triton.testing
-
-    estimate = _estimate_ms(fn)
-    # At least ~10 timed runs, more for short kernels; warm-up of a few runs.
-    rep = max(estimate * (5 if quick else 10), 60 if quick else 200)
-    return triton.testing.do_bench(fn, warmup=max(3 * estimate, 25), rep=rep, return_mode="median")
+def _shape(name: str) -> Shape:
+    case = ATTENTION_CASES[name]
+    return Shape(name, case.grid, case.heads, case.head_dim, case.text_len, case.text_padding)
 
 
-def _bench_interleaved(fns: dict, quick: bool) -> dict[str, float]:
-    """Median milliseconds of each function, timed in rounds (A B C, B C A, C A B, ...) so that slow drifts of the
-    GPU clock (seen here: +-5% between minutes) fall on every variant alike. Each round is a do_bench median."""
-    import triton.testing
-
-    estimates = {}
-    for name, fn in fns.items():
-        estimates[name] = _estimate_ms(fn)
-    rounds = 2 if quick else 3
-    names = list(fns)
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(rounds):
-        order = names[round_index % len(names) :] + names[: round_index % len(names)]
-        for name in order:
-            estimate = estimates[name]
-            rep = max(4 * estimate, 40 if quick else 100)
-            samples[name].append(
-                triton.testing.do_bench(fns[name], warmup=max(estimate, 10), rep=rep, return_mode="median")
-            )
-    return {name: statistics.median(values) for name, values in samples.items()}
+if SMOKE:
+    DEVICE, DTYPE, BLOCK, REPEATS = torch.device("cpu"), torch.float16, 16, 1
+    CONFIG = SparseAttentionConfig(block_size=BLOCK, estimator=PooledTiles(16), min_seq_len=0)
+    CHECK_SHAPE = Shape("toy+text", (2, 3, 5), 2, 32, 20, 7)
+    TIMING_SHAPES = [Shape("toy+text", (2, 3, 5), 1, 32, 20, 7)]
+    HEAD_DIM_SHAPES = [Shape("toy D=24", (2, 3, 3), 1, 24, 9, 3)]
+    SPARSITIES, RECTIFY_MODES = (0.75,), ("query", "none")
+else:
+    DEVICE, DTYPE, BLOCK, REPEATS = torch.device("cuda"), torch.bfloat16, 128, 5
+    CONFIG = SparseAttentionConfig(min_seq_len=0)
+    CHECK_SHAPE = Shape("9x30x45+text", (9, 30, 45), 2, 128, 77, 26)
+    TIMING_SHAPES = [_shape("wan14b-720p"), _shape("hunyuan-720p")]
+    HEAD_DIM_SHAPES = [
+        Shape("cogvideox-like D=64", (13, 30, 45), 48, 64, 226, 0),
+        Shape("cogvideox-like D=96", (13, 30, 45), 32, 96, 226, 0),
+    ]
+    SPARSITIES, RECTIFY_MODES = (0.75, 0.9), ("query", "block", "none")
 
 
-def _measure_ceilings() -> tuple[float, float]:
-    """Device-to-device copy bandwidth (GB/s, bytes read + written) and an 8192^3 bf16 matmul rate (TFLOP/s)."""
-    import triton.testing
-
-    source = torch.randn(1 << 29, device=DEVICE, dtype=torch.bfloat16)  # 1 GiB
-    target = torch.empty_like(source)
-    copy_ms = triton.testing.do_bench(lambda: target.copy_(source), return_mode="median")
-    a = torch.randn(8192, 8192, device=DEVICE, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=DEVICE, dtype=torch.bfloat16)
-    mm_ms = triton.testing.do_bench(lambda: a @ b, return_mode="median")
-    return 2 * (1 << 30) / copy_ms / 1e6, 2 * 8192**3 / mm_ms / 1e9
+# --------------------------------------------------------------------------------------------------------------------
+# Inputs and the calls
+# --------------------------------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
 class Problem:
-    """Canonical-layout inputs of one shape: q, k, v (1, H, P, D) bf16 with zero padding rows, key validity."""
+    """Q, K, V `(1, H, S, D)` viewed from `(1, S, H, D)` buffers in the original token order, the key-padding mask."""
 
-    def __init__(self, name: str, grid, heads: int, text_len: int, text_padding: int, seed: int = 0):
-        self.name = name
-        self.layout = layout = token_layout(grid, text_len, False, BLOCK_SIZE)
-        self.heads = heads
+    shape: Shape
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    attn_mask: torch.Tensor | None
+
+    @classmethod
+    def make(cls, shape: Shape, dtype: torch.dtype = DTYPE, seed: int = 0) -> Problem:
+        """Noise plus a component smooth over runs of 64 tokens (so pooled blocks differ, as in a video)."""
         generator = torch.Generator(device=DEVICE).manual_seed(seed)
-        padded, device = layout.padded_len, torch.device(DEVICE)
-        source = layout.source_index.to(device)
-        self.real_rows = source >= 0
+        seq, heads, dim = shape.seq_len, shape.heads, shape.head_dim
 
         def sample() -> torch.Tensor:
-            x = torch.randn(1, heads, padded, HEAD_DIM, generator=generator, device=device, dtype=torch.bfloat16)
-            return x.masked_fill(~self.real_rows[:, None], 0)
+            smooth = torch.randn(1, seq // 64 + 1, 1, heads, dim, generator=generator, device=DEVICE)
+            smooth = smooth.expand(-1, -1, 64, -1, -1).reshape(1, -1, heads, dim)[:, :seq]
+            noise = torch.randn(1, seq, heads, dim, generator=generator, device=DEVICE)
+            return (noise + smooth).to(dtype).transpose(1, 2)
 
-        self.q, self.k, self.v = sample(), sample(), sample()
-        valid = self.real_rows.clone()
-        if text_padding:
-            text_end = layout.text_offset + text_len
-            valid[text_end - text_padding : text_end] = False
-        self.key_valid_row = valid
-        self.key_valid = valid[None, None].expand(1, heads, -1)
-        self.out_index = source
-        self.scale = 1.0 / math.sqrt(HEAD_DIM)
-        self.seq_len = layout.seq_len
-        self.nonempty = self.key_valid.reshape(1, heads, layout.num_blocks, BLOCK_SIZE).any(-1)
-        # The whole pipeline's inputs: original token order, (B, S, H, D) memory as a DiT's projections make them.
-        self.grid, self.text_len = tuple(grid), text_len
-        self.original = tuple(
-            torch.randn(
-                1, layout.seq_len, heads, HEAD_DIM, generator=generator, device=device, dtype=torch.bfloat16
-            ).transpose(1, 2)
-            for _ in range(3)
-        )
-        self.attn_mask = None
-        if text_padding:
-            self.attn_mask = torch.ones(1, 1, 1, layout.seq_len, dtype=torch.bool, device=device)
-            self.attn_mask[..., layout.seq_len - text_padding :] = False
+        mask = None
+        if shape.text_padding:
+            mask = torch.ones(1, 1, 1, seq, dtype=torch.bool, device=DEVICE)
+            mask[..., seq - shape.text_padding :] = False
+        return cls(shape, sample(), sample(), sample(), mask)
 
-    def plan(self, density: float, seed: int = 1):
-        layout = self.layout
-        generator = torch.Generator(device=DEVICE).manual_seed(seed)
-        nb = layout.num_video_blocks
-        scores = torch.rand(1, self.heads, nb, nb + 1, generator=generator, device=DEVICE)
-        keep = select_blocks(scores, layout, density=density, key_block_nonempty=self.nonempty)
-        return keep
+    @property
+    def qkv_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.q, self.k, self.v))
+
+    def kwargs(self, config: SparseAttentionConfig, impl: str = "triton") -> dict:
+        return dict(
+            video_grid=self.shape.grid, text_len=self.shape.text_len, attn_mask=self.attn_mask, config=config,
+            impl=impl,
+        )  # fmt: skip
+
+    def call(self, config: SparseAttentionConfig) -> SparseAttention:
+        """The orchestrator of the public functions, for timing stage 3 alone."""
+        layout = CallLayout(self.shape.grid, self.shape.text_len, False)
+        return SparseAttention(self.q, self.k, self.v, layout, attn_mask=self.attn_mask, scale=None, config=config,
+                               implementation=make_implementation("triton"))  # fmt: skip
 
 
-def _flex_block_mask(problem: Problem, keep: torch.Tensor):
-    """FlexAttention BlockMask with the same kept blocks: full blocks where every key is valid, partial blocks
-    (mask_mod reads key validity) where some key is masked."""
-    from torch.nn.attention.flex_attention import BlockMask
-
-    has_masked_key = (~problem.key_valid_row).reshape(-1, BLOCK_SIZE).any(-1)
-    partial_counts, partial_indices = indices_from_mask(keep & has_masked_key)
-    full_counts, full_indices = indices_from_mask(keep & ~has_masked_key)
-    valid = problem.key_valid_row
-
-    # The compiled kernel evaluates mask_mod only inside partial blocks and skips unlisted blocks, but eager
-    # FlexAttention defines the mask by mask_mod alone: encode the block plan in it too, so both agree.
-    def key_is_valid(b, h, q_idx, kv_idx):
-        return keep[b, h, q_idx // BLOCK_SIZE, kv_idx // BLOCK_SIZE] & valid[kv_idx]
-
-    kwargs = {}
-    if "seq_lengths" in inspect.signature(BlockMask.from_kv_blocks).parameters:
-        kwargs["seq_lengths"] = (problem.layout.padded_len, problem.layout.padded_len)
-    return BlockMask.from_kv_blocks(
-        partial_counts,
-        partial_indices,
-        full_counts,
-        full_indices,
-        BLOCK_SIZE=BLOCK_SIZE,
-        mask_mod=key_is_valid,
-        **kwargs,
-    )
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm())
-
-
-def _dense_rows_reference(problem: Problem, keep: torch.Tensor, rows: int, head: int = 0) -> torch.Tensor:
-    """fp32 SDPA of the first `rows` canonical query rows of one head on the explicit dense mask of the plan."""
-    allowed = keep[0, head, : rows // BLOCK_SIZE].repeat_interleave(BLOCK_SIZE, 0).repeat_interleave(BLOCK_SIZE, 1)
-    allowed = allowed & problem.key_valid_row[None]
-    q = problem.q[:, head : head + 1, :rows].float()
-    k, v = (t[:, head : head + 1].float() for t in (problem.k, problem.v))
-    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[None, None], scale=problem.scale)
-
-
-def _rectify_args(problem: Problem, keep: torch.Tensor, rectify: str) -> dict:
-    """Block or query mode inputs with every skipped non-empty video block trusted; pooled statistics from the
-    reference (fp32)."""
-    if rectify == "none":
-        return {}
-    layout = problem.layout
-    nb, nq = layout.num_video_blocks, layout.num_blocks
-    q, k, v = (t.float() for t in (problem.q, problem.k, problem.v))
-    stats = reference.pool_statistics(q, k, v, problem.key_valid, layout, BLOCK_SIZE)
-    trusted = torch.zeros(1, problem.heads, nq, nb, dtype=torch.bool, device=DEVICE)
-    trusted[..., :nb, :] = ~keep[..., :nb, :nb] & problem.nonempty[..., None, :nb]
-    trusted_counts, trusted_indices = indices_from_mask(trusted)
-    if rectify == "block":
-        scores = torch.rand(1, problem.heads, nb, nb + 1, device=DEVICE)
-        scores = scores / scores.sum(-1, keepdim=True)
-        counts, indices = indices_from_mask(keep)
-        plan = SparsePlan(layout, counts, indices, trusted_counts, trusted_indices, scores, "random")
-        rescale, correction = block_rectification(plan, stats, nq)
-        return {"rescale": rescale, "correction": correction}
-    return {
-        "trusted_counts": trusted_counts,
-        "trusted_indices": trusted_indices,
-        "k_block": stats.k_block.to(torch.bfloat16),
-        "v_block": stats.v_block.to(torch.bfloat16),
-        "k_block_log_count": stats.k_block_count.log(),
-    }
-
-
-def _dense_sdpa(heads: int, seq: int):
-    """cuDNN SDPA over `seq` real tokens, no mask, as a callable; None (with the reason printed) if cuDNN attention
-    cannot run here."""
+def _dense(problem: Problem) -> Callable[[], torch.Tensor]:
+    """cuDNN SDPA on the problem's tensors without a mask (the default SDPA backend off CUDA or if cuDNN fails)."""
+    q, k, v = problem.q, problem.k, problem.v
+    if DEVICE.type != "cuda":
+        return lambda: F.scaled_dot_product_attention(q, k, v)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    q, k, v = (torch.randn(1, heads, seq, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16) for _ in range(3))
-
-    def run():
+    def run() -> torch.Tensor:
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             return F.scaled_dot_product_attention(q, k, v)
 
     try:
         run()
     except RuntimeError as error:
-        print(f"cuDNN SDPA failed: {error}")
-        return None
+        print(f"  cuDNN SDPA unavailable ({str(error)[:120]}); dense = the default SDPA backend")
+        return lambda: F.scaled_dot_product_attention(q, k, v)
     return run
 
 
-def _time_density(problem: Problem, density: float, flex, dense, args, sweep: bool) -> dict:
-    """Check (optionally) and time every variant on one plan; returns one table row."""
-    layout = problem.layout
-    keep = problem.plan(density)
-    kv_counts, kv_indices = indices_from_mask(keep)
-    kept_flops = 4 * int(kv_counts.sum()) * BLOCK_SIZE**2 * HEAD_DIM
-    dense_flops = 4 * problem.seq_len**2 * HEAD_DIM * problem.heads
-    name = f"{problem.name} d={density:.2f}"
+def _flex(problem: Problem, plan: SparsePlan, flex) -> Callable[[], object] | None:
+    """FlexAttention on canonical copies with the plan's kept blocks (blocks with a masked key partial, mask_mod
+    reading key validity); None off CUDA."""
+    if flex is None:
+        return None
+    from torch.nn.attention.flex_attention import BlockMask
 
-    def ours(rectify="none", extra=None, out_index=None, out=None, tile_config=None, priority=None):
-        return bsa.block_sparse_attention(
-            problem.q,
-            problem.k,
-            problem.v,
-            kv_counts,
-            kv_indices,
-            scale=problem.scale,
-            block_size=BLOCK_SIZE,
-            key_valid=problem.key_valid,
-            rectify=rectify,
-            out_index=out_index,
-            out=out,
-            priority_query_blocks=layout.num_text_blocks if priority is None else priority,
-            tile_config=tile_config,
-            **(extra or {}),
-        )
+    layout = plan.layout
+    valid = torch.zeros(layout.padded_len, dtype=torch.bool, device=DEVICE)
+    source = layout.to(DEVICE).source_index
+    real = source >= 0
+    key_ok = torch.ones(problem.shape.seq_len, dtype=torch.bool, device=DEVICE)
+    if problem.attn_mask is not None:
+        key_ok = problem.attn_mask.reshape(-1)
+    valid[real] = key_ok[source[real]]
+    keep = plan.to_dense()
+    partial = (~valid).reshape(-1, layout.block_size).any(-1)
+    partial_counts, partial_indices = indices_from_mask(keep & partial)
+    full_counts, full_indices = indices_from_mask(keep & ~partial)
 
-    run_flex = None
-    try:
-        block_mask = _flex_block_mask(problem, keep)
+    def mask_mod(b, h, q_idx, kv_idx):
+        return keep[b, h, q_idx // layout.block_size, kv_idx // layout.block_size] & valid[kv_idx]
 
-        def run_flex():
-            return flex(problem.q, problem.k, problem.v, block_mask=block_mask, scale=problem.scale)
-
-        run_flex()
-    except Exception as error:  # noqa: BLE001  (record why FlexAttention could not run, keep timing ours)
-        print(f"{name}: FlexAttention failed: {type(error).__name__}: {error}")
-        run_flex = None
-
-    if args.check:
-        mine = ours().float()
-        real = problem.real_rows
-        check_rows = 8 * BLOCK_SIZE
-        truth = _dense_rows_reference(problem, keep, check_rows)
-        line = f"check {name}: ours vs fp32 SDPA(mask) {_rel(mine[:, :1, :check_rows], truth):.2e}"
-        if run_flex is not None:
-            theirs = run_flex().float()
-            line += f", flex vs fp32 SDPA(mask) {_rel(theirs[:, :1, :check_rows], truth):.2e}"
-            line += f", ours vs flex (all real rows) {_rel(mine[:, :, real], theirs[:, :, real]):.2e}"
-        print(line)
-
-    buffer = torch.empty(1, problem.seq_len, problem.heads, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16)
-    block_args = _rectify_args(problem, keep, "block")
-    query_args = _rectify_args(problem, keep, "query")
-    virtual_per_row = int(query_args["trusted_counts"].sum()) / (problem.heads * layout.num_video_blocks)
-    variants = {
-        "ours": ours,
-        "flex": run_flex,
-        "dense": dense,
-        "scatter": lambda: ours(out_index=problem.out_index, out=buffer.transpose(1, 2)),
-        "block": lambda: ours("block", block_args),
-        "query": lambda: ours("query", query_args),
-    }
-    pipeline_config = SparseAttentionConfig(block_size=BLOCK_SIZE, min_seq_len=0, max_density=max(0.5, density))
-
-    call_layout = CallLayout(layout.video_grid, layout.num_text, layout.text_first)
-    triton = make_implementation("triton")
-
-    def call() -> SparseAttention:
-        return SparseAttention(
-            *problem.original, call_layout, attn_mask=problem.attn_mask, scale=None, config=pipeline_config,
-            implementation=triton,
-        )  # fmt: skip
-
-    def pipeline():
-        attention = call()
-        plan = attention.plan(selection=dataclasses.replace(attention.selection, density=density))
-        return attention.run(plan), plan
-
-    _, pipeline_plan = pipeline()
-    pipeline_density = float(pipeline_plan.density().mean())
-    variants["pipeline"] = pipeline
-    variants["cached"] = lambda: call().run(pipeline_plan)
-    if layout.num_text_blocks:
-        # The text query rows attend to every block: without scheduling them first they may finish last.
-        variants["no_priority"] = lambda: ours(priority=0)
-    times = _bench_interleaved({k: fn for k, fn in variants.items() if fn is not None}, args.quick)
-    times = {k: times.get(k, math.nan) for k in variants}
-    config = bsa.chosen_tile_config()
-    row = {
-        "shape": problem.name,
-        "density": density,
-        "work": kept_flops / dense_flops,
-        **times,
-        "ours_tflops": kept_flops / times["ours"] / 1e9,
-        "flex_tflops": kept_flops / times["flex"] / 1e9,
-        "dense_tflops": dense_flops / times["dense"] / 1e9,
-        "pipeline_density": pipeline_density,
-    }
-    line = (
-        f"  d={density:.2f} work {row['work']:.3f}: ours {times['ours']:.2f} ms ({row['ours_tflops']:.0f} TFLOP/s, "
-        f"{config}), flex {times['flex']:.2f} ms ({row['flex_tflops']:.0f}), dense {times['dense']:.2f} ms, "
-        f"+scatter {times['scatter']:.2f}, block {times['block']:.2f}, query {times['query']:.2f} "
-        f"({virtual_per_row:.0f} virtual keys/row)"
-    )
-    if "no_priority" in times:
-        line += f", text rows not scheduled first {times['no_priority']:.2f}"
-    line += (
-        f"; pipeline {times['pipeline']:.2f} ms at video density {pipeline_density:.3f}, with a cached plan "
-        f"{times['cached']:.2f} ms"
-    )
-    print(line)
-    if sweep:
-        # Diagnostic only (wrong where keys are padding): the cost of the key-validity select in the inner loop.
-        no_mask_ms = _bench(
-            lambda: bsa.block_sparse_attention(
-                problem.q, problem.k, problem.v, kv_counts, kv_indices, scale=problem.scale, block_size=BLOCK_SIZE
-            ),
-            args.quick,
-        )
-        print(f"  without key_valid (timing only): {no_mask_ms:.3f} ms")
-        print("  tile sweep (rectify none):")
-        for candidate in bsa.autotune_configs():
-            tile = {**candidate.kwargs, "num_warps": candidate.num_warps, "num_stages": candidate.num_stages}
-            try:
-                ms = _bench(lambda tile=tile: ours(tile_config=tile), args.quick)
-                print(f"    {tile}: {ms:.3f} ms, {kept_flops / ms / 1e9:.0f} TFLOP/s")
-            except Exception as error:  # noqa: BLE001  (a tile may not fit this GPU: report it and go on)
-                print(f"    {tile}: failed: {type(error).__name__}: {str(error)[:200]}")
-    return row
+    parameters = inspect.signature(BlockMask.from_kv_blocks).parameters
+    lengths = {"seq_lengths": (layout.padded_len,) * 2} if "seq_lengths" in parameters else {}
+    block_mask = BlockMask.from_kv_blocks(
+        partial_counts, partial_indices, full_counts, full_indices, BLOCK_SIZE=layout.block_size, mask_mod=mask_mod,
+        **lengths,
+    )  # fmt: skip
+    q, k, v = (reference.gather_canonical(t, layout) for t in (problem.q, problem.k, problem.v))
+    scale = problem.shape.head_dim**-0.5
+    return lambda: flex(q, k, v, block_mask=block_mask, scale=scale)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one shape, one density, short timing")
-    parser.add_argument("--check", action="store_true", help="verify outputs before timing")
-    parser.add_argument("--sweep", action="store_true", help="time every tile configuration at the first shape")
-    parser.add_argument("--shapes", nargs="*", help="subset of shape names")
-    parser.add_argument("--densities", nargs="*", type=float, help="subset of densities")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_attention.py needs a CUDA GPU")
+# --------------------------------------------------------------------------------------------------------------------
+# Measurements
+# --------------------------------------------------------------------------------------------------------------------
 
-    import triton
-    from torch.nn.attention.flex_attention import flex_attention
 
-    props = torch.cuda.get_device_properties(0)
-    print(
-        f"# {datetime.date.today()} {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, "
-        f"triton {triton.__version__}"
-    )
-    copy_gbs, mm_tflops = _measure_ceilings()
-    print(f"ceilings: device copy {copy_gbs:.0f} GB/s (read+write), bf16 8192^3 matmul {mm_tflops:.0f} TFLOP/s")
+def _time(fn: Callable[[], object]) -> float:
+    """Median ms of `fn` after one warm-up call (compiles, autotuning)."""
+    fn()
+    _, ms = time_ms(lambda _: fn(), REPEATS, DEVICE)
+    return ms
 
-    shapes = [s for s in SHAPES if not args.shapes or s[0] in args.shapes]
-    densities = list(args.densities or DENSITIES)
-    if args.quick:
-        shapes, densities = shapes[:1], [0.10]
 
-    flex = torch.compile(flex_attention, dynamic=False)
-    rows = []
-    for index, (name, grid, heads, text_len, text_padding) in enumerate(shapes):
-        problem = Problem(name, grid, heads, text_len, text_padding)
-        dense = _dense_sdpa(heads, problem.seq_len)
-        print(f"{name}: S={problem.seq_len} P={problem.layout.padded_len} H={heads}")
-        for density in densities:
-            sweep = args.sweep and index == 0 and density == densities[0]
-            rows.append(_time_density(problem, density, flex, dense, args, sweep))
-            torch.cuda.empty_cache()
-        del problem
-        torch.cuda.empty_cache()
+def _peak_extra(fn: Callable[[], torch.Tensor]) -> float:
+    """Bytes allocated at the peak of `fn` above what was allocated before it, less its output (CUDA only)."""
+    if DEVICE.type != "cuda":
+        return math.nan
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before - out.numel() * out.element_size()
 
+
+def _attend_flops(plan: SparsePlan, head_dim: int) -> int:
+    return 4 * int(plan.kv_counts.sum()) * plan.layout.block_size**2 * head_dim
+
+
+def _dense_flops(shape: Shape) -> int:
+    return 4 * shape.seq_len**2 * shape.head_dim * shape.heads
+
+
+def check(lines: list[str]) -> bool:
+    """Section 1; appends its report lines, returns whether every check passed."""
+    shape = CHECK_SHAPE
+    problem = Problem.make(shape, seed=3)
+    wide = Problem(shape, *(t.double() for t in (problem.q, problem.k, problem.v)), problem.attn_mask)
+    lines += [f"## Correctness: {shape.name}, H={shape.heads}, D={shape.head_dim}, {DTYPE} vs float64", ""]
+    lines += ["| sparsity | rectify | score rel. error | rows with another plan | kept mass deficit | output rel. "
+              "error | fresh == plan + run | |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    ok = True
+    for sparsity in SPARSITIES:
+        for rectify in RECTIFY_MODES:
+            config = dataclasses.replace(CONFIG, sparsity=sparsity, rectify=rectify)
+            plan = select_plan(problem.q, problem.k, problem.v, **problem.kwargs(config))
+            want = select_plan(wide.q, wide.k, wide.v, **wide.kwargs(config, "reference"))
+            score_error = relative_error(plan.block_scores, want.block_scores)
+            nb = plan.layout.num_video_blocks
+            truth = want.block_scores.double()[..., :nb]
+            mass = (truth * plan.to_dense()[..., :nb, :nb]).sum(-1)
+            mass_want = (truth * want.to_dense()[..., :nb, :nb]).sum(-1)
+            deficit = float((mass_want - mass).max())
+            rows_differ = float((plan.to_dense() != want.to_dense()).any(-1).double().mean())
+            out = sparse_attention(problem.q, problem.k, problem.v, **problem.kwargs(config), plan=plan)
+            expected = sparse_attention(wide.q, wide.k, wide.v, **wide.kwargs(config, "reference"), plan=plan)
+            out_error = relative_error(out, expected)
+            fresh = sparse_attention(problem.q, problem.k, problem.v, **problem.kwargs(config))
+            same = bool(torch.equal(fresh, out))
+            # Plans may differ where two blocks' scores tie to the scores' rounding: the kept mass may not.
+            score_max_error = float((plan.block_scores.double() - want.block_scores).abs().max())
+            passed = score_error < 1e-2 and deficit <= 4 * score_max_error + 1e-6 and out_error < 1e-2 and same
+            ok &= passed
+            lines.append(
+                f"| {sparsity} | {rectify} | {score_error:.2e} | {rows_differ:.2%} | {deficit:.1e} | {out_error:.2e} "
+                f"| {same} | {'ok' if passed else 'FAILED'} |"
+            )
+    lines.append("")
+    return ok
+
+
+@dataclasses.dataclass
+class Row:
+    shape: str
+    sparsity: float
+    density: float
+    dense: float
+    fresh: float
+    cached: float
+    planning: float
+    attend: float
+    attend_tflops: float
+    dense_tflops: float
+    flex: float
+    memory: float
+
+
+def measure(problem: Problem, sparsity: float, flex) -> Row:
+    """Section 2 for one shape and sparsity."""
+    shape = problem.shape
+    config = dataclasses.replace(CONFIG, sparsity=sparsity)
+    kwargs = problem.kwargs(config)
+    q, k, v = problem.q, problem.k, problem.v
+    dense_ms = _time(_dense(problem))
+    plan = select_plan(q, k, v, **kwargs)
+    fresh_ms = _time(lambda: sparse_attention(q, k, v, **kwargs))
+    cached_ms = _time(lambda: sparse_attention(q, k, v, **kwargs, plan=plan))
+    planning_ms = _time(lambda: select_plan(q, k, v, **kwargs))
+    call = problem.call(config)
+    prepared = call.prepare()
+    attend_ms = _time(lambda: call.attend(prepared, plan))
+    flex_call = _flex(problem, plan, flex)
+    flex_ms = _time(flex_call) if flex_call is not None else math.nan
+    del flex_call
+    memory = _peak_extra(lambda: sparse_attention(q, k, v, **kwargs)) / problem.qkv_bytes
+    return Row(
+        shape.name, sparsity, float(plan.density().mean()), dense_ms, fresh_ms, cached_ms, planning_ms, attend_ms,
+        _attend_flops(plan, shape.head_dim) / attend_ms / 1e9, _dense_flops(shape) / dense_ms / 1e9, flex_ms, memory,
+    )  # fmt: skip
+
+
+def measure_rate(problem: Problem, sparsity: float) -> Row:
+    """Section 3: attend's rate and cuDNN's at one head dim."""
+    config = dataclasses.replace(CONFIG, sparsity=sparsity)
+    dense_ms = _time(_dense(problem))
+    plan = select_plan(problem.q, problem.k, problem.v, **problem.kwargs(config))
+    call = problem.call(config)
+    prepared = call.prepare()
+    attend_ms = _time(lambda: call.attend(prepared, plan))
+    shape = problem.shape
+    nan = math.nan
+    return Row(
+        shape.name, sparsity, float(plan.density().mean()), dense_ms, nan, nan, nan, attend_ms,
+        _attend_flops(plan, shape.head_dim) / attend_ms / 1e9, _dense_flops(shape) / dense_ms / 1e9, nan, nan,
+    )  # fmt: skip
+
+
+def table(rows: list[Row]) -> list[str]:
     header = (
-        "| shape | density | work | cuDNN dense ms | flex ms | ours ms | ours TFLOP/s | flex TFLOP/s | ours/flex speed "
-        "| dense/ours | of ideal | +scatter ms | block ms | query ms | text rows not first ms | pipeline ms "
-        "| pipeline density | dense/pipeline | cached-plan pipeline ms | dense/cached |"
+        "| shape | sparsity | density | cuDNN dense ms | fresh ms | dense/fresh | cached ms | dense/cached | "
+        "planning ms | planning / dense | attend ms | attend TFLOP/s | cuDNN TFLOP/s | attend rate / cuDNN's | "
+        "flex ms | flex / attend | peak extra memory / QKV |"
     )
-    print()
-    print(header)
-    print("|" + "---|" * (header.count("|") - 1))
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
-        print(
-            f"| {r['shape']} | {r['density']:.2f} | {r['work']:.3f} | {r['dense']:.2f} | {r['flex']:.2f} | "
-            f"{r['ours']:.2f} | {r['ours_tflops']:.0f} | {r['flex_tflops']:.0f} | {r['flex'] / r['ours']:.2f}x | "
-            f"{r['dense'] / r['ours']:.2f}x | {r['ours_tflops'] / r['dense_tflops']:.0%} | {r['scatter']:.2f} | "
-            f"{r['block']:.2f} | {r['query']:.2f} | {r.get('no_priority', math.nan):.2f} | {r['pipeline']:.2f} | "
-            f"{r['pipeline_density']:.3f} | {r['dense'] / r['pipeline']:.2f}x | {r['cached']:.2f} | "
-            f"{r['dense'] / r['cached']:.2f}x |"
+        lines.append(
+            f"| {r.shape} | {r.sparsity} | {r.density:.3f} | {r.dense:.2f} | {r.fresh:.2f} | {r.dense / r.fresh:.2f}x "
+            f"| {r.cached:.2f} | {r.dense / r.cached:.2f}x | {r.planning:.2f} | {r.planning / r.dense:.1%} | "
+            f"{r.attend:.2f} | {r.attend_tflops:.0f} | {r.dense_tflops:.0f} | {r.attend_tflops / r.dense_tflops:.0%} "
+            f"| {r.flex:.2f} | {r.flex / r.attend:.2f}x | {r.memory:.1%} |"
         )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, toy shapes")
+    parser.parse_args(argv)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_attention.py needs a CUDA GPU (or --smoke)")
+    start = time.perf_counter()
+    import triton
+
+    device = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "CPU (Triton interpreter)"
+    report = [
+        f"# Public path vs cuDNN and FlexAttention: {device}, torch {torch.__version__}, triton {triton.__version__}, "
+        f"{datetime.date.today()}",
+        "",
+        "Default settings (pooled estimator with outliers, query rectification with GAPR), min_seq_len 0.",
+        "",
+    ]
+    checked = check(report)
+    print("\n".join(report))
+    print(f"correctness: {'passed' if checked else 'FAILED'} ({time.perf_counter() - start:.0f} s)")
+
+    flex = None
+    if DEVICE.type == "cuda":
+        from torch.nn.attention.flex_attention import flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+    rows = []
+    for shape in TIMING_SHAPES:
+        problem = Problem.make(shape)
+        for sparsity in SPARSITIES:
+            rows.append(measure(problem, sparsity, flex))
+            print(f"  {shape.name} sparsity {sparsity}: {rows[-1]} ({time.perf_counter() - start:.0f} s)")
+        del problem
+        if DEVICE.type == "cuda":
+            torch.cuda.empty_cache()
+    for shape in HEAD_DIM_SHAPES:
+        problem = Problem.make(shape)
+        rows.append(measure_rate(problem, 0.9))
+        print(f"  {shape.name}: {rows[-1]} ({time.perf_counter() - start:.0f} s)")
+        del problem
+
+    lines = table(rows)
+    report += ["## Timing", "", *lines, "", f"Wall time {time.perf_counter() - start:.0f} s."]
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "bench_attention.md").write_text("\n".join(report) + "\n")
+    print()
+    print(f"correctness: {'passed' if checked else 'FAILED'}")
+    print("\n".join(lines))
+    return 0 if checked else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

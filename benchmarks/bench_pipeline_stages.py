@@ -6,7 +6,7 @@ Owns the per-stage cost report of `attention.SparseAttention` with the Triton im
 run and on the same inputs (`spattn_compile.testing.dit_attention_inputs`, a few heads repeated to the full count):
 
     dense SDPA        `F.scaled_dot_product_attention` (cuDNN where it takes the call)
-    prepare           reorder + pool at the estimator's tile (one Triton kernel)
+    prepare           the pooled statistics at the estimator's tile (one Triton kernel, one read of Q, K, V, no copies)
     scores            the estimator's kernel(s) -> P_hat
     select            GAPR's gate + the per-row selection (Triton)
     estimate+select   scores + select (the issue's "estimation + selection")
@@ -117,8 +117,9 @@ def _time_estimator(inputs, mask, case: dict, config: SparseAttentionConfig) -> 
     """Milliseconds of prepare, scores and select for `config.estimator`, and the scores' peak extra memory."""
     call = _call(inputs, mask, case, config)
     tile = config.estimator.pool_tile_size(config.block_size)
-    prepare_ms, _ = _bench(lambda: call.prepare(tile))
-    prepared = call.prepare(tile)
+    outliers = config.estimator.reads_tile_outliers
+    prepare_ms, _ = _bench(lambda: call.prepare(tile, outliers))
+    prepared = call.prepare(tile, outliers)
     scores_ms, scores_mem = _bench(lambda: call.estimate(prepared))
     scores = call.estimate(prepared)
     select_ms, _ = _bench(lambda: call.select(prepared, scores, label="x"))

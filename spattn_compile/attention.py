@@ -119,12 +119,13 @@ class SparseAttention:
             self.rectification,
         )
 
-    def prepare(self, tile_size: int | None = None) -> Prepared:
-        """Stage 0 (prepare): the canonical inputs and their pooled statistics at `tile_size` (default: the block
-        size, what attending reads)."""
+    def prepare(self, tile_size: int | None = None, outliers: bool = False) -> Prepared:
+        """Stage 0 (prepare): the inputs as the stages read them and their pooled statistics at `tile_size` (default:
+        the block size, what attending reads); `outliers`: also the key tiles' outliers (an estimator's
+        `reads_tile_outliers`)."""
         tile = self.layout.block_size if tile_size is None else tile_size
         query, key, value = self.query, self.key, self.value
-        return self.implementation.prepare(query, key, value, self.layout, self.key_valid, tile, self.scale)
+        return self.implementation.prepare(query, key, value, self.layout, self.key_valid, tile, self.scale, outliers)
 
     def estimate(self, prepared: Prepared, estimator: EstimatorConfig | None = None) -> torch.Tensor:
         """Stage 1 (estimate): the block scores `P_hat (B, H, NB, NB + 1)` of `estimator` (default: the config's),
@@ -185,7 +186,8 @@ class SparseAttention:
         (default: the estimator's name). Plans carry no gradient; the preparation is kept for `run`."""
         estimator = self.estimator if estimator is None else estimator
         with torch.no_grad():
-            prepared = self._prepared = self.prepare(estimator.pool_tile_size(self.layout.block_size))
+            tile = estimator.pool_tile_size(self.layout.block_size)
+            prepared = self._prepared = self.prepare(tile, estimator.reads_tile_outliers)
             scores = self.estimate(prepared, estimator)
             return self.select(prepared, scores, selection, estimator.name if label is None else label)
 

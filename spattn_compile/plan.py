@@ -9,7 +9,7 @@ Building a plan is separate from attending with it, so a plan can be inspected (
 
 `PooledStats` holds the tile and block means of the canonical Q, K, V (and GAPR's deviations) that the pooled
 estimator, GAPR's gate and the rectification read. The plain-PyTorch reference (`reference.pool_statistics`) and the
-Triton kernel (`kernels.reorder_pool`) both produce it. `block_budget` is the budget rule of selection. See
+Triton kernel (`kernels.statistics`) both produce it. `block_budget` is the budget rule of selection. See
 docs/DESIGN.md.
 """
 

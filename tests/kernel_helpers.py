@@ -124,11 +124,14 @@ def triton_implementation() -> Implementation:
     return TritonImplementation()
 
 
-def triton_prepared(query, key, value, attn_mask, layout, tile_size: int, scale: float) -> Prepared:
-    """Stage 0 of the Triton path (`reorder_pool`) on the inputs as given."""
+def triton_prepared(
+    query, key, value, attn_mask, layout, tile_size: int, scale: float, outliers: bool = False
+) -> Prepared:
+    """Stage 0 of the Triton path (`prepare_statistics`: the inputs as given, read in place) with or without the key
+    tiles' outliers."""
     batch, heads, seq_len, _ = query.shape
     valid = key_padding_valid(attn_mask, batch, heads, seq_len)
-    return triton_implementation().prepare(query, key, value, layout, valid, tile_size, scale)
+    return triton_implementation().prepare(query, key, value, layout, valid, tile_size, scale, outliers)
 
 
 def sparse_call(

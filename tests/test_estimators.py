@@ -39,6 +39,8 @@ from spattn_compile.estimators import (
 )
 from spattn_compile.estimators.pooled import pooled_scores_reference, tile_outliers_reference
 from spattn_compile.estimators.probes import probe_scores_reference, probe_weights, sampled_row_probes
+from spattn_compile.inputs import key_padding_valid
+from spattn_compile.kernels.statistics import prepare_statistics
 from spattn_compile.layout import token_layout
 from spattn_compile.plan import block_budget
 from spattn_compile.testing import dit_attention_inputs, relative_error
@@ -127,8 +129,11 @@ def test_estimator_kernel_matches_reference(case):
     tile = estimator.pool_tile_size(layout.block_size)
     scale = case["head_dim"] ** -0.5
     with poisoned_allocations():
-        prepared = triton_prepared(query, key, value, mask, layout, tile, scale)
-        scores = estimator_for(estimator).kernel(prepared.estimator_inputs(), estimator)
+        valid = key_padding_valid(mask, case["batch"], case["heads"], layout.seq_len)
+        found = prepare_statistics(
+            query, key, value, layout, tile_size=tile, key_valid=valid, outliers=estimator.reads_tile_outliers
+        )
+        scores = estimator_for(estimator).kernel(found.estimator_inputs(query, key, scale), estimator)
     expected_prepared = reference_prepared(query, key, value, mask, layout, tile, scale)
     expected = estimator_for(estimator).reference(expected_prepared.estimator_inputs(), estimator)
 
@@ -281,11 +286,15 @@ def test_probe_weights_drop_non_finite_probes():
     per_head_weights=st.booleans(),
     mask_kind=st.sampled_from(["none", "per_head", "empty"]),
     dtype=st.sampled_from([torch.float16, torch.float32]),
+    source_order=st.booleans(),
 )
+# The NaN probe's row of logits is all NaN: the interpreter's numpy says so while the kernel gives it no weight.
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
 def test_probe_kernel_matches_reference_with_any_probes(
-    seed, grid, text_len, per_block, head_dim, per_head_weights, mask_kind, dtype
+    seed, grid, text_len, per_block, head_dim, per_head_weights, mask_kind, dtype, source_order
 ):
-    """`probe_scores` on arbitrary probe vectors and weights (per head or shared; a NaN probe weighs nothing)."""
+    """`probe_scores` on arbitrary probe vectors and weights (per head or shared; a NaN probe weighs nothing), the
+    keys as canonical copies or the caller's (B, S, H, D)-strided tensor read through the layout."""
     from spattn_compile.kernels.probe_scores import probe_scores
 
     generator = torch.Generator().manual_seed(seed)
@@ -298,9 +307,15 @@ def test_probe_kernel_matches_reference_with_any_probes(
     probes[0, 1, 0, 0] = math.nan
     shape = (2, 2, num_probes) if per_head_weights else (num_probes,)
     weights = torch.rand(shape, generator=generator) + 0.1
+    canonical_keys = reference.gather_canonical(key, layout)
+    keys = {"k_c": canonical_keys}
+    if source_order:
+        keys = {"k_c": key.transpose(1, 2).contiguous().transpose(1, 2), "source_index": layout.source_index}
     with poisoned_allocations():
-        scores = probe_scores(probes, weights, prepared.k, prepared.key_usable, layout, 0.3)
-    expected = probe_scores_reference(probes.double(), weights, prepared.k.double(), prepared.key_usable, layout, 0.3)
+        scores = probe_scores(probes, weights, keys.pop("k_c"), prepared.key_usable, layout, 0.3, **keys)
+    expected = probe_scores_reference(
+        probes.double(), weights, canonical_keys.double(), prepared.key_usable, layout, 0.3
+    )
     assert torch.isfinite(scores).all()
     # Probes are cast to the keys' dtype in the kernel: float16 probes are exact, so one tolerance fits both.
     assert relative_error(scores, expected) < 2e-5
@@ -347,42 +362,20 @@ def _loop_tile_outliers(k: torch.Tensor, valid: torch.Tensor, num_tiles: int, ti
     masked_share=st.sampled_from([0.0, 0.5, 0.95]),
     dtype=st.sampled_from([torch.float16, torch.float32]),
 )
-def test_tile_outliers_kernel_and_reference_match_the_definition(
-    seed, grid, tile, head_dim, mask_kind, masked_share, dtype
-):
-    from spattn_compile.kernels.pooled_scores import tile_outliers
-
+def test_tile_outliers_reference_matches_the_definition(seed, grid, tile, head_dim, mask_kind, masked_share, dtype):
     generator = torch.Generator().manual_seed(seed)
     layout = token_layout(grid, 5, False, 32)
     query, key, value = make_inputs(generator, batch=1, heads=2, head_dim=head_dim, layout=layout, dtype=dtype)
     mask = make_key_valid(generator, batch=1, heads=2, layout=layout, kind=mask_kind, masked_share=masked_share)
-    prepared = triton_prepared(query, key, value, mask, layout, tile, 0.25)
+    prepared = reference_prepared(query, key, value, mask, layout, tile, 0.25)
     num_tiles = layout.num_video_blocks * layout.block_size // tile
-    with poisoned_allocations():
-        got = tile_outliers(prepared.k, prepared.key_usable, num_tiles, tile)
-    expected = tile_outliers_reference(prepared.k.double(), prepared.key_usable, num_tiles, tile)
+    expected = tile_outliers_reference(prepared.k, prepared.key_usable, num_tiles, tile)
     by_loops = _loop_tile_outliers(prepared.k, prepared.key_usable, num_tiles, tile)
     # A tile whose two farthest keys are as far as rounding can tell (two keys are always equally far from their
-    # mean) may take either: there the kernel's choice is checked for what it must be, elsewhere for equality.
-    candidates = _farthest_candidates(prepared.k, prepared.key_usable, num_tiles, tile)
-    tied = candidates.sum(-1) > 1
-    for name, a, b, c in zip(("rest_mean", "rest_count", "outlier", "outlier_count"), got, expected, by_loops):
-        assert a.dtype == torch.float32 and torch.isfinite(a).all(), name
+    # mean) may take either; elsewhere the two agree.
+    tied = _farthest_candidates(prepared.k, prepared.key_usable, num_tiles, tile).sum(-1) > 1
+    for name, b, c in zip(("rest_mean", "rest_count", "outlier", "outlier_count"), expected, by_loops):
         torch.testing.assert_close(b[~tied], c[~tied], rtol=1e-12, atol=1e-12, msg=name)
-        if name.endswith("count"):
-            assert torch.equal(a.double(), b), name
-        elif name == "outlier":
-            assert torch.equal(a[~tied].double(), b[~tied]), name  # a selection: exact
-        else:
-            torch.testing.assert_close(a[~tied].double(), b[~tied], rtol=1e-5, atol=1e-5, msg=name)
-    rest_mean, rest_count, outlier, _ = got
-    keys = prepared.k[..., : num_tiles * tile, :].reshape(*outlier.shape[:3], tile, -1).double()
-    is_chosen = (keys == outlier.double()[..., None, :]).all(-1) & candidates
-    assert is_chosen[tied].any(-1).all(), "a near-tied tile's outlier is not one of its farthest keys"
-    valid = prepared.key_usable[..., : num_tiles * tile].reshape(*outlier.shape[:3], tile)
-    total = keys.masked_fill(~valid[..., None], 0).sum(-2)
-    from_choice = (total - outlier.double()) / rest_count.double().clamp(min=1)[..., None]
-    torch.testing.assert_close(rest_mean[tied].double(), from_choice[tied], rtol=1e-5, atol=1e-5)
 
 
 def _farthest_candidates(k: torch.Tensor, valid: torch.Tensor, num_tiles: int, tile: int) -> torch.Tensor:
@@ -394,6 +387,84 @@ def _farthest_candidates(k: torch.Tensor, valid: torch.Tensor, num_tiles: int, t
     distance = (keys - mean[..., None, :]).pow(2).sum(-1).masked_fill(~ok, -1.0)
     farthest = distance.max(-1, keepdim=True).values
     return ok & (distance >= farthest * (1 - 1e-5))
+
+
+@settings(max_examples=10)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    grid=kernel_grids(),
+    tile=st.sampled_from([16, 32]),
+    head_dim=head_dims(),
+    mask_kind=st.sampled_from(["none", "per_head", "empty"]),
+    masked_share=st.sampled_from([0.0, 0.5, 0.95]),
+    dtype=st.sampled_from([torch.float16, torch.float32]),
+)
+def test_prepared_outliers_match_the_definition(seed, grid, tile, head_dim, mask_kind, masked_share, dtype):
+    """The outliers `prepare_statistics` finds in its pass over the caller's keys are the definition's (the loops of
+    `_loop_tile_outliers` on the canonical keys), near-tied tiles up to which of their farthest keys is taken."""
+    generator = torch.Generator().manual_seed(seed)
+    layout = token_layout(grid, 5, False, 32)
+    query, key, value = make_inputs(
+        generator, batch=1, heads=2, head_dim=head_dim, layout=layout, dtype=dtype, memory="transposed"
+    )
+    mask = make_key_valid(generator, batch=1, heads=2, layout=layout, kind=mask_kind, masked_share=masked_share)
+    valid = key_padding_valid(mask, 1, 2, layout.seq_len)
+    with poisoned_allocations():
+        found = prepare_statistics(
+            query, key, value, layout, tile_size=tile, key_valid=valid, outliers=True, tile_dtype=torch.float32
+        ).outliers
+    assert found is not None
+    canonical = reference_prepared(query, key, value, mask, layout, tile, 0.25)
+    num_tiles = layout.num_video_blocks * layout.block_size // tile
+    by_loops = _loop_tile_outliers(canonical.k, canonical.key_usable, num_tiles, tile)
+    candidates = _farthest_candidates(canonical.k, canonical.key_usable, num_tiles, tile)
+    tied = candidates.sum(-1) > 1
+    got = (found.rest_mean, found.rest_count, found.outlier, found.outlier_count)
+    for name, a, c in zip(("rest_mean", "rest_count", "outlier", "outlier_count"), got, by_loops):
+        assert a.dtype == torch.float32 and torch.isfinite(a).all(), name
+        if name.endswith("count"):
+            assert torch.equal(a.double(), c), name
+        elif name == "outlier":
+            assert torch.equal(a[~tied].double(), c[~tied]), name  # a selection: exact
+        else:
+            torch.testing.assert_close(a[~tied].double(), c[~tied], rtol=1e-5, atol=1e-5, msg=name)
+    keys = canonical.k[..., : num_tiles * tile, :].reshape(*found.outlier.shape[:3], tile, -1)
+    is_chosen = (keys == found.outlier.double()[..., None, :]).all(-1) & candidates
+    assert is_chosen[tied].any(-1).all(), "a near-tied tile's outlier is not one of its farthest keys"
+
+
+def test_pooled_kernel_inputs_are_checked():
+    """The pooled kernel reads the caller's keys through the layout (no canonical copies), and the outliers come from
+    the preparation's pass over the keys."""
+    from spattn_compile.kernels.pooled_scores import pooled_scores
+
+    generator = torch.Generator().manual_seed(0)
+    layout = token_layout((2, 4, 8), 3, False, 16)
+    query, key, value = make_inputs(generator, batch=1, heads=1, head_dim=16, layout=layout, dtype=torch.float32)
+    inputs = prepare_statistics(query, key, value, layout, tile_size=16).estimator_inputs(query, key, 0.25)
+    assert inputs.in_source_order
+    with pytest.raises(ValueError, match="outliers=True needs inputs.outliers"):
+        pooled_scores(inputs, outliers=True)
+    canonical = reference_prepared(query, key, value, None, layout, 16, 0.25).estimator_inputs()
+    with pytest.raises(ValueError, match="pooled_scores reads the caller's keys through inputs.source_index"):
+        pooled_scores(canonical, outliers=False)
+
+
+def test_estimator_inputs_in_source_order_gather_for_the_references():
+    """`canonical_q()` / `canonical_k()` of inputs in source order are the reference's canonical copies; a bundle
+    whose tensors do not fit the layout is refused."""
+    generator = torch.Generator().manual_seed(2)
+    layout = token_layout((2, 3, 5), 7, True, 16)
+    query, key, value = make_inputs(generator, batch=1, heads=2, head_dim=16, layout=layout, dtype=torch.float32)
+    inputs = prepare_statistics(query, key, value, layout, tile_size=16).estimator_inputs(query, key, 0.25)
+    assert torch.equal(inputs.canonical_q(), reference.gather_canonical(query, layout))
+    assert torch.equal(inputs.canonical_k(), reference.gather_canonical(key, layout))
+    q_c, k_c = inputs.canonical_q(), inputs.canonical_k()
+    copies = base.EstimatorInputs(q_c, k_c, inputs.key_valid, inputs.stats, layout, 1.0)
+    assert not copies.in_source_order and copies.canonical_k() is copies.k
+    with pytest.raises(ValueError, match="with source_index, q and k must be the caller's"):
+        base.EstimatorInputs(copies.q, copies.k, inputs.key_valid, inputs.stats, layout, 1.0,
+                             source_index=inputs.source_index)  # fmt: skip
 
 
 def test_outlier_is_the_planted_far_key():
@@ -412,32 +483,7 @@ def test_outlier_is_the_planted_far_key():
     torch.testing.assert_close(rest[0, 0, 0], k[0, 0, kept].mean(0), rtol=1e-14, atol=0)
 
 
-@pytest.mark.parametrize("outliers", [True, False])
-def test_pooled_kernel_products_in_float16_or_float32_both_match_the_reference(outliers):
-    """float16 inputs: the kernel's default multiplies tile means rounded to float16; asked for float32 products it
-    matches the float64 reference 50x closer; both rank the same blocks here (no near-ties at this seed)."""
-    from spattn_compile.kernels.pooled_scores import pooled_scores
-
-    generator = torch.Generator().manual_seed(3)
-    layout = token_layout((2, 8, 12), 7, False, 32)
-    query, key, value = make_inputs(generator, batch=1, heads=2, head_dim=32, layout=layout, dtype=torch.float16)
-    estimator = PooledTiles(16, outliers=outliers)
-    expected_prepared = reference_prepared(query, key, value, None, layout, 16, 32**-0.5)
-    expected = estimator_for(estimator).reference(expected_prepared.estimator_inputs(), estimator)
-    inputs = triton_prepared(query, key, value, None, layout, 16, 32**-0.5).estimator_inputs()
-    with poisoned_allocations():
-        default = pooled_scores(inputs, outliers=outliers)
-        in_float16 = pooled_scores(inputs, outliers=outliers, input_precision_operands=True)
-        in_float32 = pooled_scores(inputs, outliers=outliers, input_precision_operands=False)
-    assert torch.equal(default, in_float16)
-    error_16, error_32 = relative_error(in_float16, expected), relative_error(in_float32, expected)
-    assert error_16 < score_tolerance(estimator, torch.float16)
-    assert error_32 < 2e-6 and error_32 < error_16 / 50
-    nb = layout.num_video_blocks
-    assert torch.equal(in_float16[..., :nb].argsort(-1), expected[..., :nb].argsort(-1))
-
-
-def test_pooled_kernel_refuses_bfloat16_products_under_the_interpreter():
+def test_pooled_kernel_refuses_bfloat16_under_the_interpreter():
     from spattn_compile.kernels.common import INTERPRETED
     from spattn_compile.kernels.pooled_scores import pooled_scores
 
@@ -446,10 +492,9 @@ def test_pooled_kernel_refuses_bfloat16_products_under_the_interpreter():
     generator = torch.Generator().manual_seed(0)
     layout = token_layout((2, 4, 8), 0, False, 16)
     query, key, value = make_inputs(generator, batch=1, heads=1, head_dim=16, layout=layout, dtype=torch.bfloat16)
-    inputs = triton_prepared(query, key, value, None, layout, 16, 0.25).estimator_inputs()
-    with pytest.raises(ValueError, match="input_precision_operands=True with bfloat16 keys needs CUDA"):
-        pooled_scores(inputs, outliers=True, input_precision_operands=True)
-    assert torch.isfinite(pooled_scores(inputs, outliers=True)).all()  # the default falls back to float32 products
+    inputs = triton_prepared(query, key, value, None, layout, 16, 0.25, outliers=True).estimator_inputs()
+    with pytest.raises(TypeError, match="the Triton interpreter cannot multiply bfloat16"):
+        pooled_scores(inputs, outliers=True)
 
 
 def test_pooled_with_outliers_sees_a_sink_that_the_tile_mean_hides():

@@ -25,6 +25,7 @@ __all__ = [
     "Estimator",
     "EstimatorConfig",
     "EstimatorInputs",
+    "KeyTileOutliers",
     "estimator_for",
     "parse_estimator",
     "register_estimator",
@@ -49,6 +50,12 @@ class EstimatorConfig:
         """The tile size of the `PooledStats` this estimator reads (`block_size`: it reads no tile statistics)."""
         return block_size
 
+    @property
+    def reads_tile_outliers(self) -> bool:
+        """Whether the estimator reads the key tiles' outliers (`KeyTileOutliers`), which the Triton preparation
+        computes in its one pass over the keys when asked."""
+        return False
+
     def check_block_size(self, block_size: int) -> None:
         """Raise ValueError naming the field when these settings cannot work with `block_size`."""
 
@@ -59,13 +66,37 @@ class EstimatorConfig:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
+class KeyTileOutliers:
+    """The pooled estimator's split of each video key tile (`estimators.pooled`): the tile's usable key farthest from
+    the mean of its usable keys (the first on ties), and the mean and count of the others. The Triton path computes
+    them in its one pass over the keys (`kernels.statistics.prepare_statistics`); the reference derives them from
+    the canonical keys (`estimators.pooled.tile_outliers_reference`).
+
+    rest_mean, outlier: `(B, H, NT, D)`; rest_count, outlier_count: float32 `(B, H, NT)` (outlier_count is 1 where the
+    tile has a usable key; else 0, with a zero outlier).
+    """
+
+    rest_mean: torch.Tensor
+    rest_count: torch.Tensor
+    outlier: torch.Tensor
+    outlier_count: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class EstimatorInputs:
     """What an estimator may read, on the canonical layout of one call.
 
-    q, k: `(B, H, P, D)` canonical queries and keys (P = layout.padded_len; padding rows are zero).
-    key_valid: bool `(B, H, P)`: the row is a real, unmasked key.
-    stats: pooled statistics at the estimator's `pool_tile_size` (float32 on the Triton path).
+    q, k: the queries and keys. Without `source_index`: `(B, H, P, D)` canonical copies (P = layout.padded_len;
+    padding rows are zero). With it: the caller's `(B, H, S, D)` tensors in the original order (any strides, the last
+    dim contiguous), canonical row p being row `source_index[p]` (-1: a padding row, zero); the kernels read them
+    through the index, and `canonical_q()` / `canonical_k()` gather copies for the references.
+    key_valid: bool `(B, H, P)` in canonical order: the row is a real, unmasked key with finite key and value rows.
+    stats: pooled statistics at the estimator's `pool_tile_size` (float32 block statistics; tile means float32 or,
+    from `prepare_statistics`, the inputs' 16-bit dtype).
     layout: the canonical layout. scale: the softmax scale.
+    source_index: None, or `layout.source_index` on the inputs' device (see q, k).
+    outliers: the key tiles' outliers at `stats.tile_size` when the preparation computed them, else None (the pooled
+    estimator then computes them).
     """
 
     q: torch.Tensor
@@ -74,6 +105,38 @@ class EstimatorInputs:
     stats: PooledStats
     layout: TokenLayout
     scale: float
+    source_index: torch.Tensor | None = None
+    outliers: KeyTileOutliers | None = None
+
+    def __post_init__(self) -> None:
+        if self.source_index is not None:
+            rows = self.layout.seq_len
+            if self.source_index.shape != (self.layout.padded_len,) or self.q.shape[-2] != rows:
+                raise ValueError(
+                    f"EstimatorInputs: with source_index, q and k must be the caller's (B, H, {rows}, D) tensors and "
+                    f"source_index the layout's ({self.layout.padded_len},) index; got q {tuple(self.q.shape)}, "
+                    f"source_index {tuple(self.source_index.shape)}"
+                )
+
+    @property
+    def in_source_order(self) -> bool:
+        """q and k are the caller's tensors, read through `source_index` (no canonical copies exist)."""
+        return self.source_index is not None
+
+    def canonical_q(self) -> torch.Tensor:
+        """`(B, H, P, D)` canonical queries (a gathered copy when `in_source_order`)."""
+        return self._canonical(self.q)
+
+    def canonical_k(self) -> torch.Tensor:
+        """`(B, H, P, D)` canonical keys (a gathered copy when `in_source_order`)."""
+        return self._canonical(self.k)
+
+    def _canonical(self, x: torch.Tensor) -> torch.Tensor:
+        if self.source_index is None:
+            return x
+        # `reference.gather_canonical`'s arithmetic; the reference is above this layer (tests/test_architecture.py).
+        source = self.source_index
+        return x.index_select(-2, source.clamp(min=0)).masked_fill((source < 0)[:, None], 0)
 
 
 # The settings argument is the registered settings type; `Any` keeps each function typed by its own settings class.

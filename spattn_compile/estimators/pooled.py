@@ -53,6 +53,10 @@ class PooledTiles(EstimatorConfig):
     def pool_tile_size(self, block_size: int) -> int:
         return self.tile_size
 
+    @property
+    def reads_tile_outliers(self) -> bool:
+        return self.outliers
+
     def check_block_size(self, block_size: int) -> None:
         if block_size % self.tile_size:
             raise ValueError(
@@ -95,13 +99,13 @@ def pooled_scores_reference(inputs: EstimatorInputs, config: PooledTiles) -> tor
     key_sets: list[tuple[torch.Tensor, torch.Tensor]]
     if config.outliers:
         rest, rest_count, outlier, outlier_count = tile_outliers_reference(
-            inputs.k.to(dtype), inputs.key_valid, n_tiles, tile
+            inputs.canonical_k().to(dtype), inputs.key_valid, n_tiles, tile
         )
         key_sets = [(rest, rest_count), (outlier, outlier_count)]
     else:
         key_sets = [(stats.k_tile.to(dtype), stats.k_tile_count.to(dtype))]
     columns = [inputs.scale * q_tile @ keys.transpose(-1, -2) + counts.log()[..., None, :] for keys, counts in key_sets]
-    text = inputs.k[..., layout.text_offset :, :].to(dtype)
+    text = inputs.canonical_k()[..., layout.text_offset :, :].to(dtype)
     if text.shape[-2]:
         text_logits = inputs.scale * q_tile @ text.transpose(-1, -2)
         columns.append(text_logits.masked_fill(~inputs.key_valid[..., None, layout.text_offset :], -math.inf))

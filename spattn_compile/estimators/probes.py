@@ -153,30 +153,42 @@ def probe_scores_reference(
 
 def _sampled_rows_reference(inputs: EstimatorInputs, config: SampledRows) -> torch.Tensor:
     positions, weights = sampled_row_probes(inputs.layout, config.rows, inputs.q.device)
-    probes = inputs.q.index_select(-2, positions)
-    return probe_scores_reference(probes, weights, inputs.k, inputs.key_valid, inputs.layout, inputs.scale)
+    probes = inputs.canonical_q().index_select(-2, positions)
+    return probe_scores_reference(probes, weights, inputs.canonical_k(), inputs.key_valid, inputs.layout, inputs.scale)
 
 
 def _query_tiles_reference(inputs: EstimatorInputs, config: QueryTiles) -> torch.Tensor:
     stats = inputs.stats
     return probe_scores_reference(
-        stats.q_tile, stats.q_tile_count, inputs.k, inputs.key_valid, inputs.layout, inputs.scale
+        stats.q_tile, stats.q_tile_count, inputs.canonical_k(), inputs.key_valid, inputs.layout, inputs.scale
     )
+
+
+def _probe_rows(inputs: EstimatorInputs, positions: torch.Tensor) -> torch.Tensor:
+    """`(B, H, len(positions), D)`: the query rows at canonical `positions` (real rows), a small gathered copy."""
+    if inputs.source_index is None:
+        return inputs.q.index_select(-2, positions)
+    return inputs.q.index_select(-2, inputs.source_index.index_select(0, positions))
 
 
 def _sampled_rows_kernel(inputs: EstimatorInputs, config: SampledRows) -> torch.Tensor:
     from ..kernels.probe_scores import probe_scores
 
     positions, weights = sampled_row_probes(inputs.layout, config.rows, inputs.q.device)
-    probes = inputs.q.index_select(-2, positions)
-    return probe_scores(probes, weights, inputs.k, inputs.key_valid, inputs.layout, inputs.scale)
+    return probe_scores(
+        _probe_rows(inputs, positions), weights, inputs.k, inputs.key_valid, inputs.layout, inputs.scale,
+        source_index=inputs.source_index,
+    )  # fmt: skip
 
 
 def _query_tiles_kernel(inputs: EstimatorInputs, config: QueryTiles) -> torch.Tensor:
     from ..kernels.probe_scores import probe_scores
 
     stats = inputs.stats
-    return probe_scores(stats.q_tile, stats.q_tile_count, inputs.k, inputs.key_valid, inputs.layout, inputs.scale)
+    return probe_scores(
+        stats.q_tile, stats.q_tile_count, inputs.k, inputs.key_valid, inputs.layout, inputs.scale,
+        source_index=inputs.source_index,
+    )  # fmt: skip
 
 
 register_estimator(SampledRows, reference=_sampled_rows_reference, kernel=_sampled_rows_kernel)

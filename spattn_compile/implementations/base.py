@@ -1,11 +1,11 @@
 """What an implementation of the sparse attention is, and the registry that picks one for a call (diffusers' attention
 dispatcher is the model: named entries, each with the constraints it checks).
 
-An implementation provides the two stages that touch the full-size tensors: `prepare` (stage 0: the reorder into the
-canonical layout and the pooled statistics, as `Prepared`) and `attend` (stage 3: rectified block-sparse attention
-with a plan, back in the original token order). The stages in between run the registered policies' handlers of the
-implementation's `kind` (the estimators' and selection policies' `reference` or `kernel` functions), so an
-implementation never names an estimator or a policy.
+An implementation provides the two stages that touch the full-size tensors: `prepare` (stage 0: the inputs in the
+canonical layout, as copies or read through its index, and the pooled statistics, as `Prepared`) and `attend` (stage
+3: rectified block-sparse attention with a plan, back in the original token order). The stages in between run the
+registered policies' handlers of the implementation's `kind` (the estimators' and selection policies' `reference` or
+`kernel` functions), so an implementation never names an estimator or a policy.
 
 `implementation_for(impl, query)` resolves "auto" (the Triton kernels on CUDA, the reference on the CPU, as
 `capability.check_capability` decides), checks the entry's constraints and raises ValueError naming the reason.
@@ -19,7 +19,7 @@ from typing import Literal, Protocol
 
 import torch
 
-from ..estimators.base import EstimatorInputs
+from ..estimators.base import EstimatorInputs, KeyTileOutliers
 from ..layout import TokenLayout
 from ..plan import PooledStats, SparsePlan
 from ..policies.base import RectificationConfig
@@ -39,14 +39,18 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Prepared:
-    """Stage 0's result: the canonical inputs of one call and their pooled statistics.
+    """Stage 0's result: the inputs of one call as the later stages read them, and their pooled statistics.
 
     query: the caller's `(B, H, S, D)` query (for the output's dtype and memory order).
-    q, k, v: `(B, H, P, D)` canonical copies (padding rows zero). key_valid: bool `(B, H, P)`: a real, unmasked key.
+    q, k, v: without `source_index`, `(B, H, P, D)` canonical copies (padding rows zero; the reference's); with it,
+    the caller's `(B, H, S, D)` tensors, canonical row p being row `source_index[p]` (-1: a padding row), read through
+    the index by the kernels (no copies). key_valid: bool `(B, H, P)` in canonical order: a real, unmasked key.
     key_usable: bool `(B, H, P)`: a valid key whose key and value rows are finite (what statistics and estimators
     read). key_block_count: `(B, H, NQ)` valid keys per canonical block. block_non_finite: bool `(B, H, NQ)`: the
     block holds a valid key that is not usable. stats: pooled statistics at `stats.tile_size`.
     masked_keys: the call has a key-padding mask (else only padding rows are invalid).
+    source_index: None, or `layout.source_index` on the inputs' device (see q, k, v).
+    outliers: the key tiles' outliers when the preparation computed them (the pooled estimator's), else None.
     """
 
     layout: TokenLayout
@@ -61,9 +65,13 @@ class Prepared:
     stats: PooledStats
     scale: float
     masked_keys: bool
+    source_index: torch.Tensor | None = None
+    outliers: KeyTileOutliers | None = None
 
     def estimator_inputs(self) -> EstimatorInputs:
-        return EstimatorInputs(self.q, self.k, self.key_usable, self.stats, self.layout, self.scale)
+        return EstimatorInputs(
+            self.q, self.k, self.key_usable, self.stats, self.layout, self.scale, self.source_index, self.outliers
+        )
 
 
 class Implementation(Protocol):
@@ -85,8 +93,11 @@ class Implementation(Protocol):
         key_valid: torch.Tensor | None,
         tile_size: int,
         scale: float,
+        outliers: bool = False,
     ) -> Prepared:
-        """Stage 0 on `(B, H, S, D)` inputs: statistics at `tile_size`; `key_valid` bool `(B, H, S)` or None."""
+        """Stage 0 on `(B, H, S, D)` inputs: statistics at `tile_size`; `key_valid` bool `(B, H, S)` or None;
+        `outliers`: also the key tiles' outliers (`Prepared.outliers`) where the implementation computes them in its
+        pass (the Triton one; the reference's estimator derives them itself)."""
         ...
 
     def attend(self, prepared: Prepared, plan: SparsePlan, rectification: RectificationConfig) -> torch.Tensor:

@@ -47,7 +47,9 @@ class ReferenceImplementation:
         key_valid: torch.Tensor | None,
         tile_size: int,
         scale: float,
+        outliers: bool = False,
     ) -> Prepared:
+        del outliers  # the reference estimator derives the outliers from the canonical keys
         dtype = self.compute_dtype or torch.promote_types(query.dtype, torch.float32)
         b, h = query.shape[:2]
         valid_c = canonical_key_valid(key_valid, layout, b, h, query.device)

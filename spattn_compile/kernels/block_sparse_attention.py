@@ -1,58 +1,71 @@
-"""Rectified block-sparse attention: one Triton kernel (stage 3 of docs/DESIGN.md) and its Python launcher.
+"""Rectified block-sparse attention: one Triton kernel (the attend stage of docs/DESIGN.md) and its launcher.
 
-This module owns the attention kernel of the canonical layout and nothing else: each program takes `BLOCK_M` query
-rows of one query block of one (batch, head), runs a FlashAttention-style online softmax (fp32 statistics, `exp2`
-with log2(e) folded into the scale) over the key blocks listed for that query block, in tiles of `BLOCK_N` keys, and
-never scans a dense mask. Rectification happens in the same pass: in "block" mode the epilogue applies `R_i * O + c_i`;
-in "query" mode each trusted skipped block enters the softmax as one virtual key (its pooled key, value and
-`log n_j`), gathered by index in chunks. The epilogue stores canonical row `p` at row `out_index[p]` of the output,
-which fuses the inverse Hilbert reorder into the store (and can write a transposed `(B, S, H, D)` buffer in place).
-The launcher `block_sparse_attention` validates its inputs and picks the tile configuration (autotuned on CUDA; a
-fixed one under the Triton interpreter). Reference semantics: `reference.rectified_sparse_attention` followed by
-`reference.scatter_canonical`.
+Each program takes `BLOCK_M` query rows of one query block of one (batch, head) and runs a FlashAttention-style online
+softmax (fp32 statistics, `exp2` with log2(e) folded into the scale) over the key blocks listed for that query block,
+in tiles of `BLOCK_N` keys; it never scans a dense mask. Rectification happens in the same pass: in "block" mode the
+epilogue applies `R_i * O + c_i`; in "query" mode each trusted skipped block enters the softmax as one virtual key
+(its pooled key, value and `log n_j`), gathered by index in chunks. The epilogue stores canonical row `p` at row
+`out_index[p]` of the output (the inverse Hilbert reorder fused into the store; a transposed `(B, S, H, D)` buffer is
+written in place).
+
+Q, K and V are read either from canonical copies `(B, H, P, D)` (rows already in the layout's order), or, with
+`row_index`, straight from the caller's `(B, H, S, D)` tensors: canonical row `p` is original row `row_index[p]`
+(-1: a padding row, read as a zero query and a masked key). Every row is one contiguous D-vector, so a gathered tile
+costs the bytes of a contiguous one plus one index vector from L2, and the op needs no copy of its inputs.
+
+Masked keys cost little: a key block without a masked key (the flags come from the launcher) takes no select at all;
+in the others the logits of masked keys are set to -inf, and their value rows are never read (a masked load gives
+zeros, so a NaN in a masked value row cannot reach `0 * NaN`). Masking the load instead of the loaded tile keeps V on
+its path from global memory to shared memory to the tensor cores (a `where` on V would route every tile through
+registers and back).
+
+The launcher takes a typed bundle (`AttentionLaunch`, with `BlockRectify` / `QueryRectify`), checks the invariants the
+kernel relies on (shapes, dtypes, devices, tiles) and nothing the public API already validated;
+`block_sparse_attention(...)` is the keyword form of the same call. Reference semantics:
+`reference.rectified_sparse_attention` on the canonical layout, followed by `reference.scatter_canonical`.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRETED, check_kernel_inputs, padded_head_dim
+from .common import INTERPRETED, check_device, check_kernel_inputs, padded_head_dim
 
 __all__ = [
     "RECTIFY_MODES",
+    "AttentionLaunch",
+    "BlockRectify",
+    "KernelVariant",
+    "QueryRectify",
     "TileConfig",
     "autotune_configs",
     "block_sparse_attention",
     "chosen_tile_config",
+    "compile_attention",
+    "launch_attention",
     "prune_tile_configs",
+    "rectify_mode",
 ]
 
 RECTIFY_MODES = ("none", "block", "query")
-_RECTIFY_CODES = {"none": 0, "block": 1, "query": 2}
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# The rectification inputs and the mode that reads each of them.
-_RECTIFY_INPUTS = {
-    "rescale": "block",
-    "correction": "block",
-    "trusted_counts": "query",
-    "trusted_indices": "query",
-    "k_block": "query",
-    "v_block": "query",
-    "k_block_log_count": "query",
-}
-# Virtual keys of query mode processed per step: one `BLOCK_M x D x TRUSTED_CHUNK` product each (tl.dot needs >= 16).
-# The interpreter uses the smallest chunk so that the tiny CPU test shapes still span several chunks.
-_TRUSTED_CHUNK = 64
-_TRUSTED_CHUNK_INTERPRETED = 16
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The kernel
+# --------------------------------------------------------------------------------------------------------------------
 
 
 @triton.jit
 def _online_softmax_step(acc, m_i, l_i, qk, v, qk_scale, DOT_PRECISION: tl.constexpr):
-    """Fold one tile of raw logits `qk (BLOCK_M, N)` and values `v (N, HEAD_DIM)` into the running row maximum
+    """Fold one tile of raw logits `qk (BLOCK_M, N)` and values `v (N, HEAD_PAD)` into the running row maximum
     `m_i` (log2 units), row sum `l_i` and unnormalised output `acc`. Masked logits are -inf."""
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     # A row whose keys so far are all masked keeps m = -inf: shift it by 0 so that exp2 gives 0 rather than NaN.
@@ -66,15 +79,58 @@ def _online_softmax_step(acc, m_i, l_i, qk, v, qk_scale, DOT_PRECISION: tl.const
 
 
 @triton.jit
+def _load_rows(ptrs, row_ok, offs_d, MASK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr):
+    """Load a `(rows, HEAD_PAD)` tile. Rows where `row_ok` is False (when MASK_ROWS) and the lanes past HEAD_DIM of a
+    head dim padded to a power of two read as zeros; a tile without either is an unmasked load."""
+    if MASK_ROWS:
+        if HEAD_PAD != HEAD_DIM:
+            tile = tl.load(ptrs, mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        if HEAD_PAD != HEAD_DIM:
+            tile = tl.load(ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+        else:
+            tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _row_offsets(rows, stride, OFFSETS_32: tl.constexpr):
+    """Element offsets of original rows `rows` (int32): 32-bit products when the launcher proved they fit (fewer
+    instructions per gathered row), else 64-bit."""
+    if OFFSETS_32:
+        offsets = rows * stride
+    else:
+        offsets = rows.to(tl.int64) * stride
+    return offsets
+
+
+# Shape-dependent ints the kernel only multiplies into offsets: not specialised on (so a new resolution reuses the
+# compiled kernel); the strides stay specialised (their divisibility gives the vectorised loads).
+@triton.jit(
+    do_not_specialize=[
+        "num_heads",
+        "num_q_blocks",
+        "num_priority_blocks",
+        "plan_batches",
+        "kv_list_len",
+        "trusted_list_len",
+        "num_pooled_blocks",
+    ]
+)
 def _block_sparse_attention_kernel(
     Q,
     K,
     V,
     Out,
+    QueryRows,
+    KeyRows,
+    OutIndex,
     KvCounts,
     KvIndices,
     KeyValid,
-    KeyBlockFull,
+    BlockFull,
     Rescale,
     Correction,
     TrustedCounts,
@@ -82,44 +138,56 @@ def _block_sparse_attention_kernel(
     KBlock,
     VBlock,
     KBlockLogCount,
-    OutIndex,
     sm_scale,
     num_heads,
     num_q_blocks,
     num_priority_blocks,
+    plan_batches,
     kv_list_len,
     trusted_list_len,
     num_pooled_blocks,
     stride_qb,
     stride_qh,
-    stride_qp,
+    stride_qs,
     stride_kb,
     stride_kh,
-    stride_kp,
+    stride_ks,
     stride_vb,
     stride_vh,
-    stride_vp,
+    stride_vs,
     stride_ob,
     stride_oh,
     stride_os,
-    stride_valid_b,
-    stride_valid_h,
+    stride_mask_b,
+    stride_mask_h,
+    stride_full_b,
+    stride_full_h,
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_PAD: tl.constexpr,
     RECTIFY: tl.constexpr,
-    HAS_KEY_VALID: tl.constexpr,
+    GATHER: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
     HAS_OUT_INDEX: tl.constexpr,
+    OFFSETS_32: tl.constexpr,
+    MASK_V_LOAD: tl.constexpr,
     TRUSTED_CHUNK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Grid `(B * H * P / BLOCK_M,)`. Q, K, V `(B, H, P, HEAD_DIM)` and Out `(B, H, S, HEAD_DIM)` by strides (last dim
-    contiguous); KeyValid `(B, H, P)` by strides; KeyBlockFull `(B, H, NQ)`, KvCounts, Rescale, TrustedCounts
-    `(B, H, NQ)`, KvIndices `(B, H, NQ, kv_list_len)`, TrustedIndices `(B, H, NQ, trusted_list_len)`, Correction
-    `(B, H, NQ, HEAD_DIM)`, KBlock, VBlock `(B, H, num_pooled_blocks, HEAD_DIM)`, KBlockLogCount
-    `(B, H, num_pooled_blocks)` contiguous; OutIndex `(P,)`. RECTIFY: 0 none, 1 block, 2 query."""
+    """Grid `(B * H * P / BLOCK_M,)`. RECTIFY: 0 none, 1 block, 2 query.
+
+    Canonical reads: Q, K, V `(B, H, P, HEAD_DIM)` by strides (last dim contiguous); with HAS_KEY_MASK, KeyValid
+    `(B, H, P)` bool by (batch, head) strides (`stride_mask_*`). Gathered reads (GATHER): Q, K, V `(B, H, S,
+    HEAD_DIM)` by strides; QueryRows `(P,)` int32, the original row of each canonical query row (-1: padding); KeyRows
+    `(B, H, P)` int32 by (batch, head) strides (`stride_mask_*`, 0 when shared), the original row of each canonical
+    key, -1 for padding rows and masked keys. With HAS_KEY_MASK, BlockFull `(B, H, NQ)` by (batch, head) strides:
+    whether a key block has no masked key. Out `(B, H, S_out, HEAD_DIM)` by strides, row p stored at OutIndex[p]
+    when HAS_OUT_INDEX. KvCounts, TrustedCounts `(plan_batches, H, NQ)`, KvIndices `(plan_batches, H, NQ,
+    kv_list_len)`, TrustedIndices `(plan_batches, H, NQ, trusted_list_len)` contiguous (`plan_batches`: 1 for a plan
+    shared by the batch, else B); Rescale `(B, H, NQ)`, Correction `(B, H, NQ, HEAD_DIM)`, KBlock, VBlock
+    `(B, H, num_pooled_blocks, HEAD_DIM)`, KBlockLogCount `(B, H, num_pooled_blocks)` contiguous."""
     TILES_PER_BLOCK: tl.constexpr = BLOCK_SIZE // BLOCK_N
     LOG2E: tl.constexpr = 1.4426950408889634
     qk_scale = sm_scale * LOG2E
@@ -142,29 +210,32 @@ def _block_sparse_attention_kernel(
     off_b = (pid_bh // num_heads).to(tl.int64)
     off_h = (pid_bh % num_heads).to(tl.int64)
     q_block = (pid_m * BLOCK_M) // BLOCK_SIZE
-    # Row of this (batch, head, query block) in the contiguous (B, H, NQ, ...) plan and statistics tensors.
-    plan_row = pid_bh.to(tl.int64) * num_q_blocks + q_block
+    # Rows of this (batch, head, query block) in the (B, H, NQ, ...) statistics and in the plan.
+    stats_row = pid_bh.to(tl.int64) * num_q_blocks + q_block
+    plan_row = ((off_b % plan_batches) * num_heads + off_h) * num_q_blocks + q_block
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_PAD)
-    # Head dims that are not a power of two are padded to one in registers: the extra lanes load as zeros (adding
-    # nothing to q . k) and are never stored.
-    d_ok = offs_d < HEAD_DIM
     k_base = K + off_b * stride_kb + off_h * stride_kh
     v_base = V + off_b * stride_vb + off_h * stride_vh
-    # Offsets of a key tile from its first row: loop invariant, so each step only adds one scalar row offset.
-    k_tile = offs_n[:, None] * stride_kp + offs_d[None, :]
-    v_tile = offs_n[:, None] * stride_vp + offs_d[None, :]
-    valid_base = KeyValid + off_b * stride_valid_b + off_h * stride_valid_h
-    block_full_base = KeyBlockFull + pid_bh.to(tl.int64) * num_q_blocks
+    # KeyValid (canonical reads) or KeyRows (gathered reads) of this (batch, head).
+    valid_base = KeyValid + off_b * stride_mask_b + off_h * stride_mask_h
+    key_rows_base = KeyRows + off_b * stride_mask_b + off_h * stride_mask_h
+    block_full_base = BlockFull + off_b * stride_full_b + off_h * stride_full_h
+    # Offsets of a canonical key tile from its first row: loop invariant, so each step adds one scalar row offset.
+    k_tile = offs_n[:, None] * stride_ks + offs_d[None, :]
+    v_tile = offs_n[:, None] * stride_vs + offs_d[None, :]
 
-    # Q stays in registers for the whole program: it is loaded once.
-    q = tl.load(
-        Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qp + offs_d[None, :],
-        mask=d_ok[None, :],
-        other=0.0,
-    )
+    # Q stays on chip for the whole program: it is loaded once.
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    if GATHER:
+        q_rows = tl.load(QueryRows + offs_m)
+        q_ptrs = q_base + _row_offsets(q_rows, stride_qs, OFFSETS_32)[:, None] + offs_d[None, :]
+        q = _load_rows(q_ptrs, q_rows >= 0, offs_d, True, HEAD_DIM, HEAD_PAD)
+    else:
+        q_ptrs = q_base + offs_m.to(tl.int64)[:, None] * stride_qs + offs_d[None, :]
+        q = _load_rows(q_ptrs, offs_m >= 0, offs_d, False, HEAD_DIM, HEAD_PAD)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -174,18 +245,48 @@ def _block_sparse_attention_kernel(
     kv_count = tl.load(KvCounts + plan_row)
     kv_list = KvIndices + plan_row * kv_list_len
     for step in range(0, kv_count * TILES_PER_BLOCK):
-        kv_block = tl.load(kv_list + step // TILES_PER_BLOCK).to(tl.int64)
-        start_n = kv_block * BLOCK_SIZE + (step % TILES_PER_BLOCK) * BLOCK_N
-        k = tl.load(k_base + start_n * stride_kp + k_tile, mask=d_ok[None, :], other=0.0)
-        v = tl.load(v_base + start_n * stride_vp + v_tile, mask=d_ok[None, :], other=0.0)
+        kv_block = tl.load(kv_list + step // TILES_PER_BLOCK)
+        start_n = kv_block.to(tl.int64) * BLOCK_SIZE + (step % TILES_PER_BLOCK) * BLOCK_N
+        if GATHER:
+            # Masked keys and padding rows have row -1: neither their K nor their V row is read.
+            rows = tl.load(key_rows_base + start_n + offs_n)
+            real = rows >= 0
+            k = _load_rows(
+                k_base + _row_offsets(rows, stride_ks, OFFSETS_32)[:, None] + offs_d[None, :],
+                real,
+                offs_d,
+                True,
+                HEAD_DIM,
+                HEAD_PAD,
+            )
+            v = _load_rows(
+                v_base + _row_offsets(rows, stride_vs, OFFSETS_32)[:, None] + offs_d[None, :],
+                real,
+                offs_d,
+                True,
+                HEAD_DIM,
+                HEAD_PAD,
+            )
+        else:
+            k = _load_rows(k_base + start_n * stride_ks + k_tile, offs_n >= 0, offs_d, False, HEAD_DIM, HEAD_PAD)
+            if HAS_KEY_MASK and MASK_V_LOAD:
+                # The value rows of masked keys are not read (a zero weight times a NaN in them would be NaN).
+                v_ok = tl.load(valid_base + start_n + offs_n) != 0
+                v = _load_rows(v_base + start_n * stride_vs + v_tile, v_ok, offs_d, True, HEAD_DIM, HEAD_PAD)
+            else:
+                v = _load_rows(v_base + start_n * stride_vs + v_tile, offs_n >= 0, offs_d, False, HEAD_DIM, HEAD_PAD)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if HAS_KEY_VALID:
-            # Only blocks holding a masked key pay for the select (most blocks are full).
+        if HAS_KEY_MASK:
+            # Only blocks holding a masked key or a padding row pay for the select (most blocks have none).
             if tl.load(block_full_base + kv_block) == 0:
-                key_ok = tl.load(valid_base + start_n + offs_n) != 0
+                if GATHER:
+                    key_ok = tl.load(key_rows_base + start_n + offs_n) >= 0
+                else:
+                    key_ok = tl.load(valid_base + start_n + offs_n) != 0
                 qk = tl.where(key_ok[None, :], qk, float("-inf"))
-                # A masked key has no effect, whatever its value row holds (0 * NaN would be NaN).
-                v = tl.where(key_ok[:, None], v, tl.zeros_like(v))
+                if not MASK_V_LOAD:
+                    # The previous kernel's formulation, selectable for measurement: V goes through registers.
+                    v = tl.where(key_ok[:, None], v, tl.zeros_like(v))
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, qk, v, qk_scale, DOT_PRECISION)
 
     if RECTIFY == 2:
@@ -199,9 +300,9 @@ def _block_sparse_attention_kernel(
             slot = first + offs_t
             listed = slot < trusted_count
             pooled = pooled_base + tl.load(trusted_list + slot, mask=listed, other=0)
-            pooled_mask = listed[:, None] & d_ok[None, :]
-            k_bar = tl.load(KBlock + pooled[:, None] * HEAD_DIM + offs_d[None, :], mask=pooled_mask, other=0.0)
-            v_bar = tl.load(VBlock + pooled[:, None] * HEAD_DIM + offs_d[None, :], mask=pooled_mask, other=0.0)
+            pooled_rows = pooled[:, None] * HEAD_DIM + offs_d[None, :]
+            k_bar = _load_rows(KBlock + pooled_rows, listed, offs_d, True, HEAD_DIM, HEAD_PAD)
+            v_bar = _load_rows(VBlock + pooled_rows, listed, offs_d, True, HEAD_DIM, HEAD_PAD)
             log_count = tl.load(KBlockLogCount + pooled, mask=listed, other=float("-inf"))
             qk = tl.dot(q, tl.trans(k_bar.to(q.dtype)), input_precision=DOT_PRECISION)
             qk = qk + log_count[None, :] / sm_scale
@@ -210,8 +311,8 @@ def _block_sparse_attention_kernel(
     # Rows with no allowed key have l = 0 and acc = 0: they output 0, never NaN.
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     if RECTIFY == 1:
-        rescale = tl.load(Rescale + plan_row)
-        correction = tl.load(Correction + plan_row * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
+        rescale = tl.load(Rescale + stats_row)
+        correction = tl.load(Correction + stats_row * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
         out = out * rescale + correction[None, :]
 
     if HAS_OUT_INDEX:
@@ -219,111 +320,471 @@ def _block_sparse_attention_kernel(
     else:
         dest = offs_m.to(tl.int64)
     out_ptrs = Out + off_b * stride_ob + off_h * stride_oh + dest[:, None] * stride_os + offs_d[None, :]
-    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=(dest >= 0)[:, None] & d_ok[None, :])
+    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=(dest >= 0)[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Tile configurations
+# Tile configurations and structural variants
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class TileConfig(dict):
-    """An explicit tile configuration for `block_sparse_attention(..., tile_config=...)`: keys BLOCK_M, BLOCK_N,
-    num_warps, num_stages. Both block sizes must divide the plan's block size and be >= 16."""
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """An explicit tile configuration: query rows per program, keys per step, warps and software-pipeline stages.
+    Both tiles are powers of two >= 16 and must divide the plan's block size."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 8
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n"):
+            size = getattr(self, name)
+            if isinstance(size, bool) or not isinstance(size, int) or size < 16 or size & (size - 1):
+                raise ValueError(f"TileConfig.{name}={size!r}: expected a power of two >= 16")
+
+    @classmethod
+    def of(cls, config: triton.Config) -> TileConfig:
+        return cls(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
+
+    def launch_options(self) -> dict[str, int]:
+        return {
+            "BLOCK_M": self.block_m,
+            "BLOCK_N": self.block_n,
+            "num_warps": self.num_warps,
+            "num_stages": self.num_stages,
+        }
 
 
-# Candidates for Hopper (H100/H200): 128-row query tiles with 8 warps (two warpgroups of wgmma), 64 or 128 keys per
-# step, 2-4 pipeline stages; smaller tiles for block sizes below 128. On an H100 (benchmarks/NOTES_attention.md)
-# (128, 128, 8, 3) won at D=128; (128, 64, 8, 2) never won and was dropped to shorten autotuning.
-_GPU_CANDIDATES = (
-    (128, 64, 8, 3),
-    (128, 64, 8, 4),
-    (128, 128, 8, 2),
-    (128, 128, 8, 3),
-    (64, 64, 4, 3),
-    (64, 128, 4, 2),
-    (32, 32, 4, 3),
-    (16, 16, 4, 2),
-)
+@dataclasses.dataclass(frozen=True)
+class KernelVariant:
+    """Structural choices of the kernel, selectable so that a benchmark can compare them in one run (the defaults are
+    the expected best; benchmarks/NOTES_attention.md has the counts and the measurements).
+
+    key_mask (canonical reads): "load" leaves the value rows of masked keys unread (a masked load; V stays on the
+        shared-memory path of the tensor cores); "select" zeroes them with a `where` on the loaded tile (the previous
+        kernel: V makes a round trip through registers). Gathered reads never read a masked key's rows.
+    pooled_dtype (query mode): "input" casts the pooled keys and values to the inputs' dtype once in the launcher
+        (half the bytes per virtual key, no cast in the loop); "float32" reads them as given.
+    trusted_chunk (query mode): virtual keys per step (None: 64 on the GPU, 16 under the interpreter).
+    """
+
+    key_mask: Literal["load", "select"] = "load"
+    pooled_dtype: Literal["input", "float32"] = "input"
+    trusted_chunk: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.key_mask not in ("load", "select"):
+            raise ValueError(f"KernelVariant.key_mask={self.key_mask!r}: expected 'load' or 'select'")
+        if self.pooled_dtype not in ("input", "float32"):
+            raise ValueError(f"KernelVariant.pooled_dtype={self.pooled_dtype!r}: expected 'input' or 'float32'")
+        chunk = self.trusted_chunk
+        if chunk is not None and (not isinstance(chunk, int) or chunk < 16 or chunk & (chunk - 1)):
+            raise ValueError(f"KernelVariant.trusted_chunk={chunk!r}: expected None or a power of two >= 16")
+
+
+# Autotuning candidates (BLOCK_M, BLOCK_N, warps, stages) per (padded head dim, gathered reads), for Hopper. The
+# stages come from the compiled kernels' shared-memory buffers (benchmarks/NOTES_attention.md): canonical reads get
+# three K/V buffers (two tiles in flight) at 3 stages, gathered reads (one more level of indirection: list -> row
+# index -> rows) at 5; that is 224-226 KB of the 227 KB an H100/H200 block may use with 128 x 128 tiles at D = 128.
+# (128, 128, 8 warps) won at D = 128 on an H100 with the previous kernel; (64, 64, 4 warps) runs two programs per SM
+# (115 KB each), whose softmax and products can overlap, at twice the L2 traffic per FLOP.
+_CANDIDATES: dict[tuple[int, bool], tuple[tuple[int, int, int, int], ...]] = {
+    (64, False): ((128, 128, 8, 3), (128, 128, 8, 4), (64, 64, 4, 3)),
+    (64, True): ((128, 128, 8, 5), (128, 128, 8, 7), (64, 64, 4, 5)),
+    (128, False): ((128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)),
+    (128, True): ((128, 128, 8, 5), (128, 128, 8, 3), (64, 64, 4, 5)),
+    (256, False): ((64, 64, 4, 2), (64, 64, 4, 3)),
+    (256, True): ((64, 64, 4, 3), (64, 64, 4, 4)),
+}
+_SMALL_BLOCK_CANDIDATES = ((64, 64, 4, 3), (32, 32, 4, 3), (16, 16, 4, 2))
 
 
 def autotune_configs() -> list[triton.Config]:
-    """The candidate tile configurations the CUDA path autotunes over (before pruning by block size)."""
+    """Every candidate tile configuration of the CUDA path (before pruning by head dim and block size)."""
+    tiles = {tile for candidates in _CANDIDATES.values() for tile in candidates} | set(_SMALL_BLOCK_CANDIDATES)
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
-        for m, n, warps, stages in _GPU_CANDIDATES
+        for m, n, warps, stages in sorted(tiles, reverse=True)
     ]
 
 
-def prune_tile_configs(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
-    """Keep the configurations whose tiles divide the plan's block size; prefer the largest query tile that fits
-    (one program per query block reads the kv list and the block's statistics once)."""
+def _candidate_tiles(block_size: int, head_pad: int, gather: bool) -> list[tuple[int, int, int, int]]:
+    """The (BLOCK_M, BLOCK_N, warps, stages) candidates of a call whose tiles divide its block size; for blocks smaller
+    than those tiles, the largest small tiles that fit."""
+    wanted = _CANDIDATES[(64 if head_pad <= 64 else 128 if head_pad <= 128 else 256, gather)]
+    tiles = [tile for tile in wanted if tile[0] <= block_size and tile[1] <= block_size]
+    if not tiles:
+        small = [tile for tile in _SMALL_BLOCK_CANDIDATES if tile[0] <= block_size and tile[1] <= block_size]
+        tiles = [tile for tile in small if tile[0] == small[0][0]]
+    return tiles
+
+
+def prune_tile_configs(configs: list[triton.Config], named_args: dict, **kwargs: Any) -> list[triton.Config]:
+    """The autotuner's pruning hook: the candidates of the call's padded head dim, read mode and block size."""
     args = {**named_args, **kwargs}
-    block_size = args["BLOCK_SIZE"]
-    head_dim = args["HEAD_PAD"]
-    fitting = [c for c in configs if c.kwargs["BLOCK_M"] <= block_size and c.kwargs["BLOCK_N"] <= block_size]
-    if head_dim > 128:
-        # A 256-wide accumulator of 128 rows does not fit in registers next to the tiles.
-        fitting = [c for c in fitting if c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 64] or fitting
-    largest_m = max(c.kwargs["BLOCK_M"] for c in fitting)
-    kept = [c for c in fitting if c.kwargs["BLOCK_M"] == largest_m]
-    if head_dim <= 64:
-        # Small heads leave registers for the larger key tile; 128-key tiles are the only ones worth timing.
-        kept = [c for c in kept if c.kwargs["BLOCK_N"] == min(128, block_size)] or kept
-    return kept
+    tiles = _candidate_tiles(int(args["BLOCK_SIZE"]), int(args["HEAD_PAD"]), bool(args["GATHER"]))
+    return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in tiles]
 
 
+_AUTOTUNE_KEY = [
+    "BLOCK_SIZE",
+    "HEAD_DIM",
+    "HEAD_PAD",
+    "RECTIFY",
+    "GATHER",
+    "HAS_KEY_MASK",
+    "HAS_OUT_INDEX",
+    "OFFSETS_32",
+    "MASK_V_LOAD",
+    "TRUSTED_CHUNK",
+]
 _autotuned_kernel = triton.autotune(
     configs=autotune_configs(),
-    key=["BLOCK_SIZE", "HEAD_DIM", "HEAD_PAD", "RECTIFY", "HAS_KEY_VALID", "HAS_OUT_INDEX"],
+    key=_AUTOTUNE_KEY,
     prune_configs_by={"early_config_prune": prune_tile_configs},
 )(_block_sparse_attention_kernel)
 
 
-def chosen_tile_config() -> triton.Config | None:
+def chosen_tile_config() -> TileConfig | None:
     """The configuration the autotuner chose at the last CUDA launch (None before the first one)."""
-    return getattr(_autotuned_kernel, "best_config", None)
-
-
-# Under TRITON_INTERPRET=1, @triton.jit gives an interpreted function instead of a JITFunction; the launcher then runs
-# a fixed configuration (timing candidates under the interpreter would measure numpy).
-_INTERPRETED = INTERPRETED
+    best = getattr(_autotuned_kernel, "best_config", None)
+    return None if best is None else TileConfig.of(best)
 
 
 def _interpreter_config(block_size: int) -> TileConfig:
-    return TileConfig(BLOCK_M=min(block_size, 64), BLOCK_N=min(block_size, 32), num_warps=4, num_stages=1)
+    # Under TRITON_INTERPRET=1 a fixed configuration runs (timing candidates under the interpreter would time numpy).
+    return TileConfig(min(block_size, 64), min(block_size, 32), num_warps=4, num_stages=1)
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The launcher
+# The launch bundle
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _check_tensor(name: str, value: object, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...], device) -> None:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if value.dtype not in dtypes:
-        expected = " or ".join(str(d) for d in dtypes)
-        raise TypeError(f"{name} must have dtype {expected}, got {value.dtype}")
-    if tuple(value.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
-    if value.device != device:
-        raise ValueError(f"{name} is on {value.device}, expected {device} (the device of q)")
+@dataclasses.dataclass(frozen=True)
+class BlockRectify:
+    """Block mode: the output of query block i is `rescale[i] * O + correction[i]`. rescale fp32 `(B, H, NQ)`,
+    correction fp32 `(B, H, NQ, D)`."""
+
+    rescale: torch.Tensor
+    correction: torch.Tensor
 
 
-def _check_tile_config(tile_config: object, block_size: int) -> TileConfig:
-    if not isinstance(tile_config, dict):
-        raise TypeError(f"tile_config must be a dict (TileConfig) or None, got {type(tile_config).__name__}")
-    expected = {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}
-    if set(tile_config) != expected:
-        raise ValueError(f"tile_config must have exactly the keys {sorted(expected)}, got {sorted(tile_config)}")
-    for name in ("BLOCK_M", "BLOCK_N"):
-        size = tile_config[name]
-        if not isinstance(size, int) or size < 16 or size & (size - 1) or block_size % size:
-            raise ValueError(
-                f"tile_config[{name!r}]={size!r}: expected a power of two >= 16 dividing block_size={block_size}"
-            )
-    return TileConfig(tile_config)
+@dataclasses.dataclass(frozen=True)
+class QueryRectify:
+    """Query mode: the trusted skipped blocks of query block i join its softmax as virtual keys.
+    trusted_counts int32 `(B, H, NQ)`; trusted_indices int32 `(B, H, NQ, T)` into the `NB` pooled blocks (first
+    `trusted_counts` entries read); k_block, v_block `(B, H, NB, D)` float16/bfloat16/float32 (cast to the inputs'
+    dtype for the products); k_block_log_count fp32 `(B, H, NB)`, the log of each pooled block's unmasked key count."""
+
+    trusted_counts: torch.Tensor
+    trusted_indices: torch.Tensor
+    k_block: torch.Tensor
+    v_block: torch.Tensor
+    k_block_log_count: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionLaunch:
+    """One call of the attention kernel (shapes: B batch, H heads, D head dim, P canonical rows, NQ = P / block_size).
+
+    q, k, v: one dtype (float16, bfloat16, float32), last dim contiguous, other strides free (an expanded batch or
+        head dim is fine). Canonical reads (`row_index` None): `(B, H, P, D)` in the canonical layout. Gathered reads:
+        `(B, H, S, D)` in the original order, e.g. `(B, S, H, D)` buffers viewed as `(B, H, S, D)`.
+    kv_counts int32 `(B, H, NQ)`, kv_indices int32 `(B, H, NQ, L)`: the key blocks of each query block (first
+        `kv_counts` entries read; ascending order keeps the reads sequential). A batch-expanded plan is read once.
+    scale: softmax scale. block_size: rows per block, a power of two in [16, 256].
+    key_valid: bool `(B, H, P)` in canonical order (any strides over B and H), False for masked keys; None: every key
+        is valid (except padding rows of gathered reads).
+    rectify: None, `BlockRectify` or `QueryRectify`.
+    row_index: int32/int64 `(P,)`, canonical row -> original row, -1 for a padding row (read as a zero query and a
+        masked key): Q, K and V are read through it. None: they are canonical copies.
+    out_index: int32/int64 `(P,)`: canonical row p is stored at row `out_index[p]` of `out` (-1: not stored).
+        Defaults to `row_index` (None for canonical reads: row p goes to row p). Entries >= 0 must be distinct and in
+        range (not checked on the host, which would synchronise).
+    out: `(B, H, S_out, D)` destination, last dim contiguous; None: a new tensor of q's dtype with `S` rows (gathered)
+        or `P` rows (canonical, no out_index).
+    priority_query_blocks: the last `priority_query_blocks` query blocks of every head run first (text rows: they
+        attend to every block and take ~1/density times longer than video rows).
+    tile_config: a `TileConfig` instead of the autotuned one (CUDA) or the interpreter's fixed one.
+    variant: structural choices (`KernelVariant`).
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    kv_counts: torch.Tensor
+    kv_indices: torch.Tensor
+    scale: float
+    block_size: int
+    key_valid: torch.Tensor | None = None
+    rectify: BlockRectify | QueryRectify | None = None
+    row_index: torch.Tensor | None = None
+    out_index: torch.Tensor | None = None
+    out: torch.Tensor | None = None
+    priority_query_blocks: int = 0
+    tile_config: TileConfig | None = None
+    variant: KernelVariant = KernelVariant()
+
+
+def _expect(name: str, tensor: torch.Tensor, shape: Sequence[int | None], dtypes, device: torch.device) -> None:
+    """The launcher's one tensor check: dtype, shape (None: any size), device, and for 4-D tensors (the attention
+    operands and the output) a contiguous last dim."""
+    if tensor.dtype not in dtypes:
+        allowed = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{name} must be {allowed}, got {tensor.dtype}")
+    if tensor.dim() != len(shape) or any(e is not None and e != s for e, s in zip(shape, tensor.shape)):
+        wanted = "(" + ", ".join("*" if e is None else str(e) for e in shape) + ")"
+        raise ValueError(f"{name} must have shape {wanted}, got {tuple(tensor.shape)}")
+    if tensor.device != device:
+        raise ValueError(f"{name} is on {tensor.device}, expected {device} (the device of q)")
+    if tensor.dim() == 4 and tensor.shape[-1] > 1 and tensor.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dimension, got strides {tensor.stride()}")
+
+
+def _check(launch: AttentionLaunch) -> tuple[int, int]:
+    """Check the invariants the kernel relies on (the public API validated everything else); returns the canonical
+    length P and the number of query blocks NQ."""
+    q, block_size, row_index, rectify = launch.q, launch.block_size, launch.row_index, launch.rectify
+    device = q.device
+    check_device(device, "q")
+    if INTERPRETED and q.dtype == torch.bfloat16:
+        # The interpreter's tl.dot on bfloat16 returns wrong values instead of failing: refuse rather than mislead.
+        raise TypeError("q is bfloat16: the Triton interpreter cannot multiply bfloat16, use float16 or float32")
+    _expect("q", q, (None,) * 4, _INPUT_DTYPES, device)
+    check_kernel_inputs("q", q)
+    batch, heads, seq_len, head_dim = q.shape
+    padded_len = seq_len if row_index is None else row_index.shape[-1]
+    if block_size not in (16, 32, 64, 128, 256) or padded_len % block_size or not batch * heads * padded_len:
+        raise ValueError(
+            f"block_size must be a power of two in [16, 256] dividing the {padded_len} canonical rows "
+            f"and (B, H) non-empty, got block_size={block_size!r}, B={batch}, H={heads}"
+        )
+    nq = padded_len // block_size
+    if not 0 <= launch.priority_query_blocks <= nq:
+        raise ValueError(f"priority_query_blocks must be in [0, {nq}], got {launch.priority_query_blocks}")
+    tile = launch.tile_config
+    if tile is not None and (block_size % tile.block_m or block_size % tile.block_n):
+        raise ValueError(f"tile_config {tile} does not divide block_size={block_size}")
+    out_index = launch.out_index if launch.out_index is not None else row_index
+    if launch.out is None and out_index is not None and row_index is None:
+        raise ValueError("out must be given with out_index for canonical reads: the output length is unknown")
+    expected: list[tuple[str, torch.Tensor | None, tuple[int | None, ...], tuple[torch.dtype, ...]]] = [
+        ("k", launch.k, q.shape, (q.dtype,)),
+        ("v", launch.v, q.shape, (q.dtype,)),
+        ("kv_counts", launch.kv_counts, (batch, heads, nq), (torch.int32,)),
+        ("kv_indices", launch.kv_indices, (batch, heads, nq, None), (torch.int32,)),
+        ("key_valid", launch.key_valid, (batch, heads, padded_len), (torch.bool,)),
+        ("row_index", row_index, (padded_len,), _INDEX_DTYPES),
+        ("out_index", out_index, (padded_len,), _INDEX_DTYPES),
+        ("out", launch.out, (batch, heads, padded_len if out_index is None else None, head_dim), _INPUT_DTYPES),
+    ]
+    if isinstance(rectify, BlockRectify):
+        expected += [
+            ("rescale", rectify.rescale, (batch, heads, nq), (torch.float32,)),
+            ("correction", rectify.correction, (batch, heads, nq, head_dim), (torch.float32,)),
+        ]
+    if isinstance(rectify, QueryRectify):
+        num_pooled = rectify.k_block.shape[2] if rectify.k_block.dim() == 4 else -1
+        expected += [
+            ("trusted_counts", rectify.trusted_counts, (batch, heads, nq), (torch.int32,)),
+            ("trusted_indices", rectify.trusted_indices, (batch, heads, nq, None), (torch.int32,)),
+            ("k_block", rectify.k_block, (batch, heads, num_pooled, head_dim), _INPUT_DTYPES),
+            ("v_block", rectify.v_block, (batch, heads, num_pooled, head_dim), _INPUT_DTYPES),
+            ("k_block_log_count", rectify.k_block_log_count, (batch, heads, num_pooled), (torch.float32,)),
+        ]
+    for name, tensor, shape, dtypes in expected:
+        if tensor is not None:
+            _expect(name, tensor, shape, dtypes, device)
+    return padded_len, nq
+
+
+def _shared_dims(mask: torch.Tensor) -> torch.Tensor:
+    """`mask (B, H, P)` without its expanded (stride-0) batch and head dims: `(B|1, H|1, P)`."""
+    for dim in (0, 1):
+        if mask.stride(dim) == 0:
+            mask = mask.narrow(dim, 0, 1)
+    return mask
+
+
+def _batch_head_strides(tensor: torch.Tensor) -> tuple[int, int]:
+    """Strides of a `(B|1, H|1, ...)` tensor's first two dims, 0 where the dim is shared."""
+    return (tensor.stride(0) if tensor.shape[0] > 1 else 0, tensor.stride(1) if tensor.shape[1] > 1 else 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _KeyMask:
+    """The key side of one launch as the kernel reads it. Gathered reads: `query_rows` int32 `(P,)` and `key_rows`
+    int32 `(B|1, H|1, P)`, the original row of each canonical key or -1 for a padding row or a masked key (whose K
+    and V rows are then never read). Canonical reads: `key_valid` bool `(B|1, H|1, P)` or None. `block_full` bool
+    `(B|1, H|1, NQ)`: the key blocks with no masked key (the kernel skips their select)."""
+
+    query_rows: torch.Tensor | None
+    key_rows: torch.Tensor | None
+    key_valid: torch.Tensor | None
+    block_full: torch.Tensor | None
+
+    @classmethod
+    def of(cls, launch: AttentionLaunch, num_blocks: int) -> _KeyMask:
+        valid = None if launch.key_valid is None else _shared_dims(launch.key_valid)
+        if launch.row_index is None:
+            if valid is None:
+                return cls(None, None, None, None)
+            valid = valid if valid.stride(-1) == 1 else valid.contiguous()
+            return cls(None, None, valid, valid.unflatten(-1, (num_blocks, -1)).all(-1))
+        query_rows = launch.row_index.to(torch.int32)
+        key_rows = query_rows.expand(1, 1, -1) if valid is None else torch.where(valid, query_rows, -1)
+        return cls(query_rows, key_rows, None, (key_rows >= 0).unflatten(-1, (num_blocks, -1)).all(-1))
+
+    def strides(self) -> tuple[int, int, int, int]:
+        """(batch, head) strides of the per-key tensor and of `block_full` (0 where shared)."""
+        per_key = self.key_rows if self.key_rows is not None else self.key_valid
+        if per_key is None or self.block_full is None:
+            return (0, 0, 0, 0)
+        return (*_batch_head_strides(per_key), *_batch_head_strides(self.block_full))
+
+
+def _plan_rows(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
+    """The plan tensors as the kernel reads them: one batch row when every one is expanded over the batch (a plan
+    shared by the batch, read without copying it B times), else contiguous."""
+    batch = tensors[0].shape[0]
+    if batch > 1 and all(t.stride(0) == 0 for t in tensors):
+        return [t[:1].contiguous() for t in tensors], 1
+    return [t.contiguous() for t in tensors], batch
+
+
+@dataclasses.dataclass(frozen=True)
+class _KernelCall:
+    grid: Callable[[dict], tuple[int]]
+    args: tuple
+    options: dict[str, Any]
+    tile: TileConfig | None
+    out: torch.Tensor
+
+    def run(self) -> torch.Tensor:
+        if self.tile is None:
+            _autotuned_kernel[self.grid](*self.args, **self.options)
+        else:
+            _block_sparse_attention_kernel[self.grid](*self.args, **self.options, **self.tile.launch_options())
+        return self.out
+
+    def compile(self) -> list[Any]:
+        """Compile without launching (under `triton.AsyncCompileMode` the compiles run in its executor); every
+        autotuning candidate when the tiles are not fixed. Nothing to do under the interpreter."""
+        if INTERPRETED:
+            return []
+        options = self.options
+        candidates = _candidate_tiles(options["BLOCK_SIZE"], options["HEAD_PAD"], options["GATHER"])
+        tiles = [self.tile] if self.tile is not None else [TileConfig(*tile) for tile in candidates]
+        return [
+            _block_sparse_attention_kernel.warmup(*self.args, grid=self.grid, **options, **tile.launch_options())
+            for tile in tiles
+        ]
+
+
+def _prepare(launch: AttentionLaunch) -> _KernelCall:
+    """Check the launch and pack the kernel's arguments."""
+    padded_len, num_q_blocks = _check(launch)
+    q, k, v, rectify = launch.q, launch.k, launch.v, launch.rectify
+    batch, heads, seq_len, head_dim = q.shape
+    masks = _KeyMask.of(launch, num_q_blocks)
+    out_index = launch.out_index if launch.out_index is not None else launch.row_index
+    out = launch.out if launch.out is not None else q.new_empty(batch, heads, seq_len, head_dim)
+    (kv_counts, kv_indices, *trusted), plan_batches = _plan_rows(
+        [launch.kv_counts, launch.kv_indices]
+        + ([rectify.trusted_counts, rectify.trusted_indices] if isinstance(rectify, QueryRectify) else [])
+    )
+    unused = {dtype: q.new_empty(1, dtype=dtype) for dtype in (torch.int32, torch.float32, torch.bool)}
+    rescale = correction = k_block = v_block = log_count = unused[torch.float32]
+    trusted_counts = trusted_indices = unused[torch.int32]
+    if isinstance(rectify, BlockRectify):
+        rescale, correction = rectify.rescale.contiguous(), rectify.correction.contiguous()
+    if isinstance(rectify, QueryRectify):
+        trusted_counts, trusted_indices = trusted
+        cast = q.dtype if launch.variant.pooled_dtype == "input" else None
+        k_block, v_block = (t.to(cast or t.dtype).contiguous() for t in (rectify.k_block, rectify.v_block))
+        log_count = rectify.k_block_log_count.contiguous()
+    args = (
+        q,
+        k,
+        v,
+        out,
+        *(t if t is not None else unused[torch.int32] for t in (masks.query_rows, masks.key_rows)),
+        out_index.contiguous() if out_index is not None else unused[torch.int32],
+        kv_counts,
+        kv_indices,
+        *(t if t is not None else unused[torch.bool] for t in (masks.key_valid, masks.block_full)),
+        rescale,
+        correction,
+        trusted_counts,
+        trusted_indices,
+        k_block,
+        v_block,
+        log_count,
+        float(launch.scale),
+        heads,
+        num_q_blocks,
+        launch.priority_query_blocks,
+        plan_batches,
+        kv_indices.shape[-1],
+        trusted_indices.shape[-1],
+        k_block.shape[2] if k_block.dim() == 4 else 1,
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
+        *out.stride()[:3],
+        *masks.strides(),
+    )
+    options: dict[str, Any] = {
+        "BLOCK_SIZE": launch.block_size,
+        "HEAD_DIM": head_dim,
+        "HEAD_PAD": padded_head_dim(head_dim),
+        "RECTIFY": RECTIFY_MODES.index(rectify_mode(rectify)),
+        "GATHER": masks.query_rows is not None,
+        "HAS_KEY_MASK": masks.block_full is not None,
+        "HAS_OUT_INDEX": out_index is not None,
+        # Every row offset of a gathered read fits 32 bits: the kernel then multiplies in 32 bits.
+        "OFFSETS_32": max((seq_len - 1) * t.stride(2) + head_dim for t in (q, k, v)) < 2**31,
+        "MASK_V_LOAD": launch.variant.key_mask == "load",
+        # The interpreter takes the smallest chunk so that tiny CPU shapes still span several chunks.
+        "TRUSTED_CHUNK": launch.variant.trusted_chunk or (16 if INTERPRETED else 64),
+        # fp32 inputs get exact fp32 products (no tf32), as the tests' tolerances assume; 16-bit inputs ignore it.
+        "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+    }
+    tile = launch.tile_config or (_interpreter_config(launch.block_size) if INTERPRETED else None)
+
+    def grid(meta: dict) -> tuple[int]:
+        return (batch * heads * (padded_len // meta["BLOCK_M"]),)
+
+    return _KernelCall(grid, args, options, tile, out)
+
+
+def rectify_mode(rectify: BlockRectify | QueryRectify | None) -> str:
+    """The `RECTIFY_MODES` name of a rectification bundle."""
+    if rectify is None:
+        return "none"
+    if isinstance(rectify, BlockRectify):
+        return "block"
+    if isinstance(rectify, QueryRectify):
+        return "query"
+    raise TypeError(f"rectify must be None, BlockRectify or QueryRectify, got {type(rectify).__name__}")
+
+
+def launch_attention(launch: AttentionLaunch) -> torch.Tensor:
+    """Run the kernel for one `AttentionLaunch`; returns the output tensor (`launch.out` when given).
+
+    Each query row attends exactly (fp32 online softmax) to the valid keys of its listed blocks, plus the virtual keys
+    in query mode; rows with nothing to attend output 0 (block mode: `correction`)."""
+    return _prepare(launch).run()
+
+
+def compile_attention(launch: AttentionLaunch) -> Any:
+    """Compile the kernel(s) that `launch_attention(launch)` would run, without running them (every autotuning
+    candidate when no tile configuration is given). Under `triton.AsyncCompileMode(executor)` the compiles run in the
+    executor, so that a benchmark can build many variants in parallel."""
+    return _prepare(launch).compile()
 
 
 def block_sparse_attention(
@@ -344,219 +805,57 @@ def block_sparse_attention(
     k_block: torch.Tensor | None = None,
     v_block: torch.Tensor | None = None,
     k_block_log_count: torch.Tensor | None = None,
+    row_index: torch.Tensor | None = None,
     out_index: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     priority_query_blocks: int = 0,
-    tile_config: dict | None = None,
+    tile_config: TileConfig | None = None,
+    variant: KernelVariant | None = None,
 ) -> torch.Tensor:
-    """Rectified block-sparse attention over the canonical layout; returns `out`.
-
-    Args:
-        q, k, v: `(B, H, P, D)` in the canonical layout (`P = layout.padded_len`, a multiple of `block_size`),
-            float16, bfloat16 or float32 (one dtype), last dim contiguous, `D` as `capability.kernel_limits` allows
-            (padded to a power of two in registers).
-        kv_counts: int32 `(B, H, NQ)`, `NQ = P // block_size`: the number of key blocks query block i attends to.
-        kv_indices: int32 `(B, H, NQ, L)`: their indices in `[0, NQ)`, first `kv_counts` entries read (ascending order
-            keeps the key reads sequential; -1 padding after the count is never read).
-        scale: softmax scale (positive).
-        block_size: rows per block of the plan, a power of two in [16, 256].
-        key_valid: bool `(B, H, P)` (an expanded view with stride 0 over H is fine), False for masked or padding
-            keys; None: every key is valid.
-        rectify: "none"; "block" (needs `rescale` fp32 `(B, H, NQ)` and `correction` fp32 `(B, H, NQ, D)`: the output
-            of query block i is `rescale[i] * O + correction[i]`); or "query" (needs `trusted_counts` int32
-            `(B, H, NQ)`, `trusted_indices` int32 `(B, H, NQ, T)` into the `NB` pooled blocks, `k_block` and
-            `v_block` `(B, H, NB, D)` (float16/bfloat16/float32; cast to q's dtype for the products) and
-            `k_block_log_count` fp32 `(B, H, NB)`, the log of each pooled block's unmasked key count).
-        out_index: int32 or int64 `(P,)`: canonical row p is stored at row `out_index[p]` of `out` (-1: not stored).
-            None: row p goes to row p. Entries must be in [-1, S) and distinct where >= 0 (not checked on the host,
-            which would synchronise).
-        out: `(B, H, S, D)` destination, any strides with the last dim contiguous (e.g. a `(B, S, H, D)` buffer
-            transposed); float16, bfloat16 or float32. Needed when `out_index` is given; without both, a new
-            `(B, H, P, D)` tensor of q's dtype is returned.
-        priority_query_blocks: the last `priority_query_blocks` query blocks of every head are scheduled before all
-            others. Pass the number of text query blocks (`layout.num_text_blocks`): text rows attend to every block,
-            take ~1/density times longer than video rows, and would otherwise finish last (a tail of up to ~10%).
-        tile_config: optional explicit `TileConfig` (BLOCK_M, BLOCK_N, num_warps, num_stages) instead of the
-            autotuned one (CUDA) or the interpreter's default.
-
-    Each query row attends exactly (fp32 online softmax) to the valid keys of its listed blocks, plus the virtual
-    keys in query mode; rows with nothing to attend output 0 (block mode: `correction`).
-    """
-    for name, tensor in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-        if tensor.dim() != 4:
-            raise ValueError(f"{name} must have shape (B, H, P, D), got {tuple(tensor.shape)}")
-        if tensor.dtype not in _INPUT_DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {tensor.dtype}")
-        if tensor.shape[-1] > 1 and tensor.stride(-1) != 1:
-            raise ValueError(f"{name} must have a contiguous last dimension, got strides {tensor.stride()}")
-    batch, heads, padded_len, head_dim = q.shape
-    device = q.device
-    for name, tensor in (("k", k), ("v", v)):
-        _check_tensor(name, tensor, tuple(q.shape), (q.dtype,), device)
-    if device.type != "cuda" and not _INTERPRETED:
-        raise ValueError(
-            f"q is on {device}: the kernel runs on CUDA, or on the CPU under the Triton interpreter "
-            "(TRITON_INTERPRET=1 set before triton is first imported)"
-        )
-    if _INTERPRETED and q.dtype == torch.bfloat16:
-        # The interpreter's tl.dot on bfloat16 returns wrong values instead of failing: refuse rather than mislead.
-        raise TypeError("q is bfloat16: the Triton interpreter cannot multiply bfloat16, use float16 or float32")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or not 16 <= block_size <= 256:
-        raise ValueError(f"block_size must be a power of two in [16, 256], got {block_size!r}")
-    if block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two in [16, 256], got {block_size}")
-    if padded_len == 0 or padded_len % block_size:
-        raise ValueError(f"q has {padded_len} rows: expected a positive multiple of block_size={block_size}")
-    check_kernel_inputs("q", q)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a positive finite float, got {scale!r}")
+    """`launch_attention` with the rectification inputs as keywords (see `AttentionLaunch`, `BlockRectify`,
+    `QueryRectify`): rectify "none", "block" (rescale, correction) or "query" (trusted_counts, trusted_indices,
+    k_block, v_block, k_block_log_count); each mode takes exactly its own inputs."""
+    given = {
+        "block": {"rescale": rescale, "correction": correction},
+        "query": {
+            "trusted_counts": trusted_counts,
+            "trusted_indices": trusted_indices,
+            "k_block": k_block,
+            "v_block": v_block,
+            "k_block_log_count": k_block_log_count,
+        },
+    }
     if rectify not in RECTIFY_MODES:
         raise ValueError(f"rectify must be one of {RECTIFY_MODES}, got {rectify!r}")
-    if batch == 0 or heads == 0:
-        raise ValueError(f"q has an empty batch or head dimension: {tuple(q.shape)}")
-
-    num_q_blocks = padded_len // block_size
-    if (
-        isinstance(priority_query_blocks, bool)
-        or not isinstance(priority_query_blocks, int)
-        or not 0 <= priority_query_blocks <= num_q_blocks
-    ):
-        raise ValueError(f"priority_query_blocks must be an int in [0, {num_q_blocks}], got {priority_query_blocks!r}")
-    _check_tensor("kv_counts", kv_counts, (batch, heads, num_q_blocks), (torch.int32,), device)
-    if not isinstance(kv_indices, torch.Tensor) or kv_indices.dim() != 4:
-        raise ValueError("kv_indices must be an int32 tensor of shape (B, H, NQ, L)")
-    kv_list_len = kv_indices.shape[-1]
-    _check_tensor("kv_indices", kv_indices, (batch, heads, num_q_blocks, kv_list_len), (torch.int32,), device)
-    kv_counts, kv_indices = kv_counts.contiguous(), kv_indices.contiguous()
-
-    if key_valid is not None:
-        _check_tensor("key_valid", key_valid, (batch, heads, padded_len), (torch.bool,), device)
-        if key_valid.stride(-1) != 1:
-            key_valid = key_valid.contiguous()
-
-    float_stats = (torch.float32,)
-    pooled_dtypes = (torch.float16, torch.bfloat16, torch.float32)
-    given = {
-        "rescale": rescale,
-        "correction": correction,
-        "trusted_counts": trusted_counts,
-        "trusted_indices": trusted_indices,
-        "k_block": k_block,
-        "v_block": v_block,
-        "k_block_log_count": k_block_log_count,
-    }
-    for name, given_tensor in given.items():
-        mode = _RECTIFY_INPUTS[name]
-        if mode == rectify and given_tensor is None:
-            raise ValueError(f"rectify={rectify!r} needs {name}")
-        if mode != rectify and given_tensor is not None:
-            raise ValueError(f"{name} is only used by rectify={mode!r}, got rectify={rectify!r}")
-    trusted_list_len = num_pooled = 1
+    for mode, inputs in given.items():
+        for name, value in inputs.items():
+            if (value is None) == (mode == rectify):
+                raise ValueError(
+                    f"rectify={rectify!r} needs {name}"
+                    if mode == rectify
+                    else f"{name} is only used by rectify={mode!r}, got rectify={rectify!r}"
+                )
+    bundle: BlockRectify | QueryRectify | None = None
     if rectify == "block":
-        assert rescale is not None and correction is not None  # checked above, by mode
-        _check_tensor("rescale", rescale, (batch, heads, num_q_blocks), float_stats, device)
-        _check_tensor("correction", correction, (batch, heads, num_q_blocks, head_dim), float_stats, device)
-        rescale, correction = rescale.contiguous(), correction.contiguous()
-    if rectify == "query":
-        assert trusted_counts is not None and v_block is not None and k_block_log_count is not None
-        _check_tensor("trusted_counts", trusted_counts, (batch, heads, num_q_blocks), (torch.int32,), device)
-        if not isinstance(trusted_indices, torch.Tensor) or trusted_indices.dim() != 4:
-            raise ValueError("trusted_indices must be an int32 tensor of shape (B, H, NQ, T)")
-        trusted_list_len = trusted_indices.shape[-1]
-        _check_tensor(
-            "trusted_indices", trusted_indices, (batch, heads, num_q_blocks, trusted_list_len), (torch.int32,), device
+        bundle = BlockRectify(**given["block"])  # type: ignore[arg-type]
+    elif rectify == "query":
+        bundle = QueryRectify(**given["query"])  # type: ignore[arg-type]
+    return launch_attention(
+        AttentionLaunch(
+            q,
+            k,
+            v,
+            kv_counts,
+            kv_indices,
+            scale,
+            block_size,
+            key_valid,
+            bundle,
+            row_index,
+            out_index,
+            out,
+            priority_query_blocks,
+            tile_config,
+            variant or KernelVariant(),
         )
-        if not isinstance(k_block, torch.Tensor) or k_block.dim() != 4:
-            raise ValueError("k_block must be a tensor of shape (B, H, NB, D)")
-        num_pooled = k_block.shape[2]
-        _check_tensor("k_block", k_block, (batch, heads, num_pooled, head_dim), pooled_dtypes, device)
-        _check_tensor("v_block", v_block, (batch, heads, num_pooled, head_dim), pooled_dtypes, device)
-        _check_tensor("k_block_log_count", k_block_log_count, (batch, heads, num_pooled), float_stats, device)
-        trusted_counts, trusted_indices = trusted_counts.contiguous(), trusted_indices.contiguous()
-        k_block, v_block = k_block.contiguous(), v_block.contiguous()
-        k_block_log_count = k_block_log_count.contiguous()
-
-    if out_index is not None:
-        if not isinstance(out_index, torch.Tensor):
-            raise TypeError(f"out_index must be a torch.Tensor or None, got {type(out_index).__name__}")
-        _check_tensor("out_index", out_index, (padded_len,), (torch.int32, torch.int64), device)
-        out_index = out_index.contiguous()
-        if out is None:
-            raise ValueError("out must be given when out_index is: the output length cannot be read from out_index")
-    if out is None:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    else:
-        if not isinstance(out, torch.Tensor) or out.dim() != 4:
-            raise ValueError("out must be a tensor of shape (B, H, S, D)")
-        _check_tensor("out", out, (batch, heads, out.shape[2], head_dim), _INPUT_DTYPES, device)
-        if out_index is None and out.shape[2] != padded_len:
-            raise ValueError(f"out has {out.shape[2]} rows; without out_index it must have P={padded_len}")
-        if out.stride(-1) != 1:
-            raise ValueError(f"out must have a contiguous last dimension, got strides {out.stride()}")
-
-    # Unused pointer arguments get a valid tensor of the right kind so that the signature stays fixed.
-    placeholder_float = q.new_empty(1, dtype=torch.float32)
-    placeholder_int = q.new_empty(1, dtype=torch.int32)
-    valid_arg = key_valid if key_valid is not None else q.new_empty(1, dtype=torch.bool)
-    # Per key block: True when none of its keys is masked (the kernel then skips the per-key select).
-    block_full = (
-        key_valid.reshape(batch, heads, num_q_blocks, block_size).all(-1)
-        if key_valid is not None
-        else q.new_empty(1, dtype=torch.bool)
     )
-    valid_strides = (key_valid.stride(0), key_valid.stride(1)) if key_valid is not None else (0, 0)
-    args = (
-        q,
-        k,
-        v,
-        out,
-        kv_counts,
-        kv_indices,
-        valid_arg,
-        block_full,
-        rescale if rescale is not None else placeholder_float,
-        correction if correction is not None else placeholder_float,
-        trusted_counts if trusted_counts is not None else placeholder_int,
-        trusted_indices if trusted_indices is not None else placeholder_int,
-        k_block if k_block is not None else placeholder_float,
-        v_block if v_block is not None else placeholder_float,
-        k_block_log_count if k_block_log_count is not None else placeholder_float,
-        out_index if out_index is not None else placeholder_int,
-        float(scale),
-        heads,
-        num_q_blocks,
-        priority_query_blocks,
-        kv_list_len,
-        trusted_list_len,
-        num_pooled,
-        *q.stride()[:3],
-        *k.stride()[:3],
-        *v.stride()[:3],
-        *out.stride()[:3],
-        *valid_strides,
-    )
-    constants = {
-        "BLOCK_SIZE": block_size,
-        "HEAD_DIM": head_dim,
-        "HEAD_PAD": padded_head_dim(head_dim),
-        "RECTIFY": _RECTIFY_CODES[rectify],
-        "HAS_KEY_VALID": key_valid is not None,
-        "HAS_OUT_INDEX": out_index is not None,
-        "TRUSTED_CHUNK": _TRUSTED_CHUNK_INTERPRETED if _INTERPRETED else _TRUSTED_CHUNK,
-        # fp32 inputs get exact fp32 products (no tf32), as the tests' tolerances assume; 16-bit inputs ignore it.
-        "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
-    }
-
-    def grid(meta: dict) -> tuple[int]:
-        return (batch * heads * (padded_len // meta["BLOCK_M"]),)
-
-    if tile_config is None and _INTERPRETED:
-        tile_config = _interpreter_config(block_size)
-    if tile_config is None:
-        _autotuned_kernel[grid](*args, **constants)
-    else:
-        config = _check_tile_config(tile_config, block_size)
-        _block_sparse_attention_kernel[grid](*args, **constants, **config)
-    return out

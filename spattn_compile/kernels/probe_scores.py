@@ -11,8 +11,10 @@ Each probe p (a query vector with a weight w_p, `R` per video query block) is sc
 2. `_probe_combine_kernel`, one program per (batch, head, query block): each probe's log-sum-exp over its row of
    log-masses, then `P_hat[i, j] = sum_p w_p 2^(a_pj - lse_p) / sum_p w_p` (a probe with no valid key has no mass).
 
-The scratch is `B * H * NB * R * (NB + 1) * 4` bytes; the launcher processes (batch, head) pairs in groups that keep
-it under `_SCRATCH_BYTES`. Equals `estimators.probes.probe_scores_reference`. Nothing reads back to the host.
+The keys are canonical copies, or the caller's `(B, H, S, D)` keys read through the layout's index (`source_index`:
+each row is one contiguous D-vector, so the gathered load moves the same bytes). The scratch is
+`B * H * NB * R * (NB + 1) * 4` bytes; the launcher processes (batch, head) pairs in groups that keep it under
+`_SCRATCH_BYTES`. Equals `estimators.probes.probe_scores_reference`. Nothing reads back to the host.
 """
 
 from __future__ import annotations
@@ -32,16 +34,22 @@ _SCRATCH_BYTES = 512 << 20
 
 
 @triton.jit
-def _key_tile_logits(q, KC, KeyValidC, BlockFull, bh, padded_len, num_blocks, key_block, start, offs_n, offs_d,
-                     qk_scale, HEAD_DIM: tl.constexpr, HAS_KEY_VALID: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Logits in log2 units of the probes `q` against the canonical keys `start + offs_n` (in key block
-    `key_block`); masked keys get -inf (checked only in blocks that hold one)."""
-    rows = bh * padded_len + start + offs_n
-    k = tl.load(KC + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+def _key_tile_logits(q, key_base, SourceIndex, KeyValidC, BlockFull, valid_row, block_row, key_block, start, offs_n,
+                     offs_d, stride_ks, qk_scale, HEAD_DIM: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
+                     SOURCE_ORDER: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Logits in log2 units of the probes `q` against the canonical keys `start + offs_n` (in key block `key_block`),
+    read through `SourceIndex` from the caller's keys (SOURCE_ORDER) or from canonical copies; masked keys get -inf
+    (checked only in blocks that hold one)."""
+    rows = start + offs_n
+    if SOURCE_ORDER:
+        source = tl.maximum(tl.load(SourceIndex + rows).to(tl.int64), 0)  # a padding row is masked below
+    else:
+        source = rows.to(tl.int64)
+    k = tl.load(key_base + source[:, None] * stride_ks + offs_d[None, :], mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
     logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if HAS_KEY_VALID:
-        if tl.load(BlockFull + bh * num_blocks + key_block) == 0:
-            ok = tl.load(KeyValidC + rows) != 0
+        if tl.load(BlockFull + block_row + key_block) == 0:
+            ok = tl.load(KeyValidC + valid_row + rows) != 0
             logits = tl.where(ok[None, :], logits, float("-inf"))
     return logits
 
@@ -49,7 +57,8 @@ def _key_tile_logits(q, KC, KeyValidC, BlockFull, bh, padded_len, num_blocks, ke
 @triton.jit
 def _probe_log_mass_kernel(
     Probes,
-    KC,
+    K,
+    SourceIndex,
     KeyValidC,
     BlockFull,
     LogMass,
@@ -57,17 +66,26 @@ def _probe_log_mass_kernel(
     num_video_blocks,
     num_blocks,
     padded_len,
+    num_heads,
+    first_pair,
+    stride_kb,
+    stride_kh,
+    stride_ks,
     qk_scale,
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_PAD: tl.constexpr,
     HAS_KEY_VALID: tl.constexpr,
+    SOURCE_ORDER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
+    # bh: the (batch, head) pair within this launch's group (probes, validity, scratch); pair: within the call.
     bh = tl.program_id(1).to(tl.int64)
+    pair = first_pair + bh
+    key_base = K + (pair // num_heads) * stride_kb + (pair % num_heads) * stride_kh
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_PAD)
@@ -75,7 +93,7 @@ def _probe_log_mass_kernel(
     probe_rows = bh * num_probes + offs_m
     q_mask = probe_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
     q = tl.load(Probes + probe_rows[:, None] * HEAD_DIM + offs_d[None, :], mask=q_mask, other=0.0)
-    q = q.to(KC.dtype.element_ty)
+    q = q.to(K.dtype.element_ty)
     num_cols = num_video_blocks + 1
     out = LogMass + probe_rows * num_cols
 
@@ -85,8 +103,8 @@ def _probe_log_mass_kernel(
         for part in tl.static_range(BLOCK_SIZE // BLOCK_N):
             start = key_block * BLOCK_SIZE + part * BLOCK_N
             logits = _key_tile_logits(
-                q, KC, KeyValidC, BlockFull, bh, padded_len, num_blocks, key_block, start, offs_n, offs_d, qk_scale,
-                HEAD_DIM, HAS_KEY_VALID, DOT_PRECISION,
+                q, key_base, SourceIndex, KeyValidC, BlockFull, bh * padded_len, bh * num_blocks, key_block, start,
+                offs_n, offs_d, stride_ks, qk_scale, HEAD_DIM, HAS_KEY_VALID, SOURCE_ORDER, DOT_PRECISION,
             )  # fmt: skip
             m_i, l_i = online_logsumexp(m_i, l_i, logits)
         log_mass = tl.where(l_i > 0.0, m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
@@ -99,8 +117,8 @@ def _probe_log_mass_kernel(
         for part in tl.static_range(BLOCK_SIZE // BLOCK_N):
             start = key_block * BLOCK_SIZE + part * BLOCK_N
             logits = _key_tile_logits(
-                q, KC, KeyValidC, BlockFull, bh, padded_len, num_blocks, key_block, start, offs_n, offs_d, qk_scale,
-                HEAD_DIM, True, DOT_PRECISION,
+                q, key_base, SourceIndex, KeyValidC, BlockFull, bh * padded_len, bh * num_blocks, key_block, start,
+                offs_n, offs_d, stride_ks, qk_scale, HEAD_DIM, True, SOURCE_ORDER, DOT_PRECISION,
             )  # fmt: skip
             m_i, l_i = online_logsumexp(m_i, l_i, logits)
     log_mass = tl.where(l_i > 0.0, m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
@@ -162,7 +180,7 @@ _autotuned_log_mass = triton.autotune(
         triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
         for m, n, warps, stages in _LOG_MASS_CANDIDATES
     ],
-    key=["BLOCK_SIZE", "HEAD_PAD", "HAS_KEY_VALID", "DOT_PRECISION"],
+    key=["BLOCK_SIZE", "HEAD_PAD", "HAS_KEY_VALID", "SOURCE_ORDER", "DOT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune_log_mass_configs},
 )(_probe_log_mass_kernel)
 
@@ -178,29 +196,38 @@ def probe_scores(
     key_valid_c: torch.Tensor,
     layout: TokenLayout,
     scale: float,
+    *,
+    source_index: torch.Tensor | None = None,
+    config: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """`P_hat` float32 `(B, H, NB, NB + 1)` from `probes (B, H, NB * R, D)` (any float dtype; cast to the keys' dtype
-    for the products) with `weights` float32 `(NB * R,)`, the canonical keys `k_c (B, H, P, D)` (float16, bfloat16 or
-    float32) and `key_valid_c` bool `(B, H, P)`; equals `estimators.probes.probe_scores_reference`.
-    Keys are masked only in blocks that hold an invalid one (a per-block flag, read once per block)."""
+    for the products) with `weights` float32 `(NB * R,)`, the keys `k_c` (float16, bfloat16 or float32) and
+    `key_valid_c` bool `(B, H, P)` in canonical order; equals `estimators.probes.probe_scores_reference` on the
+    canonical keys. `k_c` is `(B, H, P, D)` canonical copies, or with `source_index` (`layout.source_index` on the
+    device) the caller's `(B, H, S, D)` keys (any strides, the last dim contiguous), read through it.
+    Keys are masked only in blocks that hold an invalid one (a per-block flag, read once per block). `config`:
+    (BLOCK_M, BLOCK_N, warps, stages) of the log-mass kernel instead of the autotuned choice (benchmarks)."""
     batch, heads, num_probes, head_dim = probes.shape
     device = k_c.device
     check_device(device, "k_c")
     nb, nq = layout.num_video_blocks, layout.num_blocks
-    if num_probes % nb or tuple(k_c.shape) != (batch, heads, layout.padded_len, head_dim):
+    key_rows = layout.padded_len if source_index is None else layout.seq_len
+    if num_probes % nb or tuple(k_c.shape) != (batch, heads, key_rows, head_dim):
         raise ValueError(
             f"probes {tuple(probes.shape)} and keys {tuple(k_c.shape)} do not fit the layout ({nb} video blocks, "
-            f"{layout.padded_len} canonical rows)"
+            f"{key_rows} key rows)"
         )
     if tuple(weights.shape) not in ((num_probes,), (batch, heads, num_probes)):
         raise ValueError(
             f"weights must have shape ({num_probes},) or {(batch, heads, num_probes)}, got {tuple(weights.shape)}"
         )
+    if source_index is not None and tuple(source_index.shape) != (layout.padded_len,):
+        raise ValueError(f"source_index must have shape ({layout.padded_len},), got {tuple(source_index.shape)}")
     per_block = num_probes // nb
     bh = batch * heads
     weights = probe_weights(probes, weights.to(device)).reshape(bh, num_probes).contiguous()
     probes = probes.reshape(bh, num_probes, head_dim).contiguous()
-    keys = k_c.reshape(bh, layout.padded_len, head_dim).contiguous()
+    keys = k_c if k_c.stride(-1) == 1 else k_c.contiguous()
     valid = key_valid_c.reshape(bh, layout.padded_len).contiguous()
     # True where a block has no masked key: the kernel then skips the per-key select.
     block_full = valid.view(bh, nq, layout.block_size).all(-1)
@@ -214,7 +241,8 @@ def probe_scores(
         pairs = slice(first, first + count)
         args = (
             probes[pairs],
-            keys[pairs],
+            keys,
+            source_index if source_index is not None else block_full,
             valid[pairs].view(torch.int8),
             block_full[pairs],
             log_mass,
@@ -222,6 +250,9 @@ def probe_scores(
             nb,
             nq,
             layout.padded_len,
+            heads,
+            first,
+            *keys.stride()[:3],
             float(scale) * LOG2E,
         )
         constants = dict(
@@ -229,12 +260,18 @@ def probe_scores(
             HEAD_DIM=head_dim,
             HEAD_PAD=head_pad,
             HAS_KEY_VALID=True,
+            SOURCE_ORDER=source_index is not None,
             DOT_PRECISION=precision,
         )
         if INTERPRETED:
             block_n = min(layout.block_size, 32)
             grid = (triton.cdiv(num_probes, 16), count)
             _probe_log_mass_kernel[grid](*args, **constants, BLOCK_M=16, BLOCK_N=block_n)
+        elif config is not None:
+            block_m, block_n, warps, stages = config
+            _probe_log_mass_kernel[(triton.cdiv(num_probes, block_m), count)](
+                *args, **constants, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages
+            )
         else:
             _autotuned_log_mass[_log_mass_grid(num_probes, count)](*args, **constants)
         _probe_combine_kernel[(nb, count)](

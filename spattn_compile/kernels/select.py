@@ -1,9 +1,10 @@
-"""Selection on the device: GAPR's gate and the block selection (stage 2 of docs/DESIGN.md), as two Triton kernels.
+"""Selection on the device: GAPR's gate and the block selection (stage 2 of docs/DESIGN.md), as Triton kernels.
 
 - `gapr_gate`: GAPR's test `|q_i . k_j| > |dq_i . k_j| + |q_i . dk_j|` for every pooled block pair, `(B, H, NB, NB)`.
-- `select_plan`: one program per (batch, head, query block) sorts its row of scores (`tl.sort`), finds the budget /
-  mass-threshold cut, and writes the kept and the trusted key blocks as ascending int32 lists, as
-  `reference.select_plan_reference` does (stable descending order: equal scores are taken in index order).
+- `select_plan`: a few query blocks of one (batch, head) per program; bisections over the bit patterns of the scores
+  find each row's mass-threshold cut and the budget's k-th largest score (no sort), ties are taken in index order, and
+  the kept and trusted key blocks are written as ascending int32 lists, as `policies.topk.select_plan_reference` does
+  (stable descending order). Budgets may differ per (batch, head).
 
 Nothing here reads a value back to the host and every shape is a function of the layout, so the stage can be captured
 in a CUDA graph. The scores come from an estimator (`spattn_compile.estimators`).
@@ -17,7 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..config import SparseAttentionConfig
 from ..layout import TokenLayout, neighbor_block_mask
 from ..plan import PooledStats, SparsePlan, block_budget
 from .common import INTERPRETED, STATS_DOT_PRECISION, check_device, padded_head_dim
@@ -71,21 +71,67 @@ def _gapr_gate_kernel(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Selection
+# Selection by threshold search
 # --------------------------------------------------------------------------------------------------------------------
+
+# Bit patterns of float32: for x >= 0 they order as the values do (0.0 is 0; +inf is 0x7F800000).
+_INF_BITS = tl.constexpr(0x7F800000)
 
 
 @triton.jit
-def _write_index_list(Counts, Indices, plan_row, list_len, chosen, cols, in_list):
-    """Store the column numbers of `chosen` ascending at the front of row `plan_row` of `Indices (.., list_len)`, -1
-    in the rest of the row (columns `in_list`), and their number in `Counts`."""
+def _smallest_mass_cut(bits, score, base, mass_threshold, ROWS: tl.constexpr):
+    """Per row, the smallest bit pattern t >= -1 such that `base + sum(score where bits > t) < mass_threshold`
+    (bisection; rows where `base` alone reaches the threshold get 0x7F800000, which no score exceeds)."""
+    lo = tl.full([ROWS], -1, tl.int32)
+    hi = tl.full([ROWS], _INF_BITS, tl.int32)
+    for _ in range(32):
+        mid = lo + (hi - lo) // 2
+        below = base + tl.sum(tl.where(bits > mid[:, None], score, 0.0), 1) < mass_threshold
+        active = hi - lo > 1
+        hi = tl.where(active & below, mid, hi)
+        lo = tl.where(active & ~below, mid, lo)
+    all_below = base + tl.sum(tl.where(bits >= 0, score, 0.0), 1) < mass_threshold
+    return tl.where(all_below, -1, hi)
+
+
+@triton.jit
+def _kth_largest(bits, keep, ROWS: tl.constexpr):
+    """Per row, the `keep`-th largest of `bits` (the largest t with at least `keep` entries >= t), by bisection; rows
+    with keep = 0 get 0x7F800000 (nothing is kept)."""
+    lo = tl.zeros([ROWS], dtype=tl.int32)
+    hi = tl.full([ROWS], _INF_BITS + 1, tl.int32)
+    for _ in range(32):
+        mid = lo + (hi - lo) // 2
+        enough = tl.sum((bits >= mid[:, None]).to(tl.int32), 1) >= keep
+        active = hi - lo > 1
+        lo = tl.where(active & enough, mid, lo)
+        hi = tl.where(active & ~enough, mid, hi)
+    return lo
+
+
+@triton.jit
+def _chosen(bits, threshold, needed, keep_free, ties_before):
+    """The free blocks kept: every one above the threshold, and the first `needed` equal to it in index order
+    (`ties_before`: equal ones in earlier columns, for a row processed in column chunks)."""
+    tied = bits == threshold[:, None]
+    tie_rank = ties_before[:, None] + tl.cumsum(tied.to(tl.int32), 1)
+    chosen = (bits > threshold[:, None]) | (tied & (tie_rank <= needed[:, None]))
+    return chosen & (keep_free > 0)[:, None], tl.sum(tied.to(tl.int32), 1)
+
+
+@triton.jit
+def _write_index_rows(Counts, Indices, plan_rows, row_ok, list_len, chosen, cols, in_list):
+    """Per row (`plan_rows`, where `row_ok`): the columns of `chosen` ascending at the front of the row of `Indices
+    (.., list_len)`, -1 in the rest of the row (columns `in_list`), and their number in `Counts`."""
     chosen_int = chosen.to(tl.int32)
-    count = tl.sum(chosen_int, 0)
-    position = tl.cumsum(chosen_int, 0) - 1
-    row = Indices + plan_row * list_len
-    tl.store(row + position, cols.to(tl.int32), mask=chosen)
-    tl.store(row + cols, tl.full(cols.shape, -1, tl.int32), mask=in_list & (cols >= count))
-    tl.store(Counts + plan_row, count)
+    count = tl.sum(chosen_int, 1)
+    position = tl.cumsum(chosen_int, 1) - 1
+    row = Indices + plan_rows[:, None] * list_len
+    tl.store(row + position, cols[None, :] + position * 0, mask=chosen & row_ok[:, None])
+    minus_one = tl.full(chosen.shape, -1, tl.int32)
+    rest = in_list[None, :] & (cols[None, :] >= count[:, None]) & row_ok[:, None]
+    tl.store(row + cols[None, :], minus_one, mask=rest)
+    tl.store(Counts + plan_rows, count, mask=row_ok)
 
 
 @triton.jit
@@ -95,6 +141,7 @@ def _select_kernel(
     Neighbors,
     ForcedBlocks,
     KeyBlockCount,
+    Budget,
     KvCounts,
     KvIndices,
     TrustedCounts,
@@ -105,69 +152,82 @@ def _select_kernel(
     cap,
     mass_threshold,
     COLS: tl.constexpr,
+    ROWS: tl.constexpr,
     HAS_NEIGHBORS: tl.constexpr,
     HAS_FORCED_BLOCKS: tl.constexpr,
     HAS_MASS_THRESHOLD: tl.constexpr,
+    PER_HEAD_BUDGET: tl.constexpr,
     GAPR: tl.constexpr,
     RECTIFY: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    # ROWS query blocks of one (batch, head) per program, each row of COLS key blocks in registers. The free (not
+    # forced) video blocks are ranked by score through the bit patterns of their scores (non-negative floats order as
+    # their bits do): bisections find the mass threshold's cut and the keep-th largest score, and equal scores are
+    # taken in index order, as the reference's stable sort takes them.
     bh = tl.program_id(1).to(tl.int64)
-    plan_row = bh * num_blocks + row
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < num_blocks
+    video_row = rows < num_video_blocks
+    plan_rows = bh * num_blocks + rows
     cols = tl.arange(0, COLS)
     in_range = cols < num_blocks
     video_col = cols < num_video_blocks
-    # The row test as a vector: the interpreter cannot mask or select with a scalar-and-vector mix.
-    video_row = (cols * 0 + row) < num_video_blocks
     nonempty = tl.load(KeyBlockCount + bh * num_blocks + cols, mask=in_range, other=0.0) > 0
-
-    score_row = Scores + (bh * num_video_blocks + row) * (num_video_blocks + 1)
-    video_entry = video_col & video_row
-    score = tl.load(score_row + cols, mask=video_entry, other=0.0)
-    text_mass = tl.load(score_row + num_video_blocks, mask=row < num_video_blocks, other=0.0)
-    forced = video_col & (cols == row)
+    video_entry = video_row[:, None] & video_col[None, :]
+    score_rows = Scores + (bh * num_video_blocks + rows)[:, None] * (num_video_blocks + 1)
+    score = tl.load(score_rows + cols[None, :], mask=video_entry, other=0.0)
+    score = tl.where(score > 0.0, score, 0.0)  # NaN (and -0.0) rank as 0, as the reference's nan_to_num
+    text_mass = tl.load(Scores + (bh * num_video_blocks + rows) * (num_video_blocks + 1) + num_video_blocks,
+                        mask=video_row, other=0.0)  # fmt: skip
+    forced = video_entry & (cols[None, :] == rows[:, None])
     if HAS_NEIGHBORS:
-        neighbor = tl.load(Neighbors + row.to(tl.int64) * num_video_blocks + cols, mask=video_entry, other=0)
+        neighbor = tl.load(Neighbors + rows[:, None].to(tl.int64) * num_video_blocks + cols[None, :],
+                           mask=video_entry, other=0)  # fmt: skip
         forced = forced | (neighbor != 0)
     if HAS_FORCED_BLOCKS:
-        forced = forced | (tl.load(ForcedBlocks + bh * num_blocks + cols, mask=video_col, other=0) != 0)
-    n_forced = tl.sum(forced.to(tl.int32), 0)
+        forced_cols = tl.load(ForcedBlocks + bh * num_blocks + cols, mask=video_col, other=0) != 0
+        forced = forced | (video_entry & forced_cols[None, :])
+    free = video_entry & ~forced
+    bits = tl.where(free, score.to(tl.int32, bitcast=True), -1)
+    n_forced = tl.sum(forced.to(tl.int32), 1)
     n_free = num_video_blocks - n_forced
-    # Forced blocks rank first in the reference; the others follow by descending score. Scores are >= 0, so -1
-    # sends forced and out-of-range columns below every free block.
-    ranked = tl.where(video_col & ~forced, score, -1.0)
-    ordered = tl.sort(ranked, descending=True)
-
-    keep_free = budget - n_forced
+    if PER_HEAD_BUDGET:
+        row_budget = tl.load(Budget + bh + rows * 0)
+    else:
+        row_budget = budget + rows * 0
+    keep_free = row_budget - n_forced
     if HAS_MASS_THRESHOLD:
-        # Mass kept before the r-th free block in descending order; the blocks whose preceding mass is still under
-        # the threshold are added, up to `cap` blocks in all (forced ones included), never fewer than the budget.
-        free_mass = tl.maximum(ordered, 0.0)
-        forced_mass = tl.sum(tl.where(forced, score, 0.0), 0)
-        mass_before = forced_mass + text_mass + tl.cumsum(free_mass, 0) - free_mass
-        grown = tl.sum(((mass_before < mass_threshold) & (cols < n_free)).to(tl.int32), 0)
-        keep_free = tl.maximum(budget, tl.minimum(n_forced + grown, cap)) - n_forced
+        # Blocks are added in descending order while the mass kept before them (forced blocks and text included)
+        # is under the threshold, up to `cap` blocks in all, never fewer than the budget.
+        base = tl.sum(tl.where(forced, score, 0.0), 1) + text_mass
+        cut = _smallest_mass_cut(bits, score, base, mass_threshold, ROWS)
+        above = bits > cut[:, None]
+        before = base + tl.sum(tl.where(above, score, 0.0), 1)
+        value = tl.maximum(cut, 0).to(tl.float32, bitcast=True)
+        tied = bits == cut[:, None]
+        tie_rank = tl.cumsum(tied.to(tl.int32), 1) - 1
+        extra = tl.sum((tied & (before[:, None] + tie_rank.to(tl.float32) * value[:, None] < mass_threshold)).to(
+            tl.int32), 1)  # fmt: skip
+        grown = tl.where(cut < 0, n_free, tl.sum(above.to(tl.int32), 1) + extra)
+        grown = tl.where(base < mass_threshold, grown, 0)
+        keep_free = tl.maximum(row_budget, tl.minimum(n_forced + grown, tl.maximum(row_budget, cap))) - n_forced
     keep_free = tl.minimum(tl.maximum(keep_free, 0), n_free)
+    threshold = _kth_largest(bits, keep_free, ROWS)
+    needed = keep_free - tl.sum((bits > threshold[:, None]).to(tl.int32), 1)
+    chosen, _ = _chosen(bits, threshold, needed, keep_free, keep_free * 0)
+    keep_video = (forced | chosen) & nonempty[None, :]
+    keep_any = nonempty & in_range
+    keep = tl.where(video_entry, keep_video, keep_any[None, :] & row_ok[:, None])
+    _write_index_rows(KvCounts, KvIndices, plan_rows, row_ok, num_blocks, keep, cols, in_range)
 
-    # The keep_free-th largest free score; every larger one is kept, equal ones in index order (a stable sort).
-    threshold = tl.sum(tl.where(cols == keep_free - 1, ordered, 0.0), 0)
-    above = ranked > threshold
-    tied = (ranked == threshold) & video_col & ~forced
-    tie_rank = tl.cumsum(tied.to(tl.int32), 0)
-    needed = keep_free - tl.sum(above.to(tl.int32), 0)
-    chosen = (above | (tied & (tie_rank <= needed))) & ((cols * 0 + keep_free) > 0)
-    keep_video = (forced | chosen) & nonempty
-    keep_video_row = tl.where(video_col, keep_video, nonempty & in_range)
-    keep = tl.where(video_row, keep_video_row, nonempty & in_range)
-    _write_index_list(KvCounts, KvIndices, plan_row, num_blocks, keep, cols, in_range)
-
-    trusted = video_entry & ~keep & nonempty
+    trusted = video_entry & ~keep & nonempty[None, :]
     if GAPR:
-        gate = tl.load(Gate + (bh * num_video_blocks + row) * num_video_blocks + cols, mask=video_entry, other=0)
+        gate = tl.load(Gate + (bh * num_video_blocks + rows)[:, None] * num_video_blocks + cols[None, :],
+                       mask=video_entry, other=0)  # fmt: skip
         trusted = trusted & (gate != 0)
     if not RECTIFY:
-        trusted = trusted & (cols < 0)
-    _write_index_list(TrustedCounts, TrustedIndices, plan_row, num_video_blocks, trusted, cols, video_col)
+        trusted = trusted & False
+    _write_index_rows(TrustedCounts, TrustedIndices, plan_rows, row_ok, num_video_blocks, trusted, cols, video_col)
 
 
 def _check_block_stats(stats: object, layout: TokenLayout) -> tuple[int, int, int]:
@@ -237,29 +297,58 @@ def _neighbor_rows(layout: TokenLayout, device: torch.device) -> torch.Tensor:
     return neighbor_block_mask(layout).to(device=device, dtype=torch.int8).contiguous()
 
 
+def _check_budget(budget: object, batch: int, heads: int, nb: int, device: torch.device) -> torch.Tensor | int:
+    if isinstance(budget, torch.Tensor):
+        if budget.dtype != torch.int32 or tuple(budget.shape) != (batch, heads):
+            raise ValueError(
+                f"budget must be an int or an int32 tensor of shape {(batch, heads)}, got {budget.dtype} of shape "
+                f"{tuple(budget.shape)}"
+            )
+        if budget.device != device:
+            raise ValueError(f"budget is on {budget.device}, scores on {device}")
+        return budget.contiguous()
+    if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= nb:
+        raise ValueError(f"budget must be an int in [1, {nb}] (video blocks) or an int32 tensor, got {budget!r}")
+    return budget
+
+
 def select_plan(
     scores: torch.Tensor,
     key_block_count: torch.Tensor,
     layout: TokenLayout,
     *,
-    density: float,
-    config: SparseAttentionConfig,
+    budget: int | torch.Tensor,
     estimator: str,
+    mass_threshold: float | None = None,
+    max_density: float = 1.0,
+    neighbors: bool = False,
+    trusted: bool = False,
     gate: torch.Tensor | None = None,
     forced_blocks: torch.Tensor | None = None,
+    rows_per_program: int | None = None,
 ) -> SparsePlan:
-    """Selection (stage 2) and the trusted lists from float32 `scores (B, H, NB, NB + 1)` (made by `estimator`), as
-    `reference.select_plan_reference`.
+    """The plan `policies.topk.select_plan_reference` selects from `scores` (module docstring), by threshold search.
 
-    `key_block_count` float32 `(B, H, NQ)`: unmasked keys per canonical block (empty blocks are never listed).
-    `gate` int8 `(B, H, NB, NB)` from `gapr_gate`, needed when `config.gapr` and `config.rectify != "none"`.
-    `forced_blocks` bool `(B, H, NQ)`: video key blocks kept for every query block (those holding a non-finite key).
-    Density, mass threshold, max density and neighbours come from `density` and `config`, as in the reference.
+    Per row, bisections over the bit patterns of the scores find the mass threshold's cut and the budget's k-th
+    largest score (about 32 masked reductions each, against a sort of the whole padded row); ties are taken in index
+    order. Scores must be non-negative (NaN ranks as 0), as the estimators' are.
+
+    Args:
+        scores: float32 `(B, H, NB, NB + 1)`, the estimator's `P_hat`. key_block_count: float32 `(B, H, NQ)`, valid
+            keys per canonical block (blocks without one are never listed). layout: the canonical layout.
+        budget: video key blocks per video query block: an int in [1, NB], or an int32 `(B, H)` tensor of per-head
+            budgets (each in [1, NB]; not checked on the device, which would synchronise).
+        estimator: the label the plan records for the scores' origin.
+        mass_threshold: grow each row in descending order while the kept mass (text included) is under it, up to
+            `block_budget(max_density, NB)` blocks (never below the budget); None: exactly the budget.
+        neighbors: force the blocks of each token's 26 grid neighbours.
+        trusted: write the trusted lists (skipped blocks with a valid key, rectification's), restricted to `gate`'s
+            pairs when given (`gapr_gate`'s int8 `(B, H, NB, NB)`); False: empty trusted lists.
+        forced_blocks: bool `(B, H, NQ)`, kept by every video query block (blocks with a non-finite key).
+        rows_per_program: query blocks per program, a power of two (default 4 on CUDA: 0.61 ms at Wan 14B 720p on
+            the H200 against 1.26 ms with 16, benchmarks/NOTES_pipeline.md; 16 under the interpreter, whose cost is
+            per program).
     """
-    if not isinstance(config, SparseAttentionConfig):
-        raise TypeError(f"config must be a SparseAttentionConfig, got {type(config).__name__}")
-    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
-        raise ValueError(f"density must be a number in (0, 1], got {density!r}")
     nb, nq = layout.num_video_blocks, layout.num_blocks
     if not isinstance(scores, torch.Tensor) or scores.dim() != 4 or tuple(scores.shape[2:]) != (nb, nb + 1):
         raise ValueError(f"scores must be a tensor of shape (B, H, {nb}, {nb + 1})")
@@ -269,46 +358,51 @@ def select_plan(
     device = scores.device
     check_device(device, "scores")
     _check_key_block_count(key_block_count, batch, heads, layout, device)
-    use_gate = config.gapr and config.rectify != "none"
-    if use_gate:
-        if (
-            not isinstance(gate, torch.Tensor)
-            or tuple(gate.shape) != (batch, heads, nb, nb)
-            or gate.dtype != torch.int8
-        ):
-            raise ValueError(f"config.gapr needs gate, an int8 tensor of shape {(batch, heads, nb, nb)}")
+    budget = _check_budget(budget, batch, heads, nb, device)
+    if mass_threshold is not None and not 0 < mass_threshold <= 1:
+        raise ValueError(f"mass_threshold must be None or in (0, 1], got {mass_threshold!r}")
+    if not 0 < max_density <= 1:
+        raise ValueError(f"max_density must be in (0, 1], got {max_density!r}")
+    if gate is not None:
+        shape = (batch, heads, nb, nb)
+        if not isinstance(gate, torch.Tensor) or tuple(gate.shape) != shape or gate.dtype != torch.int8:
+            raise ValueError(f"gate must be an int8 tensor of shape {shape}")
         if gate.device != device:
             raise ValueError(f"gate is on {gate.device}, scores on {device}")
-
-    budget = block_budget(density, nb)
-    cap = max(budget, block_budget(config.max_density, nb))
+    rows = (16 if INTERPRETED else 4) if rows_per_program is None else rows_per_program
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1 or rows & (rows - 1):
+        raise ValueError(f"rows_per_program must be a power of two, got {rows_per_program!r}")
+    cap = block_budget(max_density, nb)
     kv_counts = torch.empty(batch, heads, nq, device=device, dtype=torch.int32)
     kv_indices = torch.empty(batch, heads, nq, nq, device=device, dtype=torch.int32)
     trusted_counts = torch.empty_like(kv_counts)
     trusted_indices = torch.empty(batch, heads, nq, nb, device=device, dtype=torch.int32)
-    neighbors = _neighbor_rows(layout, device) if config.neighbors else kv_counts
+    neighbor_rows = _neighbor_rows(layout, device) if neighbors else kv_counts
     cols = max(16, triton.next_power_of_2(nq))
-    _select_kernel[(nq, batch * heads)](
+    _select_kernel[(triton.cdiv(nq, rows), batch * heads)](
         scores.contiguous(),
-        gate.contiguous() if gate is not None and use_gate else kv_counts,
-        neighbors,
+        gate.contiguous() if gate is not None else kv_counts,
+        neighbor_rows,
         forced_blocks.contiguous().view(torch.int8) if forced_blocks is not None else kv_counts,
         key_block_count.contiguous(),
+        budget if isinstance(budget, torch.Tensor) else kv_counts,
         kv_counts,
         kv_indices,
         trusted_counts,
         trusted_indices,
         nb,
         nq,
-        budget,
+        budget if isinstance(budget, int) else 0,
         cap,
-        float(config.mass_threshold) if config.mass_threshold is not None else 0.0,
+        float(mass_threshold) if mass_threshold is not None else 0.0,
         COLS=cols,
-        HAS_NEIGHBORS=config.neighbors,
+        ROWS=rows,
+        HAS_NEIGHBORS=neighbors,
         HAS_FORCED_BLOCKS=forced_blocks is not None,
-        HAS_MASS_THRESHOLD=config.mass_threshold is not None,
-        GAPR=use_gate,
-        RECTIFY=config.rectify != "none",
-        num_warps=4 if cols <= 512 else 8,
+        HAS_MASS_THRESHOLD=mass_threshold is not None,
+        PER_HEAD_BUDGET=isinstance(budget, torch.Tensor),
+        GAPR=gate is not None,
+        RECTIFY=trusted,
+        num_warps=4 if cols * rows <= 4096 else 8,
     )
     return SparsePlan(layout, kv_counts, kv_indices, trusted_counts, trusted_indices, scores, estimator)

@@ -8,14 +8,14 @@ until the kept video blocks plus text hold that share of the row, up to `block_b
 the budget). Text query rows keep every block, every query row keeps every text block, and blocks without a valid key
 are never listed. The trusted blocks follow the rectification's `Trust` (`policies.rectification.trusted_blocks`).
 
-The reference is `select_blocks` / `select_plan_reference`; the kernel is `kernels.select` (one program per query
-block sorts its row), which equals it (tested).
+The reference is `select_blocks` / `select_plan_reference`; the kernel is `kernels.select` (threshold search by
+bisection, no sort), which equals it (tested). `select_top_k` runs either with an optional int32 `(B, H)` tensor of
+per-head budgets in place of the uniform one: the entry point of a policy that sets a budget per head.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,7 +28,7 @@ from .rectification import trust_gate, trusted_blocks
 if TYPE_CHECKING:
     from ..config import SparseAttentionConfig
 
-__all__ = ["TopK", "select_blocks", "select_plan_reference"]
+__all__ = ["TopK", "check_budget", "select_blocks", "select_plan_reference", "select_top_k"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,10 +58,12 @@ def select_blocks(
     max_density: float = 1.0,
     neighbors: bool = False,
     forced_blocks: torch.Tensor | None = None,
+    budget: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """bool keep mask `(B, H, num_blocks, num_blocks)` over (query block, key block) of the canonical layout (module
     docstring). `key_block_nonempty`: bool `(B, H, num_blocks)`, the block has an unmasked key; `forced_blocks`: bool
-    `(B, H, num_blocks)`, blocks kept for every video query row (those holding a non-finite key)."""
+    `(B, H, num_blocks)`, blocks kept for every video query row (those holding a non-finite key); `budget`: int32
+    `(B, H)` per-head budgets of video blocks in place of `block_budget(density, NB)` (`check_budget`)."""
     nb, nt = layout.num_video_blocks, layout.num_text_blocks
     b, h = scores.shape[:2]
     device = scores.device
@@ -75,10 +77,11 @@ def select_blocks(
     priority = video_scores.nan_to_num(0.0) + 2.0 * forced
     order = priority.argsort(dim=-1, descending=True, stable=True)
     rank = order.argsort(dim=-1)
-    budget = block_budget(density, nb)
-    keep_video = forced | (rank < budget)
+    row_budget: int | torch.Tensor = block_budget(density, nb) if budget is None else budget[..., None, None]
+    keep_video = forced | (rank < row_budget)
     if mass_threshold is not None:
-        cap = max(budget, block_budget(max_density, nb))
+        cap: int | torch.Tensor = block_budget(max_density, nb)
+        cap = torch.clamp(row_budget, min=cap) if isinstance(row_budget, torch.Tensor) else max(row_budget, cap)
         sorted_mass = video_scores.gather(-1, order)
         mass_before = sorted_mass.cumsum(-1) - sorted_mass + scores[..., nb:]
         grow_sorted = mass_before < mass_threshold
@@ -100,10 +103,12 @@ def select_plan_reference(
     trust: Trust,
     estimator: str,
     forced_blocks: torch.Tensor | None = None,
+    budget: torch.Tensor | None = None,
 ) -> SparsePlan:
     """The plan of `selection` from the block scores `P_hat (B, H, NB, NB + 1)` (`estimator` names their origin),
     with the trusted blocks of `trust`. `key_valid_c` (bool `(B, H, P)`) says which keys exist; `forced_blocks`
-    (bool `(B, H, NQ)`) are kept for every query block."""
+    (bool `(B, H, NQ)`) are kept for every query block; `budget`: int32 `(B, H)` per-head budgets of video blocks in
+    place of `selection.density`'s (a per-head budget policy computes them; `check_budget`)."""
     nonempty = key_valid_c.reshape(*key_valid_c.shape[:2], layout.num_blocks, layout.block_size).any(-1)
     keep = select_blocks(
         scores,
@@ -114,41 +119,52 @@ def select_plan_reference(
         max_density=selection.max_density,
         neighbors=selection.neighbors,
         forced_blocks=forced_blocks,
+        budget=None if budget is None else check_budget(budget, scores.shape[:2], layout),
     )
     kv_counts, kv_indices = indices_from_mask(keep)
     trusted_counts, trusted_indices = indices_from_mask(trusted_blocks(keep, stats, layout, trust))
     return SparsePlan(layout, kv_counts, kv_indices, trusted_counts, trusted_indices, scores, estimator)
 
 
-def _reference(inputs: SelectionInputs, settings: TopK, trust: Trust) -> SparsePlan:
-    return select_plan_reference(
-        inputs.scores,
-        inputs.stats,
-        inputs.key_valid,
-        inputs.layout,
-        selection=settings,
-        trust=trust,
-        estimator=inputs.estimator,
-        forced_blocks=inputs.forced_blocks,
-    )
+def check_budget(budget: object, batch_heads: tuple[int, ...], layout: TokenLayout) -> torch.Tensor:
+    """`budget` as given, after checking that it is an int32 `(B, H)` tensor of per-head budgets (video key blocks
+    per video query block; the values, in [1, NB], are not checked: that would read them back from the device)."""
+    shape = tuple(batch_heads)
+    if not isinstance(budget, torch.Tensor) or budget.dtype != torch.int32 or tuple(budget.shape) != shape:
+        got = f"{budget.dtype} of shape {tuple(budget.shape)}" if isinstance(budget, torch.Tensor) else repr(budget)
+        raise ValueError(
+            f"budget must be an int32 tensor of shape {shape} (video blocks per query block, each in "
+            f"[1, {layout.num_video_blocks}]), got {got}"
+        )
+    return budget
 
 
-@functools.lru_cache(maxsize=64)
-def _launcher_settings(mass_threshold: float | None, max_density: float, neighbors: bool, trust: Trust):
-    """The selection kernel's launcher takes these settings as a `SparseAttentionConfig` (whose sparsity it ignores:
-    the density is its own argument); this is that config."""
-    from ..config import SparseAttentionConfig  # the policies' package is imported by config: see policies.base
-
-    return SparseAttentionConfig(
-        mass_threshold=mass_threshold,
-        max_density=max_density,
-        neighbors=neighbors,
-        gapr=trust.gapr,
-        rectify="query" if trust.compensate else "none",
-    )
-
-
-def _kernel(inputs: SelectionInputs, settings: TopK, trust: Trust) -> SparsePlan:
+def select_top_k(
+    inputs: SelectionInputs,
+    settings: TopK,
+    trust: Trust,
+    *,
+    kind: str,
+    budget: torch.Tensor | None = None,
+) -> SparsePlan:
+    """The plan of `settings` with the `kind` ("reference" or "kernel") implementation; `budget`: int32 `(B, H)`
+    per-head budgets of video blocks in place of `settings.density`'s (what a per-head budget policy hands the
+    selection; `check_budget`)."""
+    density = settings.density
+    if budget is None and (isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1):
+        raise ValueError(f"TopK: density must be a number in (0, 1], got {density!r}")
+    if kind == "reference":
+        return select_plan_reference(
+            inputs.scores,
+            inputs.stats,
+            inputs.key_valid,
+            inputs.layout,
+            selection=settings,
+            trust=trust,
+            estimator=inputs.estimator,
+            forced_blocks=inputs.forced_blocks,
+            budget=budget,
+        )
     from ..kernels.select import select_plan
 
     layout = inputs.layout
@@ -156,12 +172,23 @@ def _kernel(inputs: SelectionInputs, settings: TopK, trust: Trust) -> SparsePlan
         inputs.scores.float(),
         inputs.key_block_count,
         layout,
-        density=settings.density,
-        config=_launcher_settings(settings.mass_threshold, settings.max_density, settings.neighbors, trust),
+        budget=block_budget(settings.density, layout.num_video_blocks) if budget is None else budget,
         estimator=inputs.estimator,
+        mass_threshold=settings.mass_threshold,
+        max_density=settings.max_density,
+        neighbors=settings.neighbors,
+        trusted=trust.compensate,
         gate=trust_gate(inputs.stats, inputs.key_block_count, layout, trust),
         forced_blocks=inputs.forced_blocks,
     )
+
+
+def _reference(inputs: SelectionInputs, settings: TopK, trust: Trust) -> SparsePlan:
+    return select_top_k(inputs, settings, trust, kind="reference")
+
+
+def _kernel(inputs: SelectionInputs, settings: TopK, trust: Trust) -> SparsePlan:
+    return select_top_k(inputs, settings, trust, kind="kernel")
 
 
 register_selection(TopK, reference=_reference, kernel=_kernel)
