@@ -209,13 +209,14 @@ def _run_and_check(
     layout = case.layout
     q, k, v = case.canonical if reads == "canonical" else case.original
     batch, heads, _, head_dim = q.shape
-    dtype = q.dtype
+    dtype, device = q.dtype, q.device
+    source_index = layout.source_index.to(device)  # layouts are built on the CPU; the launcher wants q's device
     common = {
         "scale": case.scale,
         "block_size": layout.block_size,
         "key_valid": case.key_valid,
         "priority_query_blocks": min(priority, layout.num_blocks),
-        "row_index": layout.source_index.to(index_dtype) if reads == "gathered" else None,
+        "row_index": source_index.to(index_dtype) if reads == "gathered" else None,
         "tile_config": tile_config,
         "variant": variant,
         **case.plan_args,
@@ -227,22 +228,22 @@ def _run_and_check(
     if output == "default":
         with poisoned_allocations():
             out = block_sparse_attention(q, k, v, **common)
-        out_index = layout.source_index
+        out_index = source_index
     else:
         generator = torch.Generator().manual_seed(seed + 1)
-        out_index = layout.source_index.clone()
-        dropped = (torch.rand(out_index.shape, generator=generator) < drop_share) & (out_index >= 0)
+        out_index = source_index.clone()
+        dropped = (torch.rand(out_index.shape, generator=generator).to(device) < drop_share) & (out_index >= 0)
         out_index[dropped] = -1
         shape = (
             (batch, layout.seq_len, heads, head_dim)
             if output == "transposed"
             else (batch, heads, layout.seq_len, head_dim)
         )
-        buffer = torch.full(shape, math.nan, dtype=dtype)
+        buffer = torch.full(shape, math.nan, dtype=dtype, device=device)
         out = buffer.transpose(1, 2) if output == "transposed" else buffer
         assert block_sparse_attention(q, k, v, out=out, out_index=out_index.to(index_dtype), **common) is out
     written = out_index[out_index >= 0]
-    untouched = torch.ones(layout.seq_len, dtype=torch.bool)
+    untouched = torch.ones(layout.seq_len, dtype=torch.bool, device=device)
     untouched[written] = False
     assert out[:, :, untouched].isnan().all(), "the kernel wrote rows that out_index does not map to"
     return _check_close(out[:, :, written], case.expected[:, :, out_index >= 0], dtype)
