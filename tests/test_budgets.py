@@ -166,3 +166,18 @@ def test_triton_implementation_selects_the_reference_plan():
     uniform = dataclasses.replace(config, head_budget="uniform")
     kernel_plan = sparse_call(inputs.query, inputs.key, inputs.value, None, layout, uniform, triton_implementation())
     assert float(kernel_plan.plan().density().mean()) == pytest.approx(float(plan.density().mean()), abs=1 / 8)
+
+
+def test_the_budget_policy_is_part_of_the_cached_plans_key():
+    """A plan cached under one budget policy is never reused under another (`runtime.op.plan_signature`)."""
+    from spattn_compile.runtime import op
+
+    grid = (2, 4, 8)
+    inputs = dit_attention_inputs(grid, heads=2, head_dim=16, seed=1, dtype=torch.float64)
+    layout = token_layout(grid, 0, False, 16, "hilbert")
+    signatures = set()
+    for budget in ("uniform", "water_fill"):
+        config = SparseAttentionConfig(block_size=16, head_budget=budget, min_seq_len=0)
+        call = reference_call(inputs.query, inputs.key, inputs.value, None, layout, config)
+        signatures.add(op.plan_signature(call, config))
+    assert len(signatures) == 2
