@@ -181,3 +181,33 @@ def test_the_budget_policy_is_part_of_the_cached_plans_key():
         call = reference_call(inputs.query, inputs.key, inputs.value, None, layout, config)
         signatures.add(op.plan_signature(call, config))
     assert len(signatures) == 2
+
+
+def test_report_shows_each_heads_density_and_estimated_recall(tmp_path):
+    import spattn_compile
+    from spattn_compile.runtime import model_state
+    from spattn_compile.runtime.binding import default_registry
+    from spattn_compile.runtime.plan_cache import plan_summary
+    from spattn_compile.runtime.records import head_summary
+
+    inputs = dit_attention_inputs((4, 8, 8), heads=3, head_dim=16, temperatures=(0.3, 1.0, 4.0), seed=2)
+    config = SparseAttentionConfig(block_size=16, sparsity=0.7, head_budget="water_fill")
+    plan = spattn_compile.select_plan(
+        inputs.query, inputs.key, inputs.value, video_grid=(4, 8, 8), config=config, impl="reference"
+    )
+    context = model_state.StepContext(default_registry().anonymous("perhead"), 0, 1, 0, "override")
+    kept, recall, share = plan_summary(plan)
+    model_state.record(
+        context, 0, "sparse", "refresh", kept, recall, keep_share=share, layer="blocks.0",
+        head_summary=head_summary(plan),
+    )  # fmt: skip
+    result = spattn_compile.report()
+    ((step, density, estimated),) = result.heads.values()
+    assert step == 1
+    assert torch.allclose(density, plan.density()[0]) and torch.allclose(estimated, plan.estimated_recall()[0])
+    assert len(set(density.tolist())) > 1, "water-filling gave these heads different densities"
+    table = result.head_table()
+    assert "blocks.0" in table and f"2: {density[2]:.3f}/{estimated[2]:.3f}" in table
+    pytest.importorskip("matplotlib")
+    result.plot(str(tmp_path / "report.png"))
+    assert (tmp_path / "report.png").stat().st_size > 0
