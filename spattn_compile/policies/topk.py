@@ -24,7 +24,16 @@ import torch
 
 from ..layout import TokenLayout, neighbor_block_mask
 from ..plan import PooledStats, SparsePlan, block_budget, indices_from_mask
-from .base import BudgetConfig, BudgetInputs, SelectionConfig, SelectionInputs, Trust, budget_policy, register_selection
+from .base import (
+    BudgetConfig,
+    BudgetInputs,
+    SelectionConfig,
+    SelectionInputs,
+    Trust,
+    budget_policy,
+    parse_budget,
+    register_selection,
+)
 from .budgets import UniformBudget
 from .rectification import trust_gate, trusted_blocks
 
@@ -50,8 +59,6 @@ class TopK(SelectionConfig):
 
     @classmethod
     def from_config(cls, config: SparseAttentionConfig) -> TopK:
-        from .base import parse_budget
-
         budget = parse_budget(config.head_budget)
         return cls(config.density, config.mass_threshold, config.max_density, config.neighbors, budget)
 
