@@ -23,6 +23,12 @@ Suites:
   at 5 / 10 / 25% density, the normalised entropy of the block mass, the diagonal block's mass, the largest share one
   key block takes from all queries, and the mass-weighted distance to the key blocks in frames and in tokens).
 
+`--budgets` (any suite but drift) compares the per-head budget policies (`head_budget`,
+`spattn_compile.policies.budgets`) at the default estimator and rectification instead of the estimators: per case,
+density and head, the error as a multiple of the oracle's for `uniform` and `water_fill` (from the estimate, and
+from the true mass: what an exact step would choose), each head's kept density, and the estimated recall
+(`SparsePlan.estimated_recall`) against the true recall.
+
 Run: `python benchmarks/fidelity.py --suite hard --device cuda` (tables printed last, also written to `--output`;
 `--json PATH` writes the rows too).
 """
@@ -150,12 +156,38 @@ def _plans(inputs, layout, evaluator, densities, rectify_modes, defaults: Sparse
     return plans
 
 
-def run_case(case: Case, grid, device, seed, densities, defaults, inspect=None) -> list[dict]:
-    """The case's rows; `inspect(case, layout, evaluator)`, when given, runs on the case's evaluator afterwards."""
+BUDGETS = ("uniform", "water_fill")
+
+
+def _budget_plans(inputs, layout, evaluator, densities, defaults: SparseAttentionConfig):
+    """name -> (plan, rectify, density, estimator name) for the budget study: the uniform oracle without rectification
+    (the reference of every ratio) and, per budget policy, the default estimator's plan and the true mass's."""
+    plans = {}
+    mass = evaluator.true_mass()
+    for density in densities:
+        config = dataclasses.replace(defaults, sparsity=1 - density, rectify="none", mass_threshold=None)
+        plans[f"oracle|none|{density}"] = (
+            _oracle(_reference_call(inputs, layout, config), mass, density, "oracle"), "none", density, "oracle"
+        )  # fmt: skip
+        for budget in BUDGETS:
+            config = dataclasses.replace(defaults, sparsity=1 - density, head_budget=budget, mass_threshold=None)
+            call = _reference_call(inputs, layout, config)
+            plans[f"{budget}|{defaults.rectify}|{density}"] = (call.plan(), defaults.rectify, density, "")
+            exact = _oracle(call, mass, density, "exact")
+            plans[f"{budget} from true mass|{defaults.rectify}|{density}"] = (exact, defaults.rectify, density, "")
+    return plans
+
+
+def run_case(case: Case, grid, device, seed, densities, defaults, inspect=None, budgets=False) -> list[dict]:
+    """The case's rows; `inspect(case, layout, evaluator)`, when given, runs on the case's evaluator afterwards.
+    `budgets`: the budget study's variants (`_budget_plans`) instead of the estimators'."""
     inputs = case.make(grid, device, seed)
     layout = token_layout(grid, inputs.text_len, inputs.text_first, defaults.block_size, defaults.reorder)
     evaluator = PlanEvaluator(inputs.query, inputs.key, inputs.value, layout, attn_mask=inputs.attn_mask)
-    plans = _plans(inputs, layout, evaluator, densities, ("none", "block", "query"), defaults)
+    if budgets:
+        plans = _budget_plans(inputs, layout, evaluator, densities, defaults)
+    else:
+        plans = _plans(inputs, layout, evaluator, densities, ("none", "block", "query"), defaults)
     results = evaluator.evaluate({name: (plan, rectify) for name, (plan, rectify, _, _) in plans.items()})
     if inspect is not None:
         inspect(case, layout, evaluator)
@@ -163,6 +195,8 @@ def run_case(case: Case, grid, device, seed, densities, defaults, inspect=None) 
     for name, result in results.items():
         label, rectify, density = name.split("|")
         estimator = ESTIMATORS.get(label)
+        plan = plans[name][0]
+        oracle = results[f"oracle|none|{density}"]
         rows.append(
             dict(
                 case=case.name,
@@ -174,9 +208,46 @@ def run_case(case: Case, grid, device, seed, densities, defaults, inspect=None) 
                 recall=result.recall,
                 kept=result.density,
                 cost=_cost(estimator, layout.block_size) if estimator is not None else math.nan,
+                estimated_recall=float(plan.estimated_recall().mean()),
+                head_x_oracle=[e / o for e, o in zip(result.head_error, oracle.head_error)],
+                head_density=plan.density().mean(0).tolist(),
+                head_recall=plan.estimated_recall().mean(0).tolist(),
             )
         )
     return rows
+
+
+def render_budgets(rows: list[dict]) -> str:
+    """The budget study's tables: per case and density, each variant's error as a multiple of the oracle's, its
+    true and estimated recall, and per head the multiple and the kept density."""
+    lines = [
+        "## Per-head budgets: error as a multiple of the oracle's (uniform oracle, no rectification), per head",
+        "",
+        "`x oracle`: the call's error over the oracle's; `heads`: each head's error over the oracle's head error "
+        "(kept density in brackets); `recall`: true share of the mass in the kept blocks; `est`: the plan's "
+        "`estimated_recall` (from the scores it was selected on); `from true mass`: the budget and blocks chosen on "
+        "the exact block mass (what an exact step does).",
+        "",
+        "| case | density | variant | x oracle | heads: x oracle (density) | recall | est |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["variant"] == "oracle":
+            continue
+        heads = ", ".join(f"{x:.2f} ({d:.2f})" for x, d in zip(r["head_x_oracle"], r["head_density"]))
+        lines.append(
+            f"| {r['case']} | {r['density']:.0%} | {r['variant']} | {r['error'] / r['oracle_error']:.2f} | {heads} | "
+            f"{r['recall']:.4f} | {r['estimated_recall']:.4f} |"
+        )
+    estimated = [r for r in rows if r["variant"] == "uniform"]
+    if estimated:
+        gaps = [r["estimated_recall"] - r["recall"] for r in estimated]
+        lines += [
+            "",
+            f"Estimated minus true recall of the default plan (uniform budget) over {len(gaps)} (case, density): "
+            f"mean {sum(gaps) / len(gaps):+.4f}, min {min(gaps):+.4f}, max {max(gaps):+.4f}.",
+        ]
+    return "\n".join(lines)
 
 
 def render(rows: list[dict], densities, defaults: SparseAttentionConfig) -> str:
@@ -361,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, nargs="*", default=None, help="indices of the suite's cases to run")
     parser.add_argument("--steps", type=int, default=6, help="drift suite: steps after step 0")
     parser.add_argument("--drifts", type=float, nargs="+", default=[0.03, 0.1])
+    parser.add_argument("--budgets", action="store_true", help="compare the per-head budget policies (docstring)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -399,10 +471,10 @@ def main(argv: list[str] | None = None) -> int:
                 report += "cases not run."
                 break
             for seed in range(seeds):
-                rows += run_case(case, grid, device, seed, args.densities, defaults, inspect=inspect)
+                rows += run_case(case, grid, device, seed, args.densities, defaults, inspect, args.budgets)
                 print(f"[{time.perf_counter() - started:6.0f} s] {case.name}, seed {seed}", file=sys.stderr, flush=True)
                 report = header + f"\n\nWall time {time.perf_counter() - started:.0f} s.\n\n"
-                report += render(rows, args.densities, defaults)
+                report += render_budgets(rows) if args.budgets else render(rows, args.densities, defaults)
                 if heads:
                     report += "\n\n" + render_heads(heads)
                 if args.output is not None:

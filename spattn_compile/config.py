@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from typing import Literal
 
 from .estimators.base import EstimatorConfig, parse_estimator
-from .policies.base import rectification_modes
+from .policies.base import budget_modes, rectification_modes
 
 __all__ = ["SparseAttentionConfig", "config", "current_config", "explicit_fields", "reset_config", "set_config"]
 
@@ -69,6 +69,9 @@ class SparseAttentionConfig:
         max_density: upper bound, in (0, 1], on the share of video key blocks the threshold may grow a row to.
         reorder: "hilbert" (3-D generalized Hilbert curve) or "none" (raster order).
         neighbors: always keep the blocks holding any 26-neighbour of a token of the query block.
+        head_budget: a registered budget policy (`spattn_compile.policies.budgets`): how the key blocks are shared
+            between the heads of a call at the same average density. "uniform" (every head keeps `1 - sparsity`) or
+            "water_fill" (blocks go to the heads whose next block holds the most estimated mass).
     Rectification (attend, stage 3):
         rectify: a registered rectification mode (`spattn_compile.policies`): "none" (plain block-sparse), "block"
             (IPAR/GAPR scalar R and vector c per query block) or "query" (trusted skipped blocks enter the softmax as
@@ -98,6 +101,7 @@ class SparseAttentionConfig:
     rectify: str = "query"
     gapr: bool = True
     neighbors: bool = False
+    head_budget: str = "uniform"
     dense_steps: int = 0
     dense_layers: tuple[int, ...] = ()
     refresh_interval: int = 1
@@ -144,6 +148,8 @@ class SparseAttentionConfig:
             _fail("reorder", self.reorder, f"one of {_REORDER_MODES}")
         if self.rectify not in rectification_modes():
             _fail("rectify", self.rectify, f"one of {rectification_modes()}")
+        if self.head_budget not in budget_modes():
+            _fail("head_budget", self.head_budget, f"one of {budget_modes()}")
         for name in ("gapr", "neighbors"):
             if not isinstance(getattr(self, name), bool):
                 _fail_type(name, getattr(self, name), "a bool")

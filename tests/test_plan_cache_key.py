@@ -39,6 +39,7 @@ ALTERNATIVES: dict[str, object] = {
     "rectify": "none",
     "gapr": False,
     "neighbors": True,
+    "head_budget": "water_fill",
     "dense_steps": 2,
     "dense_layers": (0,),
     "refresh_interval": 3,

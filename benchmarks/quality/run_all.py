@@ -28,8 +28,8 @@ HERE = Path(__file__).resolve().parent
 CHECKPOINT_LIMIT = 15 * 2**20
 # Time guards in minutes: (one H200, --smoke on a shared CPU, what they bound). README.md has the arithmetic.
 GUARDS = {
-    "train": (4.0, 10.0, "training"),
-    "eval": (3.25, 10.0, "the sampling runs"),
+    "train": (3.4, 10.0, "training"),
+    "eval": (4.5, 10.0, "the sampling runs"),
     "recall": (0.35, 5.0, "recall on the captured calls"),
     "fidelity": (0.4, 5.0, "fidelity.py on the captured calls: no new case after this"),
 }

@@ -3,7 +3,9 @@ policy is and holds the registries).
 
 | stage | settings (`name`) | module | what it does |
 |---|---|---|---|
-| select | `TopK` (`"top_k"`) | `topk.py` | a uniform budget per query block, optionally grown by a mass threshold |
+| select | `TopK` (`"top_k"`) | `topk.py` | a budget per query block, optionally grown by a mass threshold |
+| budget | `UniformBudget` (`"uniform"`) | `budgets.py` | every head keeps the same budget |
+| budget | `WaterFilling` (`"water_fill"`) | `budgets.py` | per-head budgets at the same average: most estimated mass |
 | attend | `NoRectification` (`"none"`) | `rectification.py` | plain block-sparse attention |
 | attend | `BlockRectification` (`"block"`) | `rectification.py` | `R_i * O + c_i` per query block (IPAR/GAPR) |
 | attend | `QueryRectification` (`"query"`) | `rectification.py` | trusted blocks as virtual pooled keys per query |
@@ -16,8 +18,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from . import rectification, topk  # noqa: F401  (register the built-in policies)
+from . import budgets, rectification, topk  # noqa: F401  (register the built-in policies)
 from .base import (
+    BudgetConfig,
+    BudgetInputs,
     KernelRectification,
     RectificationConfig,
     RectificationPolicy,
@@ -26,16 +30,22 @@ from .base import (
     SelectionInputs,
     SelectionPolicy,
     Trust,
+    budget_modes,
+    budget_policy,
+    parse_budget,
     parse_rectification,
     rectification_modes,
     rectification_policy,
+    register_budget,
     register_rectification,
     register_selection,
     registered_selections,
     selection_policy,
+    unregister_budget,
     unregister_rectification,
     unregister_selection,
 )
+from .budgets import UniformBudget, WaterFilling
 from .rectification import BlockRectification, NoRectification, QueryRectification
 from .topk import TopK
 
@@ -45,6 +55,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BlockRectification",
+    "BudgetConfig",
+    "BudgetInputs",
     "KernelRectification",
     "NoRectification",
     "QueryRectification",
@@ -56,24 +68,31 @@ __all__ = [
     "SelectionPolicy",
     "TopK",
     "Trust",
+    "UniformBudget",
+    "WaterFilling",
+    "budget_modes",
+    "budget_policy",
+    "parse_budget",
     "parse_rectification",
     "rectification_modes",
     "rectification_policy",
     "rectification_settings",
     "rectification_terms",
+    "register_budget",
     "register_rectification",
     "register_selection",
     "registered_selections",
     "selection_policy",
     "selection_settings",
+    "unregister_budget",
     "unregister_rectification",
     "unregister_selection",
 ]
 
 
 def selection_settings(config: SparseAttentionConfig) -> SelectionConfig:
-    """The selection policy and its settings that `config` asks for (its `sparsity`, `mass_threshold`, `max_density`
-    and `neighbors`: top-k)."""
+    """The selection policy and its settings that `config` asks for (its `sparsity`, `mass_threshold`, `max_density`,
+    `neighbors` and `head_budget`: top-k)."""
     return TopK.from_config(config)
 
 

@@ -31,6 +31,8 @@ from ..layout import TokenLayout
 from ..plan import PooledStats, SparsePlan
 
 __all__ = [
+    "BudgetConfig",
+    "BudgetInputs",
     "KernelRectification",
     "RectificationConfig",
     "RectificationPolicy",
@@ -39,13 +41,18 @@ __all__ = [
     "SelectionInputs",
     "SelectionPolicy",
     "Trust",
+    "budget_modes",
+    "budget_policy",
+    "parse_budget",
     "parse_rectification",
     "rectification_modes",
     "rectification_policy",
+    "register_budget",
     "register_rectification",
     "register_selection",
     "registered_selections",
     "selection_policy",
+    "unregister_budget",
     "unregister_rectification",
     "unregister_selection",
 ]
@@ -185,6 +192,37 @@ class RectificationPolicy:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Per-head budgets (part of selection)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetConfig:
+    """Base of the budget policies' settings: how a selection policy shares its key blocks between the heads of a
+    call. Subclasses are frozen dataclasses whose `name` is a value of `SparseAttentionConfig.head_budget`. A budget
+    policy returns int32 `(B, H)`: the video key blocks each video query block of head h keeps, whose mean over the
+    heads is the uniform budget `block_budget(density, NB)` (to one block per head)."""
+
+    name: ClassVar[str] = ""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BudgetInputs:
+    """What a budget policy reads: the block scores `scores (B, H, NB, NB + 1)` the estimator (or, at an exact step,
+    the true block mass) already produced, the blocks each row keeps whatever its budget `forced (B, H, NB, NB)`
+    (the diagonal, neighbours, blocks holding a non-finite key), and the uniform budget `uniform` (blocks per query
+    block) whose mean the per-head budgets keep."""
+
+    scores: torch.Tensor
+    forced: torch.Tensor
+    uniform: int
+
+
+# Budget function: (inputs, settings) -> int32 (B, H), or None for the uniform budget (no tensor: today's path).
+BudgetFunction = Callable[[BudgetInputs, Any], "torch.Tensor | None"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # The registries
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -222,6 +260,7 @@ class _Registry:
 
 _SELECTION = _Registry("selection policy", SelectionConfig)
 _RECTIFICATION = _Registry("rectification mode", RectificationConfig)
+_BUDGET = _Registry("budget policy", BudgetConfig)
 
 
 def register_selection(
@@ -275,3 +314,37 @@ def parse_rectification(mode: str, gapr: bool = True) -> RectificationConfig:
     if config_type is None:
         raise ValueError(f"rectify={mode!r}: expected one of {rectification_modes()}")
     return config_type(gapr=gapr)
+
+
+def register_budget(config_type: type[BudgetConfig], *, allocate: BudgetFunction) -> None:
+    """Register the budget policy whose settings are `config_type` (its `name` becomes a value of
+    `SparseAttentionConfig.head_budget`). `allocate(inputs, settings)` returns the int32 `(B, H)` budgets, or None
+    for the uniform budget."""
+    _BUDGET.add(config_type, allocate)
+
+
+def unregister_budget(config_type: type[BudgetConfig]) -> None:
+    """Remove a registered budget policy (for tests that register one of their own)."""
+    _BUDGET.remove(config_type)
+
+
+def budget_modes() -> tuple[str, ...]:
+    """The registered budget policies, in registration order: the values `SparseAttentionConfig.head_budget` takes."""
+    return tuple(_BUDGET.names)
+
+
+def budget_policy(settings: BudgetConfig) -> BudgetFunction:
+    """The allocation function of these budget settings."""
+    return _BUDGET.get(settings)
+
+
+def parse_budget(mode: str | BudgetConfig) -> BudgetConfig:
+    """The settings of the registered budget policy named `mode` (settings pass through; ValueError naming the
+    registered ones otherwise)."""
+    if isinstance(mode, BudgetConfig):
+        budget_policy(mode)  # TypeError when its type is not registered
+        return mode
+    config_type = _BUDGET.names.get(mode) if isinstance(mode, str) else None
+    if config_type is None:
+        raise ValueError(f"head_budget={mode!r}: expected one of {budget_modes()}")
+    return config_type()

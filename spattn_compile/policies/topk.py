@@ -9,8 +9,9 @@ the budget). Text query rows keep every block, every query row keeps every text 
 are never listed. The trusted blocks follow the rectification's `Trust` (`policies.rectification.trusted_blocks`).
 
 The reference is `select_blocks` / `select_plan_reference`; the kernel is `kernels.select` (threshold search by
-bisection, no sort), which equals it (tested). `select_top_k` runs either with an optional int32 `(B, H)` tensor of
-per-head budgets in place of the uniform one: the entry point of a policy that sets a budget per head.
+bisection, no sort), which equals it (tested). How the blocks are shared between heads is `TopK.budget`, a budget
+policy (`policies.budgets`, from `head_budget`): the uniform budget, or int32 `(B, H)` per-head budgets that both the
+reference and the kernel take.
 """
 
 from __future__ import annotations
@@ -22,13 +23,31 @@ import torch
 
 from ..layout import TokenLayout, neighbor_block_mask
 from ..plan import PooledStats, SparsePlan, block_budget, indices_from_mask
-from .base import SelectionConfig, SelectionInputs, Trust, register_selection
+from .base import (
+    BudgetConfig,
+    BudgetInputs,
+    SelectionConfig,
+    SelectionInputs,
+    Trust,
+    budget_policy,
+    parse_budget,
+    register_selection,
+)
+from .budgets import UniformBudget
 from .rectification import trust_gate, trusted_blocks
 
 if TYPE_CHECKING:
     from ..config import SparseAttentionConfig
 
-__all__ = ["TopK", "check_budget", "select_blocks", "select_plan_reference", "select_top_k"]
+__all__ = [
+    "TopK",
+    "check_budget",
+    "forced_block_mask",
+    "head_budgets",
+    "select_blocks",
+    "select_plan_reference",
+    "select_top_k",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,16 +55,44 @@ class TopK(SelectionConfig):
     """A budget of `density` of the video key blocks per video query block, grown up to `max_density` while the kept
     blocks hold less than `mass_threshold` of the row's estimated mass (None: exactly the budget); `neighbors` keeps
     the blocks of each token's 26 grid neighbours. From `SparseAttentionConfig`'s `sparsity` (`density = 1 -
-    sparsity`), `mass_threshold`, `max_density` and `neighbors`."""
+    sparsity`), `mass_threshold`, `max_density` and `neighbors`. `budget`: how the blocks are shared between heads
+    (`policies.budgets`, from `head_budget`)."""
 
     name = "top_k"
     mass_threshold: float | None = None
     max_density: float = 0.5
     neighbors: bool = False
+    budget: BudgetConfig = UniformBudget()
 
     @classmethod
     def from_config(cls, config: SparseAttentionConfig) -> TopK:
-        return cls(config.density, config.mass_threshold, config.max_density, config.neighbors)
+        budget = parse_budget(config.head_budget)
+        return cls(config.density, config.mass_threshold, config.max_density, config.neighbors, budget)
+
+
+def forced_block_mask(
+    layout: TokenLayout, neighbors: bool, forced_blocks: torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
+    """bool `(NB, NB)` or `(B, H, NB, NB)`: the video key blocks each video query block keeps whatever its budget
+    (the diagonal, the 26-neighbour blocks if `neighbors`, the blocks of `forced_blocks (B, H, NQ)`)."""
+    nb = layout.num_video_blocks
+    forced = torch.eye(nb, dtype=torch.bool, device=device)
+    if neighbors:
+        forced = forced | neighbor_block_mask(layout).to(device)
+    if forced_blocks is not None:
+        forced = forced | forced_blocks[..., None, :nb]
+    return forced
+
+
+def head_budgets(
+    scores: torch.Tensor, layout: TokenLayout, selection: TopK, forced_blocks: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """int32 `(B, H)`: the video key blocks per video query block of each head under `selection.budget` (from the
+    scores `P_hat (B, H, NB, NB + 1)`), or None for the uniform budget `block_budget(selection.density, NB)`."""
+    nb = layout.num_video_blocks
+    forced = forced_block_mask(layout, selection.neighbors, forced_blocks, scores.device)
+    inputs = BudgetInputs(scores, forced, block_budget(selection.density, nb))
+    return budget_policy(selection.budget)(inputs, selection.budget)
 
 
 def select_blocks(
@@ -58,26 +105,24 @@ def select_blocks(
     max_density: float = 1.0,
     neighbors: bool = False,
     forced_blocks: torch.Tensor | None = None,
-    budget: torch.Tensor | None = None,
+    head_budget: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """bool keep mask `(B, H, num_blocks, num_blocks)` over (query block, key block) of the canonical layout (module
     docstring). `key_block_nonempty`: bool `(B, H, num_blocks)`, the block has an unmasked key; `forced_blocks`: bool
-    `(B, H, num_blocks)`, blocks kept for every video query row (those holding a non-finite key); `budget`: int32
-    `(B, H)` per-head budgets of video blocks in place of `block_budget(density, NB)` (`check_budget`)."""
+    `(B, H, num_blocks)`, blocks kept for every video query row (those holding a non-finite key); `head_budget`:
+    int32 `(B, H)` per-head budgets of video blocks in place of `block_budget(density, NB)` (`check_budget`)."""
     nb, nt = layout.num_video_blocks, layout.num_text_blocks
     b, h = scores.shape[:2]
     device = scores.device
     video_scores = scores[..., :nb]
-    forced = torch.eye(nb, dtype=torch.bool, device=device)
-    if neighbors:
-        forced = forced | neighbor_block_mask(layout).to(device)
-    if forced_blocks is not None:
-        forced = forced | forced_blocks[..., None, :nb]
+    forced = forced_block_mask(layout, neighbors, forced_blocks, device)
     # Forced blocks rank first; scores are in [0, 1], so adding 2 orders them ahead without changing the rest.
     priority = video_scores.nan_to_num(0.0) + 2.0 * forced
     order = priority.argsort(dim=-1, descending=True, stable=True)
     rank = order.argsort(dim=-1)
-    row_budget: int | torch.Tensor = block_budget(density, nb) if budget is None else budget[..., None, None]
+    row_budget: int | torch.Tensor = (
+        block_budget(density, nb) if head_budget is None else head_budget.to(device)[..., None, None]
+    )
     keep_video = forced | (rank < row_budget)
     if mass_threshold is not None:
         cap: int | torch.Tensor = block_budget(max_density, nb)
@@ -108,7 +153,7 @@ def select_plan_reference(
     """The plan of `selection` from the block scores `P_hat (B, H, NB, NB + 1)` (`estimator` names their origin),
     with the trusted blocks of `trust`. `key_valid_c` (bool `(B, H, P)`) says which keys exist; `forced_blocks`
     (bool `(B, H, NQ)`) are kept for every query block; `budget`: int32 `(B, H)` per-head budgets of video blocks in
-    place of `selection.density`'s (a per-head budget policy computes them; `check_budget`)."""
+    place of those of `selection.budget`'s policy (`head_budgets`; `check_budget`)."""
     nonempty = key_valid_c.reshape(*key_valid_c.shape[:2], layout.num_blocks, layout.block_size).any(-1)
     keep = select_blocks(
         scores,
@@ -119,7 +164,11 @@ def select_plan_reference(
         max_density=selection.max_density,
         neighbors=selection.neighbors,
         forced_blocks=forced_blocks,
-        budget=None if budget is None else check_budget(budget, scores.shape[:2], layout),
+        head_budget=(
+            head_budgets(scores, layout, selection, forced_blocks)
+            if budget is None
+            else check_budget(budget, scores.shape[:2], layout)
+        ),
     )
     kv_counts, kv_indices = indices_from_mask(keep)
     trusted_counts, trusted_indices = indices_from_mask(trusted_blocks(keep, stats, layout, trust))
@@ -148,8 +197,8 @@ def select_top_k(
     budget: torch.Tensor | None = None,
 ) -> SparsePlan:
     """The plan of `settings` with the `kind` ("reference" or "kernel") implementation; `budget`: int32 `(B, H)`
-    per-head budgets of video blocks in place of `settings.density`'s (what a per-head budget policy hands the
-    selection; `check_budget`)."""
+    per-head budgets of video blocks in place of those of `settings.budget`'s policy (`head_budgets`;
+    `check_budget`)."""
     density = settings.density
     if budget is None and (isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1):
         raise ValueError(f"TopK: density must be a number in (0, 1], got {density!r}")
@@ -168,6 +217,8 @@ def select_top_k(
     from ..kernels.select import select_plan
 
     layout = inputs.layout
+    if budget is None:
+        budget = head_budgets(inputs.scores, layout, settings, inputs.forced_blocks)
     return select_plan(
         inputs.scores.float(),
         inputs.key_block_count,

@@ -269,9 +269,11 @@ def record(
     layer: str = "",
     estimator: str = "",
     heads: HeadRange | None = None,
+    head_summary: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
-    """Append one call (`context`: its `StepContext`) to its model's recorder; `keep_share` `(NB, NB)` is kept for
-    `plot` (latest only); `heads`: see `records.AttentionRecord`."""
+    """Append one call (`context`: its `StepContext`) to its model's recorder; `keep_share` `(NB, NB)` and
+    `head_summary` (density and estimated recall per head, `records.head_summary`) are kept for `plot` and
+    `head_table` (latest only); `heads`: see `records.AttentionRecord`."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     model = context.model
@@ -296,3 +298,5 @@ def record(
         recorder.records.append(pending)
         if keep_share is not None:
             recorder.masks[(layer_index, layer, context.branch)] = (context.step, keep_share)
+        if head_summary is not None:
+            recorder.heads[(layer_index, layer, context.branch)] = (context.step, *head_summary)

@@ -36,7 +36,7 @@ from ..implementations import make_implementation
 from ..inputs import in_query_layout, output_like
 from .model_state import StepContext, current_step, record
 from .plan_cache import MaskFingerprints, plan_summary, refresh_density
-from .records import timing_enabled
+from .records import head_summary, timing_enabled
 
 __all__ = ["plan_signature", "sparse_attention_op"]
 
@@ -87,7 +87,7 @@ def sparse_attention_op(
     )
     if events is not None:
         events[1].record()
-    kind, cache, density, recall, keep_share, estimator = outcome
+    kind, cache, density, recall, keep_share, estimator, per_head = outcome
     record(
         context,
         model_layer,
@@ -100,6 +100,7 @@ def sparse_attention_op(
         layer=layer,
         estimator=estimator,
         heads=context.heads_of(layer_index),
+        head_summary=per_head,
     )
     return out
 
@@ -149,8 +150,9 @@ def _scheduled_attention(
     capability: Capability,
     context: StepContext,
 ) -> tuple[torch.Tensor, tuple]:
-    """One call inside a compiled model: returns the output and (kind, cache, density, recall, keep share, estimator)
-    for the report, see `records.AttentionRecord`. `layer`: (model-level index, module path)."""
+    """One call inside a compiled model: returns the output and (kind, cache, density, recall, keep share, estimator,
+    per-head density and recall) for the report, see `records.AttentionRecord`. `layer`: (model-level index, module
+    path)."""
     layer_index, layer_name = layer
     context.model.check_dense_layers(config.dense_layers)
     dense_kind = ""
@@ -176,7 +178,7 @@ def _scheduled_attention(
             and query.shape[0] > 0
         )
         if not seeds:
-            return out, (dense_kind, "", 1.0, 1.0, None, "")
+            return out, (dense_kind, "", 1.0, 1.0, None, "", None)
         # The last dense step measures the true block mass (every query row a probe: a Q K^T-only pass) and leaves
         # its plan, at the first sparse step's density, for the first `exact_plan_steps` sparse steps: on the drift
         # suite such a plan beats a fresh estimate for about that many steps (benchmarks/fidelity.py --suite drift).
@@ -193,7 +195,7 @@ def _scheduled_attention(
         signature = plan_signature(call, config, cache.masks)
         cache.store(cache_key, seeded_at, signature, plan, 0, (kept, recall), lifetime=config.exact_plan_steps)
         # Its kept blocks go to the report's plot: the steps it serves are cache hits, which record none.
-        return out, (dense_kind, "exact", 1.0, 1.0, keep_share, plan.estimator)
+        return out, (dense_kind, "exact", 1.0, 1.0, keep_share, plan.estimator, head_summary(plan))
 
     assert isinstance(layout, CallLayout)
     call = _call(query, key, value, layout, attn_mask, scale, config, capability)
@@ -202,7 +204,7 @@ def _scheduled_attention(
     if entry is not None:
         out = call.run(entry.plan)
         kept, recall = entry.summary
-        return out, ("sparse", "hit", kept, recall, None, entry.plan.estimator)
+        return out, ("sparse", "hit", kept, recall, None, entry.plan.estimator, None)
 
     refresh_count = cache.next_refresh_count(cache_key, context, signature)
     density = refresh_density(call.selection.density, config.density_decay, refresh_count, call.layout.num_video_blocks)
@@ -210,7 +212,7 @@ def _scheduled_attention(
     out = call.run(plan)
     kept, recall, keep_share = plan_summary(plan)
     cache.store(cache_key, context, signature, plan, refresh_count, (kept, recall))
-    return out, ("sparse", "refresh", kept, recall, keep_share, plan.estimator)
+    return out, ("sparse", "refresh", kept, recall, keep_share, plan.estimator, head_summary(plan))
 
 
 @sparse_attention_op.register_fake

@@ -7,7 +7,9 @@ force on CUDA, a pair of CUDA events around the call. Numbers stay device tensor
 the hot path) and are read when `report()` (`runtime.report`) is called. Under context parallelism each process
 (rank) records its own calls, with the global heads each held (`HeadRange`). Each recorder is bounded (the oldest
 calls are dropped beyond `max_records`). `ScheduleReport` is what `report()` returns: `print(report())` shows a table;
-`report().plot(path)` draws the kept-block share of the latest plan of each layer and the density per layer and step
+`report().head_table()` each head's density and estimated recall in the latest plan of each layer (per-head budgets,
+`SparseAttentionConfig.head_budget`, give heads different densities); `report().plot(path)` draws the kept-block
+share of the latest plan of each layer, each head's density and estimated recall, and the density per layer and step
 to a PNG (needs matplotlib: `pip install spattn_compile[plot]`).
 """
 
@@ -29,6 +31,7 @@ __all__ = [
     "Recorder",
     "ScheduleReport",
     "enable_timing",
+    "head_summary",
     "report_settings",
     "timing_enabled",
 ]
@@ -128,6 +131,12 @@ def report_settings() -> ReportSettings:
     return _SETTINGS
 
 
+def head_summary(plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Device tensors, float32 `(H,)` (mean over the batch), without a host sync: each head's share of video key
+    blocks kept (`SparsePlan.density`) and estimated recall (`SparsePlan.estimated_recall`)."""
+    return plan.density().mean(0), plan.estimated_recall().mean(0)
+
+
 class Recorder:
     """The records of one compiled model (bounded: the oldest are dropped beyond `max_records`), and the kept-block
     share of the latest plan refresh of each (layer, branch)."""
@@ -137,11 +146,14 @@ class Recorder:
         self.records: collections.deque[PendingRecord] = collections.deque(maxlen=max_records or _SETTINGS.max_records)
         # (layer index, layer name, branch) -> (step, kept share (NB, NB)) of the latest refresh.
         self.masks: dict[tuple[int, str, int], tuple[int, torch.Tensor]] = {}
+        # (layer index, layer name, branch) -> (step, density (H,), estimated recall (H,)) of the latest refresh.
+        self.heads: dict[tuple[int, str, int], tuple[int, torch.Tensor, torch.Tensor]] = {}
 
     def clear(self, max_records: int | None = None) -> None:
         with self.lock:
             self.records = collections.deque(maxlen=max_records or self.records.maxlen)
             self.masks = {}
+            self.heads = {}
 
 
 def enable_timing(enabled: bool = True) -> None:
@@ -157,23 +169,20 @@ def timing_enabled() -> bool:
     return _SETTINGS.timing
 
 
-
-
-
-
-
-
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class ScheduleReport:
     """The calls recorded since the last `reset_report()`, oldest first (see `AttentionRecord`).
 
     masks: (model, layer_index, layer, branch) -> (step, kept share `(NB, NB)` on the CPU) of the latest refresh.
+    heads: (model, layer_index, layer, branch) -> (step, density `(H,)`, estimated recall `(H,)`, on the CPU) of the
+        latest refresh: each head's share of the video key blocks and of the estimated mass.
     """
 
     records: tuple[AttentionRecord, ...]
     masks: dict[tuple[str, int, str, int], tuple[int, torch.Tensor]]
+    heads: dict[tuple[str, int, str, int], tuple[int, torch.Tensor, torch.Tensor]] = dataclasses.field(
+        default_factory=dict
+    )
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -244,9 +253,23 @@ class ScheduleReport:
         )
         return "\n".join(lines)
 
+    def head_table(self) -> str:
+        """Each head's density and estimated recall in the latest plan of each (model, layer, branch)."""
+        if not self.heads:
+            return "spattn report: no sparse plan recorded"
+        lines = []
+        for (model, _, layer, branch), (step, density, recall) in sorted(
+            self.heads.items(), key=lambda item: (item[0][0], item[0][3], item[0][1])
+        ):
+            pairs = enumerate(zip(density.tolist(), recall.tolist()))
+            cells = "  ".join(f"{h}: {d:.3f}/{r:.3f}" for h, (d, r) in pairs)
+            lines.append(f"{model} {layer} branch {branch} step {step}  head: density/recall  {cells}")
+        return "\n".join(lines)
+
     def plot(self, path: str) -> None:
-        """Draw the kept-block share of each layer's latest plan (branch 0 first) and the mean density per layer and
-        step to a PNG at `path`. Needs matplotlib (the `plot` extra)."""
+        """Draw the kept-block share of each layer's latest plan (branch 0 first), each head's density and estimated
+        recall in those plans, and the mean density per layer and step to a PNG at `path`. Needs matplotlib (the
+        `plot` extra)."""
         try:
             import matplotlib
 
@@ -259,7 +282,7 @@ class ScheduleReport:
         if not self.records:
             raise ValueError("report().plot: nothing recorded yet; run a model compiled with backend='spattn' first")
         masks = sorted(self.masks.items(), key=lambda item: (item[0][0], item[0][3], item[0][1]))
-        panels = len(masks) + 1
+        panels = len(masks) + 1 + bool(self.heads)
         columns = min(4, panels)
         rows = -(-panels // columns)
         figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.0 * rows), squeeze=False)
@@ -269,6 +292,8 @@ class ScheduleReport:
             axis.set_title(f"{model} {layer} branch {branch} (step {step})", fontsize=7)
             axis.set_xlabel("key block", fontsize=7)
             axis.set_ylabel("query block", fontsize=7)
+        if self.heads:
+            self._plot_heads(flat[len(masks) + 1])
         density = flat[len(masks)]
         by_layer: dict[str, dict[int, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
         several = len(self.models) > 1
@@ -289,3 +314,18 @@ class ScheduleReport:
         figure.tight_layout()
         figure.savefig(path, dpi=100)
         plt.close(figure)
+
+    def _plot_heads(self, axis) -> None:
+        """Each head's density (x) and estimated recall (y) in the latest plan of each layer, one point per head."""
+        several = len(self.models) > 1
+        entries = sorted(self.heads.items(), key=lambda item: (item[0][0], item[0][3], item[0][1]))
+        for (model, _, layer, branch), (_, density, recall) in entries:
+            label = f"{model} {layer}" if several else layer
+            axis.scatter(density.numpy(), recall.numpy(), s=10, label=f"{label} b{branch}")
+        axis.set_xlabel("head density", fontsize=7)
+        axis.set_ylabel("estimated recall", fontsize=7)
+        axis.set_xlim(0, 1.05)
+        axis.set_ylim(0, 1.05)
+        axis.set_title("per head (latest plan)", fontsize=8)
+        if len(entries) <= 12:
+            axis.legend(fontsize=5)

@@ -37,11 +37,14 @@ def report() -> ScheduleReport:
     """Read every compiled model's records (one host sync per stored tensor) into a `ScheduleReport`, in call order."""
     pending: list[PendingRecord] = []
     masks: dict[tuple[str, int, str, int], tuple[int, torch.Tensor]] = {}
+    heads: dict[tuple[str, int, str, int], tuple[int, torch.Tensor, torch.Tensor]] = {}
     for model in default_registry().models():
         with model.recorder.lock:
             pending.extend(model.recorder.records)
             for (index, layer, branch), value in model.recorder.masks.items():
                 masks[(model.name, index, layer, branch)] = value
+            for (index, layer, branch), summary in model.recorder.heads.items():
+                heads[(model.name, index, layer, branch)] = summary
     pending.sort(key=lambda p: p.sequence)
     if any(p.events is not None for p in pending):
         torch.cuda.synchronize()
@@ -64,4 +67,8 @@ def report() -> ScheduleReport:
         for p in pending
     )
     mask_values = {key: (step, share.detach().float().cpu()) for key, (step, share) in masks.items()}
-    return ScheduleReport(records, mask_values)
+    head_values = {
+        key: (step, density.detach().float().cpu(), recall.detach().float().cpu())
+        for key, (step, density, recall) in heads.items()
+    }
+    return ScheduleReport(records, mask_values, head_values)
