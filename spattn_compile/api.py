@@ -38,7 +38,17 @@ def _settings(config: object, impl: str, query: torch.Tensor) -> tuple[SparseAtt
 # estimator's (the blocks it keeps) and the rectification's (the trusted blocks it lists).
 _SELECTION_FIELDS = ("sparsity", "estimator", "mass_threshold", "max_density", "neighbors")
 _TRUST_FIELDS = ("rectify", "gapr")
-_ALL_FIELDS = frozenset(f.name for f in dataclasses.fields(SparseAttentionConfig))
+_DEFAULTS = SparseAttentionConfig()
+
+
+def _fields_set(config: SparseAttentionConfig) -> frozenset[str]:
+    """The fields of a config object that say something: those away from their defaults. A config passed with a plan
+    to choose, say, the rectification must not contradict the plan's sparsity by carrying the default one."""
+    return frozenset(
+        field.name
+        for field in dataclasses.fields(SparseAttentionConfig)
+        if getattr(config, field.name) != getattr(_DEFAULTS, field.name)
+    )
 
 
 def _check_plan_settings(plan: SparsePlan, config: SparseAttentionConfig, given: frozenset[str]) -> None:
@@ -132,8 +142,9 @@ def sparse_attention(
             it was selected, so settings given with it must agree with those `select_plan` used, else ValueError
             naming each: `rectify` and `gapr` always (they decide which skipped blocks the plan lists for
             rectification; "block" and "query" read the same ones), and `sparsity`, `estimator`, `mass_threshold`,
-            `max_density` and `neighbors` when given (in `config`, or set in an enclosing `spattn_compile.config`
-            block). A plan built by hand (`from_mask`) records no settings: its trusted lists are used as given.
+            `max_density` and `neighbors` when given (set away from their defaults in `config`, or set in an
+            enclosing `spattn_compile.config` block). A plan built by hand (`from_mask`) records no settings: its
+            trusted lists are used as given.
 
     Returns:
         `(B, H, S, D)` in the dtype and memory order of `query`. Without a plan, sequences shorter than
@@ -143,7 +154,7 @@ def sparse_attention(
         query, key, value, video_grid=video_grid, text_len=text_len, text_first=text_first, attn_mask=attn_mask,
         scale=scale,
     )  # fmt: skip
-    given = _ALL_FIELDS if config is not None else explicit_fields()
+    given = _fields_set(config) if isinstance(config, SparseAttentionConfig) else explicit_fields()
     config, implementation = _settings(config, impl, query)
     batch, heads, seq_len, _ = query.shape
     if plan is not None:

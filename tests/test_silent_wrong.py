@@ -187,6 +187,17 @@ def test_a_plan_run_with_its_own_settings_is_the_fresh_call():
         torch.testing.assert_close(with_plan, fresh, rtol=0, atol=0)
 
 
+def test_a_config_that_leaves_the_selection_at_its_defaults_runs_the_plan():
+    """A config object passed with a plan speaks for the fields it sets away from their defaults: one that only
+    chooses the rectification does not contradict a plan selected at another sparsity with its default one."""
+    q, k, v = _qkv()
+    plan = spattn_compile.select_plan(q, k, v, **LAYOUT, config=BASE)  # sparsity 0.5, the default is 0.75
+    run = SparseAttentionConfig(block_size=16, min_seq_len=0, rectify="block")
+    out = spattn_compile.sparse_attention(q, k, v, **LAYOUT, config=run, plan=plan)
+    expected = spattn_compile.sparse_attention(q, k, v, **LAYOUT, config=dataclasses.replace(BASE, rectify="block"))
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
 def test_a_plan_of_query_rectification_serves_block_rectification():
     """Block and query rectification read the same trusted blocks: a plan of one runs with the other (honoured)."""
     q, k, v = _qkv()
