@@ -74,8 +74,8 @@ def test_two_ranks_match_one_process(ranks, mode):
 
 
 def test_whole_model_is_one_graph_with_readme_settings(ranks):
-    """With the settings docs/MULTI_GPU.md gives for diffusers' own graph breaks, the context-parallel model is one graph, and
-    explain shows each rank's sparse self-attention with its heads and the cross-attention dense."""
+    """With the settings docs/MULTI_GPU.md gives for diffusers' own graph breaks, the context-parallel model is one
+    graph, and explain shows each rank's sparse self-attention with its heads and the cross-attention dense."""
     for rank, result in enumerate(ranks):
         run = result["whole"]
         assert run["graphs"] == 1, run["explain_text"]

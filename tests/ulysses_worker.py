@@ -6,8 +6,8 @@ process's worth of work first (no parallelism: the single-GPU reference, its out
 diffusers' Ulysses context parallelism over all ranks, compiles it again and runs the same input. It records the
 relative error of the parallel sparse output against the single-process sparse output (and against dense), whether
 each plan of the rank equals the single-process plan of the same heads, the report's rows, `explain`'s decisions and
-the number of graphs Dynamo compiled. Each MODE is "whole" (torch.compile of the model, with the settings docs/MULTI_GPU.md
-gives to avoid diffusers' own graph breaks), "regional" (`compile_repeated_blocks`), "regional_dynamic" (the same
+the number of graphs Dynamo compiled. Each MODE is "whole" (torch.compile of the model, with the settings
+docs/MULTI_GPU.md gives to avoid diffusers' own graph breaks), "regional" (`compile_repeated_blocks`), "regional_dynamic" (the same
 with symbolic sizes) or "breaks" (torch.compile
 without those settings: diffusers' context-parallel hooks break the graph, and the blocks are compiled on their
 own).
@@ -104,8 +104,8 @@ def parallel_run(mode: str, single: torch.Tensor, dense: torch.Tensor, single_pl
     mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("ring", "ulysses"))
     model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world, mesh=mesh))
     if mode == "whole":
-        # What docs/MULTI_GPU.md tells users to set: skip diffusers' warning_once in the hooks, and run one forward before
-        # compiling (the hooks read the blocks' signatures on their first call).
+        # What docs/MULTI_GPU.md tells users to set: skip diffusers' warning_once in the hooks, and run one forward
+        # before compiling (the hooks read the blocks' signatures on their first call).
         warning_once = getattr(logging.Logger, "warning_once", None)
         if warning_once is not None:
             torch._dynamo.config.ignore_logger_methods.add(warning_once)
