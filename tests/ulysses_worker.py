@@ -7,9 +7,8 @@ diffusers' Ulysses context parallelism over all ranks, compiles it again and run
 relative error of the parallel sparse output against the single-process sparse output (and against dense), whether
 each plan of the rank equals the single-process plan of the same heads, the report's rows, `explain`'s decisions and
 the number of graphs Dynamo compiled. Each MODE is "whole" (torch.compile of the model, with the settings
-docs/MULTI_GPU.md gives to avoid diffusers' own graph breaks), "regional" (`compile_repeated_blocks`), "regional_dynamic" (the same
-with symbolic sizes) or "breaks" (torch.compile
-without those settings: diffusers' context-parallel hooks break the graph, and the blocks are compiled on their
+docs/MULTI_GPU.md gives to avoid diffusers' own graph breaks), "regional" (`compile_repeated_blocks`),
+"regional_dynamic" (the same with symbolic sizes) or "breaks" (torch.compile without those settings: diffusers' context-parallel hooks break the graph, and the blocks are compiled on their
 own).
 """
 
