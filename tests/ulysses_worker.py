@@ -8,8 +8,8 @@ relative error of the parallel sparse output against the single-process sparse o
 each plan of the rank equals the single-process plan of the same heads, the report's rows, `explain`'s decisions and
 the number of graphs Dynamo compiled. Each MODE is "whole" (torch.compile of the model, with the settings
 docs/MULTI_GPU.md gives to avoid diffusers' own graph breaks), "regional" (`compile_repeated_blocks`),
-"regional_dynamic" (the same with symbolic sizes) or "breaks" (torch.compile without those settings: diffusers' context-parallel hooks break the graph, and the blocks are compiled on their
-own).
+"regional_dynamic" (the same with symbolic sizes) or "breaks" (torch.compile without those settings: diffusers'
+context-parallel hooks break the graph, and the blocks are compiled on their own).
 """
 
 from __future__ import annotations
