@@ -49,7 +49,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..config import current_config
-from ..families import latent_grid
+from ..families import latent_grid, patch_convolutions
 from .model_state import ModelState, StepContext
 from .plan_cache import plan_cache_limit
 
@@ -142,7 +142,9 @@ def forward_context(state: ModelState, model: torch.nn.Module, args: tuple, kwar
     """Advance `state`'s step tracker for a forward of `model` with these arguments, and record its latent grid."""
     arguments = forward_arguments(model, args, kwargs)
     context = state.advance(arguments.get("timestep"))
-    grid, note = latent_grid(model, arguments)
+    if state.convolutions is None:
+        state.convolutions = patch_convolutions(model)
+    grid, note = latent_grid(model, arguments, state.convolutions)
     return dataclasses.replace(context, video_grid=grid, grid_note=note)
 
 
