@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["FAMILY_RULES", "LatentRule", "latent_grid", "patch_convolutions", "rule_of"]
+__all__ = ["FAMILY_RULES", "LatentRule", "latent_grid", "missing_dynamo_settings", "patch_convolutions", "rule_of"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,12 +39,17 @@ class LatentRule:
     channels: the config attributes holding the channel count, in the order they are read.
     sizes: the forward's arguments that give a packed `(B, S, C)` latent's (frames, height, width).
     multi_item: a 6-D latent `(B, N, C, T, H, W)` holds N items whose frames the model joins, `(B, C, N * T, H, W)`.
+    dynamo: Dynamo settings (`torch._dynamo.config` name, value) without which the family's attention breaks the
+        graph and never reaches the pass, with why (`dynamo_why`): the backend cannot set them (the break happens
+        before it sees a graph), so the "nothing became sparse" warning names them (`missing_dynamo_settings`).
     """
 
     channel_dim: int = 1
     channels: tuple[str, ...] = ("in_channels", "in_visual_dim")
     sizes: tuple[str, str, str] = ("num_frames", "height", "width")
     multi_item: bool = False
+    dynamo: tuple[tuple[str, object], ...] = ()
+    dynamo_why: str = ""
 
 
 DEFAULT_RULE = LatentRule()
@@ -55,6 +60,14 @@ FAMILY_RULES: dict[str, LatentRule] = {
     "Kandinsky5": LatentRule(channel_dim=4),
     # (B, N, C, T, H, W) -> (B, C, N * T, H, W) before its patch embedding (transformer_joyimage.py).
     "JoyImageEditTransformer3DModel": LatentRule(multi_item=True),
+    # Its attention processor selects each sample's valid text tokens with torch.nonzero in a per-sample loop: Dynamo
+    # breaks the graph there unless it may trace data-dependent output shapes (the text length becomes an unbacked
+    # size, which the pass proves its joint sequence with). Its latent is (B, C, F, H, W).
+    "MochiTransformer3DModel": LatentRule(
+        dynamo=(("capture_dynamic_output_shape_ops", True),),
+        dynamo_why="its attention selects each sample's valid text tokens with torch.nonzero, where Dynamo breaks "
+        "the graph, so its joint attention runs outside the compiled graphs",
+    ),
 }
 
 
@@ -62,6 +75,17 @@ def rule_of(model: torch.nn.Module) -> LatentRule:
     """The latent rule of the model's family (`FAMILY_RULES`, else the default)."""
     name = type(model).__name__
     return next((rule for prefix, rule in FAMILY_RULES.items() if name.startswith(prefix)), DEFAULT_RULE)
+
+
+def missing_dynamo_settings(model: torch.nn.Module | None) -> tuple[str, str]:
+    """(the Dynamo settings the model's family needs that are not in force, as code; why it needs them), or ("", "")."""
+    if model is None:
+        return "", ""
+    rule = rule_of(model)
+    missing = [(name, value) for name, value in rule.dynamo if getattr(torch._dynamo.config, name, None) != value]
+    if not missing:
+        return "", ""
+    return "; ".join(f"torch._dynamo.config.{name} = {value!r}" for name, value in missing), rule.dynamo_why
 
 
 def _size(value: object) -> int | None:

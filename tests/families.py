@@ -20,7 +20,6 @@ import dataclasses
 from collections.abc import Callable
 
 import pytest
-import torch
 
 from spattn_compile.testing import zoo
 
@@ -144,42 +143,10 @@ FAMILIES = (
 
 
 
-def _mochi() -> zoo.TinyModel:
-    """MochiTransformer3DModel: joint attention over the video and the valid text tokens of each sample, computed one
-    sample at a time (its attention processor selects the valid tokens with `torch.nonzero` in a per-sample loop)."""
-    from diffusers import MochiTransformer3DModel
-
-    torch.manual_seed(0)
-    model = MochiTransformer3DModel(
-        patch_size=2,
-        num_attention_heads=zoo.HEADS,
-        attention_head_dim=48,  # Mochi's rotary embedding splits the head dim in three
-        num_layers=1,
-        pooled_projection_dim=zoo.TEXT_DIM,
-        in_channels=4,
-        text_embed_dim=zoo.TEXT_DIM,
-        time_embed_dim=zoo.TEXT_DIM,
-        max_sequence_length=16,
-    )
-
-    def make_inputs(frames: int = 3, height: int = 8, width: int = 12, batch: int = 1, seed: int = 0) -> dict:
-        generator = torch.Generator().manual_seed(seed)
-        return {
-            "hidden_states": torch.randn(batch, 4, frames, height, width, generator=generator),
-            "encoder_hidden_states": torch.randn(batch, MOCHI_TEXT, zoo.TEXT_DIM, generator=generator),
-            "timestep": torch.full((batch,), 500, dtype=torch.long),
-            "encoder_attention_mask": torch.ones(batch, MOCHI_TEXT, dtype=torch.long),
-            "return_dict": False,
-        }
-
-    return zoo.TinyModel(zoo.finish(model), make_inputs, (1, 2, 2), MOCHI_TEXT, False)
-
-
-MOCHI_TEXT = 7
 NEEDS_DYNAMO_SETTINGS = (
     Family(
         "mochi",
-        _mochi,
+        zoo.mochi,
         # The time embedding's attention pooler (one query) is cross-attention; the joint attention runs once per
         # sample: twice for the batch of 2 its tests run.
         (
@@ -188,7 +155,7 @@ NEEDS_DYNAMO_SETTINGS = (
             ("transformer_blocks.0.attn1", "sparse"),
         ),
         (3, 4, 6),
-        text_len=MOCHI_TEXT,
+        text_len=7,
         text_position="last",
         dynamo=(("capture_dynamic_output_shape_ops", True),),
     ),

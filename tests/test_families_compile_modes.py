@@ -15,8 +15,8 @@ import contextlib
 
 import pytest
 import torch
-from families import Family, families
-from helpers import SETTINGS, compare_with_eager, compile_spattn, explain_model, reset_dynamo
+from families import BY_NAME, Family, families
+from helpers import SETTINGS, capture_warnings, compare_with_eager, compile_spattn, explain_model, reset_dynamo
 
 import spattn_compile
 
@@ -90,3 +90,17 @@ def test_family_needing_dynamo_settings_compiled_whole(family: Family):
         result = compare_with_eager(tiny, compile_spattn(tiny.model), inputs, family.grid, eager=eager)
     assert result.sparse_calls == 2
     _check_run(family, result, spattn_compile.report())
+
+
+def test_a_family_compiled_without_the_dynamo_setting_it_needs_warns_naming_it(caplog):
+    """Mochi compiled without `capture_dynamic_output_shape_ops`: only its time embedding's pooler (cross-attention)
+    reaches the pass; the one warning names the Dynamo setting, not "compile without the backend"."""
+    family = BY_NAME["mochi"]
+    tiny = family.build()
+    compiled = compile_spattn(tiny.model)
+    with torch.no_grad(), capture_warnings(caplog) as warnings:
+        for _ in range(3):
+            compiled(**tiny.make_inputs(*family.latent))
+    assert len(warnings) == 1, warnings
+    assert "torch._dynamo.config.capture_dynamic_output_shape_ops = True" in warnings[0], warnings[0]
+    assert "torch.nonzero" in warnings[0] and "compile without" not in warnings[0], warnings[0]

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ..families import missing_dynamo_settings
 from ..plan import SparsePlan
 from .plan_cache import PlanCache, plan_cache_limit
 from .records import KINDS, HeadRange, PendingRecord, Recorder, report_settings
@@ -240,7 +241,12 @@ def nothing_sparse_message(state: ModelState, video_grid: tuple[int, int, int] |
     else:
         rule, reason = "", "its compiled graphs hold no scaled_dot_product_attention call"
     fix = _FIXES.get(rule, _FIXES[""])
-    if rule == "no_grid" and video_grid is not None and state.run_time_calls:
+    settings, why = missing_dynamo_settings(state.module)
+    if settings:
+        # A family whose attention breaks the graph without a Dynamo setting: what reached the pass is not the point.
+        reason = f"{reason}, and {why}"
+        fix = f"set {settings} before compiling (then torch._dynamo.reset() if it was compiled already)"
+    elif rule == "no_grid" and video_grid is not None and state.run_time_calls:
         # The setting is in force and the calls read it: it does not fit them (never suggest what is already set).
         reason = (
             f"video_grid={tuple(video_grid)} is in force, but none of its {state.run_time_calls} attention calls "
