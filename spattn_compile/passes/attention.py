@@ -609,7 +609,8 @@ def _decide(
         )
         return decision, plan
     except _Dense as dense:
-        decision = _dense_decision(node, module, query_shape, layout, grid_from, graph_index, dense.rule, dense.reason)
+        source = "" if grid_from == "run_time" else grid_from  # dense for another reason: not handed to the op
+        decision = _dense_decision(node, module, query_shape, layout, source, graph_index, dense.rule, dense.reason)
         return decision, None
 
 

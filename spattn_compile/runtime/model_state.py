@@ -172,7 +172,7 @@ class ModelState:
         with self.lock:
             self.graphs += 1
             self.sparse_calls += sum(1 for d in decisions if d.sparse)
-            self.run_time_calls += sum(1 for d in decisions if d.grid_from == "run_time")
+            self.run_time_calls += sum(1 for d in decisions if d.grid_from == "run_time" and d.layer_index is not None)
             self.rules.update(d.rule for d in decisions if not d.sparse)
 
     def check_nothing_sparse(self, video_grid: tuple[int, int, int] | None = None) -> None:
