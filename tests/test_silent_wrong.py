@@ -419,6 +419,37 @@ def _packed_ltx_inputs(tiny: zoo.TinyModel, grid: tuple[int, int, int], batch: i
     return inputs
 
 
+@pytest.mark.parametrize(
+    "settings, forward_grid, expected",
+    [
+        ({}, None, "no video_grid setting"),
+        ({"video_grid": GRID}, None, "text_position"),  # 5 tokens of text, placed nowhere
+        ({"video_grid": GRID, "text_position": "first"}, None, CallLayout(GRID, TEXT, True)),
+        ({"video_grid": GRID, "text_position": "last", "text_len": 4}, None, "text_len=4"),
+        ({"video_grid": (3, 4, 7), "text_position": "last"}, None, "(3, 4, 7) holds 84 tokens"),
+        ({"video_grid": GRID, "text_position": "last"}, GRID, CallLayout(GRID, TEXT, False)),
+        ({"video_grid": GRID, "text_position": "last"}, (3, 6, 4), spattn_compile.LayoutOverrideError),
+    ],
+)
+def test_a_call_without_a_grid_in_its_graph_takes_only_the_setting(settings, forward_grid, expected):
+    """`call_layout.TEXT_UNPLACED`: the grid and the text's place come from the settings in force; a grid the forward
+    read must agree with the setting (dims, not the token count), and is never taken alone."""
+    from spattn_compile.call_layout import TEXT_UNPLACED, resolve_call
+
+    config = SparseAttentionConfig(**settings)
+    if expected is spattn_compile.LayoutOverrideError:
+        with pytest.raises(spattn_compile.LayoutOverrideError, match=r"video_grid=\(3, 4, 6\).*\(3, 6, 4\)"):
+            resolve_call(SEQ, [], TEXT_UNPLACED, False, config, forward_grid)
+        return
+    resolved = resolve_call(SEQ, [], TEXT_UNPLACED, False, config, forward_grid)
+    if isinstance(expected, CallLayout):
+        assert resolved == expected
+    else:
+        assert isinstance(resolved, str) and expected in resolved, resolved
+    # The forward's grid alone is not taken.
+    assert isinstance(resolve_call(72, [], TEXT_UNPLACED, False, SparseAttentionConfig(), GRID), str)
+
+
 @pytest.mark.parametrize("regional", [False, True], ids=["whole", "regional"])
 def test_a_packed_token_model_compiled_without_a_grid_runs_sparse_where_one_is_set(caplog, regional):
     """LTX-Video with `video_coords` compiled by a call without a grid: that call is dense and recorded as such; the
