@@ -5,7 +5,10 @@ with nothing said. Each test fails on the code before its fix.
   scale refreshes it;
 - a plan given to `sparse_attention` is run with the settings it was selected with, or the call raises naming the
   setting;
-- a latent whose channel dim is not singled out is not guessed (regional compilation reads no grid from it);
+- a latent whose channel dim is not singled out is not guessed (regional compilation reads no grid from it), and a
+  reading that the model's 3-D patch embedding contradicts (even one of the same token count) is refused;
+- a packed-token model whose first compiled call had no grid runs sparse inside a later `config(video_grid=...)`,
+  and its warning never suggests a setting already in force;
 - bad values get errors naming the argument (NumPy integers accepted where ints are).
 """
 

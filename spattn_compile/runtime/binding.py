@@ -22,8 +22,9 @@ outside the table (another instance of the model class running the same compiled
 same way, once. A graph without a module (a compiled function) gets a state of its own, which its graph advances.
 
 **The forward hook.** Once per forward of the model it advances the model's step tracker from the `timestep`
-argument and reads the latent grid from the model's inputs (`families.latent_grid`); the model's graphs run in that
-context. The forward that compiles the first graph has already passed the (absent) hook: its context comes from its
+argument and reads the latent grid from the model's inputs (`families.latent_grid`, checked dim by dim against the
+grid the model's 3-D patch embedding makes of the latent, `families.patch_convolutions`); the model's graphs run in
+that context. The forward that compiles the first graph has already passed the (absent) hook: its context comes from its
 call's arguments, read at binding. The hooks are removed by `reset_schedule()` (and `ModelRegistry.clear()`). Under
 context parallelism (diffusers' Ulysses attention) the hook runs before diffusers' hooks split the sequence, so it
 reads the full latent: the grid of the whole sequence that every rank's attention sees after the all-to-all.
