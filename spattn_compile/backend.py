@@ -253,7 +253,7 @@ def _layer_names(decisions: list[AttentionDecision]) -> tuple[str, ...]:
     """The module path of each rewritten call, by layer index; a path met twice in one graph gets "#k" suffixes."""
     names: list[str] = []
     seen: dict[str, int] = {}
-    for decision in sorted((d for d in decisions if d.sparse), key=_layer_order):
+    for decision in sorted((d for d in decisions if d.layer_index is not None), key=_layer_order):
         base = decision.module or f"#{decision.layer_index}"
         count = seen.get(base, 0)
         seen[base] = count + 1
@@ -264,7 +264,7 @@ def _layer_names(decisions: list[AttentionDecision]) -> tuple[str, ...]:
 def _layer_heads(decisions: list[AttentionDecision]) -> tuple[HeadRange | None, ...]:
     """The heads each rewritten call holds under context parallelism (by layer index, as `_layer_names`)."""
     heads: list[HeadRange | None] = []
-    for decision in sorted((d for d in decisions if d.sparse), key=_layer_order):
+    for decision in sorted((d for d in decisions if d.layer_index is not None), key=_layer_order):
         held = decision.heads
         static = held is not None and all(isinstance(size, int) for size in held)
         heads.append(
@@ -294,13 +294,12 @@ class _GraphRunner:
         self.compiled_config = compiled_config
         self.binding = binding
         self.timestep_position = timestep_position
-        self.sparse = any(d.sparse for d in decisions)
+        # Calls handed to the op (sparse, or dense until a video grid is set: grid_from "run_time").
+        self.sparse = any(d.layer_index is not None for d in decisions)
         self.layer_names = _layer_names(decisions)
         self.layer_heads = _layer_heads(decisions)
         self.short = [d for d in decisions if d.rule == "short"]
-        self.no_grid = [d for d in decisions if d.rule == "no_grid"]
         self.warned_min_seq_len: set[int] = set()
-        self.warned_video_grid = False
         self.calls = 0
 
     def settings(self) -> SparseAttentionConfig:
@@ -317,21 +316,6 @@ class _GraphRunner:
                     stuck,
                     compiled_min,
                 )
-        if (
-            self.no_grid
-            and effective.video_grid is not None
-            and self.compiled_config.video_grid is None
-            and not self.warned_video_grid
-        ):
-            # The nodes were left dense at compile time (no grid then); the op is not in the graph to read it now.
-            self.warned_video_grid = True
-            logger.warning(
-                "spattn: video_grid=%s is active, but %s were compiled without a video grid and stay dense until a "
-                "recompile: give video_grid when the model is compiled (options={'video_grid': ...} or a "
-                "spattn_compile.config(video_grid=...) block around its first call), or torch._dynamo.reset()",
-                effective.video_grid,
-                [d.node for d in self.no_grid],
-            )
         return effective
 
     def context(self, owner: Owner, args: tuple) -> StepContext | None:

@@ -6,13 +6,20 @@ One set of rules, three callers:
 - the compiler pass (`passes.attention`) proves a grid and a text span from the graph, or leaves the grid to run time,
   and asks `check_settings` whether a setting contradicts what it proved;
 - the op (`runtime.op`) resolves every call with `resolve_call`: the grid the graph proves, else the `video_grid`
-  setting, else the grid the model's forward recorded (a block of a regionally compiled model);
+  setting, else the grid the model's forward recorded (a block of a regionally compiled model); a call whose graph
+  shows no grid at all (packed tokens, `TEXT_UNPLACED`) takes only the `video_grid` setting in force when it runs;
 - the public functions (`api.py`) take the user's grid and text span through `user_layout`.
 
 The rules: a setting that agrees with what is known is accepted, one that contradicts it raises
 `LayoutOverrideError` naming both (`check_settings`); the grid and the text fill the sequence exactly,
 `F * H * W + text_len == S` (`fit_text`), where a text length of `TEXT_REST` means "the tokens the grid leaves". The
 canonical block layout of a resolved call is `CallLayout.token_layout`.
+
+A graph that shows no grid for a call (its video arrives as packed tokens) still hands the call to the op, with
+`TEXT_UNPLACED`: the call runs sparse on a call where the `video_grid` setting is in force, its text is the tokens the
+grid leaves, placed by the `text_position` setting (without one, the grid must fill the sequence), and a grid the
+model's forward recorded must agree with the setting. The forward's grid alone is not taken for such a call: its token
+count matching the call's proves nothing about which tokens are the video's.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from .layout import TokenLayout, token_layout
 
 __all__ = [
     "TEXT_REST",
+    "TEXT_UNPLACED",
     "CallLayout",
     "LayoutOverrideError",
     "check_settings",
@@ -36,6 +44,9 @@ __all__ = [
 
 # The text length of a call whose text is "every token that is not video" under the grid it runs with.
 TEXT_REST = -1
+# The text length of a call whose graph shows neither its grid nor its text: both come from the settings in force when
+# it runs (module docstring).
+TEXT_UNPLACED = -2
 
 
 class LayoutOverrideError(ValueError):
@@ -110,8 +121,11 @@ def resolve_call(
     forward_note: str = "",
 ) -> CallLayout | str:
     """The layout of a call of the op (module docstring), or why it has none. `graph_grid`: the grid the graph proves,
-    or `[]` to take it at run time; `graph_text_len`: the text span the graph proves, or `TEXT_REST`;
+    or `[]` to take it at run time; `graph_text_len`: the text span the graph proves, or `TEXT_REST`, or
+    `TEXT_UNPLACED` (no grid in the graph: the settings give the layout);
     `forward_grid`: the grid the model's forward recorded (`forward_note`: why there is none)."""
+    if graph_text_len == TEXT_UNPLACED:
+        return _resolve_unplaced(seq_len, config, forward_grid)
     if graph_grid:
         if len(graph_grid) != 3:
             raise ValueError(f"spattn: video_grid={graph_grid!r}: the graph passes (frames, height, width) or []")
@@ -129,6 +143,28 @@ def resolve_call(
         return text
     check_settings(config, text_len=text, text_first=text_first, source="this attention call")
     return CallLayout(grid, text, text_first)
+
+
+def _resolve_unplaced(
+    seq_len: int, config: SparseAttentionConfig, forward_grid: tuple[int, int, int] | None
+) -> CallLayout | str:
+    """The layout of a call whose graph shows no grid (`TEXT_UNPLACED`, module docstring), or why it has none."""
+    if config.video_grid is None:
+        return (
+            "no video grid in the graph (packed tokens) and no video_grid setting in force: set "
+            "spattn_compile.config(video_grid=(frames, height, width)) around the call"
+        )
+    grid = config.video_grid
+    check_settings(config, video_grid=forward_grid, source="the model's forward")
+    text = fit_text(grid, TEXT_REST if config.text_len is None else config.text_len, seq_len)
+    if isinstance(text, str):
+        return text
+    if text and config.text_position is None:
+        return (
+            f"video_grid {tuple(grid)} leaves {text} of the {seq_len} tokens, and where that text sits is unknown: "
+            "set text_position"
+        )
+    return CallLayout(grid, text, text > 0 and config.text_position == "first")
 
 
 def _as_int(name: str, value: object) -> int:

@@ -144,7 +144,7 @@ class _Capture:
             for decision in self.graphs[index]:
                 module = f"{block}.{decision.module}" if block and decision.module else decision.module or block
                 layer = decision.layer_index
-                if decision.sparse:
+                if decision.layer_index is not None:  # sparse, or handed to the op for a run-time grid
                     layer = layers.setdefault(module or f"{block}#{decision.layer_index}", len(layers))
                 video_grid = grid if decision.grid_from == "context" and grid is not None else decision.video_grid
                 rows.append(dataclasses.replace(decision, module=module, layer_index=layer, video_grid=video_grid))

@@ -8,7 +8,14 @@ only then: a latent whose channel dim is not singled out is not guessed); a 6-D 
 `(B, N, C, T, H, W)` of a family whose rule says so joins its items' frames; a packed `(B, S, C)` latent takes its
 sizes from the forward's `num_frames`, `height` and `width` arguments
 (LTX-Video). Where the channel count does not single out one dim (it matches several, or none), `FAMILY_RULES` names
-the family's channel dim. A new family whose latent the defaults do not read is one entry of `FAMILY_RULES` (and its
+the family's channel dim.
+
+A reading is a grid of dims, and dims are what is checked: where the model has a 3-D convolution that takes the
+5-D latent as it comes (its `in_channels` are the latent's dim 1: the patch embedding of Wan, HunyuanVideo...), the
+grid that convolution makes of the latent (from its kernel, stride, padding and dilation) must be the grid read, dim
+by dim; a reading that disagrees (a family rule that does not fit the model, even one giving the same token count)
+is refused with both grids named, so that a block compiled on its own stays dense rather than run on a misread
+layout. A new family whose latent the defaults do not read is one entry of `FAMILY_RULES` (and its
 test in `tests/families.py`); the compiler pass reads the grid of a whole model from the graph instead
 (`passes/token_axes.py`).
 """
@@ -16,12 +23,12 @@ test in `tests/families.py`); the compiler pass reads the grid of a whole model 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["FAMILY_RULES", "LatentRule", "latent_grid", "rule_of"]
+__all__ = ["FAMILY_RULES", "LatentRule", "latent_grid", "missing_dynamo_settings", "patch_convolutions", "rule_of"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,12 +39,17 @@ class LatentRule:
     channels: the config attributes holding the channel count, in the order they are read.
     sizes: the forward's arguments that give a packed `(B, S, C)` latent's (frames, height, width).
     multi_item: a 6-D latent `(B, N, C, T, H, W)` holds N items whose frames the model joins, `(B, C, N * T, H, W)`.
+    dynamo: Dynamo settings (`torch._dynamo.config` name, value) without which the family's attention breaks the
+        graph and never reaches the pass, with why (`dynamo_why`): the backend cannot set them (the break happens
+        before it sees a graph), so the "nothing became sparse" warning names them (`missing_dynamo_settings`).
     """
 
     channel_dim: int = 1
     channels: tuple[str, ...] = ("in_channels", "in_visual_dim")
     sizes: tuple[str, str, str] = ("num_frames", "height", "width")
     multi_item: bool = False
+    dynamo: tuple[tuple[str, object], ...] = ()
+    dynamo_why: str = ""
 
 
 DEFAULT_RULE = LatentRule()
@@ -48,6 +60,14 @@ FAMILY_RULES: dict[str, LatentRule] = {
     "Kandinsky5": LatentRule(channel_dim=4),
     # (B, N, C, T, H, W) -> (B, C, N * T, H, W) before its patch embedding (transformer_joyimage.py).
     "JoyImageEditTransformer3DModel": LatentRule(multi_item=True),
+    # Its attention processor selects each sample's valid text tokens with torch.nonzero in a per-sample loop: Dynamo
+    # breaks the graph there unless it may trace data-dependent output shapes (the text length becomes an unbacked
+    # size, which the pass proves its joint sequence with). Its latent is (B, C, F, H, W).
+    "MochiTransformer3DModel": LatentRule(
+        dynamo=(("capture_dynamic_output_shape_ops", True),),
+        dynamo_why="its attention selects each sample's valid text tokens with torch.nonzero, where Dynamo breaks "
+        "the graph, so its joint attention runs outside the compiled graphs",
+    ),
 }
 
 
@@ -55,6 +75,17 @@ def rule_of(model: torch.nn.Module) -> LatentRule:
     """The latent rule of the model's family (`FAMILY_RULES`, else the default)."""
     name = type(model).__name__
     return next((rule for prefix, rule in FAMILY_RULES.items() if name.startswith(prefix)), DEFAULT_RULE)
+
+
+def missing_dynamo_settings(model: torch.nn.Module | None) -> tuple[str, str]:
+    """(the Dynamo settings the model's family needs that are not in force, as code; why it needs them), or ("", "")."""
+    if model is None:
+        return "", ""
+    rule = rule_of(model)
+    missing = [(name, value) for name, value in rule.dynamo if getattr(torch._dynamo.config, name, None) != value]
+    if not missing:
+        return "", ""
+    return "; ".join(f"torch._dynamo.config.{name} = {value!r}" for name, value in missing), rule.dynamo_why
 
 
 def _size(value: object) -> int | None:
@@ -91,9 +122,33 @@ def _channel_dim(
     )
 
 
-def latent_grid(model: torch.nn.Module, arguments: Mapping[str, Any]) -> tuple[tuple[int, int, int] | None, str]:
+def patch_convolutions(model: torch.nn.Module) -> tuple[torch.nn.Conv3d, ...]:
+    """The model's 3-D convolutions: the candidates for its patch embedding (module docstring)."""
+    return tuple(m for m in model.modules() if isinstance(m, torch.nn.Conv3d))
+
+
+def _convolved_grid(convolutions: Sequence[torch.nn.Conv3d], shape: tuple[int, ...]) -> tuple[int, int, int] | None:
+    """The grid that the convolutions taking a `(B, C, F, H, W)` latent of `shape` as it comes make of it, when they
+    agree (None: no convolution takes it, or they disagree)."""
+    grids: set[tuple[int, ...]] = set()
+    for conv in convolutions:
+        padding = conv.padding
+        if conv.in_channels != shape[1] or isinstance(padding, str):
+            continue
+        sizes = zip(shape[2:], conv.kernel_size, conv.stride, padding, conv.dilation)
+        grids.add(tuple((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in sizes))
+    if len(grids) != 1:
+        return None
+    frames, height, width = next(iter(grids))
+    return frames, height, width
+
+
+def latent_grid(
+    model: torch.nn.Module, arguments: Mapping[str, Any], convolutions: Sequence[torch.nn.Conv3d] | None = None
+) -> tuple[tuple[int, int, int] | None, str]:
     """The attention grid (frames, height, width) of a forward of `model` with `arguments` (its forward's arguments by
-    name; see the module docstring), or (None, why not)."""
+    name; see the module docstring), or (None, why not). `convolutions`: the model's `patch_convolutions` (computed
+    when not given), against which the reading of a 5-D latent is checked."""
     config = getattr(model, "config", None)
     patch = getattr(config, "patch_size", None)
     if isinstance(patch, int):
@@ -135,4 +190,13 @@ def latent_grid(model: torch.nn.Module, arguments: Mapping[str, Any]) -> tuple[t
     frames, height, width = (int(size) // step for size, step in zip(sizes, patch))
     if min(frames, height, width) < 1:
         return None, f"latent {tuple(latent.shape)} is smaller than the patch {tuple(patch)}"
-    return (frames, height, width), ""
+    grid = (frames, height, width)
+    if latent.dim() == 5:
+        convolved = _convolved_grid(patch_convolutions(model) if convolutions is None else convolutions, latent.shape)
+        if convolved is not None and convolved != grid:
+            return None, (
+                f"{type(model).__name__}'s latent {tuple(latent.shape)} reads as the grid {grid}, but its 3-D patch "
+                f"embedding makes the grid {convolved} of it: the reading does not fit this model (fix its entry in "
+                "spattn_compile.families.FAMILY_RULES), or set video_grid"
+            )
+    return grid, ""

@@ -5,7 +5,13 @@
 the dense rule the pass must give (cross-attention, a text-only attention without a video grid, a mask that is not a
 key-padding mask...). `grid` and `text_len` / `text_position` are the layout of the sparse calls at the family's
 latent size `latent` (frames, height, width, before patching). `regional`: the family has `_repeated_blocks`, so
-`compile_repeated_blocks` applies. `graph_breaks`: how many breaks a whole-model compile has.
+`compile_repeated_blocks` applies; otherwise `blocks` names the model's list of transformer blocks, which the tests
+compile one by one (`block.compile(...)`, what `compile_repeated_blocks` does). `graph_breaks`: how many breaks a
+whole-model compile has. `dynamo`: Dynamo settings the family needs (`torch._dynamo.config.patch(**dict(...))`).
+
+`FAMILIES` is the table every backend test runs over; `NEEDS_DYNAMO_SETTINGS` holds the families that compile only
+with a Dynamo setting (Mochi: `capture_dynamic_output_shape_ops`, see docs/COMPATIBILITY.md), run by the tests that
+apply it (`tests/test_families_compile_modes.py`).
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ class Family:
     latent: tuple[int, int, int] = (3, 8, 12)
     regional: bool = False
     graph_breaks: int = 0
+    blocks: str = "transformer_blocks"
+    dynamo: tuple[tuple[str, object], ...] = ()
 
     @property
     def sparse_modules(self) -> tuple[str, ...]:
@@ -133,14 +141,36 @@ FAMILIES = (
     ),
 )
 
-BY_NAME = {family.name: family for family in FAMILIES}
 
 
-def families(*, regional: bool | None = None, sparse: bool | None = None) -> list:
-    """pytest parameters over the table (filtered), with the family's name as the test id."""
+NEEDS_DYNAMO_SETTINGS = (
+    Family(
+        "mochi",
+        zoo.mochi,
+        # The time embedding's attention pooler (one query) is cross-attention; the joint attention runs once per
+        # sample: twice for the batch of 2 its tests run.
+        (
+            ("time_embed.pooler", "cross_attention"),
+            ("transformer_blocks.0.attn1", "sparse"),
+            ("transformer_blocks.0.attn1", "sparse"),
+        ),
+        (3, 4, 6),
+        text_len=7,
+        text_position="last",
+        dynamo=(("capture_dynamic_output_shape_ops", True),),
+    ),
+)
+
+BY_NAME = {family.name: family for family in (*FAMILIES, *NEEDS_DYNAMO_SETTINGS)}
+
+
+def families(*, regional: bool | None = None, sparse: bool | None = None, every: bool = False) -> list:
+    """pytest parameters over the table (filtered), with the family's name as the test id; `every`: with the families
+    that need Dynamo settings."""
+    pool = (*FAMILIES, *NEEDS_DYNAMO_SETTINGS) if every else FAMILIES
     selected = [
         family
-        for family in FAMILIES
+        for family in pool
         if (regional is None or family.regional == regional)
         and (sparse is None or bool(family.sparse_modules) == sparse)
     ]

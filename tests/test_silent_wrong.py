@@ -5,7 +5,10 @@ with nothing said. Each test fails on the code before its fix.
   scale refreshes it;
 - a plan given to `sparse_attention` is run with the settings it was selected with, or the call raises naming the
   setting;
-- a latent whose channel dim is not singled out is not guessed (regional compilation reads no grid from it);
+- a latent whose channel dim is not singled out is not guessed (regional compilation reads no grid from it), and a
+  reading that the model's 3-D patch embedding contradicts (even one of the same token count) is refused;
+- a packed-token model whose first compiled call had no grid runs sparse inside a later `config(video_grid=...)`,
+  and its warning never suggests a setting already in force;
 - bad values get errors naming the argument (NumPy integers accepted where ints are).
 """
 
@@ -17,12 +20,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from families import BY_NAME
 from helpers import (
     SETTINGS,
     SparseSDPA,
     TinyVideoAttention,
     capture_warnings,
+    compare_with_eager,
+    compile_blocks,
     compile_spattn,
+    compiled_graph_count,
     explain_model,
     tiny_inputs,
 )
@@ -37,7 +44,7 @@ from spattn_compile.estimators import EstimatorConfig, EstimatorInputs, register
 from spattn_compile.implementations import ReferenceImplementation
 from spattn_compile.runtime import op
 from spattn_compile.runtime.plan_cache import MaskFingerprints
-from spattn_compile.testing import dit_attention_inputs, relative_error
+from spattn_compile.testing import dit_attention_inputs, relative_error, zoo
 
 GRID, TEXT = (3, 4, 6), 5
 SEQ = 72 + TEXT
@@ -322,6 +329,43 @@ def test_a_channels_last_latent_matching_another_dim_is_not_guessed():
     assert latent_grid(_Video(4), {"hidden_states": torch.zeros(1, 4, 4, 8, 12)}) == ((4, 4, 6), "")
 
 
+def test_a_reading_that_its_patch_embedding_contradicts_is_refused_naming_both_grids(monkeypatch):
+    """A family rule that does not fit the model (Wan's channels-first latent read as channels-last): with W == C the
+    reading (4, 2, 12) holds as many tokens as the true grid (4, 12, 2); the 3-D patch embedding's grid refuses it."""
+    from spattn_compile.families import FAMILY_RULES, LatentRule, latent_grid
+
+    tiny = BY_NAME["wan"].build()
+    inputs = tiny.make_inputs(4, 24, 4)
+    monkeypatch.setitem(FAMILY_RULES, "WanTransformer3DModel", LatentRule(channel_dim=1))
+    assert latent_grid(tiny.model, inputs) == ((4, 12, 2), "")
+    monkeypatch.setitem(FAMILY_RULES, "WanTransformer3DModel", LatentRule(channel_dim=4))
+    grid, why = latent_grid(tiny.model, inputs)
+    assert grid is None and "(4, 2, 12)" in why and "(4, 12, 2)" in why and "FAMILY_RULES" in why, why
+
+
+def test_a_misread_grid_of_the_same_token_count_stays_dense_under_regional_compilation(monkeypatch):
+    """Regional compilation with the misread of the test above: a count check would pass (96 tokens either way) and
+    the blocks would run sparse on the wrong layout. The grid is compared by dims: no grid, the blocks stay dense and
+    explain says why; a video_grid setting (the true grid) makes them sparse."""
+    from spattn_compile.families import FAMILY_RULES, LatentRule
+
+    monkeypatch.setitem(FAMILY_RULES, "WanTransformer3DModel", LatentRule(channel_dim=4))
+    family = BY_NAME["wan"]
+    tiny, eager = family.build(), family.build().model
+    inputs = tiny.make_inputs(4, 24, 4)
+    compile_blocks(tiny.model)
+    report = explain_model(tiny.model, inputs)
+    self_attention = [d for d in report.decisions if d.module.endswith("attn1")]
+    assert len(self_attention) == 2 and not any(d.sparse for d in report.decisions)
+    for decision in self_attention:
+        assert decision.rule == "no_grid" and "(4, 2, 12)" in decision.reason and "(4, 12, 2)" in decision.reason
+    with torch.no_grad(), spattn_compile.config(**SETTINGS, sparsity=0.75):
+        torch.testing.assert_close(tiny.model(**inputs)[0], eager(**inputs)[0], rtol=1e-5, atol=1e-5)
+    assert {r.kind for r in spattn_compile.report().records} == {"no_grid"}
+    result = compare_with_eager(tiny, tiny.model, inputs, (4, 12, 2), eager=eager, video_grid=(4, 12, 2))
+    assert result.sparse_calls == 2 and result.reference_at_sparsity < 1e-5 and result.dense_at_sparsity > 1e-4
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # A custom estimator's scores; dense_layers naming a layer the model lacks (issue 18 item 5)
 # ---------------------------------------------------------------------------------------------------------------------
@@ -367,22 +411,116 @@ def test_dense_layers_naming_a_missing_layer_raises():
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_a_grid_set_after_a_compile_without_one_says_it_needs_a_recompile(caplog):
-    """A packed-token model first compiled without a grid stays dense inside `config(video_grid=...)` (its node was
-    not rewritten): that is said, with the fix, instead of a warning suggesting the setting already in force."""
+def _packed_ltx_inputs(tiny: zoo.TinyModel, grid: tuple[int, int, int], batch: int = 1) -> dict:
+    """LTX-Video's inputs as LTXConditionPipeline passes them: packed tokens and their rotary coordinates
+    (`video_coords`), without `num_frames`, `height` and `width`: neither the graph nor the forward shows the grid."""
+    inputs = tiny.make_inputs(*grid, batch=batch)
+    for name in ("num_frames", "height", "width"):
+        del inputs[name]
+    axes = torch.meshgrid(*(torch.arange(size, dtype=torch.float32) for size in grid), indexing="ij")
+    inputs["video_coords"] = torch.stack(axes).flatten(1).unsqueeze(0).repeat(batch, 1, 1)
+    return inputs
+
+
+@pytest.mark.parametrize(
+    "settings, forward_grid, expected",
+    [
+        ({}, None, "no video_grid setting"),
+        ({"video_grid": GRID}, None, "text_position"),  # 5 tokens of text, placed nowhere
+        ({"video_grid": GRID, "text_position": "first"}, None, CallLayout(GRID, TEXT, True)),
+        ({"video_grid": GRID, "text_position": "last", "text_len": 4}, None, "text_len=4"),
+        ({"video_grid": (3, 4, 7), "text_position": "last"}, None, "(3, 4, 7) holds 84 tokens"),
+        ({"video_grid": GRID, "text_position": "last"}, GRID, CallLayout(GRID, TEXT, False)),
+        ({"video_grid": GRID, "text_position": "last"}, (3, 6, 4), spattn_compile.LayoutOverrideError),
+    ],
+)
+def test_a_call_without_a_grid_in_its_graph_takes_only_the_setting(settings, forward_grid, expected):
+    """`call_layout.TEXT_UNPLACED`: the grid and the text's place come from the settings in force; a grid the forward
+    read must agree with the setting (dims, not the token count), and is never taken alone."""
+    from spattn_compile.call_layout import TEXT_UNPLACED, resolve_call
+
+    config = SparseAttentionConfig(**settings)
+    if expected is spattn_compile.LayoutOverrideError:
+        with pytest.raises(spattn_compile.LayoutOverrideError, match=r"video_grid=\(3, 4, 6\).*\(3, 6, 4\)"):
+            resolve_call(SEQ, [], TEXT_UNPLACED, False, config, forward_grid)
+        return
+    resolved = resolve_call(SEQ, [], TEXT_UNPLACED, False, config, forward_grid)
+    if isinstance(expected, CallLayout):
+        assert resolved == expected
+    else:
+        assert isinstance(resolved, str) and expected in resolved, resolved
+    # The forward's grid alone is not taken.
+    assert isinstance(resolve_call(72, [], TEXT_UNPLACED, False, SparseAttentionConfig(), GRID), str)
+
+
+@pytest.mark.parametrize("regional", [False, True], ids=["whole", "regional"])
+def test_a_packed_token_model_compiled_without_a_grid_runs_sparse_where_one_is_set(caplog, regional):
+    """LTX-Video with `video_coords` compiled by a call without a grid: that call is dense and recorded as such; the
+    calls inside `config(video_grid=...)` run sparse, equal to sparse SDPA on that grid, with no recompile and no
+    warning; a call without the setting is dense again."""
+    family = BY_NAME["ltx_video"]
+    tiny, eager = family.build(), family.build().model
+    inputs = _packed_ltx_inputs(tiny, family.grid)
+    report = explain_model(tiny.model, inputs)
+    assert [(d.module, d.rule) for d in report.decisions] == [
+        (module, "cross_attention" if "attn2" in module else "no_grid") for module, _ in family.expected
+    ]
+    assert all("video_grid" in d.reason for d in report.decisions if d.rule == "no_grid")
+    compiled = compile_blocks(tiny.model) if regional else compile_spattn(tiny.model)
+    with torch.no_grad(), capture_warnings(caplog) as warnings:
+        with spattn_compile.config(**SETTINGS):
+            torch.testing.assert_close(compiled(**inputs)[0], eager(**inputs)[0], rtol=1e-5, atol=1e-5)
+        graphs = compiled_graph_count()
+        result = compare_with_eager(tiny, compiled, inputs, family.grid, eager=eager, video_grid=family.grid)
+        with spattn_compile.config(**SETTINGS):
+            torch.testing.assert_close(compiled(**inputs)[0], eager(**inputs)[0], rtol=1e-5, atol=1e-5)
+    assert result.sparse_calls == 2 and result.reference_at_sparsity < 1e-5 and result.dense_at_sparsity > 1e-4
+    assert result.dense_at_sparsity_0 < 1e-5
+    assert compiled_graph_count() == graphs, "the grid is read when the op runs: no recompile"
+    kinds = [r.kind for r in spattn_compile.report().records]
+    assert kinds == ["no_grid"] * 2 + ["sparse"] * 4 + ["no_grid"] * 2, kinds
+    assert spattn_compile.report().layers() == family.sparse_modules
+    assert not warnings, warnings
+
+
+def test_a_grid_in_force_that_fits_no_call_is_said_without_suggesting_it(caplog):
+    """Packed tokens and a video_grid setting that does not fit the sequence: the warning says the setting is in
+    force and does not fit; it never suggests setting it."""
     model = TinyVideoAttention(patch_embed=False)
     inputs = tiny_inputs(3, 8, 12, TEXT, packed=True)
     compiled = compile_spattn(model)
     with torch.no_grad(), capture_warnings(caplog) as warnings:
         with spattn_compile.config(**SETTINGS):
             compiled(*inputs)
-        with spattn_compile.config(**SETTINGS, video_grid=GRID, text_position="last"):
-            compiled(*inputs)
-            compiled(*inputs)
-    recompile = [w for w in warnings if "video_grid=(3, 4, 6) is active" in w]
-    assert len(recompile) == 1 and "recompile" in recompile[0] and "options={'video_grid'" in recompile[0]
-    # The nothing-sparse warning does not suggest the setting already in force.
-    assert not any("set the latent token grid" in w for w in warnings), warnings
+        with spattn_compile.config(**SETTINGS, video_grid=GRID):  # 72 + 5 text tokens, text_position not given
+            for _ in range(3):
+                compiled(*inputs)
+    assert len(warnings) == 1, warnings
+    assert "video_grid=(3, 4, 6) is in force" in warnings[0] and "text_position" in warnings[0], warnings[0]
+    assert "set the latent token grid" not in warnings[0]
+    with torch.no_grad(), spattn_compile.config(**SETTINGS, video_grid=GRID, text_position="last"):
+        with SparseSDPA(GRID, TEXT):
+            expected = model(*inputs)
+        out = compiled(*inputs)
+    assert relative_error(out, expected) < 1e-5
+    assert [r.kind for r in spattn_compile.report().records] == ["no_grid"] * 4 + ["sparse"]
+
+
+@pytest.mark.parametrize("regional", [False, True], ids=["whole", "regional"])
+def test_a_run_time_grid_contradicting_the_forwards_raises_naming_both(regional):
+    """LTX-Video given `num_frames`, `height` and `width` with `video_coords`: its forward hook reads the grid; a
+    video_grid setting of the same token count but other dims contradicts it and raises, whether the grid reaches
+    the calls from the forward (regional) or only from the setting (whole: the graph shows none)."""
+    family = BY_NAME["ltx_video"]
+    tiny = family.build()
+    inputs = _packed_ltx_inputs(tiny, family.grid)
+    inputs.update(num_frames=3, height=4, width=6)
+    compiled = compile_blocks(tiny.model) if regional else compile_spattn(tiny.model)
+    with torch.no_grad(), spattn_compile.config(**SETTINGS):
+        compiled(**inputs)
+        with spattn_compile.config(video_grid=(3, 6, 4)), pytest.raises(spattn_compile.LayoutOverrideError) as error:
+            compiled(**inputs)
+    assert "video_grid=(3, 6, 4)" in str(error.value) and "(3, 4, 6)" in str(error.value)
 
 
 def test_a_key_padding_mask_of_one_key_column_is_sparse_in_a_compiled_model():
@@ -414,6 +552,7 @@ def test_the_nothing_sparse_warning_names_the_self_attentions_reason():
 class _Decision:
     rule: str
     sparse: bool = False
+    grid_from: str = ""
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -18,6 +18,14 @@ Where the grid comes from (`AttentionDecision.grid_from`):
   runs, and checks that it holds exactly the span's tokens;
 - "config": no grid in the graph, the user's `video_grid` (given in `options` or in `spattn_compile.config(...)`); the
   op reads it when it runs, so one graph serves every resolution the user names per call.
+- "run_time": no grid in the graph and no `video_grid` setting when it is compiled, in a graph that proves no grid
+  for any call and (for a block) whose model's forward gave none: the video arrives as packed tokens. The call stays
+  dense under the settings it was compiled with (`sparse` False, rule "no_grid"), but is handed to the op anyway
+  (it has a `layer_index`), which runs it sparse on a call where a `video_grid` setting is in force then
+  (`call_layout.TEXT_UNPLACED`), and dense, recorded as "no_grid", otherwise. So a model first run without a grid
+  becomes sparse inside a later `spattn_compile.config(video_grid=...)`, with no recompile. A call without a grid in
+  a graph that proves another call's grid (a text-only self-attention beside the video's) is not video attention,
+  and is not handed over.
 
 A `video_grid`/`text_len`/`text_position` override that contradicts what the graph proves raises
 `LayoutOverrideError` naming both (a consistent one is accepted); under dynamic shapes the op makes the same check
@@ -61,7 +69,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.fx.node import Argument
 
-from ..call_layout import TEXT_REST, LayoutOverrideError, check_settings, fit_text
+from ..call_layout import TEXT_REST, TEXT_UNPLACED, LayoutOverrideError, check_settings, fit_text
 from ..capability import check_capability
 from ..config import SparseAttentionConfig
 from .masks import MaskForm, prove_padding_mask
@@ -133,15 +141,17 @@ class AttentionDecision:
         node: the FX node's name.
         module: the module path of the attention layer (from Dynamo's `nn_module_stack`), relative to the compiled
             module (the model, or the block of a regionally compiled model); "" if unknown.
-        sparse: True when the call is rewritten into `torch.ops.spattn.sparse_attention`.
-        layer_index: the index passed to the op (see the module docstring); None for dense calls.
+        sparse: True when the call is rewritten into `torch.ops.spattn.sparse_attention` and runs sparse under the
+            settings it was decided with.
+        layer_index: the index passed to the op (see the module docstring); None for calls left to SDPA. A call with
+            grid_from "run_time" has one although it is dense under the settings it was decided with.
         query_shape: `(B, H, S, D)` of the query as traced (ints, or SymInts under dynamic shapes); () if not 4-D.
         video_grid: `(F, H, W)` of the video tokens, when known at compile time (also for dense calls, when inference
             got that far); for grid_from "config" the setting's grid at compile time (the op reads the setting when
             it runs); None for grid_from "context" (`explain` fills in the grid of the model's forward).
         text_len: number of text tokens in the sequence, when known (-1: the tokens the run-time grid leaves).
         text_position: "first" or "last" (None without text or when unknown).
-        grid_from: "graph", "context" or "config" (see the module docstring), or "".
+        grid_from: "graph", "context", "config" or "run_time" (see the module docstring), or "".
         rule: why the call is dense, as a short code: "shape", "autograd", "dropout", "causal", "cross_attention",
             "gqa", "dtype", "capability", "mask", "scale", "no_grid", "ambiguous_grid", "override_mismatch",
             "short"; "" when sparse.
@@ -448,10 +458,15 @@ def _infer_layout(
 
 
 def _resolve_layout(
-    inferred: tuple[_Layout, Size] | None, why_not: _Dense | None, seq_len: Size, config: SparseAttentionConfig
+    inferred: tuple[_Layout, Size] | None,
+    why_not: _Dense | None,
+    seq_len: Size,
+    config: SparseAttentionConfig,
+    run_time: bool = False,
 ) -> tuple[_Layout, str]:
     """Apply the config's video_grid / text_len / text_position to the inferred layout; returns (layout, grid_from).
-    Raises LayoutOverrideError for a setting that contradicts a layout the graph proves (static sizes)."""
+    Raises LayoutOverrideError for a setting that contradicts a layout the graph proves (static sizes). `run_time`: a
+    call without a grid in the graph and without a video_grid setting is handed to the op (grid_from "run_time")."""
     if inferred is not None:
         layout, num_video = inferred
         # The spans were built to add up to the sequence length; prove it, for every size, before relying on it.
@@ -468,6 +483,8 @@ def _resolve_layout(
     if why_not.rule == "sequence_shard":
         raise why_not  # no setting makes one rank's shard the whole sequence
     if config.video_grid is None:
+        if run_time and why_not.rule == "no_grid":
+            return _Layout(None, TEXT_UNPLACED, False), "run_time"
         if config.text_len is not None or config.text_position is not None:
             raise _Dense(
                 why_not.rule,
@@ -514,7 +531,11 @@ def _grid_text(grid: Sequence[Factor]) -> str:
 
 
 def _decide(
-    node: fx.Node, analysis: TokenAxisAnalysis, config: SparseAttentionConfig, graph_index: int
+    node: fx.Node,
+    analysis: TokenAxisAnalysis,
+    config: SparseAttentionConfig,
+    graph_index: int,
+    run_time: bool = False,
 ) -> tuple[AttentionDecision, _SparsePlan | None]:
     module = _module_path(node)
     query_shape: tuple[Size, ...] = ()
@@ -532,7 +553,7 @@ def _decide(
             inferred, why_not = _infer_layout(*axes), None
         except _Dense as dense:
             inferred, why_not = None, dense
-        layout, grid_from = _resolve_layout(inferred, why_not, seq_len, config)
+        layout, grid_from = _resolve_layout(inferred, why_not, seq_len, config, run_time)
         heads = _head_group(analysis, call)
         notes = [note] if note else []
         if heads is not None:
@@ -552,6 +573,14 @@ def _decide(
         elif grid_from == "config":
             notes.append("video grid from the video_grid setting, read when the op runs")
         plan = _SparsePlan(node, call.query, call.key, call.value, mask, scale, layout)
+        if grid_from == "run_time":
+            assert why_not is not None
+            reason = (
+                f"{why_not.reason}; handed to the op, which runs it sparse on a call where a video_grid setting is "
+                "in force (spattn_compile.config(video_grid=(frames, height, width)), with text_position when the "
+                "sequence holds text), dense otherwise"
+            )
+            return _dense_decision(node, module, query_shape, layout, grid_from, graph_index, "no_grid", reason), plan
         text_len = layout.text_len
         video_grid: tuple[Size, Size, Size] | None = None
         if layout.grid is not None:
@@ -580,21 +609,36 @@ def _decide(
         )
         return decision, plan
     except _Dense as dense:
-        decision = AttentionDecision(
-            graph_index=graph_index,
-            node=node.name,
-            module=module,
-            sparse=False,
-            layer_index=None,
-            query_shape=query_shape,
-            video_grid=None if layout is None or layout.grid is None else _grid_sizes(layout.grid),
-            text_len=None if layout is None else layout.text_len,
-            text_position=None if layout is None else _position(layout),
-            grid_from=grid_from,
-            rule=dense.rule,
-            reason=dense.reason,
-        )
+        source = "" if grid_from == "run_time" else grid_from  # dense for another reason: not handed to the op
+        decision = _dense_decision(node, module, query_shape, layout, source, graph_index, dense.rule, dense.reason)
         return decision, None
+
+
+def _dense_decision(
+    node: fx.Node,
+    module: str,
+    query_shape: tuple[Size, ...],
+    layout: _Layout | None,
+    grid_from: str,
+    graph_index: int,
+    rule: str,
+    reason: str,
+) -> AttentionDecision:
+    unplaced = layout is not None and _is_static(layout.text_len) and int(layout.text_len) == TEXT_UNPLACED
+    return AttentionDecision(
+        graph_index=graph_index,
+        node=node.name,
+        module=module,
+        sparse=False,
+        layer_index=None,
+        query_shape=query_shape,
+        video_grid=None if layout is None or layout.grid is None else _grid_sizes(layout.grid),
+        text_len=None if layout is None or unplaced else layout.text_len,
+        text_position=None if layout is None or unplaced else _position(layout),
+        grid_from=grid_from,
+        rule=rule,
+        reason=reason,
+    )
 
 
 def _grid_sizes(grid: tuple[Factor, Factor, Factor]) -> tuple[Size, Size, Size]:
@@ -717,18 +761,26 @@ def _analyze(
         return []
     analysis = TokenAxisAnalysis(graph, seeds, groups)
     results: list[tuple[AttentionDecision, _SparsePlan | None]] = []
-    layer = 0
     for node in nodes:
         fused = _fused_name(node)
         if fused is not None:
             results.append((_decide_fused(node, fused, analysis, graph_index), None))
-            continue
-        decision, plan = _decide(node, analysis, config, graph_index)
+        else:
+            results.append(_decide(node, analysis, config, graph_index))
+    # Packed tokens (module docstring, grid_from "run_time"): no call of the graph has a grid, nor (for a block) did
+    # the model's forward give one; such calls go to the op, which takes the video_grid setting when it runs.
+    if seeds is None and not any(d.grid_from in ("graph", "context") for d, _ in results):
+        for position, (node, (decision, _)) in enumerate(zip(nodes, results)):
+            if decision.rule == "no_grid":
+                results[position] = _decide(node, analysis, config, graph_index, run_time=True)
+    layer = 0
+    numbered: list[tuple[AttentionDecision, _SparsePlan | None]] = []
+    for decision, plan in results:
         if plan is not None:
             decision = dataclasses.replace(decision, layer_index=layer)
             layer += 1
-        results.append((decision, plan))
-    return results
+        numbered.append((decision, plan))
+    return numbered
 
 
 def analyze_attention(
@@ -907,5 +959,8 @@ def _log(decision: AttentionDecision) -> None:
             text,
             f"; {decision.reason}" if decision.reason else "",
         )
+    elif decision.layer_index is not None:
+        logger.info("spattn: %s -> the op, layer %d, dense until a video grid is set: %s", where,
+                    decision.layer_index, decision.reason)  # fmt: skip
     else:
         logger.info("spattn: %s stays dense [%s]: %s", where, decision.rule, decision.reason)

@@ -22,8 +22,9 @@ outside the table (another instance of the model class running the same compiled
 same way, once. A graph without a module (a compiled function) gets a state of its own, which its graph advances.
 
 **The forward hook.** Once per forward of the model it advances the model's step tracker from the `timestep`
-argument and reads the latent grid from the model's inputs (`families.latent_grid`); the model's graphs run in that
-context. The forward that compiles the first graph has already passed the (absent) hook: its context comes from its
+argument and reads the latent grid from the model's inputs (`families.latent_grid`, checked dim by dim against the
+grid the model's 3-D patch embedding makes of the latent, `families.patch_convolutions`); the model's graphs run in
+that context. The forward that compiles the first graph has already passed the (absent) hook: its context comes from its
 call's arguments, read at binding. The hooks are removed by `reset_schedule()` (and `ModelRegistry.clear()`). Under
 context parallelism (diffusers' Ulysses attention) the hook runs before diffusers' hooks split the sequence, so it
 reads the full latent: the grid of the whole sequence that every rank's attention sees after the all-to-all.
@@ -49,7 +50,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..config import current_config
-from ..families import latent_grid
+from ..families import latent_grid, patch_convolutions
 from .model_state import ModelState, StepContext
 from .plan_cache import plan_cache_limit
 
@@ -142,7 +143,9 @@ def forward_context(state: ModelState, model: torch.nn.Module, args: tuple, kwar
     """Advance `state`'s step tracker for a forward of `model` with these arguments, and record its latent grid."""
     arguments = forward_arguments(model, args, kwargs)
     context = state.advance(arguments.get("timestep"))
-    grid, note = latent_grid(model, arguments)
+    if state.convolutions is None:
+        state.convolutions = patch_convolutions(model)
+    grid, note = latent_grid(model, arguments, state.convolutions)
     return dataclasses.replace(context, video_grid=grid, grid_note=note)
 
 

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ..families import missing_dynamo_settings
 from ..plan import SparsePlan
 from .plan_cache import PlanCache, plan_cache_limit
 from .records import KINDS, HeadRange, PendingRecord, Recorder, report_settings
@@ -103,11 +104,18 @@ class ModelState:
         self.tracker = StepTracker(on_new_generation=self.plan_cache.clear)
         self.recorder = Recorder()
         self.forward: StepContext | None = None
+        # The model's 3-D convolutions, against which its latent grid is checked (`families.patch_convolutions`).
+        self.convolutions: tuple[torch.nn.Conv3d, ...] | None = None
         self.hooked = False
         self.lock = threading.Lock()
         self._layers: dict[str, int] = {}
         self.rules: collections.Counter[str] = collections.Counter()
         self.sparse_calls = 0
+        # Calls handed to the op with a run-time grid (grid_from "run_time"), calls that ran sparse, and forwards begun
+        # with a video_grid setting in force (for `check_nothing_sparse`).
+        self.run_time_calls = 0
+        self.sparse_runs = 0
+        self.grid_forwards = 0
         self.graphs = 0
         self.forwards = 0  # forwards begun (advance calls): after the first, every attention layer has an index
         self.warned = False
@@ -164,14 +172,20 @@ class ModelState:
         with self.lock:
             self.graphs += 1
             self.sparse_calls += sum(1 for d in decisions if d.sparse)
+            self.run_time_calls += sum(1 for d in decisions if d.grid_from == "run_time" and d.layer_index is not None)
             self.rules.update(d.rule for d in decisions if not d.sparse)
 
     def check_nothing_sparse(self, video_grid: tuple[int, int, int] | None = None) -> None:
         """Log one WARNING (once per model) when the model has run, was compiled, and nothing in it became sparse;
-        `video_grid`: the setting in force now (a fix that suggests it says that it needs a recompile)."""
+        `video_grid`: the setting in force for the forward that begins. Calls whose grid is read when they run
+        (packed tokens) are given one forward under a video_grid setting before the warning says it did not help."""
         with self.lock:
-            if self.warned or self.graphs == 0 or self.sparse_calls:
+            if self.warned or self.graphs == 0 or self.sparse_calls or self.sparse_runs:
                 return
+            if self.run_time_calls and video_grid is not None:
+                self.grid_forwards += 1
+                if self.grid_forwards == 1:
+                    return
             self.warned = True
         logger.warning(nothing_sparse_message(self, video_grid))
 
@@ -227,11 +241,27 @@ def nothing_sparse_message(state: ModelState, video_grid: tuple[int, int, int] |
     else:
         rule, reason = "", "its compiled graphs hold no scaled_dot_product_attention call"
     fix = _FIXES.get(rule, _FIXES[""])
-    if rule == "no_grid" and video_grid is not None:
+    settings, why = missing_dynamo_settings(state.module)
+    if settings:
+        # A family whose attention breaks the graph without a Dynamo setting: what reached the pass is not the point.
+        reason = f"{reason}, and {why}"
+        fix = f"set {settings} before compiling (then torch._dynamo.reset() if it was compiled already)"
+    elif rule == "no_grid" and video_grid is not None and state.run_time_calls:
+        # The setting is in force and the calls read it: it does not fit them (never suggest what is already set).
+        reason = (
+            f"video_grid={tuple(video_grid)} is in force, but none of its {state.run_time_calls} attention calls "
+            "that take their grid when they run (packed tokens) became sparse with it"
+        )
         fix = (
-            f"video_grid={video_grid} is set now, but the graphs were compiled without a grid, and a node left dense "
-            "when compiled stays dense: give video_grid when compiling (options={'video_grid': ...}, or a "
-            "spattn_compile.config(video_grid=...) block around the first call), or torch._dynamo.reset()"
+            "the grid's frames*height*width tokens, with text_len text tokens, must fill each call's sequence, and a "
+            "sequence that holds text needs text_position; spattn_compile.report() records each call as 'no_grid'"
+        )
+    elif rule == "no_grid" and video_grid is not None:
+        # Calls without a grid in a graph that proves another call's grid are not video attention (passes.attention).
+        fix = (
+            f"video_grid={tuple(video_grid)} is in force, but these calls are not attention over the video's tokens "
+            "(a grid reaches other calls of their graph, or the model's forward gave one that none of their inputs "
+            "holds)"
         )
     return (
         f"spattn: no attention call of {state.name} became sparse: {reason}. Fix: {fix}. "
@@ -295,6 +325,8 @@ def record(
     )
     recorder = model.recorder
     with recorder.lock:
+        if kind == "sparse":
+            model.sparse_runs += 1
         recorder.records.append(pending)
         if keep_share is not None:
             recorder.masks[(layer_index, layer, context.branch)] = (context.step, keep_share)

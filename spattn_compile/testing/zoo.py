@@ -517,6 +517,38 @@ def sana_video(num_layers: int = 2, text_len: int = 7) -> TinyModel:
     return TinyModel(finish(model), make_inputs, (1, 2, 2))
 
 
+def mochi(num_layers: int = 1, text_len: int = 7) -> TinyModel:
+    """MochiTransformer3DModel: joint attention over the video and each sample's valid text tokens, computed one
+    sample at a time (its attention processor selects the valid tokens with `torch.nonzero` in a per-sample loop, so
+    a whole-model compile needs `torch._dynamo.config.capture_dynamic_output_shape_ops = True`)."""
+    from diffusers import MochiTransformer3DModel
+
+    torch.manual_seed(0)
+    model = MochiTransformer3DModel(
+        patch_size=2,
+        num_attention_heads=HEADS,
+        attention_head_dim=48,  # Mochi's rotary embedding splits the head dim in three
+        num_layers=num_layers,
+        pooled_projection_dim=TEXT_DIM,
+        in_channels=4,
+        text_embed_dim=TEXT_DIM,
+        time_embed_dim=TEXT_DIM,
+        max_sequence_length=16,
+    )
+
+    def make_inputs(frames: int = 3, height: int = 8, width: int = 12, batch: int = 1, seed: int = 0) -> dict:
+        g = _generator(seed)
+        return {
+            "hidden_states": _randn(g, batch, 4, frames, height, width),
+            "encoder_hidden_states": _randn(g, batch, text_len, TEXT_DIM),
+            "timestep": _timestep(batch),
+            "encoder_attention_mask": torch.ones(batch, text_len, dtype=torch.long),
+            "return_dict": False,
+        }
+
+    return TinyModel(finish(model), make_inputs, (1, 2, 2), text_len, False)
+
+
 BUILDERS: dict[str, Callable[..., TinyModel]] = {
     "wan": wan,
     "skyreels_v2": skyreels_v2,
@@ -530,4 +562,5 @@ BUILDERS: dict[str, Callable[..., TinyModel]] = {
     "cosmos": cosmos,
     "kandinsky5": kandinsky5,
     "sana_video": sana_video,
+    "mochi": mochi,
 }
