@@ -237,9 +237,11 @@ def time_warm(
     return out, Timing(statistics.median(times), max(times) / max(min(times), 1e-9))
 
 
-def _ms_cell(ms: float, timing: Timing) -> str:
-    """The ms column, or why no time is printed."""
-    return f"{ms:.1f}" if timing.stable else f"unstable (repeats spread {timing.spread:.1f}x > {MAX_SPREAD:.0f}x)"
+def _ms_cell(ms: float, timing: Timing, whose: str = "") -> str:
+    """The ms column, or why no time is printed (`whose`: the timing's variant when it is not the row's own)."""
+    if timing.stable:
+        return f"{ms:.1f}"
+    return f"unstable ({whose + ' ' if whose else ''}repeats spread {timing.spread:.1f}x > {MAX_SPREAD:.0f}x)"
 
 
 def attention_profile(
@@ -542,9 +544,9 @@ def print_ulysses(rows: list[UlyssesRow], degree: int, header: str) -> None:
         same = by.get((r.variant, 1))
         error = "-" if r.gpus == 1 or math.isnan(r.error) else f"{r.error:.2e}"
         if not (r.timing.stable and dense_1.timing.stable and (same is None or same.timing.stable)):
-            unstable = [x for x in (r, dense_1, same) if x is not None and not x.timing.stable]
-            print(f"| {r.variant} | {r.gpus} | {_ms_cell(r.ms, unstable[0].timing)} (of {unstable[0].variant}, "
-                  f"{unstable[0].gpus} GPU) | - | - | - | {error} |")  # fmt: skip
+            first = next(x for x in (r, dense_1, same) if x is not None and not x.timing.stable)
+            whose = "" if first is r else f"{first.variant} on {first.gpus} GPU"
+            print(f"| {r.variant} | {r.gpus} | {_ms_cell(r.ms, first.timing, whose)} | - | - | - | {error} |")
             continue
         versus = "-" if same is None or r.gpus == 1 else f"{same.ms / r.ms:.2f}x"
         print(
@@ -653,8 +655,9 @@ def main() -> None:
     for r in rows:
         # A speedup needs both timings: a row is printed only when its own and its model's dense repeats agree.
         if not (r.timing.stable and dense_timing[r.model].stable):
-            timing = r.timing if not r.timing.stable else dense_timing[r.model]
-            print(f"| {r.model} | {r.variant} | {_ms_cell(r.ms, timing)} | - | - | - | - | {r.error:.3f} | "
+            own = not r.timing.stable
+            timing, whose = (r.timing, "") if own else (dense_timing[r.model], "dense")
+            print(f"| {r.model} | {r.variant} | {_ms_cell(r.ms, timing, whose)} | - | - | - | - | {r.error:.3f} | "
                   f"{r.density:.3f} |")  # fmt: skip
             continue
         print(
