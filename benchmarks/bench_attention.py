@@ -188,8 +188,8 @@ def _flex(problem: Problem, plan: SparsePlan, flex) -> Callable[[], object] | No
     valid[real] = key_ok[source[real]]
     keep = plan.to_dense()
     partial = (~valid).reshape(-1, layout.block_size).any(-1)
-    partial_counts, partial_indices = indices_from_mask(keep & partial)
-    full_counts, full_indices = indices_from_mask(keep & ~partial)
+    partial_counts, partial_indices = indices_from_mask(keep & partial, torch.int32)
+    full_counts, full_indices = indices_from_mask(keep & ~partial, torch.int32)
 
     def mask_mod(b, h, q_idx, kv_idx):
         return keep[b, h, q_idx // layout.block_size, kv_idx // layout.block_size] & valid[kv_idx]

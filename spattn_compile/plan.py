@@ -22,7 +22,23 @@ import torch
 
 from .layout import TokenLayout, token_layout
 
-__all__ = ["PooledStats", "SparsePlan", "block_budget", "indices_from_mask", "mask_from_indices"]
+__all__ = [
+    "INDEX_DTYPE",
+    "MAX_PLAN_BLOCKS",
+    "PooledStats",
+    "SparsePlan",
+    "block_budget",
+    "check_plan_blocks",
+    "indices_from_mask",
+    "mask_from_indices",
+]
+
+# The dtype of a plan's block lists. A plan holds two `(B, H, NQ, NQ)`-sized lists, the largest part of planning's
+# memory after the block scores (at Wan 2.1 14B 720p, 40 heads and NQ = 591: 56 MB in int16, 112 MB in int32;
+# benchmarks/NOTES_pipeline.md, "Memory"); int16 holds every block index of a layout of up to MAX_PLAN_BLOCKS blocks
+# (4.2 M tokens at block size 128), and -1.
+INDEX_DTYPE = torch.int16
+MAX_PLAN_BLOCKS = torch.iinfo(INDEX_DTYPE).max
 
 
 def block_budget(density: float, num_blocks: int) -> int:
@@ -31,14 +47,26 @@ def block_budget(density: float, num_blocks: int) -> int:
     return max(1, min(num_blocks, math.ceil(density * num_blocks - 1e-9)))
 
 
-def indices_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """bool `(..., N)` -> (counts int32 `(...)`, indices int32 `(..., N)` ascending, padded with -1)."""
+def check_plan_blocks(num_blocks: int) -> None:
+    """Raise ValueError when a plan's int16 block lists cannot index `num_blocks` blocks."""
+    if num_blocks > MAX_PLAN_BLOCKS:
+        raise ValueError(
+            f"the layout has {num_blocks} blocks; a plan's block lists ({INDEX_DTYPE}) index at most "
+            f"{MAX_PLAN_BLOCKS}: use a larger block_size"
+        )
+
+
+def indices_from_mask(mask: torch.Tensor, dtype: torch.dtype = INDEX_DTYPE) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool `(..., N)` -> (counts int32 `(...)`, indices `(..., N)` ascending, padded with -1), the indices in `dtype`
+    (default: a plan's, int16; FlexAttention's `BlockMask` takes int32)."""
     n = mask.shape[-1]
+    if dtype == torch.int16:
+        check_plan_blocks(n)
     position = torch.arange(n, device=mask.device, dtype=torch.int32)
     keyed = torch.where(mask, position, torch.full_like(position, n))
     indices = keyed.sort(dim=-1).values
     indices = torch.where(indices == n, torch.full_like(indices, -1), indices)
-    return mask.sum(-1, dtype=torch.int32), indices
+    return mask.sum(-1, dtype=torch.int32), indices.to(dtype)
 
 
 def mask_from_indices(counts: torch.Tensor, indices: torch.Tensor, num: int) -> torch.Tensor:
@@ -84,8 +112,9 @@ class SparsePlan:
     Attributes:
         layout: the canonical layout the plan indexes (grid, text span, block size, reorder).
         kv_counts: int32 `(B, H, NQ)`: how many key blocks each query block attends to.
-        kv_indices: int32 `(B, H, NQ, NQ)`: those blocks, ascending, -1 after the count.
-        trusted_counts: int32 `(B, H, NQ)`, trusted_indices: int32 `(B, H, NQ, NB)`: skipped video key blocks whose
+        kv_indices: int16 (`INDEX_DTYPE`) `(B, H, NQ, NQ)`: those blocks, ascending, -1 after the count (int16 halves
+            the plan's memory; a layout has at most `MAX_PLAN_BLOCKS` blocks).
+        trusted_counts: int32 `(B, H, NQ)`, trusted_indices: int16 `(B, H, NQ, NB)`: skipped video key blocks whose
             pooled summary compensates them (`rectify="block"` or `"query"`); none for text query rows.
         block_scores: float `(B, H, NB, NB + 1)`: the estimate of each video query block's attention mass per video
             key block (columns 0..NB-1) and on all text keys together (column NB), each row summing to 1.
