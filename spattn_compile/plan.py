@@ -87,6 +87,8 @@ class PooledStats:
 
     q_tile, k_tile: `(B, H, NT, D)`; q_tile_count, k_tile_count: `(B, H, NT)`.
     q_block, q_block_mad, k_block, k_block_mad, v_block: `(B, H, NB, D)`; k_block_count: `(B, H, NB)`.
+
+    The tile means serve the estimators only: a preparation kept after planning holds `block_statistics_only()`.
     """
 
     tile_size: int
@@ -100,6 +102,23 @@ class PooledStats:
     k_block_mad: torch.Tensor
     v_block: torch.Tensor
     k_block_count: torch.Tensor
+
+    def block_statistics_only(self) -> PooledStats:
+        """The same statistics without tile means: `q_tile`, `k_tile` `(B, H, 0, D)` and their counts `(B, H, 0)`
+        (new empty tensors, so that the tile means are freed with the estimator's inputs). Selection and attending
+        read the block statistics only."""
+        no_tiles = self.q_tile.new_empty(*self.q_tile.shape[:2], 0, self.q_tile.shape[-1])
+        no_counts = self.q_tile_count.new_empty(*self.q_tile_count.shape[:2], 0)
+        return dataclasses.replace(
+            self, q_tile=no_tiles, q_tile_count=no_counts, k_tile=no_tiles, k_tile_count=no_counts
+        )
+
+    @classmethod
+    def concatenate_heads(cls, parts: list[PooledStats]) -> PooledStats:
+        """The statistics of head groups `parts` (in head order, one tile size) as one, concatenated over heads."""
+        fields = [f.name for f in dataclasses.fields(cls) if f.name != "tile_size"]
+        tensors = {name: torch.cat([getattr(part, name) for part in parts], 1) for name in fields}
+        return cls(tile_size=parts[0].tile_size, **tensors)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

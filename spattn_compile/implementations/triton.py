@@ -19,12 +19,14 @@ Inputs: float16, bfloat16 or float32, any strides (a non-contiguous last dim is 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 
 from ..inputs import output_like
 from ..kernels.block_sparse_attention import block_sparse_attention
+from ..kernels.pooled_scores import planning_heads
 from ..kernels.statistics import prepare_statistics
 from ..layout import TokenLayout
 from ..plan import SparsePlan
@@ -35,10 +37,21 @@ __all__ = ["TritonImplementation"]
 
 
 class TritonImplementation:
-    """The stages with the Triton kernels (module docstring)."""
+    """The stages with the Triton kernels (module docstring).
+
+    planning_heads: heads per group of `prepare_and_estimate` (None: `kernels.pooled_scores.planning_heads`, the
+    fewest heads whose groups take no more waves of the scores kernel's programs than all heads at once).
+    """
 
     name = "triton"
     kind: Literal["reference", "kernel"] = "kernel"
+
+    def __init__(self, planning_heads: int | None = None) -> None:
+        if planning_heads is not None and (
+            isinstance(planning_heads, bool) or not isinstance(planning_heads, int) or planning_heads < 1
+        ):
+            raise ValueError(f"planning_heads must be None or a positive int, got {planning_heads!r}")
+        self.planning_heads = planning_heads
 
     def prepare(
         self,
@@ -71,6 +84,45 @@ class TritonImplementation:
             found.source_index,
             found.outliers,
         )
+
+    def prepare_and_estimate(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        layout: TokenLayout,
+        key_valid: torch.Tensor | None,
+        tile_size: int,
+        scale: float,
+        outliers: bool,
+        estimate: Callable[[Prepared], torch.Tensor],
+    ) -> tuple[Prepared, torch.Tensor]:
+        """Stages 0 and 1 in groups of heads: each group's tile means, outliers and the estimator's scratch live only
+        while its scores are made, so planning holds one group's of them (at Wan 14B 720p: 7 of 40 heads); every
+        group reads its heads of Q, K, V once, as one preparation of all heads would. The scores go into one
+        `(B, H, NB, NB + 1)` tensor; the per-head statistics are concatenated once at the end."""
+        query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
+        batch, heads = query.shape[:2]
+        group = self.planning_heads or planning_heads(batch, heads, layout, tile_size, query.device)
+        if group >= heads:
+            prepared = self.prepare(query, key, value, layout, key_valid, tile_size, scale, outliers)
+            scores = estimate(prepared)
+            return prepared.for_attending(), scores
+        parts: list[Prepared] = []
+        all_scores: torch.Tensor | None = None
+        for start in range(0, heads, group):
+            span = slice(start, min(start + group, heads))
+            part_valid = None if key_valid is None else key_valid[:, span]
+            part = self.prepare(query[:, span], key[:, span], value[:, span], layout, part_valid, tile_size, scale,
+                                outliers)  # fmt: skip
+            scores = estimate(part)
+            if all_scores is None:
+                all_scores = scores.new_empty(batch, heads, *scores.shape[2:])
+            all_scores[:, span] = scores
+            parts.append(part.for_attending())
+            del part, scores  # the group's tile means and scores go before the next group's are made
+        assert all_scores is not None
+        return Prepared.concatenate_heads(parts, query, query, key, value), all_scores
 
     def attend(self, prepared: Prepared, plan: SparsePlan, rectification: RectificationConfig) -> torch.Tensor:
         layout = prepared.layout

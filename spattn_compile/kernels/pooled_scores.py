@@ -23,9 +23,10 @@ import triton
 import triton.language as tl
 
 from ..estimators.base import EstimatorInputs
+from ..layout import TokenLayout
 from .common import INTERPRETED, LOG2E, check_device, padded_head_dim
 
-__all__ = ["pooled_scores"]
+__all__ = ["planning_heads", "pooled_scores", "scratch_dtype"]
 
 
 @triton.jit
@@ -251,6 +252,40 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _score_programs(items: int, device: torch.device, programs_per_sm: int = _PROGRAMS_PER_SM) -> int:
+    """Persistent programs of a launch with `items` work items."""
+    return max(1, min(items, programs_per_sm * _multiprocessors(device)))
+
+
+def _candidates(tiles_per_block: int) -> list[tuple[int, int, int, int]]:
+    """The configurations a launch may take (the interpreter runs one: its cost is per program)."""
+    if INTERPRETED:
+        return [(max(16, tiles_per_block), 16, 4, 1)]
+    return list(_CANDIDATES)
+
+
+def _tiles_per_item(tiles_per_block: int) -> int:
+    """Query tiles per work item of the largest candidate (the scratch is sized for it)."""
+    return max(max(c[0] for c in _candidates(tiles_per_block)), tiles_per_block)
+
+
+def planning_heads(batch: int, heads: int, layout: TokenLayout, tile_size: int, device: torch.device) -> int:
+    """Heads per group when planning goes by groups of heads: the fewest whose groups take no more waves of the
+    scores kernel's persistent programs than every head at once (each program takes a work item of 128 query tiles
+    of one (batch, head) in turn), so the groups fill the GPU as one launch would while the tile means and the scratch
+    are those of one group. At Wan 14B 720p on an H200 (37 items a head, 264 programs): 7 heads, 6 groups of one
+    wave, as 40 heads at once take 6 waves; HunyuanVideo 720p (59 items a head, 24 heads): 4 heads."""
+    tiles = layout.num_video_blocks * (layout.block_size // tile_size)
+    per_head = batch * triton.cdiv(tiles, _tiles_per_item(layout.block_size // tile_size))
+    programs = _score_programs(per_head * heads, device)
+    fewest_waves = triton.cdiv(per_head * heads, programs)
+    for group in range(1, heads + 1):
+        waves = triton.cdiv(heads, group) * triton.cdiv(per_head * group, programs)
+        if waves <= fewest_waves:
+            return group
+    return heads
+
+
 def scratch_dtype(tile_dtype: torch.dtype) -> torch.dtype:
     """The dtype of the one-pass scratch's sums: float16 for 16-bit tile means, else float32.
 
@@ -309,13 +344,13 @@ def pooled_scores(
         key_sets = (stats.k_tile, stats.k_tile_count, stats.k_tile, stats.k_tile_count)  # the second set is not read
     key = inputs.k
     scores = torch.empty(batch, heads, nb, nb + 1, device=device, dtype=torch.float32)
-    candidates = [config] if config is not None else list(_CANDIDATES)
+    candidates = [config] if config is not None else _candidates(tiles_per_block)
     if INTERPRETED:
-        candidates = [(max(16, tiles_per_block), 16, 4, 1)]
+        candidates = _candidates(tiles_per_block)
     max_m = max(max(c[0] for c in candidates), tiles_per_block)
     steps = triton.cdiv(nb, min(c[1] for c in candidates))
     items = batch * heads * triton.cdiv(num_tiles, min(c[0] for c in candidates))
-    programs = max(1, min(items, programs_per_sm * _multiprocessors(device)))
+    programs = _score_programs(items, device, programs_per_sm)
     partial = torch.empty(programs, max_m, nb, device=device, dtype=scratch_dtype(stats.q_tile.dtype))
     row_max = torch.empty(programs, max_m, steps, device=device, dtype=torch.float32)
     args = (
