@@ -19,8 +19,9 @@
      rectification are not counted) and that rate over cuDNN's dense rate (4 * S^2 * D per head);
    - flex: FlexAttention (torch.compile'd) on the same kept blocks of canonical copies (copies not timed; blocks with a
      masked key partial), and attend's speed over it;
-   - memory: the fresh call's peak allocation above what was allocated before it, less its output, over the bytes of
-     Q, K and V.
+   - memory: the fresh call's peak allocation above its inputs and its output (the larger of planning's peak and the
+     whole call's less its output), over the bytes of Q, K and V; the report also holds benchmarks/memory_model.py's
+     count of every allocation and of each phase's peak at these shapes, before issue 17's memory work and now.
 3. Head dims 64 and 96 (CogVideoX-like: 13x30x45 + 226 text tokens, 48 / 32 heads), sparsity 0.9: attend's rate over
    cuDNN's at that head dim.
 
@@ -59,6 +60,9 @@ from spattn_compile.estimators import PooledTiles  # noqa: E402
 from spattn_compile.implementations import make_implementation  # noqa: E402
 from spattn_compile.plan import SparsePlan, indices_from_mask  # noqa: E402
 from spattn_compile.testing.benchmark import ATTENTION_CASES, relative_error, time_ms  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import memory_model  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,16 +221,37 @@ def _time(fn: Callable[[], object]) -> float:
     return ms
 
 
-def _peak_extra(fn: Callable[[], torch.Tensor]) -> float:
-    """Bytes allocated at the peak of `fn` above what was allocated before it, less its output (CUDA only)."""
-    if DEVICE.type != "cuda":
-        return math.nan
+def _peak_above(fn: Callable[[], object]) -> tuple[int, object]:
+    """Bytes allocated at the peak of `fn` above what was allocated before it, and its result (CUDA only)."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    out = fn()
+    result = fn()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before - out.numel() * out.element_size()
+    return torch.cuda.max_memory_allocated() - before, result
+
+
+def _peak_extra(problem: Problem, kwargs: dict) -> float:
+    """Bytes of a fresh call's peak above its inputs and its output (CUDA only). The output is allocated while
+    attending, after planning's peak: the peak is the larger of planning's (`select_plan` runs the same stages) and
+    the whole call's less its output."""
+    if DEVICE.type != "cuda":
+        return math.nan
+    q, k, v = problem.q, problem.k, problem.v
+    planning, plan = _peak_above(lambda: select_plan(q, k, v, **kwargs))
+    del plan
+    whole, out = _peak_above(lambda: sparse_attention(q, k, v, **kwargs))
+    assert isinstance(out, torch.Tensor)
+    return max(planning, whole - out.numel() * out.element_size())
+
+
+def _counted(shape: Shape) -> memory_model.Call:
+    """The shape as benchmarks/memory_model.py counts it (an H200's 132 SMs; the interpreter's 2 under --smoke)."""
+    sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count if DEVICE.type == "cuda" else 2
+    return memory_model.Call(
+        1, shape.heads, shape.head_dim, shape.grid, shape.text_len, shape.text_padding > 0, BLOCK, 16,
+        DTYPE.itemsize, programs=2 * sms, tiles_per_item=128 if DEVICE.type == "cuda" else 16,
+    )  # fmt: skip
 
 
 def _attend_flops(plan: SparsePlan, head_dim: int) -> int:
@@ -308,7 +333,7 @@ def measure(problem: Problem, sparsity: float, flex) -> Row:
     flex_call = _flex(problem, plan, flex)
     flex_ms = _time(flex_call) if flex_call is not None else math.nan
     del flex_call
-    memory = _peak_extra(lambda: sparse_attention(q, k, v, **kwargs)) / problem.qkv_bytes
+    memory = _peak_extra(problem, kwargs) / problem.qkv_bytes
     return Row(
         shape.name, sparsity, float(plan.density().mean()), dense_ms, fresh_ms, cached_ms, planning_ms, attend_ms,
         _attend_flops(plan, shape.head_dim) / attend_ms / 1e9, _dense_flops(shape) / dense_ms / 1e9, flex_ms, memory,
@@ -390,7 +415,9 @@ def main(argv: list[str] | None = None) -> int:
         del problem
 
     lines = table(rows)
-    report += ["## Timing", "", *lines, "", f"Wall time {time.perf_counter() - start:.0f} s."]
+    report += ["## Timing", "", *lines, "", f"Wall time {time.perf_counter() - start:.0f} s.", ""]
+    report += ["## Memory, counted (benchmarks/memory_model.py; tile means and scratch: one group's are live)", ""]
+    report += memory_model.table({shape.name: _counted(shape) for shape in TIMING_SHAPES})
     out_dir = os.environ.get("OUT")
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)

@@ -112,7 +112,7 @@ def test_planning_by_head_groups_equals_all_heads_and_the_reference(batch, heads
     layout, q, k, v, mask = _case(batch, heads, grid, text_len, dtype, masked)
     results = {}
     for group in (None, 1, 2, heads):
-        call = sparse_call(q, k, v, mask, layout, _CONFIG, TritonImplementation(planning_heads=group))
+        call = sparse_call(q, k, v, mask, layout, _CONFIG, TritonImplementation(heads_per_group=group))
         with poisoned_allocations():
             plan = call.plan()
             out = call.run(plan)

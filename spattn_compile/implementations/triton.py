@@ -10,9 +10,11 @@ bytes of a contiguous one.
   on `(B, H, NB, NB)` tensors, query mode's pooled keys), then `block_sparse_attention` with gathered reads, which
   stores each canonical row straight into its original position of the output, in the query's memory order.
 
-The estimate and select stages run the estimators' and selection policies' `kernel` handlers. A call allocates
-O(B * H * (S * D / tile_size + NQ^2)) memory (plus the estimators' bounded scratch), never O(S^2) nor a copy of the
-inputs; nothing is read back to the host, so a call can be captured in a CUDA graph once its layout is cached.
+The estimate and select stages run the estimators' and selection policies' `kernel` handlers; prepare and estimate
+run by groups of heads (`prepare_and_estimate`), so that only one group's tile means are live. A
+call allocates O(B * H * (S * D / block_size + NQ^2)) memory, plus one group's O(S * D / tile_size) tile means and
+the estimators' bounded scratch (benchmarks/memory_model.py counts each), never O(S^2) nor a copy of the inputs;
+nothing is read back to the host, so a call can be captured in a CUDA graph once its layout is cached.
 Inputs: float16, bfloat16 or float32, any strides (a non-contiguous last dim is copied), head dims as
 `spattn_compile.capability` allows (checked by the registry before this is made).
 """
@@ -39,19 +41,19 @@ __all__ = ["TritonImplementation"]
 class TritonImplementation:
     """The stages with the Triton kernels (module docstring).
 
-    planning_heads: heads per group of `prepare_and_estimate` (None: `kernels.pooled_scores.planning_heads`, the
+    heads_per_group: heads per group of `prepare_and_estimate` (None: `kernels.pooled_scores.planning_heads`, the
     fewest heads whose groups take no more waves of the scores kernel's programs than all heads at once).
     """
 
     name = "triton"
     kind: Literal["reference", "kernel"] = "kernel"
 
-    def __init__(self, planning_heads: int | None = None) -> None:
-        if planning_heads is not None and (
-            isinstance(planning_heads, bool) or not isinstance(planning_heads, int) or planning_heads < 1
+    def __init__(self, heads_per_group: int | None = None) -> None:
+        if heads_per_group is not None and (
+            isinstance(heads_per_group, bool) or not isinstance(heads_per_group, int) or heads_per_group < 1
         ):
-            raise ValueError(f"planning_heads must be None or a positive int, got {planning_heads!r}")
-        self.planning_heads = planning_heads
+            raise ValueError(f"heads_per_group must be None or a positive int, got {heads_per_group!r}")
+        self.heads_per_group = heads_per_group
 
     def prepare(
         self,
@@ -103,7 +105,7 @@ class TritonImplementation:
         `(B, H, NB, NB + 1)` tensor; the per-head statistics are concatenated once at the end."""
         query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
         batch, heads = query.shape[:2]
-        group = self.planning_heads or planning_heads(batch, heads, layout, tile_size, query.device)
+        group = self.heads_per_group or planning_heads(batch, heads, layout, tile_size, query.device)
         if group >= heads:
             prepared = self.prepare(query, key, value, layout, key_valid, tile_size, scale, outliers)
             scores = estimate(prepared)
