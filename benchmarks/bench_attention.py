@@ -25,9 +25,9 @@
 3. Head dims 64 and 96 (CogVideoX-like: 13x30x45 + 226 text tokens, 48 / 32 heads), sparsity 0.9: attend's rate over
    cuDNN's at that head dim.
 
-Times are medians of `spattn_compile.testing.benchmark.time_ms` after a warm-up call (compiles and autotuning);
-a row whose repeats spread more than 2x is marked. The table is printed last; the whole report goes to
-`$OUT/bench_attention.md` when OUT is set.
+Times are medians of repeats (`spattn_compile.testing.benchmark.time_ms`, one call each) after a warm-up call
+(compiles and autotuning); the last column names the timings of a row whose repeats spread more than 2x. The table
+is printed last; the whole report goes to `$OUT/bench_attention.md` when OUT is set.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import inspect  # noqa: E402
 import math  # noqa: E402
+import statistics  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -214,11 +215,18 @@ def _flex(problem: Problem, plan: SparsePlan, flex) -> Callable[[], object] | No
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _time(fn: Callable[[], object]) -> float:
-    """Median ms of `fn` after one warm-up call (compiles, autotuning)."""
+# A timing whose slowest repeat took more than this many times its fastest is marked unstable in the table.
+MAX_SPREAD = 2.0
+
+
+def _time(fn: Callable[[], object], name: str, unstable: list[str]) -> float:
+    """Median ms of `fn` after one warm-up call (compiles, autotuning); `name` joins `unstable` when the repeats
+    spread more than MAX_SPREAD x."""
     fn()
-    _, ms = time_ms(lambda _: fn(), REPEATS, DEVICE)
-    return ms
+    times = [time_ms(lambda _: fn(), 1, DEVICE)[1] for _ in range(REPEATS)]
+    if max(times) > MAX_SPREAD * min(times):
+        unstable.append(f"{name} {max(times) / min(times):.1f}x")
+    return statistics.median(times)
 
 
 def _peak_above(fn: Callable[[], object]) -> tuple[int, object]:
@@ -314,6 +322,7 @@ class Row:
     dense_tflops: float
     flex: float
     memory: float
+    unstable: list[str]  # timings whose repeats spread more than MAX_SPREAD x
 
 
 def measure(problem: Problem, sparsity: float, flex) -> Row:
@@ -322,37 +331,41 @@ def measure(problem: Problem, sparsity: float, flex) -> Row:
     config = dataclasses.replace(CONFIG, sparsity=sparsity)
     kwargs = problem.kwargs(config)
     q, k, v = problem.q, problem.k, problem.v
-    dense_ms = _time(_dense(problem))
+    unstable: list[str] = []
+    dense_ms = _time(_dense(problem), "dense", unstable)
     plan = select_plan(q, k, v, **kwargs)
-    fresh_ms = _time(lambda: sparse_attention(q, k, v, **kwargs))
-    cached_ms = _time(lambda: sparse_attention(q, k, v, **kwargs, plan=plan))
-    planning_ms = _time(lambda: select_plan(q, k, v, **kwargs))
+    fresh_ms = _time(lambda: sparse_attention(q, k, v, **kwargs), "fresh", unstable)
+    cached_ms = _time(lambda: sparse_attention(q, k, v, **kwargs, plan=plan), "cached", unstable)
+    planning_ms = _time(lambda: select_plan(q, k, v, **kwargs), "planning", unstable)
     call = problem.call(config)
     prepared = call.prepare()
-    attend_ms = _time(lambda: call.attend(prepared, plan))
+    attend_ms = _time(lambda: call.attend(prepared, plan), "attend", unstable)
     flex_call = _flex(problem, plan, flex)
-    flex_ms = _time(flex_call) if flex_call is not None else math.nan
+    flex_ms = _time(flex_call, "flex", unstable) if flex_call is not None else math.nan
     del flex_call
     memory = _peak_extra(problem, kwargs) / problem.qkv_bytes
     return Row(
         shape.name, sparsity, float(plan.density().mean()), dense_ms, fresh_ms, cached_ms, planning_ms, attend_ms,
         _attend_flops(plan, shape.head_dim) / attend_ms / 1e9, _dense_flops(shape) / dense_ms / 1e9, flex_ms, memory,
+        unstable,
     )  # fmt: skip
 
 
 def measure_rate(problem: Problem, sparsity: float) -> Row:
     """Section 3: attend's rate and cuDNN's at one head dim."""
     config = dataclasses.replace(CONFIG, sparsity=sparsity)
-    dense_ms = _time(_dense(problem))
+    unstable: list[str] = []
+    dense_ms = _time(_dense(problem), "dense", unstable)
     plan = select_plan(problem.q, problem.k, problem.v, **problem.kwargs(config))
     call = problem.call(config)
     prepared = call.prepare()
-    attend_ms = _time(lambda: call.attend(prepared, plan))
+    attend_ms = _time(lambda: call.attend(prepared, plan), "attend", unstable)
     shape = problem.shape
     nan = math.nan
     return Row(
         shape.name, sparsity, float(plan.density().mean()), dense_ms, nan, nan, nan, attend_ms,
         _attend_flops(plan, shape.head_dim) / attend_ms / 1e9, _dense_flops(shape) / dense_ms / 1e9, nan, nan,
+        unstable,
     )  # fmt: skip
 
 
@@ -360,7 +373,7 @@ def table(rows: list[Row]) -> list[str]:
     header = (
         "| shape | sparsity | density | cuDNN dense ms | fresh ms | dense/fresh | cached ms | dense/cached | "
         "planning ms | planning / dense | attend ms | attend TFLOP/s | cuDNN TFLOP/s | attend rate / cuDNN's | "
-        "flex ms | flex / attend | peak extra memory / QKV |"
+        "flex ms | flex / attend | peak extra memory / QKV | unstable timings (repeats > 2x apart) |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
@@ -368,7 +381,7 @@ def table(rows: list[Row]) -> list[str]:
             f"| {r.shape} | {r.sparsity} | {r.density:.3f} | {r.dense:.2f} | {r.fresh:.2f} | {r.dense / r.fresh:.2f}x "
             f"| {r.cached:.2f} | {r.dense / r.cached:.2f}x | {r.planning:.2f} | {r.planning / r.dense:.1%} | "
             f"{r.attend:.2f} | {r.attend_tflops:.0f} | {r.dense_tflops:.0f} | {r.attend_tflops / r.dense_tflops:.0%} "
-            f"| {r.flex:.2f} | {r.flex / r.attend:.2f}x | {r.memory:.1%} |"
+            f"| {r.flex:.2f} | {r.flex / r.attend:.2f}x | {r.memory:.1%} | {', '.join(r.unstable) or '-'} |"
         )
     return lines
 
