@@ -19,14 +19,15 @@
      rectification are not counted) and that rate over cuDNN's dense rate (4 * S^2 * D per head);
    - flex: FlexAttention (torch.compile'd) on the same kept blocks of canonical copies (copies not timed; blocks with a
      masked key partial), and attend's speed over it;
-   - memory: the fresh call's peak allocation above what was allocated before it, less its output, over the bytes of
-     Q, K and V.
+   - memory: the fresh call's peak allocation above its inputs and its output (the larger of planning's peak and the
+     whole call's less its output), over the bytes of Q, K and V; the report also holds benchmarks/memory_model.py's
+     count of every allocation and of each phase's peak at these shapes, before issue 17's memory work and now.
 3. Head dims 64 and 96 (CogVideoX-like: 13x30x45 + 226 text tokens, 48 / 32 heads), sparsity 0.9: attend's rate over
    cuDNN's at that head dim.
 
-Times are medians of `spattn_compile.testing.benchmark.time_ms` after a warm-up call (compiles and autotuning);
-a row whose repeats spread more than 2x is marked. The table is printed last; the whole report goes to
-`$OUT/bench_attention.md` when OUT is set.
+Times are medians of repeats (`spattn_compile.testing.benchmark.time_ms`, one call each) after a warm-up call
+(compiles and autotuning); the last column names the timings of a row whose repeats spread more than 2x. The table
+is printed last; the whole report goes to `$OUT/bench_attention.md` when OUT is set.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import inspect  # noqa: E402
 import math  # noqa: E402
+import statistics  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -57,8 +59,12 @@ from spattn_compile.call_layout import CallLayout  # noqa: E402
 from spattn_compile.config import SparseAttentionConfig  # noqa: E402
 from spattn_compile.estimators import PooledTiles  # noqa: E402
 from spattn_compile.implementations import make_implementation  # noqa: E402
+from spattn_compile.implementations.triton import TritonImplementation  # noqa: E402
 from spattn_compile.plan import SparsePlan, indices_from_mask  # noqa: E402
 from spattn_compile.testing.benchmark import ATTENTION_CASES, relative_error, time_ms  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import memory_model  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,11 +151,15 @@ class Problem:
             impl=impl,
         )  # fmt: skip
 
-    def call(self, config: SparseAttentionConfig) -> SparseAttention:
-        """The orchestrator of the public functions, for timing stage 3 alone."""
+    def call(self, config: SparseAttentionConfig, heads_per_group: int | None = None) -> SparseAttention:
+        """The orchestrator of the public functions, for timing stage 3 alone (and planning by groups of
+        `heads_per_group` heads; None: the implementation's choice)."""
         layout = CallLayout(self.shape.grid, self.shape.text_len, False)
+        implementation = (
+            make_implementation("triton") if heads_per_group is None else TritonImplementation(heads_per_group)
+        )
         return SparseAttention(self.q, self.k, self.v, layout, attn_mask=self.attn_mask, scale=None, config=config,
-                               implementation=make_implementation("triton"))  # fmt: skip
+                               implementation=implementation)  # fmt: skip
 
 
 def _dense(problem: Problem) -> Callable[[], torch.Tensor]:
@@ -188,8 +198,8 @@ def _flex(problem: Problem, plan: SparsePlan, flex) -> Callable[[], object] | No
     valid[real] = key_ok[source[real]]
     keep = plan.to_dense()
     partial = (~valid).reshape(-1, layout.block_size).any(-1)
-    partial_counts, partial_indices = indices_from_mask(keep & partial)
-    full_counts, full_indices = indices_from_mask(keep & ~partial)
+    partial_counts, partial_indices = indices_from_mask(keep & partial, torch.int32)
+    full_counts, full_indices = indices_from_mask(keep & ~partial, torch.int32)
 
     def mask_mod(b, h, q_idx, kv_idx):
         return keep[b, h, q_idx // layout.block_size, kv_idx // layout.block_size] & valid[kv_idx]
@@ -210,23 +220,51 @@ def _flex(problem: Problem, plan: SparsePlan, flex) -> Callable[[], object] | No
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _time(fn: Callable[[], object]) -> float:
-    """Median ms of `fn` after one warm-up call (compiles, autotuning)."""
+# A timing whose slowest repeat took more than this many times its fastest is marked unstable in the table.
+MAX_SPREAD = 2.0
+
+
+def _time(fn: Callable[[], object], name: str, unstable: list[str]) -> float:
+    """Median ms of `fn` after one warm-up call (compiles, autotuning); `name` joins `unstable` when the repeats
+    spread more than MAX_SPREAD x."""
     fn()
-    _, ms = time_ms(lambda _: fn(), REPEATS, DEVICE)
-    return ms
+    times = [time_ms(lambda _: fn(), 1, DEVICE)[1] for _ in range(REPEATS)]
+    if max(times) > MAX_SPREAD * min(times):
+        unstable.append(f"{name} {max(times) / min(times):.1f}x")
+    return statistics.median(times)
 
 
-def _peak_extra(fn: Callable[[], torch.Tensor]) -> float:
-    """Bytes allocated at the peak of `fn` above what was allocated before it, less its output (CUDA only)."""
-    if DEVICE.type != "cuda":
-        return math.nan
+def _peak_above(fn: Callable[[], object]) -> tuple[int, object]:
+    """Bytes allocated at the peak of `fn` above what was allocated before it, and its result (CUDA only)."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    out = fn()
+    result = fn()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before - out.numel() * out.element_size()
+    return torch.cuda.max_memory_allocated() - before, result
+
+
+def _peak_extra(problem: Problem, kwargs: dict) -> float:
+    """Bytes of a fresh call's peak above its inputs and its output (CUDA only). The output is allocated while
+    attending, after planning's peak: the peak is the larger of planning's (`select_plan` runs the same stages) and
+    the whole call's less its output."""
+    if DEVICE.type != "cuda":
+        return math.nan
+    q, k, v = problem.q, problem.k, problem.v
+    planning, plan = _peak_above(lambda: select_plan(q, k, v, **kwargs))
+    del plan
+    whole, out = _peak_above(lambda: sparse_attention(q, k, v, **kwargs))
+    assert isinstance(out, torch.Tensor)
+    return max(planning, whole - out.numel() * out.element_size())
+
+
+def _counted(shape: Shape) -> memory_model.Call:
+    """The shape as benchmarks/memory_model.py counts it (an H200's 132 SMs; the interpreter's 2 under --smoke)."""
+    sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count if DEVICE.type == "cuda" else 2
+    return memory_model.Call(
+        1, shape.heads, shape.head_dim, shape.grid, shape.text_len, shape.text_padding > 0, BLOCK, 16,
+        DTYPE.itemsize, programs=2 * sms, tiles_per_item=128 if DEVICE.type == "cuda" else 16,
+    )  # fmt: skip
 
 
 def _attend_flops(plan: SparsePlan, head_dim: int) -> int:
@@ -244,7 +282,7 @@ def check(lines: list[str]) -> bool:
     wide = Problem(shape, *(t.double() for t in (problem.q, problem.k, problem.v)), problem.attn_mask)
     lines += [f"## Correctness: {shape.name}, H={shape.heads}, D={shape.head_dim}, {DTYPE} vs float64", ""]
     lines += ["| sparsity | rectify | score rel. error | rows with another plan | kept mass deficit | output rel. "
-              "error | fresh == plan + run | |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+              "error | fresh == plan + run | by heads == all heads | |", "|" + "---|" * 9]  # fmt: skip
     ok = True
     for sparsity in SPARSITIES:
         for rectify in RECTIFY_MODES:
@@ -263,13 +301,21 @@ def check(lines: list[str]) -> bool:
             out_error = relative_error(out, expected)
             fresh = sparse_attention(problem.q, problem.k, problem.v, **problem.kwargs(config))
             same = bool(torch.equal(fresh, out))
+            # Planning one head at a time (the big shapes plan by groups of heads) gives the same plan, bit for bit.
+            by_heads = problem.call(config, heads_per_group=1)
+            grouped = by_heads.plan()
+            grouped_same = all(
+                torch.equal(getattr(grouped, name), getattr(plan, name))
+                for name in ("block_scores", "kv_counts", "kv_indices", "trusted_counts", "trusted_indices")
+            ) and bool(torch.equal(by_heads.run(grouped), fresh))
             # Plans may differ where two blocks' scores tie to the scores' rounding: the kept mass may not.
             score_max_error = float((plan.block_scores.double() - want.block_scores).abs().max())
             passed = score_error < 1e-2 and deficit <= 4 * score_max_error + 1e-6 and out_error < 1e-2 and same
+            passed &= grouped_same
             ok &= passed
             lines.append(
                 f"| {sparsity} | {rectify} | {score_error:.2e} | {rows_differ:.2%} | {deficit:.1e} | {out_error:.2e} "
-                f"| {same} | {'ok' if passed else 'FAILED'} |"
+                f"| {same} | {grouped_same} | {'ok' if passed else 'FAILED'} |"
             )
     lines.append("")
     return ok
@@ -289,6 +335,7 @@ class Row:
     dense_tflops: float
     flex: float
     memory: float
+    unstable: list[str]  # timings whose repeats spread more than MAX_SPREAD x
 
 
 def measure(problem: Problem, sparsity: float, flex) -> Row:
@@ -297,37 +344,41 @@ def measure(problem: Problem, sparsity: float, flex) -> Row:
     config = dataclasses.replace(CONFIG, sparsity=sparsity)
     kwargs = problem.kwargs(config)
     q, k, v = problem.q, problem.k, problem.v
-    dense_ms = _time(_dense(problem))
+    unstable: list[str] = []
+    dense_ms = _time(_dense(problem), "dense", unstable)
     plan = select_plan(q, k, v, **kwargs)
-    fresh_ms = _time(lambda: sparse_attention(q, k, v, **kwargs))
-    cached_ms = _time(lambda: sparse_attention(q, k, v, **kwargs, plan=plan))
-    planning_ms = _time(lambda: select_plan(q, k, v, **kwargs))
+    fresh_ms = _time(lambda: sparse_attention(q, k, v, **kwargs), "fresh", unstable)
+    cached_ms = _time(lambda: sparse_attention(q, k, v, **kwargs, plan=plan), "cached", unstable)
+    planning_ms = _time(lambda: select_plan(q, k, v, **kwargs), "planning", unstable)
     call = problem.call(config)
     prepared = call.prepare()
-    attend_ms = _time(lambda: call.attend(prepared, plan))
+    attend_ms = _time(lambda: call.attend(prepared, plan), "attend", unstable)
     flex_call = _flex(problem, plan, flex)
-    flex_ms = _time(flex_call) if flex_call is not None else math.nan
+    flex_ms = _time(flex_call, "flex", unstable) if flex_call is not None else math.nan
     del flex_call
-    memory = _peak_extra(lambda: sparse_attention(q, k, v, **kwargs)) / problem.qkv_bytes
+    memory = _peak_extra(problem, kwargs) / problem.qkv_bytes
     return Row(
         shape.name, sparsity, float(plan.density().mean()), dense_ms, fresh_ms, cached_ms, planning_ms, attend_ms,
         _attend_flops(plan, shape.head_dim) / attend_ms / 1e9, _dense_flops(shape) / dense_ms / 1e9, flex_ms, memory,
+        unstable,
     )  # fmt: skip
 
 
 def measure_rate(problem: Problem, sparsity: float) -> Row:
     """Section 3: attend's rate and cuDNN's at one head dim."""
     config = dataclasses.replace(CONFIG, sparsity=sparsity)
-    dense_ms = _time(_dense(problem))
+    unstable: list[str] = []
+    dense_ms = _time(_dense(problem), "dense", unstable)
     plan = select_plan(problem.q, problem.k, problem.v, **problem.kwargs(config))
     call = problem.call(config)
     prepared = call.prepare()
-    attend_ms = _time(lambda: call.attend(prepared, plan))
+    attend_ms = _time(lambda: call.attend(prepared, plan), "attend", unstable)
     shape = problem.shape
     nan = math.nan
     return Row(
         shape.name, sparsity, float(plan.density().mean()), dense_ms, nan, nan, nan, attend_ms,
         _attend_flops(plan, shape.head_dim) / attend_ms / 1e9, _dense_flops(shape) / dense_ms / 1e9, nan, nan,
+        unstable,
     )  # fmt: skip
 
 
@@ -335,7 +386,7 @@ def table(rows: list[Row]) -> list[str]:
     header = (
         "| shape | sparsity | density | cuDNN dense ms | fresh ms | dense/fresh | cached ms | dense/cached | "
         "planning ms | planning / dense | attend ms | attend TFLOP/s | cuDNN TFLOP/s | attend rate / cuDNN's | "
-        "flex ms | flex / attend | peak extra memory / QKV |"
+        "flex ms | flex / attend | peak extra memory / QKV | unstable timings (repeats > 2x apart) |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
@@ -343,7 +394,7 @@ def table(rows: list[Row]) -> list[str]:
             f"| {r.shape} | {r.sparsity} | {r.density:.3f} | {r.dense:.2f} | {r.fresh:.2f} | {r.dense / r.fresh:.2f}x "
             f"| {r.cached:.2f} | {r.dense / r.cached:.2f}x | {r.planning:.2f} | {r.planning / r.dense:.1%} | "
             f"{r.attend:.2f} | {r.attend_tflops:.0f} | {r.dense_tflops:.0f} | {r.attend_tflops / r.dense_tflops:.0%} "
-            f"| {r.flex:.2f} | {r.flex / r.attend:.2f}x | {r.memory:.1%} |"
+            f"| {r.flex:.2f} | {r.flex / r.attend:.2f}x | {r.memory:.1%} | {', '.join(r.unstable) or '-'} |"
         )
     return lines
 
@@ -390,7 +441,9 @@ def main(argv: list[str] | None = None) -> int:
         del problem
 
     lines = table(rows)
-    report += ["## Timing", "", *lines, "", f"Wall time {time.perf_counter() - start:.0f} s."]
+    report += ["## Timing", "", *lines, "", f"Wall time {time.perf_counter() - start:.0f} s.", ""]
+    report += ["## Memory, counted (benchmarks/memory_model.py; tile means and scratch: one group's are live)", ""]
+    report += memory_model.table({shape.name: _counted(shape) for shape in TIMING_SHAPES})
     out_dir = os.environ.get("OUT")
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)

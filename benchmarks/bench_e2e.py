@@ -52,7 +52,10 @@ import torch
 import spattn_compile
 from spattn_compile.runtime import reset_schedule
 from spattn_compile.testing import zoo
-from spattn_compile.testing.benchmark import MODELS, ModelPreset, relative_error, synchronize, time_ms
+from spattn_compile.testing.benchmark import MODELS, ModelPreset, relative_error, synchronize
+
+# A row whose slowest timed repeat took more than this many times its fastest is not printed as a measurement.
+MAX_SPREAD = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,6 +203,47 @@ def peak_extra_memory(fn: Callable[[], torch.Tensor], device: str) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2**30
 
 
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """The timed repeats of one variant, after its warm-up: median ms and the spread (slowest / fastest)."""
+
+    ms: float
+    spread: float
+
+    @property
+    def stable(self) -> bool:
+        return self.spread <= MAX_SPREAD
+
+
+def time_warm(
+    fn: Callable[[int], torch.Tensor], repeats: int, device: str, warm: int = 2
+) -> tuple[torch.Tensor, Timing]:
+    """Call `fn(0)`, ..., `fn(warm - 1)` untimed (compiles, autotuning, the plan a cached step reuses, and the first
+    step of each kind: a cached step can compile its own branch on its first call), then time `fn(warm)`, ...,
+    `fn(warm + repeats - 1)`, synchronising before and after each; returns the last output and the `Timing`."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for step in range(warm):
+        fn(step)
+    synchronize(device)
+    times, out = [], None
+    for step in range(warm, warm + repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        out = fn(step)
+        synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    assert out is not None
+    return out, Timing(statistics.median(times), max(times) / max(min(times), 1e-9))
+
+
+def _ms_cell(ms: float, timing: Timing, whose: str = "") -> str:
+    """The ms column, or why no time is printed (`whose`: the timing's variant when it is not the row's own)."""
+    if timing.stable:
+        return f"{ms:.1f}"
+    return f"unstable ({whose + ' ' if whose else ''}repeats spread {timing.spread:.1f}x > {MAX_SPREAD:.0f}x)"
+
+
 def attention_profile(
     fn: Callable[[], torch.Tensor], device: str, top: int
 ) -> tuple[float, list[tuple[str, float]], tuple[int, float]]:
@@ -238,6 +282,7 @@ class Row:
     peak_gib: float
     error: float
     density: float
+    timing: Timing
 
 
 def run_case(case: ModelCase, args: argparse.Namespace, rows: list[Row], projections: list[str]) -> None:
@@ -258,12 +303,24 @@ def run_case(case: ModelCase, args: argparse.Namespace, rows: list[Row], project
     forward(dense_model)
     synchronize(device)
     print(f"dense compile + first forward: {time.perf_counter() - start:.1f} s")
-    dense_out, dense_ms = time_ms(lambda i: forward(dense_model), args.repeats, device)
+    dense_out, dense_timing = time_warm(lambda i: forward(dense_model), args.repeats, device, warm=1)
+    dense_ms = dense_timing.ms
     dense_peak = peak_extra_memory(lambda: forward(dense_model), device)
     dense_share, dense_top, dense_copies = attention_profile(lambda: forward(dense_model), device, args.top)
     print(f"dense: {dense_copies[0]} copy kernels per forward ({dense_copies[1]:.2f} ms)")
     rows.append(
-        Row(case.name, "dense (Inductor)", dense_ms, dense_ms * scale_to_full, 1.0, dense_share, dense_peak, 0.0, 1.0)
+        Row(
+            case.name,
+            "dense (Inductor)",
+            dense_ms,
+            dense_ms * scale_to_full,
+            1.0,
+            dense_share,
+            dense_peak,
+            0.0,
+            1.0,
+            dense_timing,
+        )  # fmt: skip
     )
     if dense_top:
         print("dense top kernels (ms): " + "; ".join(f"{name[:60]} {ms:.1f}" for name, ms in dense_top))
@@ -295,16 +352,18 @@ def run_case(case: ModelCase, args: argparse.Namespace, rows: list[Row], project
                 synchronize(device)
                 if mode == "refresh" and sparsity == args.sparsities[0]:
                     print(f"spattn compile + first forward: {time.perf_counter() - start:.1f} s")
-                out, ms = time_ms(at_step, args.repeats, device)
-                peak = peak_extra_memory(functools.partial(at_step, args.repeats + 1), device)
-                share, top, copies = attention_profile(functools.partial(at_step, args.repeats + 2), device, args.top)
+                # Step 1 is warm-up too: the first step of its kind (a refresh, or the first cache hit).
+                out, timing = time_warm(lambda i: at_step(i + 1), args.repeats, device, warm=1)
+                ms = timing.ms
+                peak = peak_extra_memory(functools.partial(at_step, args.repeats + 2), device)
+                share, top, copies = attention_profile(functools.partial(at_step, args.repeats + 3), device, args.top)
                 print(f"  {copies[0]} copy kernels per forward ({copies[1]:.2f} ms; dense: {dense_copies[0]})")
                 records = spattn_compile.report().records
                 sparse = [r for r in records if r.kind == "sparse"]
                 hits = sum(r.cache == "hit" for r in sparse)
                 density = statistics.fmean(float(r.density) for r in sparse) if sparse else 1.0
             error = relative_error(first.float(), dense_out)
-            timings[mode] = ms
+            timings[mode] = timing
             rows.append(
                 Row(
                     case.name,
@@ -316,12 +375,13 @@ def run_case(case: ModelCase, args: argparse.Namespace, rows: list[Row], project
                     peak,
                     error,
                     density,
+                    timing,
                 )
             )
             print(f"sparsity {sparsity} {mode}: {len(sparse)} sparse calls, {hits} cache hits, density {density:.3f}")
             if top:
                 print("  top kernels (ms): " + "; ".join(f"{name[:60]} {t:.1f}" for name, t in top))
-        projections.extend(project_generation(case, sparsity, dense_ms * scale_to_full, timings, scale_to_full))
+        projections.extend(project_generation(case, sparsity, dense_timing, timings, scale_to_full))
     sparse_model = model = None
     torch._dynamo.reset()
     reset_schedule()
@@ -341,6 +401,7 @@ class UlyssesRow:
     ms: float
     full_ms: float
     error: float  # against the 1-GPU output of the same attention (dense or spattn at this sparsity)
+    timing: Timing
 
 
 def start_ulysses(degree: int, smoke: bool) -> tuple[int, str]:
@@ -393,9 +454,9 @@ def run_ulysses(case: ModelCase, args: argparse.Namespace, rank: int, rows: list
         with torch.no_grad():
             return compiled(**inputs)[0]
 
-    def spattn_times(compiled) -> tuple[torch.Tensor, float, float]:
-        """(output of the refresh step, ms of a refresh step, ms of a cached step) at the active settings."""
-        timings = {}
+    def spattn_times(compiled) -> tuple[torch.Tensor, Timing, Timing]:
+        """(output of the refresh step, a refresh step's timing, a cached step's) at the active settings."""
+        timings: dict[str, Timing] = {}
         out = None
         for mode, refresh_interval in (("refresh", 1), ("cached", 10**6)):
             reset_schedule()
@@ -407,7 +468,7 @@ def run_ulysses(case: ModelCase, args: argparse.Namespace, rank: int, rows: list
 
                 first = at_step(0)
                 out = first if mode == "refresh" else out
-                _, timings[mode] = time_ms(at_step, args.repeats, device)
+                _, timings[mode] = time_warm(lambda i: at_step(i + 1), args.repeats, device, warm=1)
         assert out is not None
         return out, timings["refresh"], timings["cached"]
 
@@ -419,17 +480,16 @@ def run_ulysses(case: ModelCase, args: argparse.Namespace, rank: int, rows: list
     if rank == 0:
         torch._dynamo.reset()
         compiled = dense_compile(model)
-        forward(compiled)
-        single["dense"], ms = time_ms(lambda i: forward(compiled), args.repeats, device)
-        rows.append(UlyssesRow("dense", 1, ms, ms * scale, 0.0))
+        single["dense"], timing = time_warm(lambda i: forward(compiled), args.repeats, device)
+        rows.append(UlyssesRow("dense", 1, timing.ms, timing.ms * scale, 0.0, timing))
         for sparsity in args.sparsities:
             torch._dynamo.reset()
             compiled = torch.compile(model, backend="spattn", options=options)
             with spattn_compile.config(sparsity=sparsity):
                 out, refresh, cached = spattn_times(compiled)
             single[f"spattn {sparsity:.2f}"] = out
-            rows.append(UlyssesRow(f"spattn {sparsity:.2f} refresh", 1, refresh, refresh * scale, 0.0))
-            rows.append(UlyssesRow(f"spattn {sparsity:.2f} cached", 1, cached, cached * scale, 0.0))
+            rows.append(UlyssesRow(f"spattn {sparsity:.2f} refresh", 1, refresh.ms, refresh.ms * scale, 0.0, refresh))
+            rows.append(UlyssesRow(f"spattn {sparsity:.2f} cached", 1, cached.ms, cached.ms * scale, 0.0, cached))
         compiled = None
         torch._dynamo.reset()
     dist.barrier()
@@ -448,10 +508,9 @@ def run_ulysses(case: ModelCase, args: argparse.Namespace, rank: int, rows: list
 
     torch._dynamo.reset()
     compiled = dense_compile(model)
-    forward(compiled)
-    out, ms = time_ms(lambda i: forward(compiled), args.repeats, device)
+    out, timing = time_warm(lambda i: forward(compiled), args.repeats, device)
     if rank == 0:
-        rows.append(UlyssesRow("dense", degree, ms, ms * scale, error(out, "dense")))
+        rows.append(UlyssesRow("dense", degree, timing.ms, timing.ms * scale, error(out, "dense"), timing))
     for sparsity in args.sparsities:
         torch._dynamo.reset()
         reset_schedule()
@@ -466,8 +525,9 @@ def run_ulysses(case: ModelCase, args: argparse.Namespace, rank: int, rows: list
             held = sparse[0].heads
             print(f"spattn {sparsity}: rank 0 ran {len(sparse)} sparse calls over heads {held} of {heads}")
             label = f"spattn {sparsity:.2f}"
-            rows.append(UlyssesRow(f"{label} refresh", degree, refresh, refresh * scale, error(out, label)))
-            rows.append(UlyssesRow(f"{label} cached", degree, cached, cached * scale, float("nan")))
+            refresh_error = error(out, label)
+            rows.append(UlyssesRow(f"{label} refresh", degree, refresh.ms, refresh.ms * scale, refresh_error, refresh))
+            rows.append(UlyssesRow(f"{label} cached", degree, cached.ms, cached.ms * scale, float("nan"), cached))
     compiled = None
     torch._dynamo.reset()
     reset_schedule()
@@ -479,19 +539,29 @@ def print_ulysses(rows: list[UlyssesRow], degree: int, header: str) -> None:
     print(f"\n{header}")
     print("| variant | GPUs | ms | full-depth ms | vs 1-GPU dense | vs 1-GPU same variant | rel. error vs 1 GPU |")
     print("|---|---|---|---|---|---|---|")
-    dense_1 = by[("dense", 1)].ms
+    dense_1 = by[("dense", 1)]
     for r in rows:
         same = by.get((r.variant, 1))
-        versus = "-" if same is None or r.gpus == 1 else f"{same.ms / r.ms:.2f}x"
         error = "-" if r.gpus == 1 or math.isnan(r.error) else f"{r.error:.2e}"
-        print(f"| {r.variant} | {r.gpus} | {r.ms:.1f} | {r.full_ms:.0f} | {dense_1 / r.ms:.2f}x | {versus} | {error} |")
+        if not (r.timing.stable and dense_1.timing.stable and (same is None or same.timing.stable)):
+            first = next(x for x in (r, dense_1, same) if x is not None and not x.timing.stable)
+            whose = "" if first is r else f"{first.variant} on {first.gpus} GPU"
+            print(f"| {r.variant} | {r.gpus} | {_ms_cell(r.ms, first.timing, whose)} | - | - | - | {error} |")
+            continue
+        versus = "-" if same is None or r.gpus == 1 else f"{same.ms / r.ms:.2f}x"
+        print(
+            f"| {r.variant} | {r.gpus} | {r.ms:.1f} | {r.full_ms:.0f} | {dense_1.ms / r.ms:.2f}x | {versus} | {error} |"
+        )
     for r in rows:
         if r.gpus != degree or not r.variant.endswith("refresh"):
             continue
         one = by[(r.variant, 1)]
+        if not (r.timing.stable and one.timing.stable and dense_1.timing.stable):
+            print(f"UNSTABLE {r.variant}: a timing's repeats spread more than {MAX_SPREAD:.0f}x; no verdict")
+            continue
         checks = (
             (f"{r.variant}: {degree} GPUs vs 1 GPU spattn", one.ms / r.ms, 0.9 * degree, "x faster"),
-            (f"{r.variant}: {degree} GPUs vs 1 GPU dense", dense_1 / r.ms, 4.0, "x faster"),
+            (f"{r.variant}: {degree} GPUs vs 1 GPU dense", dense_1.ms / r.ms, 4.0, "x faster"),
         )
         for label, value, target, unit in checks:
             print(f"{'PASS' if value >= target else 'FAIL'} {label}: {value:.2f}{unit} (target >= {target:.1f})")
@@ -500,10 +570,16 @@ def print_ulysses(rows: list[UlyssesRow], degree: int, header: str) -> None:
 
 
 def project_generation(
-    case: ModelCase, sparsity: float, dense_ms: float, timings: dict[str, float], scale: float, steps: int = 50
+    case: ModelCase, sparsity: float, dense: Timing, timings: dict[str, Timing], scale: float, steps: int = 50
 ) -> list[str]:
     """50-step generation time (s) at full depth: under the default schedule and under a cached one (refresh every
-    5 steps), from per-forward times; steps before `dense_steps` cost a dense forward."""
+    5 steps), from per-forward times (`dense` already at full depth, `timings` scaled by `scale`); steps before
+    `dense_steps` cost a dense forward. No projection from an unstable timing."""
+    unstable = [t for t in (dense, *timings.values()) if not t.stable]
+    if unstable:
+        return [f"| {case.name} | {sparsity:.2f} | unstable timings (repeats spread {unstable[0].spread:.1f}x > "
+                f"{MAX_SPREAD:.0f}x): no projection | - | - | - |"]  # fmt: skip
+    dense_ms = dense.ms * scale
     lines = []
     defaults = spattn_compile.SparseAttentionConfig()
     for label, dense_steps, refresh_interval in (
@@ -515,9 +591,9 @@ def project_generation(
             if step_index < dense_steps:
                 total += dense_ms
             elif (step_index - dense_steps) % refresh_interval == 0:
-                total += timings["refresh"] * scale
+                total += timings["refresh"].ms * scale
             else:
-                total += timings["cached"] * scale
+                total += timings["cached"].ms * scale
         total *= case.calls_per_step
         dense_total = dense_ms * steps * case.calls_per_step
         lines.append(
@@ -545,7 +621,8 @@ def main() -> None:
     if not 0 < args.layers_fraction <= 1:
         parser.error(f"--layers-fraction must be in (0, 1], got {args.layers_fraction}")
     if args.smoke:
-        args.device, args.dtype, args.repeats = "cpu", "float32", 1
+        # Two repeats: the spread check runs too.
+        args.device, args.dtype, args.repeats = "cpu", "float32", 2
         cases = list(SMOKE_CASES.values())
     else:
         if not torch.cuda.is_available():
@@ -574,7 +651,15 @@ def main() -> None:
         "| model | variant | ms | full-depth ms | speedup | attention share | peak extra GiB | rel. error | density |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
+    dense_timing = {r.model: r.timing for r in rows if r.variant.startswith("dense")}
     for r in rows:
+        # A speedup needs both timings: a row is printed only when its own and its model's dense repeats agree.
+        if not (r.timing.stable and dense_timing[r.model].stable):
+            own = not r.timing.stable
+            timing, whose = (r.timing, "") if own else (dense_timing[r.model], "dense")
+            print(f"| {r.model} | {r.variant} | {_ms_cell(r.ms, timing, whose)} | - | - | - | - | {r.error:.3f} | "
+                  f"{r.density:.3f} |")  # fmt: skip
+            continue
         print(
             f"| {r.model} | {r.variant} | {r.ms:.1f} | {r.full_ms:.0f} | {r.speedup:.2f}x | {r.attention_share:.0%} "
             f"| {r.peak_gib:.2f} | {r.error:.3f} | {r.density:.3f} |"

@@ -6,8 +6,10 @@ key-padding validity, its scale, the settings of its estimator, selection policy
 config, once) and its implementation (`implementations`). Then
 
 - `plan()` runs stage 0 (prepare: the Hilbert reorder into the canonical layout and the pooled statistics), stage 1
-  (estimate: the estimator's block scores) and stage 2 (select: the selection policy's `SparsePlan`), and returns the
-  plan; the schedule passes its own selection settings (a decayed density) or estimator (the true block mass);
+  (estimate: the estimator's block scores), both through the implementation's `prepare_and_estimate` (which may run
+  them by groups of heads, and keeps only the block statistics for attending), and stage 2 (select: the selection
+  policy's `SparsePlan`), and returns the plan; the schedule passes its own selection settings (a decayed density)
+  or estimator (the true block mass);
 - `run(plan)` runs stage 3 (attend: rectified block-sparse attention with the plan, back in the original token
   order), reusing the preparation of `plan()` when there was one.
 
@@ -99,7 +101,8 @@ class SparseAttention:
 
     @property
     def prepared(self) -> Prepared | None:
-        """Stage 0 of the last `plan()` (the canonical inputs and their pooled statistics), or None before one."""
+        """Stage 0 of the last `plan()` (the canonical inputs and their block statistics; the tile means, which only
+        the estimator reads, are freed once it has), or None before one."""
         return self._prepared
 
     def plan_key(self) -> PlanKey:
@@ -129,16 +132,17 @@ class SparseAttention:
 
     def estimate(self, prepared: Prepared, estimator: EstimatorConfig | None = None) -> torch.Tensor:
         """Stage 1 (estimate): the block scores `P_hat (B, H, NB, NB + 1)` of `estimator` (default: the config's),
-        from a preparation at its `pool_tile_size`."""
+        from a preparation at its `pool_tile_size` (of every head, or of a group of heads)."""
         estimator = self.estimator if estimator is None else estimator
         scores = getattr(estimator_for(estimator), self.implementation.kind)(prepared.estimator_inputs(), estimator)
-        self._check_scores(scores, estimator)
+        self._check_scores(scores, estimator, prepared)
         return scores
 
-    def _check_scores(self, scores: object, estimator: EstimatorConfig) -> None:
-        """An estimator's scores must be a float `(B, H, NB, NB + 1)` tensor on the inputs' device (a registered
-        estimator written elsewhere is checked here, where its result enters the plan, not where it fails later)."""
-        batch, heads = self.query.shape[:2]
+    def _check_scores(self, scores: object, estimator: EstimatorConfig, prepared: Prepared) -> None:
+        """An estimator's scores must be a float `(B, H, NB, NB + 1)` tensor on the inputs' device, `(B, H)` those of
+        `prepared` (a group of heads when planning goes by groups); a registered estimator written elsewhere is
+        checked here, where its result enters the plan, not where it fails later."""
+        batch, heads = prepared.key_valid.shape[:2]
         nb = self.layout.num_video_blocks
         expected = (batch, heads, nb, nb + 1)
         if (
@@ -186,9 +190,20 @@ class SparseAttention:
         (default: the estimator's name). Plans carry no gradient; the preparation is kept for `run`."""
         estimator = self.estimator if estimator is None else estimator
         with torch.no_grad():
-            tile = estimator.pool_tile_size(self.layout.block_size)
-            prepared = self._prepared = self.prepare(tile, estimator.reads_tile_outliers)
-            scores = self.estimate(prepared, estimator)
+            # Stages 0 and 1 together: the implementation may run them by groups of heads, and frees the tile means
+            # once the scores are made (benchmarks/NOTES_pipeline.md, "Memory").
+            prepared, scores = self.implementation.prepare_and_estimate(
+                self.query,
+                self.key,
+                self.value,
+                self.layout,
+                self.key_valid,
+                estimator.pool_tile_size(self.layout.block_size),
+                self.scale,
+                estimator.reads_tile_outliers,
+                lambda part: self.estimate(part, estimator),
+            )
+            self._prepared = prepared
             return self.select(prepared, scores, selection, estimator.name if label is None else label)
 
     def attend(self, prepared: Prepared, plan: SparsePlan) -> torch.Tensor:

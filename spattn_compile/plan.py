@@ -22,7 +22,23 @@ import torch
 
 from .layout import TokenLayout, token_layout
 
-__all__ = ["PooledStats", "SparsePlan", "block_budget", "indices_from_mask", "mask_from_indices"]
+__all__ = [
+    "INDEX_DTYPE",
+    "MAX_PLAN_BLOCKS",
+    "PooledStats",
+    "SparsePlan",
+    "block_budget",
+    "check_plan_blocks",
+    "indices_from_mask",
+    "mask_from_indices",
+]
+
+# The dtype of a plan's block lists. A plan holds two `(B, H, NQ, NQ)`-sized lists, the largest part of planning's
+# memory after the block scores (at Wan 2.1 14B 720p, 40 heads and NQ = 591: 56 MB in int16, 112 MB in int32;
+# benchmarks/NOTES_pipeline.md, "Memory"); int16 holds every block index of a layout of up to MAX_PLAN_BLOCKS blocks
+# (4.2 M tokens at block size 128), and -1.
+INDEX_DTYPE = torch.int16
+MAX_PLAN_BLOCKS = torch.iinfo(INDEX_DTYPE).max
 
 
 def block_budget(density: float, num_blocks: int) -> int:
@@ -31,14 +47,26 @@ def block_budget(density: float, num_blocks: int) -> int:
     return max(1, min(num_blocks, math.ceil(density * num_blocks - 1e-9)))
 
 
-def indices_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """bool `(..., N)` -> (counts int32 `(...)`, indices int32 `(..., N)` ascending, padded with -1)."""
+def check_plan_blocks(num_blocks: int) -> None:
+    """Raise ValueError when a plan's int16 block lists cannot index `num_blocks` blocks."""
+    if num_blocks > MAX_PLAN_BLOCKS:
+        raise ValueError(
+            f"the layout has {num_blocks} blocks; a plan's block lists ({INDEX_DTYPE}) index at most "
+            f"{MAX_PLAN_BLOCKS}: use a larger block_size"
+        )
+
+
+def indices_from_mask(mask: torch.Tensor, dtype: torch.dtype = INDEX_DTYPE) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool `(..., N)` -> (counts int32 `(...)`, indices `(..., N)` ascending, padded with -1), the indices in `dtype`
+    (default: a plan's, int16; FlexAttention's `BlockMask` takes int32)."""
     n = mask.shape[-1]
+    if dtype == torch.int16:
+        check_plan_blocks(n)
     position = torch.arange(n, device=mask.device, dtype=torch.int32)
     keyed = torch.where(mask, position, torch.full_like(position, n))
     indices = keyed.sort(dim=-1).values
     indices = torch.where(indices == n, torch.full_like(indices, -1), indices)
-    return mask.sum(-1, dtype=torch.int32), indices
+    return mask.sum(-1, dtype=torch.int32), indices.to(dtype)
 
 
 def mask_from_indices(counts: torch.Tensor, indices: torch.Tensor, num: int) -> torch.Tensor:
@@ -59,6 +87,8 @@ class PooledStats:
 
     q_tile, k_tile: `(B, H, NT, D)`; q_tile_count, k_tile_count: `(B, H, NT)`.
     q_block, q_block_mad, k_block, k_block_mad, v_block: `(B, H, NB, D)`; k_block_count: `(B, H, NB)`.
+
+    The tile means serve the estimators only: a preparation kept after planning holds `block_statistics_only()`.
     """
 
     tile_size: int
@@ -73,6 +103,23 @@ class PooledStats:
     v_block: torch.Tensor
     k_block_count: torch.Tensor
 
+    def block_statistics_only(self) -> PooledStats:
+        """The same statistics without tile means: `q_tile`, `k_tile` `(B, H, 0, D)` and their counts `(B, H, 0)`
+        (new empty tensors, so that the tile means are freed with the estimator's inputs). Selection and attending
+        read the block statistics only."""
+        no_tiles = self.q_tile.new_empty(*self.q_tile.shape[:2], 0, self.q_tile.shape[-1])
+        no_counts = self.q_tile_count.new_empty(*self.q_tile_count.shape[:2], 0)
+        return dataclasses.replace(
+            self, q_tile=no_tiles, q_tile_count=no_counts, k_tile=no_tiles, k_tile_count=no_counts
+        )
+
+    @classmethod
+    def concatenate_heads(cls, parts: list[PooledStats]) -> PooledStats:
+        """The statistics of head groups `parts` (in head order, one tile size) as one, concatenated over heads."""
+        fields = [f.name for f in dataclasses.fields(cls) if f.name != "tile_size"]
+        tensors = {name: torch.cat([getattr(part, name) for part in parts], 1) for name in fields}
+        return cls(tile_size=parts[0].tile_size, **tensors)
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class SparsePlan:
@@ -84,8 +131,9 @@ class SparsePlan:
     Attributes:
         layout: the canonical layout the plan indexes (grid, text span, block size, reorder).
         kv_counts: int32 `(B, H, NQ)`: how many key blocks each query block attends to.
-        kv_indices: int32 `(B, H, NQ, NQ)`: those blocks, ascending, -1 after the count.
-        trusted_counts: int32 `(B, H, NQ)`, trusted_indices: int32 `(B, H, NQ, NB)`: skipped video key blocks whose
+        kv_indices: int16 (`INDEX_DTYPE`) `(B, H, NQ, NQ)`: those blocks, ascending, -1 after the count (int16 halves
+            the plan's memory; a layout has at most `MAX_PLAN_BLOCKS` blocks).
+        trusted_counts: int32 `(B, H, NQ)`, trusted_indices: int16 `(B, H, NQ, NB)`: skipped video key blocks whose
             pooled summary compensates them (`rectify="block"` or `"query"`); none for text query rows.
         block_scores: float `(B, H, NB, NB + 1)`: the estimate of each video query block's attention mass per video
             key block (columns 0..NB-1) and on all text keys together (column NB), each row summing to 1.

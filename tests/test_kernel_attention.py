@@ -168,9 +168,7 @@ def _random_case(
     q64, k64, v64 = (t.double() for t in canonical)
     stats = reference.pool_statistics(q64, k64, v64, key_valid, layout, block_size)
     scale = 1.0 / math.sqrt(head_dim)
-    expected = attend_reference(
-        q64, k64, v64, key_valid, plan, stats, layout, scale=scale, rectify=rectify
-    )
+    expected = attend_reference(q64, k64, v64, key_valid, plan, stats, layout, scale=scale, rectify=rectify)
     plan_args = {
         "kv_counts": plan.kv_counts,
         "kv_indices": plan.kv_indices,
@@ -197,6 +195,7 @@ def _run_and_check(
     output: str = "canonical",
     drop_share: float = 0.0,
     index_dtype=torch.int64,
+    list_dtype=torch.int16,
     tile_config: TileConfig | None = None,
     variant: KernelVariant | None = None,
     seed: int = 0,
@@ -205,8 +204,14 @@ def _run_and_check(
     """Launch on NaN-poisoned output and check: written rows match the reference, rows no canonical row maps to are
     still NaN. reads: "canonical" (copies) or "gathered" (original tensors through `row_index`). output: "canonical"
     (canonical reads only: `(B, H, P, D)`, no index), "default" (gathered reads only: `out` and `out_index` left to
-    the launcher), "scatter" (`(B, H, S, D)` through `out_index`) or "transposed" (a `(B, S, H, D)` buffer)."""
+    the launcher), "scatter" (`(B, H, S, D)` through `out_index`) or "transposed" (a `(B, S, H, D)` buffer).
+    list_dtype: the block lists' dtype (a plan's int16, or int32)."""
     layout = case.layout
+    lists = {
+        name: case.plan_args[name].to(list_dtype)
+        for name in ("kv_indices", "trusted_indices")
+        if name in case.plan_args
+    }
     q, k, v = case.canonical if reads == "canonical" else case.original
     batch, heads, _, head_dim = q.shape
     dtype, device = q.dtype, q.device
@@ -220,6 +225,7 @@ def _run_and_check(
         "tile_config": tile_config,
         "variant": variant,
         **case.plan_args,
+        **lists,
     }
     if output == "canonical":
         out = torch.full_like(case.canonical[0], math.nan)
@@ -294,6 +300,7 @@ def _launch_params(draw, reads: str) -> dict:
         "output": draw(st.sampled_from(outputs)),
         "drop_share": draw(st.sampled_from([0.0, 0.2])),
         "index_dtype": draw(st.sampled_from([torch.int32, torch.int64])),
+        "list_dtype": draw(st.sampled_from([torch.int16, torch.int32])),
         "tile_config": draw(st.none() | st.builds(TileConfig, st.sampled_from(tiles), st.sampled_from(tiles))),
         "variant": draw(
             st.builds(
@@ -489,7 +496,7 @@ def _replace(kwargs: dict, **changes) -> dict:
 
 
 _BAD_INPUTS = [
-    ("kv_indices must be int32", lambda a: _replace(a, kv_indices=a["kv_indices"].long()), TypeError),
+    ("kv_indices must be int16 or int32", lambda a: _replace(a, kv_indices=a["kv_indices"].long()), TypeError),
     ("kv_counts must have shape", lambda a: _replace(a, kv_counts=a["kv_counts"][..., :-1]), ValueError),
     ("q must be float16", lambda a: _replace(a, q=a["q"].double()), TypeError),
     ("k must be float32", lambda a: _replace(a, k=a["k"].half()), TypeError),
@@ -536,7 +543,7 @@ def test_query_mode_inputs_are_checked():
     kwargs = _valid_kwargs("query")
     with pytest.raises(ValueError, match="k_block_log_count must have shape"):
         block_sparse_attention(**_replace(kwargs, k_block_log_count=kwargs["k_block_log_count"][..., :-1]))
-    with pytest.raises(TypeError, match="trusted_indices must be int32"):
+    with pytest.raises(TypeError, match="trusted_indices must be int16 or int32"):
         block_sparse_attention(**_replace(kwargs, trusted_indices=kwargs["trusted_indices"].long()))
     with pytest.raises(ValueError, match="rectify='query' needs v_block"):
         block_sparse_attention(**_replace(kwargs, v_block=None))

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from spattn_compile import SparseAttentionConfig, SparsePlan, reference, select_plan, sparse_attention
 from spattn_compile.estimators import PooledTiles, QueryTiles, SampledRows
 from spattn_compile.layout import token_layout
-from spattn_compile.plan import indices_from_mask
+from spattn_compile.plan import INDEX_DTYPE, MAX_PLAN_BLOCKS, indices_from_mask
 from spattn_compile.testing import dit_attention_inputs, relative_error
 
 F64 = torch.float64
@@ -57,7 +57,8 @@ def test_from_mask_round_trip(grid, text_len, text_first, block_size, batch, hea
     assert _described(plan.layout) == _described(layout)
     assert torch.equal(plan.to_dense(), keep)
     counts, indices = plan.kv_counts, plan.kv_indices
-    assert counts.dtype == indices.dtype == torch.int32
+    assert counts.dtype == torch.int32 and indices.dtype == INDEX_DTYPE == torch.int16
+    assert plan.trusted_indices.dtype == INDEX_DTYPE
     used = torch.arange(nq) < counts[..., None]
     assert (indices[~used] == -1).all() and (indices[..., 1:] > indices[..., :-1])[used[..., 1:]].all()
     # Trusted blocks: skipped video blocks of video query rows only.
@@ -275,3 +276,21 @@ def test_indices_of_a_plan_are_those_of_its_mask():
     counts, indices = indices_from_mask(plan.to_dense())
     assert torch.equal(counts, plan.kv_counts) and torch.equal(indices, plan.kv_indices)
     assert (plan.density() < 1).all() and (plan.density() >= 0.3).all()
+
+
+def test_index_lists_are_int16_up_to_the_plan_limit_and_int32_on_request():
+    """A plan's block lists are int16 (half the memory of int32); `dtype=torch.int32` gives FlexAttention's lists
+    with the same entries; a layout with more blocks than int16 indexes is refused with the limit named."""
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.rand(2, 3, 40, generator=generator) < 0.3
+    counts, indices = indices_from_mask(mask)
+    counts32, indices32 = indices_from_mask(mask, torch.int32)
+    assert indices.dtype == torch.int16 and indices32.dtype == torch.int32
+    assert torch.equal(counts, counts32) and torch.equal(indices.int(), indices32)
+    wide = torch.zeros(1, MAX_PLAN_BLOCKS, dtype=torch.bool)
+    wide[0, -1] = True
+    _, last = indices_from_mask(wide)
+    assert int(last[0, 0]) == MAX_PLAN_BLOCKS - 1 and int(last[0, 1]) == -1
+    with pytest.raises(ValueError, match=f"index at most {MAX_PLAN_BLOCKS}: use a larger block_size"):
+        indices_from_mask(torch.zeros(1, MAX_PLAN_BLOCKS + 1, dtype=torch.bool))
+    assert indices_from_mask(torch.zeros(1, MAX_PLAN_BLOCKS + 1, dtype=torch.bool), torch.int32)[1].dtype == torch.int32

@@ -73,6 +73,40 @@ class Prepared:
             self.q, self.k, self.key_usable, self.stats, self.layout, self.scale, self.source_index, self.outliers
         )
 
+    def for_attending(self) -> Prepared:
+        """This preparation without what only the estimators read (the tile means and the key tiles' outliers), as
+        planning keeps it for `attend`."""
+        return dataclasses.replace(self, stats=self.stats.block_statistics_only(), outliers=None)
+
+    @classmethod
+    def concatenate_heads(
+        cls, parts: list[Prepared], query: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> Prepared:
+        """One preparation from those of head groups `parts` (in head order, prepared for attending): their
+        per-head tensors concatenated over heads; `query`, `q`, `k`, `v` the full tensors of which the parts' are
+        head slices."""
+        first = parts[0]
+
+        def cat(name: str) -> torch.Tensor:
+            return torch.cat([getattr(part, name) for part in parts], 1)
+
+        return cls(
+            first.layout,
+            query,
+            q,
+            k,
+            v,
+            cat("key_valid"),
+            cat("key_usable"),
+            cat("key_block_count"),
+            cat("block_non_finite"),
+            PooledStats.concatenate_heads([part.stats for part in parts]),
+            first.scale,
+            first.masked_keys,
+            first.source_index,
+            None,
+        )
+
 
 class Implementation(Protocol):
     """One implementation of the stages that touch the full-size tensors (module docstring).
@@ -98,6 +132,24 @@ class Implementation(Protocol):
         """Stage 0 on `(B, H, S, D)` inputs: statistics at `tile_size`; `key_valid` bool `(B, H, S)` or None;
         `outliers`: also the key tiles' outliers (`Prepared.outliers`) where the implementation computes them in its
         pass (the Triton one; the reference's estimator derives them itself)."""
+        ...
+
+    def prepare_and_estimate(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        layout: TokenLayout,
+        key_valid: torch.Tensor | None,
+        tile_size: int,
+        scale: float,
+        outliers: bool,
+        estimate: Callable[[Prepared], torch.Tensor],
+    ) -> tuple[Prepared, torch.Tensor]:
+        """Stages 0 and 1 of planning: `prepare`, then the block scores `estimate(prepared)` `(B, H, NB, NB + 1)`;
+        returns the preparation for attending (`Prepared.for_attending`: the tile means freed) and the scores. An
+        implementation may run them in groups of heads (the Triton one does, to bound planning's memory), calling
+        `estimate` once per group on that group's preparation."""
         ...
 
     def attend(self, prepared: Prepared, plan: SparsePlan, rectification: RectificationConfig) -> torch.Tensor:

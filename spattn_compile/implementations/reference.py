@@ -7,6 +7,7 @@ the tests use float64) and returns the query's dtype and memory order. It is dif
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -70,6 +71,22 @@ class ReferenceImplementation:
             scale,
             key_valid is not None,
         )
+
+    def prepare_and_estimate(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        layout: TokenLayout,
+        key_valid: torch.Tensor | None,
+        tile_size: int,
+        scale: float,
+        outliers: bool,
+        estimate: Callable[[Prepared], torch.Tensor],
+    ) -> tuple[Prepared, torch.Tensor]:
+        prepared = self.prepare(query, key, value, layout, key_valid, tile_size, scale, outliers)
+        scores = estimate(prepared)
+        return prepared.for_attending(), scores
 
     def attend(self, prepared: Prepared, plan: SparsePlan, rectification: RectificationConfig) -> torch.Tensor:
         plan = plan.expand_batch(prepared.q.shape[0])

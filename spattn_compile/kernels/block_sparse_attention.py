@@ -56,6 +56,8 @@ __all__ = [
 RECTIFY_MODES = ("none", "block", "query")
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
+# Block lists: a plan's int16 (`plan.INDEX_DTYPE`) or int32 (FlexAttention's); the kernel widens each entry it reads.
+_BLOCK_LIST_DTYPES = (torch.int16, torch.int32)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -184,10 +186,11 @@ def _block_sparse_attention_kernel(
     `(B, H, P)` int32 by (batch, head) strides (`stride_mask_*`, 0 when shared), the original row of each canonical
     key, -1 for padding rows and masked keys. With HAS_KEY_MASK, BlockFull `(B, H, NQ)` by (batch, head) strides:
     whether a key block has no masked key. Out `(B, H, S_out, HEAD_DIM)` by strides, row p stored at OutIndex[p]
-    when HAS_OUT_INDEX. KvCounts, TrustedCounts `(plan_batches, H, NQ)`, KvIndices `(plan_batches, H, NQ,
-    kv_list_len)`, TrustedIndices `(plan_batches, H, NQ, trusted_list_len)` contiguous (`plan_batches`: 1 for a plan
-    shared by the batch, else B); Rescale `(B, H, NQ)`, Correction `(B, H, NQ, HEAD_DIM)`, KBlock, VBlock
-    `(B, H, num_pooled_blocks, HEAD_DIM)`, KBlockLogCount `(B, H, num_pooled_blocks)` contiguous."""
+    when HAS_OUT_INDEX. KvCounts, TrustedCounts int32 `(plan_batches, H, NQ)`, KvIndices int16/int32 `(plan_batches,
+    H, NQ, kv_list_len)`, TrustedIndices int16/int32 `(plan_batches, H, NQ, trusted_list_len)` contiguous
+    (`plan_batches`: 1 for a plan shared by the batch, else B); Rescale `(B, H, NQ)`, Correction `(B, H, NQ,
+    HEAD_DIM)`, KBlock, VBlock `(B, H, num_pooled_blocks, HEAD_DIM)`, KBlockLogCount `(B, H, num_pooled_blocks)`
+    contiguous."""
     TILES_PER_BLOCK: tl.constexpr = BLOCK_SIZE // BLOCK_N
     LOG2E: tl.constexpr = 1.4426950408889634
     qk_scale = sm_scale * LOG2E
@@ -245,7 +248,7 @@ def _block_sparse_attention_kernel(
     kv_count = tl.load(KvCounts + plan_row)
     kv_list = KvIndices + plan_row * kv_list_len
     for step in range(0, kv_count * TILES_PER_BLOCK):
-        kv_block = tl.load(kv_list + step // TILES_PER_BLOCK)
+        kv_block = tl.load(kv_list + step // TILES_PER_BLOCK).to(tl.int32)
         start_n = kv_block.to(tl.int64) * BLOCK_SIZE + (step % TILES_PER_BLOCK) * BLOCK_N
         if GATHER:
             # Masked keys and padding rows have row -1: neither their K nor their V row is read.
@@ -299,7 +302,7 @@ def _block_sparse_attention_kernel(
         for first in range(0, trusted_count, TRUSTED_CHUNK):
             slot = first + offs_t
             listed = slot < trusted_count
-            pooled = pooled_base + tl.load(trusted_list + slot, mask=listed, other=0)
+            pooled = pooled_base + tl.load(trusted_list + slot, mask=listed, other=0).to(tl.int32)
             pooled_rows = pooled[:, None] * HEAD_DIM + offs_d[None, :]
             k_bar = _load_rows(KBlock + pooled_rows, listed, offs_d, True, HEAD_DIM, HEAD_PAD)
             v_bar = _load_rows(VBlock + pooled_rows, listed, offs_d, True, HEAD_DIM, HEAD_PAD)
@@ -475,7 +478,7 @@ class BlockRectify:
 @dataclasses.dataclass(frozen=True)
 class QueryRectify:
     """Query mode: the trusted skipped blocks of query block i join its softmax as virtual keys.
-    trusted_counts int32 `(B, H, NQ)`; trusted_indices int32 `(B, H, NQ, T)` into the `NB` pooled blocks (first
+    trusted_counts int32 `(B, H, NQ)`; trusted_indices int16/int32 `(B, H, NQ, T)` into the `NB` pooled blocks (first
     `trusted_counts` entries read); k_block, v_block `(B, H, NB, D)` float16/bfloat16/float32 (cast to the inputs'
     dtype for the products); k_block_log_count fp32 `(B, H, NB)`, the log of each pooled block's unmasked key count."""
 
@@ -493,7 +496,7 @@ class AttentionLaunch:
     q, k, v: one dtype (float16, bfloat16, float32), last dim contiguous, other strides free (an expanded batch or
         head dim is fine). Canonical reads (`row_index` None): `(B, H, P, D)` in the canonical layout. Gathered reads:
         `(B, H, S, D)` in the original order, e.g. `(B, S, H, D)` buffers viewed as `(B, H, S, D)`.
-    kv_counts int32 `(B, H, NQ)`, kv_indices int32 `(B, H, NQ, L)`: the key blocks of each query block (first
+    kv_counts int32 `(B, H, NQ)`, kv_indices int16/int32 `(B, H, NQ, L)`: the key blocks of each query block (first
         `kv_counts` entries read; ascending order keeps the reads sequential). A batch-expanded plan is read once.
     scale: softmax scale. block_size: rows per block, a power of two in [16, 256].
     key_valid: bool `(B, H, P)` in canonical order (any strides over B and H), False for masked keys; None: every key
@@ -575,7 +578,7 @@ def _check(launch: AttentionLaunch) -> tuple[int, int]:
         ("k", launch.k, q.shape, (q.dtype,)),
         ("v", launch.v, q.shape, (q.dtype,)),
         ("kv_counts", launch.kv_counts, (batch, heads, nq), (torch.int32,)),
-        ("kv_indices", launch.kv_indices, (batch, heads, nq, None), (torch.int32,)),
+        ("kv_indices", launch.kv_indices, (batch, heads, nq, None), _BLOCK_LIST_DTYPES),
         ("key_valid", launch.key_valid, (batch, heads, padded_len), (torch.bool,)),
         ("row_index", row_index, (padded_len,), _INDEX_DTYPES),
         ("out_index", out_index, (padded_len,), _INDEX_DTYPES),
@@ -590,7 +593,7 @@ def _check(launch: AttentionLaunch) -> tuple[int, int]:
         num_pooled = rectify.k_block.shape[2] if rectify.k_block.dim() == 4 else -1
         expected += [
             ("trusted_counts", rectify.trusted_counts, (batch, heads, nq), (torch.int32,)),
-            ("trusted_indices", rectify.trusted_indices, (batch, heads, nq, None), (torch.int32,)),
+            ("trusted_indices", rectify.trusted_indices, (batch, heads, nq, None), _BLOCK_LIST_DTYPES),
             ("k_block", rectify.k_block, (batch, heads, num_pooled, head_dim), _INPUT_DTYPES),
             ("v_block", rectify.v_block, (batch, heads, num_pooled, head_dim), _INPUT_DTYPES),
             ("k_block_log_count", rectify.k_block_log_count, (batch, heads, num_pooled), (torch.float32,)),

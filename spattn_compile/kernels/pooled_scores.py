@@ -23,9 +23,10 @@ import triton
 import triton.language as tl
 
 from ..estimators.base import EstimatorInputs
+from ..layout import TokenLayout
 from .common import INTERPRETED, LOG2E, check_device, padded_head_dim
 
-__all__ = ["pooled_scores"]
+__all__ = ["planning_heads", "pooled_scores", "scratch_dtype"]
 
 
 @triton.jit
@@ -160,9 +161,12 @@ def _pooled_scores_kernel(
                         DOT_PRECISION,
                     )  # fmt: skip
                     m_i, acc = _accumulate(m_i, acc, logits)
+            # The normaliser sums the sums as stored (rounded to the scratch's dtype), so that each row of scores
+            # still sums to 1 to float32 rounding.
+            stored = acc.to(Partial.dtype.element_ty)
             m_shift = tl.where(m_i == float("-inf"), 0.0, m_i)
-            l_i = l_i * tl.math.exp2(m_start - m_shift) + tl.sum(acc, 1)
-            tl.store(partial_rows + key_blocks[None, :], acc, mask=block_ok[None, :])
+            l_i = l_i * tl.math.exp2(m_start - m_shift) + tl.sum(stored.to(tl.float32), 1)
+            tl.store(partial_rows + key_blocks[None, :], stored, mask=block_ok[None, :])
             tl.store(max_rows + key_group, m_i)
         # The text keys, last: their sum is relative to the final maximum as it stands.
         text_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -199,7 +203,9 @@ def _pooled_scores_kernel(
         for key_group in range(0, key_groups):
             key_blocks = key_group * BLOCK_N + offs_n
             block_ok = key_blocks < num_video_blocks
-            partial = tl.load(partial_rows3 + key_blocks[None, None, :], mask=block_ok[None, None, :], other=0.0)
+            partial = tl.load(partial_rows3 + key_blocks[None, None, :], mask=block_ok[None, None, :], other=0.0).to(
+                tl.float32
+            )
             # The maximum the group's sums are relative to (-inf for a group that saw no key: its sums are 0).
             factor = tl.math.exp2(tl.load(max_rows3 + key_group) - m_final3) * row_factor3
             per_block = tl.sum(partial * factor[:, :, None], 1)
@@ -246,6 +252,51 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _score_programs(items: int, device: torch.device, programs_per_sm: int = _PROGRAMS_PER_SM) -> int:
+    """Persistent programs of a launch with `items` work items."""
+    return max(1, min(items, programs_per_sm * _multiprocessors(device)))
+
+
+def _candidates(tiles_per_block: int) -> list[tuple[int, int, int, int]]:
+    """The configurations a launch may take (the interpreter runs one: its cost is per program)."""
+    if INTERPRETED:
+        return [(max(16, tiles_per_block), 16, 4, 1)]
+    return list(_CANDIDATES)
+
+
+def _tiles_per_item(tiles_per_block: int) -> int:
+    """Query tiles per work item of the largest candidate (the scratch is sized for it)."""
+    return max(max(c[0] for c in _candidates(tiles_per_block)), tiles_per_block)
+
+
+def planning_heads(batch: int, heads: int, layout: TokenLayout, tile_size: int, device: torch.device) -> int:
+    """Heads per group when planning goes by groups of heads: the fewest whose groups take no more waves of the
+    scores kernel's persistent programs than every head at once (each program takes a work item of 128 query tiles
+    of one (batch, head) in turn), so the groups fill the GPU as one launch would while the tile means and the scratch
+    are those of one group. At Wan 14B 720p on an H200 (37 items a head, 264 programs): 7 heads, 6 groups of one
+    wave, as 40 heads at once take 6 waves; HunyuanVideo 720p (59 items a head, 24 heads): 4 heads."""
+    tiles = layout.num_video_blocks * (layout.block_size // tile_size)
+    per_head = batch * triton.cdiv(tiles, _tiles_per_item(layout.block_size // tile_size))
+    programs = _score_programs(per_head * heads, device)
+    fewest_waves = triton.cdiv(per_head * heads, programs)
+    for group in range(1, heads + 1):
+        waves = triton.cdiv(heads, group) * triton.cdiv(per_head * group, programs)
+        if waves <= fewest_waves:
+            return group
+    return heads
+
+
+def scratch_dtype(tile_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the one-pass scratch's sums: float16 for 16-bit tile means, else float32.
+
+    Each sum is relative to the running maximum of its group of key blocks, so it lies in [0, 2 * tiles per block]
+    (float16's range holds it) and enters the final score multiplied by a factor <= 1 / l <= 1: float16 adds a relative
+    error of at most 2^-11 per sum, below the 2^-8 of the bfloat16 tile means the products already take, and values
+    under float16's smallest normal (6e-5) are at most that share of a row's mass. It halves the scratch, the largest
+    allocation of planning after the tile means (benchmarks/NOTES_pipeline.md, "Memory")."""
+    return torch.float16 if tile_dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
 def pooled_scores(
     inputs: EstimatorInputs,
     *,
@@ -257,8 +308,9 @@ def pooled_scores(
 
     Every (query tile, key tile) logit is computed and exponentiated once: persistent programs keep per (query tile,
     key block) the weights' sum relative to the running maximum of its step, with that maximum, in a scratch slot of
-    their own (`programs * BLOCK_M * (NB + NT / BLOCK_N)` float32, about 2 * SMs * 128 * NB * 4 bytes), and rescale it
-    to the final maximum and normaliser at the end of the item.
+    their own (`programs * BLOCK_M * NB` sums in `scratch_dtype`, float16 for 16-bit tile means: about
+    2 * SMs * 128 * NB * 2 bytes; and `programs * BLOCK_M * NB / BLOCK_N` float32 maxima), and rescale it to the final
+    maximum and normaliser at the end of the item. `programs` is at most the work items, `B * H * NT / BLOCK_M`.
 
     `inputs` holds the caller's tensors read through `inputs.source_index` (`prepare_statistics(...)
     .estimator_inputs`); with `outliers`, the key tiles' outliers are `inputs.outliers`
@@ -292,14 +344,14 @@ def pooled_scores(
         key_sets = (stats.k_tile, stats.k_tile_count, stats.k_tile, stats.k_tile_count)  # the second set is not read
     key = inputs.k
     scores = torch.empty(batch, heads, nb, nb + 1, device=device, dtype=torch.float32)
-    candidates = [config] if config is not None else list(_CANDIDATES)
+    candidates = [config] if config is not None else _candidates(tiles_per_block)
     if INTERPRETED:
-        candidates = [(max(16, tiles_per_block), 16, 4, 1)]
+        candidates = _candidates(tiles_per_block)
     max_m = max(max(c[0] for c in candidates), tiles_per_block)
     steps = triton.cdiv(nb, min(c[1] for c in candidates))
     items = batch * heads * triton.cdiv(num_tiles, min(c[0] for c in candidates))
-    programs = max(1, min(items, programs_per_sm * _multiprocessors(device)))
-    partial = torch.empty(programs, max_m, nb, device=device, dtype=torch.float32)
+    programs = _score_programs(items, device, programs_per_sm)
+    partial = torch.empty(programs, max_m, nb, device=device, dtype=scratch_dtype(stats.q_tile.dtype))
     row_max = torch.empty(programs, max_m, steps, device=device, dtype=torch.float32)
     args = (
         stats.q_tile.contiguous(),

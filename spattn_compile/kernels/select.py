@@ -3,8 +3,8 @@
 - `gapr_gate`: GAPR's test `|q_i . k_j| > |dq_i . k_j| + |q_i . dk_j|` for every pooled block pair, `(B, H, NB, NB)`.
 - `select_plan`: a few query blocks of one (batch, head) per program; bisections over the bit patterns of the scores
   find each row's mass-threshold cut and the budget's k-th largest score (no sort), ties are taken in index order, and
-  the kept and trusted key blocks are written as ascending int32 lists, as `policies.topk.select_plan_reference` does
-  (stable descending order). Budgets may differ per (batch, head).
+  the kept and trusted key blocks are written as ascending int16 lists (`plan.INDEX_DTYPE`), as
+  `policies.topk.select_plan_reference` does (stable descending order). Budgets may differ per (batch, head).
 
 Nothing here reads a value back to the host and every shape is a function of the layout, so the stage can be captured
 in a CUDA graph. The scores come from an estimator (`spattn_compile.estimators`).
@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ..layout import TokenLayout, neighbor_block_mask
-from ..plan import PooledStats, SparsePlan, block_budget
+from ..plan import INDEX_DTYPE, PooledStats, SparsePlan, block_budget, check_plan_blocks
 from .common import INTERPRETED, STATS_DOT_PRECISION, check_device, padded_head_dim
 
 __all__ = ["gapr_gate", "select_plan"]
@@ -127,8 +127,9 @@ def _write_index_rows(Counts, Indices, plan_rows, row_ok, list_len, chosen, cols
     count = tl.sum(chosen_int, 1)
     position = tl.cumsum(chosen_int, 1) - 1
     row = Indices + plan_rows[:, None] * list_len
-    tl.store(row + position, cols[None, :] + position * 0, mask=chosen & row_ok[:, None])
-    minus_one = tl.full(chosen.shape, -1, tl.int32)
+    listed = (cols[None, :] + position * 0).to(Indices.dtype.element_ty)
+    tl.store(row + position, listed, mask=chosen & row_ok[:, None])
+    minus_one = tl.full(chosen.shape, -1, Indices.dtype.element_ty)
     rest = in_list[None, :] & (cols[None, :] >= count[:, None]) & row_ok[:, None]
     tl.store(row + cols[None, :], minus_one, mask=rest)
     tl.store(Counts + plan_rows, count, mask=row_ok)
@@ -350,6 +351,7 @@ def select_plan(
             per program).
     """
     nb, nq = layout.num_video_blocks, layout.num_blocks
+    check_plan_blocks(nq)
     if not isinstance(scores, torch.Tensor) or scores.dim() != 4 or tuple(scores.shape[2:]) != (nb, nb + 1):
         raise ValueError(f"scores must be a tensor of shape (B, H, {nb}, {nb + 1})")
     if scores.dtype != torch.float32:
@@ -374,9 +376,9 @@ def select_plan(
         raise ValueError(f"rows_per_program must be a power of two, got {rows_per_program!r}")
     cap = block_budget(max_density, nb)
     kv_counts = torch.empty(batch, heads, nq, device=device, dtype=torch.int32)
-    kv_indices = torch.empty(batch, heads, nq, nq, device=device, dtype=torch.int32)
+    kv_indices = torch.empty(batch, heads, nq, nq, device=device, dtype=INDEX_DTYPE)
     trusted_counts = torch.empty_like(kv_counts)
-    trusted_indices = torch.empty(batch, heads, nq, nb, device=device, dtype=torch.int32)
+    trusted_indices = torch.empty(batch, heads, nq, nb, device=device, dtype=INDEX_DTYPE)
     neighbor_rows = _neighbor_rows(layout, device) if neighbors else kv_counts
     cols = max(16, triton.next_power_of_2(nq))
     _select_kernel[(triton.cdiv(nq, rows), batch * heads)](
