@@ -216,8 +216,11 @@ def _pooled_scores_kernel(
         tl.debug_barrier()  # the slot is read before the next item writes it
 
 # (BLOCK_M query tiles, BLOCK_N key tiles, warps, stages). The fp32 operands of tf32x3 products take shared memory
-# for their high and low halves: these all fit Hopper's 227 KiB (128x64 only with one stage).
-_CANDIDATES = ((128, 32, 8, 3), (128, 16, 8, 2), (128, 32, 8, 2))
+# for their high and low halves: these all fit Hopper's 227 KiB (128x64 only with one stage). Measured side by side
+# (`benchmarks/tune_planning.py`, H200, 2 programs per SM, results/2026-12-03-h200/session3/tune.log): the best
+# differs by shape: (128, 16, 8, 3) at Wan 14B 720p (3.13 ms against 3.24-4.11), (64, 32, 4, 2) at HunyuanVideo
+# 720p (5.47 ms against 5.73-10.0), so both are offered.
+_CANDIDATES = ((128, 32, 8, 3), (128, 16, 8, 2), (128, 32, 8, 2), (128, 16, 8, 3), (128, 16, 4, 2), (64, 32, 4, 2))
 # Persistent programs per SM, and the scratch slot each owns.
 _PROGRAMS_PER_SM = 2
 

@@ -340,9 +340,11 @@ def _check_inputs(
 
 
 # (CHUNK rows held at once, warps): about 96 float32 registers per thread for the three (CHUNK, D = 128) row sets.
-# Compiled for sm_90 with triton 3.6 these use 255 registers without spilling; one warp per 16-row tile (which keeps
-# the row sums inside a warp) spilled 616 bytes.
-_PREPARE_CANDIDATES = ((16, 2), (32, 4), (64, 8))
+# Compiled for sm_90 with triton 3.6 the multi-warp ones use 255 registers without spilling; one warp per 16-row tile
+# (which keeps the row sums inside a warp) spills 616 bytes, and is still the fastest measured: 1.49 ms against
+# 2.55-14.1 ms for the others at Wan 14B 720p on the H200 (`benchmarks/tune_planning.py`,
+# results/2026-12-03-h200/session3/tune.log; the row sums stay in one warp, and four times as many programs fit an SM).
+_PREPARE_CANDIDATES = ((16, 1), (16, 2), (32, 4), (64, 8))
 
 def _prune_prepare_configs(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
     """The chunk must divide the block, and hold whole tiles when the outliers are computed."""
