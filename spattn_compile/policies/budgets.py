@@ -33,7 +33,9 @@ gives a sharp head too few blocks and a diffuse head blocks that each hold almos
   `(k+1)`-th block in selection's order, averaged over the head's rows; the cost is not sorted within a row, so the
   greedy fill takes each head's gains through their concave majorant (`concave_gains`: a head whose next blocks
   are cheap but whose later ones are costly bids with their average), which makes it choose prefixes again.
-  Floors, `min_share` and the exact total as for `"water_fill"`.
+  Floors, `min_share` and the exact total as for `"water_fill"`. Measured (`benchmarks/NOTES_budgets.md`): on an
+  exact step's true mass the best split of the three; from the estimate better than uniform on most cases but not
+  all, so `"uniform"` stays the default.
 
 Deterministic for a given input: a stable sort, ties broken by head then position.
 """
