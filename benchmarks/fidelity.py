@@ -25,9 +25,9 @@ Suites:
 
 `--budgets` (any suite but drift) compares the per-head budget policies (`head_budget`,
 `spattn_compile.policies.budgets`) at the default estimator and rectification instead of the estimators: per case,
-density and head, the error as a multiple of the oracle's for `uniform` and `water_fill` (from the estimate, and
-from the true mass: what an exact step would choose), each head's kept density, and the estimated recall
-(`SparsePlan.estimated_recall`) against the true recall.
+density and head, the error as a multiple of the oracle's for each budget policy (`uniform`, `water_fill`, `residual`,
+or those of `--budget-policies`; from the estimate, and from the true mass: what an exact step would choose), each
+head's kept density, and the estimated recall (`SparsePlan.estimated_recall`) against the true recall.
 
 Run: `python benchmarks/fidelity.py --suite hard --device cuda` (tables printed last, also written to `--output`;
 `--json PATH` writes the rows too).
@@ -129,13 +129,13 @@ def _reference_call(inputs, layout: TokenLayout, config: SparseAttentionConfig) 
 
 def _oracle(call: SparseAttention, true_mass: torch.Tensor, density: float, label: str) -> SparsePlan:
     """The plan of the true block mass at `density` (the call's selection and rectification settings otherwise)."""
-    # Stage 0 at the block size: the block statistics GAPR's gate reads.
+    # Stage 0 at the block size: the block statistics GAPR's gate (and the residual budget) reads.
     call.plan(estimator=PooledTiles(tile_size=call.layout.block_size, outliers=False))
     assert call.prepared is not None
     selection = dataclasses.replace(call.selection, density=density)
     return select_plan_reference(
         true_mass, call.prepared.stats, call.prepared.key_valid, call.layout, selection=selection,
-        trust=call.rectification.trust, estimator=label,
+        trust=call.rectification.trust, estimator=label, scale=call.scale,
     )  # fmt: skip
 
 
@@ -156,12 +156,13 @@ def _plans(inputs, layout, evaluator, densities, rectify_modes, defaults: Sparse
     return plans
 
 
-BUDGETS = ("uniform", "water_fill")
+BUDGETS = ("uniform", "water_fill", "residual")
 
 
-def _budget_plans(inputs, layout, evaluator, densities, defaults: SparseAttentionConfig):
+def _budget_plans(inputs, layout, evaluator, densities, defaults: SparseAttentionConfig, budgets=BUDGETS):
     """name -> (plan, rectify, density, estimator name) for the budget study: the uniform oracle without rectification
-    (the reference of every ratio) and, per budget policy, the default estimator's plan and the true mass's."""
+    (the reference of every ratio) and, per budget policy of `budgets`, the default estimator's plan and the true
+    mass's."""
     plans = {}
     mass = evaluator.true_mass()
     for density in densities:
@@ -169,7 +170,7 @@ def _budget_plans(inputs, layout, evaluator, densities, defaults: SparseAttentio
         plans[f"oracle|none|{density}"] = (
             _oracle(_reference_call(inputs, layout, config), mass, density, "oracle"), "none", density, "oracle"
         )  # fmt: skip
-        for budget in BUDGETS:
+        for budget in budgets:
             config = dataclasses.replace(defaults, sparsity=1 - density, head_budget=budget, mass_threshold=None)
             call = _reference_call(inputs, layout, config)
             plans[f"{budget}|{defaults.rectify}|{density}"] = (call.plan(), defaults.rectify, density, "")
@@ -178,19 +179,22 @@ def _budget_plans(inputs, layout, evaluator, densities, defaults: SparseAttentio
     return plans
 
 
-def run_case(case: Case, grid, device, seed, densities, defaults, inspect=None, budgets=False) -> list[dict]:
+def run_case(
+    case: Case, grid, device, seed, densities, defaults, inspect=None, budgets=False, policies=BUDGETS
+) -> list[dict]:
     """The case's rows; `inspect(case, layout, evaluator)`, when given, runs on the case's evaluator afterwards.
-    `budgets`: the budget study's variants (`_budget_plans`) instead of the estimators'."""
+    `budgets`: the budget study's variants (`_budget_plans`, of the budget `policies`) instead of the estimators'."""
     inputs = case.make(grid, device, seed)
     layout = token_layout(grid, inputs.text_len, inputs.text_first, defaults.block_size, defaults.reorder)
     evaluator = PlanEvaluator(inputs.query, inputs.key, inputs.value, layout, attn_mask=inputs.attn_mask)
     if budgets:
-        plans = _budget_plans(inputs, layout, evaluator, densities, defaults)
+        plans = _budget_plans(inputs, layout, evaluator, densities, defaults, policies)
     else:
         plans = _plans(inputs, layout, evaluator, densities, ("none", "block", "query"), defaults)
     results = evaluator.evaluate({name: (plan, rectify) for name, (plan, rectify, _, _) in plans.items()})
     if inspect is not None:
         inspect(case, layout, evaluator)
+    mass = evaluator.true_mass()
     rows = []
     for name, result in results.items():
         label, rectify, density = name.split("|")
@@ -212,6 +216,8 @@ def run_case(case: Case, grid, device, seed, densities, defaults, inspect=None, 
                 head_x_oracle=[e / o for e, o in zip(result.head_error, oracle.head_error)],
                 head_density=plan.density().mean(0).tolist(),
                 head_recall=plan.estimated_recall().mean(0).tolist(),
+                # The same measure on the true block mass: each head's true recall.
+                head_true_recall=dataclasses.replace(plan, block_scores=mass).estimated_recall().mean(0).tolist(),
             )
         )
     return rows
@@ -246,7 +252,18 @@ def render_budgets(rows: list[dict]) -> str:
             "",
             f"Estimated minus true recall of the default plan (uniform budget) over {len(gaps)} (case, density): "
             f"mean {sum(gaps) / len(gaps):+.4f}, min {min(gaps):+.4f}, max {max(gaps):+.4f}.",
+            "",
+            "Per head (default plan, uniform budget): estimated recall minus true recall, and the true missing mass "
+            "over the estimated one (`1 - recall`).",
+            "",
+            "| case | density | est - true, per head | true / estimated missing mass, per head |",
+            "|---|---|---|---|",
         ]
+        for r in estimated:
+            pairs = list(zip(r["head_recall"], r["head_true_recall"]))
+            gap = ", ".join(f"{e - t:+.4f}" for e, t in pairs)
+            ratio = ", ".join(f"{(1 - t) / max(1 - e, 1e-12):.2f}" for e, t in pairs)
+            lines.append(f"| {r['case']} | {r['density']:.0%} | {gap} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -433,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=6, help="drift suite: steps after step 0")
     parser.add_argument("--drifts", type=float, nargs="+", default=[0.03, 0.1])
     parser.add_argument("--budgets", action="store_true", help="compare the per-head budget policies (docstring)")
+    parser.add_argument("--budget-policies", nargs="+", default=list(BUDGETS), choices=BUDGETS,
+                        help="with --budgets: which policies (default: all)")  # fmt: skip
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -471,7 +490,9 @@ def main(argv: list[str] | None = None) -> int:
                 report += "cases not run."
                 break
             for seed in range(seeds):
-                rows += run_case(case, grid, device, seed, args.densities, defaults, inspect, args.budgets)
+                rows += run_case(
+                    case, grid, device, seed, args.densities, defaults, inspect, args.budgets, args.budget_policies
+                )
                 print(f"[{time.perf_counter() - started:6.0f} s] {case.name}, seed {seed}", file=sys.stderr, flush=True)
                 report = header + f"\n\nWall time {time.perf_counter() - started:.0f} s.\n\n"
                 report += render_budgets(rows) if args.budgets else render(rows, args.densities, defaults)

@@ -174,6 +174,7 @@ class SparseAttention:
             prepared.block_non_finite,
             self.layout,
             label or self.estimator.name,
+            self.scale,
         )
         select = getattr(selection_policy(selection), self.implementation.kind)
         return select(inputs, selection, self.rectification.trust)

@@ -1,6 +1,8 @@
 """Per-head budgets (`spattn_compile.policies.budgets`): the average density is the setting's to one block per head,
 no head is below its floor, the budgets are deterministic and water-filling's split is the best one for its estimated
-mass; the uniform policy selects exactly what selection always selected, and both implementations agree."""
+mass; the residual policy weighs each skipped block by what rectification leaves of it (and is water-filling when it
+leaves everything); the uniform policy selects exactly what selection always selected, and both implementations
+agree."""
 
 from __future__ import annotations
 
@@ -16,9 +18,9 @@ from kernel_helpers import reference_call, sparse_call, triton_implementation
 
 from spattn_compile import SparseAttentionConfig
 from spattn_compile.layout import token_layout
-from spattn_compile.plan import block_budget
-from spattn_compile.policies import TopK, UniformBudget, WaterFilling, selection_settings
-from spattn_compile.policies.budgets import water_fill_budgets
+from spattn_compile.plan import PooledStats, block_budget
+from spattn_compile.policies import ResidualFilling, TopK, Trust, UniformBudget, WaterFilling, selection_settings
+from spattn_compile.policies.budgets import concave_gains, residual_budgets, residual_share, water_fill_budgets
 from spattn_compile.policies.topk import head_budgets, select_blocks
 from spattn_compile.testing import dit_attention_inputs
 
@@ -52,6 +54,131 @@ def test_water_fill_keeps_the_average_and_the_floors(batch, heads, nb, density, 
     # The floors fit (each is at most the uniform budget), so the total is exactly the uniform one's.
     assert torch.equal(budgets.sum(-1), torch.full((batch,), heads * uniform, dtype=torch.int64))
     assert torch.equal(budgets, water_fill_budgets(scores.clone(), forced, uniform, min_share))
+
+
+def _stats(batch: int, heads: int, nb: int, seed: int, key_spread: torch.Tensor | None = None) -> PooledStats:
+    """Pooled block statistics `(B, H, NB, D = 8)` whose heads' keys spread by `key_spread (H,)` (default: random)
+    around their block means; a block of each head may be empty."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    if key_spread is None:
+        key_spread = torch.rand(heads, generator=generator, dtype=torch.float64) * 4
+    d = 8
+    count = torch.full((batch, heads, nb), 16.0, dtype=torch.float64)
+    count[..., 0] = torch.randint(0, 2, (batch, heads), generator=generator).to(torch.float64) * 16
+    mean_key = randn(batch, heads, nb, d)
+    return PooledStats(
+        tile_size=16, q_tile=randn(batch, heads, nb, d), q_tile_count=count, k_tile=mean_key, k_tile_count=count,
+        q_block=randn(batch, heads, nb, d), q_block_mad=randn(batch, heads, nb, d).abs(), k_block=mean_key,
+        k_block_mad=randn(batch, heads, nb, d).abs() * key_spread[:, None, None], v_block=randn(batch, heads, nb, d),
+        k_block_count=count,
+    )  # fmt: skip
+
+
+TRUSTS = [None, Trust(compensate=False, gapr=False), Trust(compensate=True, gapr=False), Trust(True, True)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batch=st.integers(1, 2),
+    heads=st.integers(1, 6),
+    nb=st.integers(1, 24),
+    density=st.floats(0.01, 1.0),
+    min_share=st.sampled_from([0.0, 0.25, 0.5, 1.0]),
+    trust=st.sampled_from(TRUSTS),
+    scale=st.sampled_from([None, 0.05, 1.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_residual_keeps_the_average_and_the_floors(batch, heads, nb, density, min_share, trust, scale, seed):
+    scores = _scores(batch, heads, nb, seed)
+    stats = _stats(batch, heads, nb, seed)
+    forced = torch.eye(nb, dtype=torch.bool)
+    uniform = block_budget(density, nb)
+    budgets = residual_budgets(scores, forced, uniform, stats, scale, trust, min_share)
+    assert budgets.dtype == torch.int32 and budgets.shape == (batch, heads)
+    floor = max(1, math.ceil(min_share * uniform - 1e-9))
+    assert int(budgets.min()) >= floor and int(budgets.max()) <= nb
+    assert torch.equal(budgets.sum(-1), torch.full((batch,), heads * uniform, dtype=torch.int64))
+    # Deterministic, and the same from float32 inputs of the same values (the kernel path's dtype).
+    assert torch.equal(budgets, residual_budgets(scores.clone(), forced, uniform, stats, scale, trust, min_share))
+    single = PooledStats(**{f.name: getattr(stats, f.name) for f in dataclasses.fields(PooledStats)})
+    assert torch.equal(budgets, residual_budgets(scores, forced, uniform, single, scale, trust, min_share))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    heads=st.integers(1, 5),
+    nb=st.integers(1, 20),
+    density=st.floats(0.01, 1.0),
+    trust=st.sampled_from(TRUSTS[:2]),
+    seed=st.integers(0, 2**16),
+)
+def test_residual_without_rectification_is_water_filling(heads, nb, density, trust, seed):
+    """Where no skipped block is compensated, skipping costs its whole mass: the residual policy's split is
+    water-filling's (whose gains already do not increase, so the concave majorant leaves them as they are)."""
+    scores = _scores(1, heads, nb, seed)
+    forced = torch.eye(nb, dtype=torch.bool)
+    uniform = block_budget(density, nb)
+    expected = water_fill_budgets(scores, forced, uniform, 0.25)
+    stats = _stats(1, heads, nb, seed)
+    assert torch.equal(residual_budgets(scores, forced, uniform, stats, None, trust, 0.25), expected)
+
+
+@settings(max_examples=60, deadline=None)
+@given(heads=st.integers(1, 3), nb=st.integers(1, 12), seed=st.integers(0, 2**16))
+def test_concave_gains_do_not_increase_and_majorise_the_cumulative_gain(heads, nb, seed):
+    generator = torch.Generator().manual_seed(seed)
+    gain = torch.rand(1, heads, nb, generator=generator, dtype=torch.float64)
+    floor = torch.randint(0, nb + 1, (1, heads), generator=generator)
+    concave = concave_gains(gain, floor)
+    for h in range(heads):
+        f = int(floor[0, h])
+        assert torch.equal(concave[0, h, :f], gain[0, h, :f])
+        tail, original = concave[0, h, f:], gain[0, h, f:]
+        assert bool((tail[1:] <= tail[:-1]).all())
+        assert bool((tail.cumsum(0) >= original.cumsum(0) - 1e-12).all())
+        if f < nb:  # the majorant meets the cumulative gain where the head ends
+            assert float(tail.sum()) == pytest.approx(float(original.sum()), rel=1e-12)
+
+
+def test_residual_share_is_what_the_stand_in_misses():
+    """Keys that do not spread leave nothing of a trusted block (the virtual key is the block); a block GAPR refuses,
+    an empty one, or any block without compensation leaves everything; more spread or a larger scale leaves more."""
+    stats = _stats(1, 2, 6, 0, key_spread=torch.tensor([0.0, 1.0], dtype=torch.float64))
+    full = Trust(compensate=True, gapr=False)
+    share = residual_share(stats, None, full)
+    nonempty = (stats.k_block_count > 0)[..., None, :].expand_as(share)
+    assert torch.equal(share[0, 0][nonempty[0, 0]], torch.zeros_like(share[0, 0][nonempty[0, 0]]))
+    assert bool((share[0, 1][nonempty[0, 1]] > 0).all()) and bool((share[0, 1] <= 1).all())
+    assert bool((share[~nonempty] == 1).all())
+    assert bool((residual_share(stats, 1.0, full)[0, 1] >= share[0, 1]).all())
+    assert bool((residual_share(stats, None, Trust(True, True)) >= share).all())
+    for trust in TRUSTS[:2]:
+        assert bool((residual_share(stats, None, trust) == 1).all())
+
+
+def test_residual_gives_blocks_to_the_head_whose_skipped_blocks_rectification_cannot_recover():
+    """Two heads with the same scores: the head whose keys spread within their blocks (the stand-in misses most of a
+    skipped block) gets blocks from the head whose keys agree (rectification recovers its skipped blocks);
+    water-filling, which sees only the equal masses, splits them evenly."""
+    nb = 12
+    scores = _scores(1, 1, nb, 4, sharpness=torch.tensor([1.0], dtype=torch.float64)).expand(1, 2, nb, nb + 1)
+    stats = _stats(1, 2, nb, 1, key_spread=torch.tensor([0.05, 3.0], dtype=torch.float64))
+    stats = dataclasses.replace(stats, k_block_count=torch.full_like(stats.k_block_count, 16.0))
+    forced = torch.eye(nb, dtype=torch.bool)
+    even = water_fill_budgets(scores, forced, 4)
+    assert even.tolist() == [[4, 4]]
+    budgets = residual_budgets(scores, forced, 4, stats, 1.0, Trust(compensate=True, gapr=False), 0.25)
+    assert budgets[0, 0] < 4 < budgets[0, 1] and int(budgets.sum()) == 8
+
+
+def test_residual_needs_the_statistics():
+    layout = token_layout((1, 2, 16), 0, False, 16, "none")
+    with pytest.raises(ValueError, match="head_budget='residual' needs the pooled statistics"):
+        head_budgets(_scores(1, 2, 2, 0), layout, TopK(0.5, budget=ResidualFilling()))
 
 
 @settings(max_examples=40, deadline=None)
@@ -124,21 +251,23 @@ def test_settings_choose_the_budget_policy():
     assert selection_settings(SparseAttentionConfig()) == TopK(0.25, None, 0.5, False, UniformBudget())
     chosen = selection_settings(SparseAttentionConfig(head_budget="water_fill")).budget
     assert chosen == WaterFilling()
+    assert selection_settings(SparseAttentionConfig(head_budget="residual")).budget == ResidualFilling()
     with pytest.raises(ValueError, match="head_budget='best'.*uniform"):
         SparseAttentionConfig(head_budget="best")
     layout = token_layout((1, 2, 16), 0, False, 16, "none")
     assert head_budgets(_scores(1, 2, 2, 0), layout, TopK(0.5)) is None
 
 
+@pytest.mark.parametrize("policy", ["water_fill", "residual"])
 @pytest.mark.parametrize("text_len", [0, 9])
-def test_plans_keep_the_average_density(text_len):
+def test_plans_keep_the_average_density(text_len, policy):
     """End to end through the reference orchestrator: each head's plan keeps its budget per video query block and the
     mean over heads is the setting's budget; the plan is the same on a second call (deterministic)."""
     grid = (2, 6, 8)
     inputs = dit_attention_inputs(
         grid, heads=4, head_dim=16, text_len=text_len, temperatures=(1.0, 3.0, 0.5, 2.0), seed=3, dtype=torch.float64
     )
-    config = SparseAttentionConfig(sparsity=0.7, block_size=16, head_budget="water_fill", min_seq_len=0)
+    config = SparseAttentionConfig(sparsity=0.7, block_size=16, head_budget=policy, min_seq_len=0)
     layout = token_layout(grid, text_len, False, config.block_size, config.reorder)
     plans = [
         reference_call(inputs.query, inputs.key, inputs.value, None, layout, config).plan() for _ in range(2)
@@ -150,11 +279,12 @@ def test_plans_keep_the_average_density(text_len):
     assert float(kept.min()) >= 1.0
 
 
-def test_triton_implementation_selects_the_reference_plan():
+@pytest.mark.parametrize("policy", ["water_fill", "residual"])
+def test_triton_implementation_selects_the_reference_plan(policy):
     """The Triton implementation with per-head budgets gives the reference's plan for the same scores."""
     grid = (2, 4, 8)
     inputs = dit_attention_inputs(grid, heads=3, head_dim=16, temperatures=(1.0, 3.0, 0.5), seed=5)
-    config = SparseAttentionConfig(sparsity=0.6, block_size=16, head_budget="water_fill", min_seq_len=0)
+    config = SparseAttentionConfig(sparsity=0.6, block_size=16, head_budget=policy, min_seq_len=0)
     layout = token_layout(grid, 0, False, config.block_size, config.reorder)
     call = sparse_call(inputs.query, inputs.key, inputs.value, None, layout, config, triton_implementation())
     plan = call.plan()
@@ -176,11 +306,11 @@ def test_the_budget_policy_is_part_of_the_cached_plans_key():
     inputs = dit_attention_inputs(grid, heads=2, head_dim=16, seed=1, dtype=torch.float64)
     layout = token_layout(grid, 0, False, 16, "hilbert")
     signatures = set()
-    for budget in ("uniform", "water_fill"):
+    for budget in ("uniform", "water_fill", "residual"):
         config = SparseAttentionConfig(block_size=16, head_budget=budget, min_seq_len=0)
         call = reference_call(inputs.query, inputs.key, inputs.value, None, layout, config)
         signatures.add(op.plan_signature(call, config))
-    assert len(signatures) == 2
+    assert len(signatures) == 3
 
 
 def test_report_shows_each_heads_density_and_estimated_recall(tmp_path):

@@ -123,8 +123,10 @@ def tables(config: EvalConfig) -> dict[str, list[Row]]:
     ]
     # Per-head budgets (the `head_budget` policy) at the default estimator and rectification, first: the time guard
     # cuts the table's end.
-    water_fill = _method("per-head budgets: water_fill (default estimator, rectify query)", head_budget="water_fill")
-    estimator_rows = [Row(water_fill.label, water_fill, focus)]
+    estimator_rows = []
+    for budget in ("residual", "water_fill"):
+        method = _method(f"per-head budgets: {budget} (default estimator, rectify query)", head_budget=budget)
+        estimator_rows.append(Row(method.label, method, focus))
     for label, estimator in estimators:
         for rectify in ("none", "block", "query"):
             settings = {} if estimator == defaults.estimator else {"estimator": estimator}
@@ -140,15 +142,16 @@ def tables(config: EvalConfig) -> dict[str, list[Row]]:
     estimator_rows.append(Row(mean_pool.label, mean_pool, focus))
 
     schedule_rows = []
-    # At the dense steps the exact plan's scores are the true block mass, so water_fill's budgets are calibrated on it.
+    # At the dense steps the exact plan's scores are the true block mass, so the budgets are calibrated on it.
     calibrated_dense = max(1, round(0.1 * config.steps))
-    label = (
-        f"dense_steps {calibrated_dense}, refresh_interval 1, exact_plan_steps {defaults.exact_plan_steps}, "
-        "per-head budgets water_fill"
-    )
-    schedule_rows.append(
-        Row(label, _method(label, recall=False, dense_steps=calibrated_dense, head_budget="water_fill"), focus)
-    )
+    for budget in ("residual", "water_fill"):
+        label = (
+            f"dense_steps {calibrated_dense}, refresh_interval 1, exact_plan_steps {defaults.exact_plan_steps}, "
+            f"per-head budgets {budget}"
+        )
+        schedule_rows.append(
+            Row(label, _method(label, recall=False, dense_steps=calibrated_dense, head_budget=budget), focus)
+        )
     for dense in sorted({0, round(0.1 * config.steps), round(0.2 * config.steps)}):
         for refresh in (1, 5):
             settings = {}

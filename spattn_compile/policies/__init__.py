@@ -6,6 +6,7 @@ policy is and holds the registries).
 | select | `TopK` (`"top_k"`) | `topk.py` | a budget per query block, optionally grown by a mass threshold |
 | budget | `UniformBudget` (`"uniform"`) | `budgets.py` | every head keeps the same budget |
 | budget | `WaterFilling` (`"water_fill"`) | `budgets.py` | per-head budgets at the same average: most estimated mass |
+| budget | `ResidualFilling` (`"residual"`) | `budgets.py` | per-head budgets: least error left after rectification |
 | attend | `NoRectification` (`"none"`) | `rectification.py` | plain block-sparse attention |
 | attend | `BlockRectification` (`"block"`) | `rectification.py` | `R_i * O + c_i` per query block (IPAR/GAPR) |
 | attend | `QueryRectification` (`"query"`) | `rectification.py` | trusted blocks as virtual pooled keys per query |
@@ -45,7 +46,7 @@ from .base import (
     unregister_rectification,
     unregister_selection,
 )
-from .budgets import UniformBudget, WaterFilling
+from .budgets import ResidualFilling, UniformBudget, WaterFilling
 from .rectification import BlockRectification, NoRectification, QueryRectification
 from .topk import TopK
 
@@ -63,6 +64,7 @@ __all__ = [
     "RectificationConfig",
     "RectificationPolicy",
     "RectificationTerms",
+    "ResidualFilling",
     "SelectionConfig",
     "SelectionInputs",
     "SelectionPolicy",

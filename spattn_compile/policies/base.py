@@ -93,7 +93,7 @@ class SelectionInputs:
     unmasked key. key_block_count: `(B, H, NQ)` valid keys per canonical block. forced_blocks: bool `(B, H, NQ)`,
     blocks holding a valid key that is not finite (kept for every query block, so that the output is non-finite
     exactly where dense attention's is). layout: the canonical layout. estimator: the label the plan records for the
-    scores' origin.
+    scores' origin. scale: the call's softmax scale (None: `1/sqrt(D)`), which a budget policy may read.
     """
 
     scores: torch.Tensor
@@ -103,6 +103,7 @@ class SelectionInputs:
     forced_blocks: torch.Tensor
     layout: TokenLayout
     estimator: str
+    scale: float | None = None
 
 
 # The settings argument is the registered settings type; `Any` keeps each function typed by its own settings class.
@@ -211,11 +212,17 @@ class BudgetInputs:
     """What a budget policy reads: the block scores `scores (B, H, NB, NB + 1)` the estimator (or, at an exact step,
     the true block mass) already produced, the blocks each row keeps whatever its budget `forced (B, H, NB, NB)`
     (the diagonal, neighbours, blocks holding a non-finite key), and the uniform budget `uniform` (blocks per query
-    block) whose mean the per-head budgets keep."""
+    block) whose mean the per-head budgets keep. A policy that weighs what rectification recovers also reads the
+    pooled statistics `stats` (block means and mean absolute deviations), the softmax `scale` (None: `1/sqrt(D)`)
+    and the `trust` rule of the rectification in force (None: no rectification); a caller without them passes None.
+    """
 
     scores: torch.Tensor
     forced: torch.Tensor
     uniform: int
+    stats: PooledStats | None = None
+    scale: float | None = None
+    trust: Trust | None = None
 
 
 # Budget function: (inputs, settings) -> int32 (B, H), or None for the uniform budget (no tensor: today's path).

@@ -20,6 +20,23 @@ gives a sharp head too few blocks and a diffuse head blocks that each hold almos
   true-mass optimum; otherwise they are the estimate's (`benchmarks/NOTES_budgets.md` states how far the estimated
   recall is from the true one, per suite).
 
+- `"residual"` (`ResidualFilling`): water-filling on the error that remains *after* rectification instead of the
+  skipped mass. Query rectification stands a trusted skipped block j in for row i with one virtual key `k_bar_j`
+  (logit `s q . k_bar_j + log n_j`, value `v_bar_j`); it recovers most of a block whose keys agree as the row's
+  queries see them, little of a block whose logits spread. With the logits of block j seen from query block i
+  roughly Gaussian around the stand-in's, of variance `var[i, j] = s^2 sum_d E[q_d^2] Var[k_d]` (from the block
+  means and mean absolute deviations planning already pooled: `E[q_d^2] ~ q_bar_d^2 + pi/2 dq_d^2`,
+  `Var[k_d] ~ pi/2 dk_d^2`; one `(NB, D) x (D, NB)` product per head, as GAPR's gate), the virtual key carries
+  `exp(-var / 2)` of the block's weight (Jensen's gap of `log mean exp`), so skipping the block costs
+  `P_hat[i, j] * (1 - exp(-var[i, j] / 2))` when it is trusted and its whole `P_hat[i, j]` when it is not
+  (GAPR's gate refuses it, or the rectification does not compensate). `gain[h, k]` is that cost of the row's
+  `(k+1)`-th block in selection's order, averaged over the head's rows; the cost is not sorted within a row, so the
+  greedy fill takes each head's gains through their concave majorant (`concave_gains`: a head whose next blocks
+  are cheap but whose later ones are costly bids with their average), which makes it choose prefixes again.
+  Floors, `min_share` and the exact total as for `"water_fill"`. Measured (`benchmarks/NOTES_budgets.md`): on an
+  exact step's true mass the best split of the three; from the estimate better than uniform on most cases but not
+  all, so `"uniform"` stays the default.
+
 Deterministic for a given input: a stable sort, ties broken by head then position.
 """
 
@@ -30,9 +47,20 @@ import math
 
 import torch
 
-from .base import BudgetConfig, BudgetInputs, register_budget
+from ..plan import PooledStats
+from .base import BudgetConfig, BudgetInputs, Trust, register_budget
+from .rectification import gapr_trusted
 
-__all__ = ["UniformBudget", "WaterFilling", "water_fill_budgets"]
+__all__ = [
+    "ResidualFilling",
+    "UniformBudget",
+    "WaterFilling",
+    "concave_gains",
+    "fill_budgets",
+    "residual_budgets",
+    "residual_share",
+    "water_fill_budgets",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +79,45 @@ class WaterFilling(BudgetConfig):
     min_share: float = 0.25
 
 
+@dataclasses.dataclass(frozen=True)
+class ResidualFilling(BudgetConfig):
+    """`head_budget="residual"`: blocks go to the heads whose next blocks leave the most error after rectification
+    (the skipped mass that the pooled stand-in does not recover); no head below `min_share` of the uniform budget
+    (nor below its forced blocks)."""
+
+    name = "residual"
+    min_share: float = 0.25
+
+
+def _selection_order(scores: torch.Tensor, forced: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The video scores `(B, H, NB, NB)` (float32 at least, NaN as 0) and selection's order of each row: forced
+    blocks first (scores are in [0, 1]), then by descending score, ties by index."""
+    nb = scores.shape[2]
+    video = scores[..., :nb].nan_to_num(0.0).to(torch.promote_types(scores.dtype, torch.float32))
+    return video, (video + 2.0 * forced).argsort(dim=-1, descending=True, stable=True)
+
+
+def _floors(forced: torch.Tensor, uniform: int, min_share: float) -> torch.Tensor:
+    """`(B, H)`: each head's least budget, its rows' most forced blocks and `min_share` of the uniform budget."""
+    nb = forced.shape[-1]
+    return forced.sum(-1).amax(-1).clamp(min=max(1, math.ceil(min_share * uniform - 1e-9)), max=nb)
+
+
+def fill_budgets(gain: torch.Tensor, floor: torch.Tensor, uniform: int) -> torch.Tensor:
+    """int32 `(B, H)`: greedy water-filling of `H * uniform` blocks over the gains `(B, H, NB)` of each head's next
+    block, every head at least at its `floor (B, H)` (when the floors alone exceed the total, every head keeps its
+    floor). Past its floor each head's gains must not increase, so that the largest gains are a prefix of each
+    head's positions; ties go to the lower head, then the lower position (a stable sort)."""
+    b, h, nb = gain.shape
+    position = torch.arange(nb, device=gain.device)
+    gain = torch.where(position < floor[..., None], torch.full_like(gain, math.inf), gain)
+    ranked = gain.reshape(b, h * nb).argsort(dim=-1, descending=True, stable=True)
+    chosen = torch.zeros(b, h * nb, dtype=torch.bool, device=gain.device)
+    chosen.scatter_(-1, ranked[:, : h * uniform], True)
+    budgets = chosen.reshape(b, h, nb).sum(-1)
+    return torch.maximum(budgets, floor).to(torch.int32)
+
+
 def water_fill_budgets(
     scores: torch.Tensor, forced: torch.Tensor, uniform: int, min_share: float = 0.0
 ) -> torch.Tensor:
@@ -58,22 +125,70 @@ def water_fill_budgets(
     `forced`, bool broadcastable to `(B, H, NB, NB)`, keeping the sum over heads at `H * uniform` (unless the floors
     alone exceed it: then every head keeps its floor)."""
     b, h, nb = scores.shape[0], scores.shape[1], scores.shape[2]
-    video = scores[..., :nb].nan_to_num(0.0).to(torch.promote_types(scores.dtype, torch.float32))
     forced = forced.expand(b, h, nb, nb)
-    # Selection's order: forced blocks first (scores are in [0, 1]), then by descending score, ties by index.
-    order = (video + 2.0 * forced).argsort(dim=-1, descending=True, stable=True)
+    video, order = _selection_order(scores, forced)
+    # Past its floor a head's rows are in descending score order, so its gains do not increase.
     gain = video.gather(-1, order).mean(-2)  # (B, H, NB)
-    floor = forced.sum(-1).amax(-1).clamp(min=max(1, math.ceil(min_share * uniform - 1e-9)), max=nb)
-    position = torch.arange(nb, device=scores.device)
-    # Past its floor a head's rows are in descending score order, so its gains do not increase: a greedy choice of
-    # the largest gains takes a prefix of each head's positions.
-    gain = torch.where(position < floor[..., None], torch.full_like(gain, math.inf), gain)
-    total = h * uniform
-    ranked = gain.reshape(b, h * nb).argsort(dim=-1, descending=True, stable=True)
-    chosen = torch.zeros(b, h * nb, dtype=torch.bool, device=scores.device)
-    chosen.scatter_(-1, ranked[:, :total], True)
-    budgets = chosen.reshape(b, h, nb).sum(-1)
-    return torch.maximum(budgets, floor).to(torch.int32)
+    return fill_budgets(gain, _floors(forced, uniform, min_share), uniform)
+
+
+def concave_gains(gain: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """`(B, H, NB)` gains that do not increase past each head's `floor (B, H)`: at position k, the best average gain
+    of the positions k..j over every j >= k, then the running minimum from the floor on (the slopes of a concave
+    majorant of the head's cumulative gain; positions before the floor are left as they are). `(B, H, NB, NB)`
+    intermediates, the size of the scores."""
+    nb = gain.shape[-1]
+    position = torch.arange(nb, device=gain.device)
+    cumulative = torch.nn.functional.pad(gain.cumsum(-1), (1, 0))
+    span = (position[None, :] - position[:, None] + 1).to(gain.dtype)  # (k, j): j - k + 1 positions
+    average = (cumulative[..., None, 1:] - cumulative[..., :-1, None]) / span.clamp(min=1)
+    ahead = average.masked_fill(span < 1, -math.inf).amax(-1)
+    past_floor = position >= floor[..., None]
+    running = torch.where(past_floor, ahead, torch.full_like(ahead, math.inf)).cummin(-1).values
+    return torch.where(past_floor, running, gain)
+
+
+def residual_share(stats: PooledStats, scale: float | None, trust: Trust | None) -> torch.Tensor:
+    """`(B, H, NB, NB)`, float64 at least: the share of skipped video block j's contribution to query block i that
+    rectification does not recover (module docstring): `1 - exp(-var[i, j] / 2)` where `trust` compensates the block
+    (and GAPR's gate, when `trust.gapr`, lets it), 1 elsewhere."""
+    dtype = torch.promote_types(stats.q_block.dtype, torch.float64)
+    q, dq = stats.q_block.to(dtype), stats.q_block_mad.to(dtype)
+    dk = stats.k_block_mad.to(dtype)
+    s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    query_power = q.square() + (math.pi / 2) * dq.square()  # E[q_d^2] over the block's queries
+    key_variance = (math.pi / 2) * dk.square()  # Var[k_d] over the block's keys (Gaussian: sigma = sqrt(pi/2) MAD)
+    variance = (s * s) * (query_power @ key_variance.transpose(-1, -2))
+    share = -torch.expm1(-0.5 * variance)
+    if trust is None or not trust.compensate:
+        return torch.ones_like(share)
+    usable = (stats.k_block_count > 0)[..., None, :]
+    if trust.gapr:
+        usable = usable & gapr_trusted(stats)
+    return torch.where(usable, share, torch.ones_like(share))
+
+
+def residual_budgets(
+    scores: torch.Tensor,
+    forced: torch.Tensor,
+    uniform: int,
+    stats: PooledStats,
+    scale: float | None,
+    trust: Trust | None,
+    min_share: float = 0.0,
+) -> torch.Tensor:
+    """int32 `(B, H)` per-head budgets of `head_budget="residual"` (module docstring) from `scores (B, H, NB, NB + 1)`,
+    the forced blocks `forced` (bool, broadcastable to `(B, H, NB, NB)`), the pooled `stats`, the softmax `scale`
+    (None: `1/sqrt(D)`) and the rectification's `trust`; the sum over heads is `H * uniform` as for
+    `water_fill_budgets`. Computed in float64 whatever the inputs' dtype, so that the reference and the kernel path
+    choose the same budgets from the same scores."""
+    b, h, nb = scores.shape[0], scores.shape[1], scores.shape[2]
+    forced = forced.expand(b, h, nb, nb)
+    video, order = _selection_order(scores.double(), forced)
+    cost = video * residual_share(stats, scale, trust).to(video.device)
+    gain = cost.gather(-1, order).mean(-2)  # (B, H, NB)
+    floor = _floors(forced, uniform, min_share)
+    return fill_budgets(concave_gains(gain, floor), floor, uniform)
 
 
 def _uniform(inputs: BudgetInputs, settings: UniformBudget) -> torch.Tensor | None:
@@ -84,5 +199,17 @@ def _water_fill(inputs: BudgetInputs, settings: WaterFilling) -> torch.Tensor:
     return water_fill_budgets(inputs.scores, inputs.forced, inputs.uniform, settings.min_share)
 
 
+def _residual(inputs: BudgetInputs, settings: ResidualFilling) -> torch.Tensor:
+    if inputs.stats is None:
+        raise ValueError(
+            "head_budget='residual' needs the pooled statistics (BudgetInputs.stats), got None: pass stats= to "
+            "policies.topk.head_budgets"
+        )
+    return residual_budgets(
+        inputs.scores, inputs.forced, inputs.uniform, inputs.stats, inputs.scale, inputs.trust, settings.min_share
+    )
+
+
 register_budget(UniformBudget, allocate=_uniform)
 register_budget(WaterFilling, allocate=_water_fill)
+register_budget(ResidualFilling, allocate=_residual)

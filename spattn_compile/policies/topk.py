@@ -85,13 +85,21 @@ def forced_block_mask(
 
 
 def head_budgets(
-    scores: torch.Tensor, layout: TokenLayout, selection: TopK, forced_blocks: torch.Tensor | None = None
+    scores: torch.Tensor,
+    layout: TokenLayout,
+    selection: TopK,
+    forced_blocks: torch.Tensor | None = None,
+    *,
+    stats: PooledStats | None = None,
+    scale: float | None = None,
+    trust: Trust | None = None,
 ) -> torch.Tensor | None:
     """int32 `(B, H)`: the video key blocks per video query block of each head under `selection.budget` (from the
-    scores `P_hat (B, H, NB, NB + 1)`), or None for the uniform budget `block_budget(selection.density, NB)`."""
+    scores `P_hat (B, H, NB, NB + 1)`, and for the policies that weigh rectification the pooled `stats`, the softmax
+    `scale` and the rectification's `trust`), or None for the uniform budget `block_budget(selection.density, NB)`."""
     nb = layout.num_video_blocks
     forced = forced_block_mask(layout, selection.neighbors, forced_blocks, scores.device)
-    inputs = BudgetInputs(scores, forced, block_budget(selection.density, nb))
+    inputs = BudgetInputs(scores, forced, block_budget(selection.density, nb), stats, scale, trust)
     return budget_policy(selection.budget)(inputs, selection.budget)
 
 
@@ -149,11 +157,13 @@ def select_plan_reference(
     estimator: str,
     forced_blocks: torch.Tensor | None = None,
     budget: torch.Tensor | None = None,
+    scale: float | None = None,
 ) -> SparsePlan:
     """The plan of `selection` from the block scores `P_hat (B, H, NB, NB + 1)` (`estimator` names their origin),
     with the trusted blocks of `trust`. `key_valid_c` (bool `(B, H, P)`) says which keys exist; `forced_blocks`
     (bool `(B, H, NQ)`) are kept for every query block; `budget`: int32 `(B, H)` per-head budgets of video blocks in
-    place of those of `selection.budget`'s policy (`head_budgets`; `check_budget`)."""
+    place of those of `selection.budget`'s policy (`head_budgets`, which reads the softmax `scale`, None:
+    `1/sqrt(D)`; `check_budget`)."""
     nonempty = key_valid_c.reshape(*key_valid_c.shape[:2], layout.num_blocks, layout.block_size).any(-1)
     keep = select_blocks(
         scores,
@@ -165,7 +175,7 @@ def select_plan_reference(
         neighbors=selection.neighbors,
         forced_blocks=forced_blocks,
         head_budget=(
-            head_budgets(scores, layout, selection, forced_blocks)
+            head_budgets(scores, layout, selection, forced_blocks, stats=stats, scale=scale, trust=trust)
             if budget is None
             else check_budget(budget, scores.shape[:2], layout)
         ),
@@ -213,12 +223,15 @@ def select_top_k(
             estimator=inputs.estimator,
             forced_blocks=inputs.forced_blocks,
             budget=budget,
+            scale=inputs.scale,
         )
     from ..kernels.select import select_plan
 
     layout = inputs.layout
     if budget is None:
-        budget = head_budgets(inputs.scores, layout, settings, inputs.forced_blocks)
+        budget = head_budgets(
+            inputs.scores, layout, settings, inputs.forced_blocks, stats=inputs.stats, scale=inputs.scale, trust=trust
+        )
     return select_plan(
         inputs.scores.float(),
         inputs.key_block_count,
