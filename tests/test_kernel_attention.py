@@ -717,3 +717,21 @@ def test_gpu_every_tile_config(head_dim, reads, config):
     """Each autotuning candidate computes the same function (the autotuner may pick any of them)."""
     case = _pipeline_case(grid=(7, 11, 13), text_len=77, head_dim=head_dim, rectify="query", dtype=torch.float16)
     _run_and_check(case, reads=reads, output="scatter", tile_config=TileConfig.of(config))
+
+
+@pytest.mark.parametrize("entries", [6, 7])
+def test_int16_block_lists_are_read_as_int32_words_or_widened(entries):
+    """Why the words: a 2-byte load keeps Triton from pipelining the key loads that depend on it (the kernel's
+    `_list_entries`). An odd number of entries cannot be viewed as words: the lists are widened instead."""
+    from spattn_compile.kernels.block_sparse_attention import _block_lists
+
+    lists = [torch.arange(entries, dtype=torch.int16).flip(0), torch.full((entries,), 3, dtype=torch.int16)]
+    got, packed = _block_lists(lists)
+    assert packed == (entries % 2 == 0)
+    for words, original in zip(got, lists):
+        assert words.dtype == torch.int32
+        if packed:
+            low, high = words & 0xFFFF, words >> 16
+            assert torch.equal(torch.stack([low, high], 1).reshape(-1), original.to(torch.int32))
+        else:
+            assert torch.equal(words, original.to(torch.int32))
