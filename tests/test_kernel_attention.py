@@ -36,6 +36,7 @@ from spattn_compile.kernels.block_sparse_attention import (
     TileConfig,
     autotune_configs,
     block_sparse_attention,
+    lane_groups,
     launch_attention,
     prune_tile_configs,
 )
@@ -308,6 +309,7 @@ def _launch_params(draw, reads: str) -> dict:
                 key_mask=st.sampled_from(["load", "select"]),
                 pooled_dtype=st.sampled_from(["input", "float32"]),
                 trusted_chunk=st.sampled_from([None, 16, 32]),
+                head_lanes=st.sampled_from(["pad", "split"]),
             )
         ),
         "priority": draw(st.sampled_from([0, 1, 2, 1000])),
@@ -566,15 +568,39 @@ def test_prune_keeps_tiles_that_divide_the_block(gather):
                     assert config.kwargs["BLOCK_M"] <= 64
 
 
-@pytest.mark.parametrize("head_dim", [16, 24, 40, 72, 136, 256])
-@pytest.mark.parametrize("rectify", ["none", "query"])
+@pytest.mark.parametrize("head_dim", [16, 24, 40, 72, 96, 136, 256])
+@pytest.mark.parametrize("rectify", ["none", "block", "query"])
 @pytest.mark.parametrize("reads", ["canonical", "gathered"])
-def test_head_dims_the_kernels_take(head_dim, rectify, reads):
+@pytest.mark.parametrize("head_lanes", ["pad", "split"])
+def test_head_dims_the_kernels_take(head_dim, rectify, reads, head_lanes):
     """Head dims 16 to 256 that are multiples of 8 (`capability.kernel_limits`), padded to a power of two in
-    registers: the padding lanes add nothing to q . k, are never stored (the output rows are exactly `head_dim` wide,
-    NaN-poisoned around) and never read (the gathered inputs are slices of wider rows holding 1e4)."""
+    registers, or split into two lane groups (96 = 64 + 32, 72 = 64 + 16): the padding lanes add nothing to q . k,
+    are never stored (the output rows are exactly `head_dim` wide, NaN-poisoned around) and never read (the gathered
+    inputs are slices of wider rows holding 1e4)."""
     case = _small_case(rectify, grid=(2, 3, 5), text_len=5, text_padding=2, head_dim=head_dim, memory="sliced")
-    _run_and_check(case, reads=reads, output="transposed")
+    _run_and_check(case, reads=reads, output="transposed", variant=KernelVariant(head_lanes=head_lanes))
+
+
+@pytest.mark.parametrize(
+    "head_dim, pad, split",
+    [(16, (0, 0), (0, 0)), (24, (0, 0), (0, 0)), (40, (0, 0), (32, 16)), (64, (0, 0), (0, 0)),
+     (72, (0, 0), (64, 16)), (80, (0, 0), (64, 16)), (96, (0, 0), (64, 32)), (112, (0, 0), (0, 0)),
+     (128, (0, 0), (0, 0)), (136, (0, 0), (128, 16)), (192, (0, 0), (128, 64)), (256, (0, 0), (0, 0))],
+)  # fmt: skip
+def test_lane_groups(head_dim, pad, split):
+    """Split only where two power-of-two groups need fewer lanes than the padded width (112 = 64 + 64 does not)."""
+    assert lane_groups(head_dim, "pad") == pad
+    assert lane_groups(head_dim, "split") == split
+
+
+def test_tile_config_register_cap():
+    """A register cap travels to the launch options and through the autotuner's configs (and back)."""
+    tile = TileConfig(128, 64, 8, 3, 128)
+    assert tile.launch_options()["maxnreg"] == 128 and "maxnreg" not in TileConfig(64, 64).launch_options()
+    assert TileConfig.of(tile.to_triton()) == tile
+    for bad in (16, 300, True, 128.0):
+        with pytest.raises(ValueError, match="TileConfig.max_registers"):
+            TileConfig(128, 64, 8, 3, bad)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("head_dim", [8, 12, 20, 264])
@@ -612,6 +638,22 @@ def test_bench_attention_runs_at_a_toy_size(tmp_path):
     assert lines[table - 1] == "correctness: passed" and all(line.startswith("|") for line in lines[table:])
     assert len(lines) - table == 2 + 2  # header, rule, one timing row, one head-dim row
     report = (tmp_path / "bench_attention.md").read_text()
+    assert "## Correctness" in report and "## Timing" in report and "FAILED" not in report
+
+
+def test_tune_attention_runs_at_a_toy_size(tmp_path):
+    """benchmarks/tune_attention.py (every kernel variant against cuDNN) runs end to end on the CPU with --smoke:
+    every variant passes its float64 check, the report is written under $OUT, the table is printed last."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "tune_attention.py"
+    env = {**os.environ, "OUT": str(tmp_path), "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, str(script), "--smoke"], env=env, capture_output=True, text=True,
+                            timeout=900)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    lines = result.stdout.strip().splitlines()
+    table = lines.index(next(line for line in lines if line.startswith("| shape | sparsity |")))
+    assert lines[table - 1].startswith("correctness: passed") and all(line.startswith("|") for line in lines[table:])
+    assert any("split" in line and "[lanes 32+16]" in line for line in lines[table:])
+    report = (tmp_path / "tune_attention.md").read_text()
     assert "## Correctness" in report and "## Timing" in report and "FAILED" not in report
 
 
@@ -674,11 +716,13 @@ def test_gpu_bf16_real_size(head_dim, rectify, reads):
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", [80, 96])
 @pytest.mark.parametrize("rectify", ["block", "query"])
-def test_gpu_bf16_head_dims_that_are_not_powers_of_two(head_dim, rectify):
-    """CogVideoX-like head dims, padded to 128 in registers."""
+@pytest.mark.parametrize("head_lanes", ["pad", "split"])
+def test_gpu_bf16_head_dims_that_are_not_powers_of_two(head_dim, rectify, head_lanes):
+    """CogVideoX-like head dims, padded to 128 in registers or split into 64 + 32 / 64 + 16 lanes."""
     case = _pipeline_case(grid=(9, 30, 45), text_len=226, head_dim=head_dim, rectify=rectify, dtype=torch.bfloat16)
-    error = _run_and_check(case, reads="gathered", output="transposed")
-    print(f"bf16 9x30x45 D={head_dim} rectify={rectify}: relative error {error:.2e}")
+    variant = KernelVariant(head_lanes=head_lanes)
+    error = _run_and_check(case, reads="gathered", output="transposed", variant=variant)
+    print(f"bf16 9x30x45 D={head_dim} rectify={rectify} {head_lanes}: relative error {error:.2e}")
 
 
 @pytest.mark.gpu

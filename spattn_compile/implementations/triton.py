@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 
 from ..inputs import output_like
-from ..kernels.block_sparse_attention import block_sparse_attention
+from ..kernels.block_sparse_attention import KernelVariant, TileConfig, block_sparse_attention
 from ..kernels.pooled_scores import planning_heads
 from ..kernels.statistics import prepare_statistics
 from ..layout import TokenLayout
@@ -43,17 +43,27 @@ class TritonImplementation:
 
     heads_per_group: heads per group of `prepare_and_estimate` (None: `kernels.pooled_scores.planning_heads`, the
     fewest heads whose groups take no more waves of the scores kernel's programs than all heads at once).
+    tile_config, variant: the attention kernel's tiles (None: autotuned) and structural variant (None: the default),
+    for benchmarks that compare them through this path (benchmarks/tune_attention.py).
     """
 
     name = "triton"
     kind: Literal["reference", "kernel"] = "kernel"
 
-    def __init__(self, heads_per_group: int | None = None) -> None:
+    def __init__(
+        self,
+        heads_per_group: int | None = None,
+        *,
+        tile_config: TileConfig | None = None,
+        variant: KernelVariant | None = None,
+    ) -> None:
         if heads_per_group is not None and (
             isinstance(heads_per_group, bool) or not isinstance(heads_per_group, int) or heads_per_group < 1
         ):
             raise ValueError(f"heads_per_group must be None or a positive int, got {heads_per_group!r}")
         self.heads_per_group = heads_per_group
+        self.tile_config = tile_config
+        self.variant = variant
 
     def prepare(
         self,
@@ -146,5 +156,7 @@ class TritonImplementation:
             # Text query rows attend to every block, so their programs run ~1/density times longer than a video
             # row's: started first, they do not leave a tail at the end of the grid.
             priority_query_blocks=layout.num_text_blocks,
+            tile_config=self.tile_config,
+            variant=self.variant,
             **kernel.arguments,
         )

@@ -48,6 +48,8 @@ __all__ = [
     "block_sparse_attention",
     "chosen_tile_config",
     "compile_attention",
+    "forget_tile_choices",
+    "lane_groups",
     "launch_attention",
     "prune_tile_configs",
     "rectify_mode",
@@ -87,31 +89,37 @@ def _list_entries(List, entries, mask, PACKED: tl.constexpr):
 
 
 @triton.jit
-def _online_softmax_step(acc, m_i, l_i, qk, v, qk_scale, DOT_PRECISION: tl.constexpr):
-    """Fold one tile of raw logits `qk (BLOCK_M, N)` and values `v (N, HEAD_PAD)` into the running row maximum
-    `m_i` (log2 units), row sum `l_i` and unnormalised output `acc`. Masked logits are -inf."""
+def _online_softmax_step(m_i, l_i, qk, qk_scale):
+    """Fold one tile of raw logits `qk (BLOCK_M, N)` into the running row maximum `m_i` (log2 units) and row sum
+    `l_i`. Masked logits are -inf. Returns the tile's weights `p`, the factor `alpha` by which the unnormalised output
+    must be scaled before `p @ v` is added to it (`_accumulate`), and the new `m_i`, `l_i`."""
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     # A row whose keys so far are all masked keeps m = -inf: shift it by 0 so that exp2 gives 0 rather than NaN.
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.math.exp2(qk * qk_scale - m_shift[:, None])
     alpha = tl.math.exp2(m_i - m_shift)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-    return acc, m_new, l_i
+    return p, alpha, m_new, l_i
 
 
 @triton.jit
-def _load_rows(ptrs, row_ok, offs_d, MASK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr):
-    """Load a `(rows, HEAD_PAD)` tile. Rows where `row_ok` is False (when MASK_ROWS) and the lanes past HEAD_DIM of a
-    head dim padded to a power of two read as zeros; a tile without either is an unmasked load."""
+def _accumulate(acc, p, alpha, v, DOT_PRECISION: tl.constexpr):
+    """`acc * alpha + p @ v` for one lane group of the output (`v (N, lanes)`), the product on the tensor cores."""
+    return tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _load_rows(ptrs, row_ok, offs_d, MASK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, LANES_END: tl.constexpr):
+    """Load a `(rows, lanes)` tile of lanes `offs_d` (ending at LANES_END). Rows where `row_ok` is False (when
+    MASK_ROWS) and the lanes past HEAD_DIM of a head dim padded to a power of two read as zeros; a tile without either
+    is an unmasked load."""
     if MASK_ROWS:
-        if HEAD_PAD != HEAD_DIM:
+        if LANES_END != HEAD_DIM:
             tile = tl.load(ptrs, mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
         else:
             tile = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
     else:
-        if HEAD_PAD != HEAD_DIM:
+        if LANES_END != HEAD_DIM:
             tile = tl.load(ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
         else:
             tile = tl.load(ptrs)
@@ -188,6 +196,8 @@ def _block_sparse_attention_kernel(
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_PAD: tl.constexpr,
+    HEAD_SPLIT: tl.constexpr,
+    HEAD_REST: tl.constexpr,
     RECTIFY: tl.constexpr,
     GATHER: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr,
@@ -200,7 +210,9 @@ def _block_sparse_attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Grid `(B * H * P / BLOCK_M,)`. RECTIFY: 0 none, 1 block, 2 query.
+    """Grid `(B * H * P / BLOCK_M,)`. RECTIFY: 0 none, 1 block, 2 query. HEAD_SPLIT > 0: the head dim is computed
+    as two lane groups, HEAD_SPLIT lanes and HEAD_REST lanes (both powers of two; D = 96 as 64 + 32 wastes no tensor
+    work, where one group of HEAD_PAD = 128 lanes wastes a quarter); 0: one group of HEAD_PAD lanes.
 
     Canonical reads: Q, K, V `(B, H, P, HEAD_DIM)` by strides (last dim contiguous); with HAS_KEY_MASK, KeyValid
     `(B, H, P)` bool by (batch, head) strides (`stride_mask_*`). Gathered reads (GATHER): Q, K, V `(B, H, S,
@@ -241,7 +253,12 @@ def _block_sparse_attention_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_PAD)
+    # Lanes of the head dim: one group (offs_d), or two (offs_d, offs_e) when HEAD_SPLIT > 0; every product, load
+    # and store below is done per group.
+    LANES: tl.constexpr = HEAD_SPLIT if HEAD_SPLIT > 0 else HEAD_PAD
+    offs_d = tl.arange(0, LANES)
+    if HEAD_SPLIT > 0:
+        offs_e = HEAD_SPLIT + tl.arange(0, HEAD_REST)
     k_base = K + off_b * stride_kb + off_h * stride_kh
     v_base = V + off_b * stride_vb + off_h * stride_vh
     # KeyValid (canonical reads) or KeyRows (gathered reads) of this (batch, head).
@@ -251,20 +268,28 @@ def _block_sparse_attention_kernel(
     # Offsets of a canonical key tile from its first row: loop invariant, so each step adds one scalar row offset.
     k_tile = offs_n[:, None] * stride_ks + offs_d[None, :]
     v_tile = offs_n[:, None] * stride_vs + offs_d[None, :]
+    if HEAD_SPLIT > 0:
+        k_tile_e = offs_n[:, None] * stride_ks + offs_e[None, :]
+        v_tile_e = offs_n[:, None] * stride_vs + offs_e[None, :]
 
     # Q stays on chip for the whole program: it is loaded once.
     q_base = Q + off_b * stride_qb + off_h * stride_qh
     if GATHER:
         q_rows = tl.load(QueryRows + offs_m)
-        q_ptrs = q_base + _row_offsets(q_rows, stride_qs, OFFSETS_32)[:, None] + offs_d[None, :]
-        q = _load_rows(q_ptrs, q_rows >= 0, offs_d, True, HEAD_DIM, HEAD_PAD)
+        q_ok = q_rows >= 0
+        q_ptrs = q_base + _row_offsets(q_rows, stride_qs, OFFSETS_32)[:, None]
     else:
-        q_ptrs = q_base + offs_m.to(tl.int64)[:, None] * stride_qs + offs_d[None, :]
-        q = _load_rows(q_ptrs, offs_m >= 0, offs_d, False, HEAD_DIM, HEAD_PAD)
+        q_ok = offs_m >= 0
+        q_ptrs = q_base + offs_m.to(tl.int64)[:, None] * stride_qs
+    q = _load_rows(q_ptrs + offs_d[None, :], q_ok, offs_d, GATHER, HEAD_DIM, LANES)
+    if HEAD_SPLIT > 0:
+        q_e = _load_rows(q_ptrs + offs_e[None, :], q_ok, offs_e, GATHER, HEAD_DIM, HEAD_SPLIT + HEAD_REST)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_PAD], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, LANES], dtype=tl.float32)
+    if HEAD_SPLIT > 0:
+        acc_e = tl.zeros([BLOCK_M, HEAD_REST], dtype=tl.float32)
 
     # Real keys: one flat loop over (listed key block, sub-tile) so that the compiler pipelines a single loop.
     kv_count = tl.load(KvCounts + plan_row)
@@ -276,31 +301,29 @@ def _block_sparse_attention_kernel(
             # Masked keys and padding rows have row -1: neither their K nor their V row is read.
             rows = tl.load(key_rows_base + start_n + offs_n)
             real = rows >= 0
-            k = _load_rows(
-                k_base + _row_offsets(rows, stride_ks, OFFSETS_32)[:, None] + offs_d[None, :],
-                real,
-                offs_d,
-                True,
-                HEAD_DIM,
-                HEAD_PAD,
-            )
-            v = _load_rows(
-                v_base + _row_offsets(rows, stride_vs, OFFSETS_32)[:, None] + offs_d[None, :],
-                real,
-                offs_d,
-                True,
-                HEAD_DIM,
-                HEAD_PAD,
-            )
+            k_rows = k_base + _row_offsets(rows, stride_ks, OFFSETS_32)[:, None]
+            v_rows = v_base + _row_offsets(rows, stride_vs, OFFSETS_32)[:, None]
+            k = _load_rows(k_rows + offs_d[None, :], real, offs_d, True, HEAD_DIM, LANES)
+            v = _load_rows(v_rows + offs_d[None, :], real, offs_d, True, HEAD_DIM, LANES)
+            if HEAD_SPLIT > 0:
+                k_e = _load_rows(k_rows + offs_e[None, :], real, offs_e, True, HEAD_DIM, HEAD_SPLIT + HEAD_REST)
+                v_e = _load_rows(v_rows + offs_e[None, :], real, offs_e, True, HEAD_DIM, HEAD_SPLIT + HEAD_REST)
         else:
-            k = _load_rows(k_base + start_n * stride_ks + k_tile, offs_n >= 0, offs_d, False, HEAD_DIM, HEAD_PAD)
-            if HAS_KEY_MASK and MASK_V_LOAD:
-                # The value rows of masked keys are not read (a zero weight times a NaN in them would be NaN).
+            # The value rows of masked keys are not read (a zero weight times a NaN in them would be NaN).
+            MASK_V: tl.constexpr = HAS_KEY_MASK and MASK_V_LOAD
+            if MASK_V:
                 v_ok = tl.load(valid_base + start_n + offs_n) != 0
-                v = _load_rows(v_base + start_n * stride_vs + v_tile, v_ok, offs_d, True, HEAD_DIM, HEAD_PAD)
             else:
-                v = _load_rows(v_base + start_n * stride_vs + v_tile, offs_n >= 0, offs_d, False, HEAD_DIM, HEAD_PAD)
+                v_ok = offs_n >= 0
+            k = _load_rows(k_base + start_n * stride_ks + k_tile, offs_n >= 0, offs_d, False, HEAD_DIM, LANES)
+            v = _load_rows(v_base + start_n * stride_vs + v_tile, v_ok, offs_d, MASK_V, HEAD_DIM, LANES)
+            if HEAD_SPLIT > 0:
+                END: tl.constexpr = HEAD_SPLIT + HEAD_REST
+                k_e = _load_rows(k_base + start_n * stride_ks + k_tile_e, offs_n >= 0, offs_e, False, HEAD_DIM, END)
+                v_e = _load_rows(v_base + start_n * stride_vs + v_tile_e, v_ok, offs_e, MASK_V, HEAD_DIM, END)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if HEAD_SPLIT > 0:
+            qk = tl.dot(q_e, tl.trans(k_e), qk, input_precision=DOT_PRECISION)
         if HAS_KEY_MASK:
             # Only blocks holding a masked key or a padding row pay for the select (most blocks have none).
             if tl.load(block_full_base + kv_block) == 0:
@@ -312,7 +335,12 @@ def _block_sparse_attention_kernel(
                 if not MASK_V_LOAD:
                     # The previous kernel's formulation, selectable for measurement: V goes through registers.
                     v = tl.where(key_ok[:, None], v, tl.zeros_like(v))
-        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, qk, v, qk_scale, DOT_PRECISION)
+                    if HEAD_SPLIT > 0:
+                        v_e = tl.where(key_ok[:, None], v_e, tl.zeros_like(v_e))
+        p, alpha, m_i, l_i = _online_softmax_step(m_i, l_i, qk, qk_scale)
+        acc = _accumulate(acc, p, alpha, v, DOT_PRECISION)
+        if HEAD_SPLIT > 0:
+            acc_e = _accumulate(acc_e, p, alpha, v_e, DOT_PRECISION)
 
     if RECTIFY == 2:
         # Query mode: trusted skipped block j is one virtual key with logit scale * q . k_bar_j + log n_j; the
@@ -325,27 +353,47 @@ def _block_sparse_attention_kernel(
             slot = first + offs_t
             listed = slot < trusted_count
             pooled = pooled_base + _list_entries(TrustedIndices, trusted_list + slot, listed, PACKED_LISTS)
-            pooled_rows = pooled[:, None] * HEAD_DIM + offs_d[None, :]
-            k_bar = _load_rows(KBlock + pooled_rows, listed, offs_d, True, HEAD_DIM, HEAD_PAD)
-            v_bar = _load_rows(VBlock + pooled_rows, listed, offs_d, True, HEAD_DIM, HEAD_PAD)
+            pooled_rows = KBlock + pooled[:, None] * HEAD_DIM
+            pooled_values = VBlock + pooled[:, None] * HEAD_DIM
+            k_bar = _load_rows(pooled_rows + offs_d[None, :], listed, offs_d, True, HEAD_DIM, LANES)
+            v_bar = _load_rows(pooled_values + offs_d[None, :], listed, offs_d, True, HEAD_DIM, LANES)
             log_count = tl.load(KBlockLogCount + pooled, mask=listed, other=float("-inf"))
             qk = tl.dot(q, tl.trans(k_bar.to(q.dtype)), input_precision=DOT_PRECISION)
+            if HEAD_SPLIT > 0:
+                END_BAR: tl.constexpr = HEAD_SPLIT + HEAD_REST
+                k_bar_e = _load_rows(pooled_rows + offs_e[None, :], listed, offs_e, True, HEAD_DIM, END_BAR)
+                v_bar_e = _load_rows(pooled_values + offs_e[None, :], listed, offs_e, True, HEAD_DIM, END_BAR)
+                qk = tl.dot(q_e, tl.trans(k_bar_e.to(q.dtype)), qk, input_precision=DOT_PRECISION)
             qk = qk + log_count[None, :] / sm_scale
-            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, qk, v_bar.to(q.dtype), qk_scale, DOT_PRECISION)
-
-    # Rows with no allowed key have l = 0 and acc = 0: they output 0, never NaN.
-    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-    if RECTIFY == 1:
-        rescale = tl.load(Rescale + stats_row)
-        correction = tl.load(Correction + stats_row * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
-        out = out * rescale + correction[None, :]
+            p, alpha, m_i, l_i = _online_softmax_step(m_i, l_i, qk, qk_scale)
+            acc = _accumulate(acc, p, alpha, v_bar.to(q.dtype), DOT_PRECISION)
+            if HEAD_SPLIT > 0:
+                acc_e = _accumulate(acc_e, p, alpha, v_bar_e.to(q.dtype), DOT_PRECISION)
 
     if HAS_OUT_INDEX:
         dest = tl.load(OutIndex + offs_m).to(tl.int64)
     else:
         dest = offs_m.to(tl.int64)
-    out_ptrs = Out + off_b * stride_ob + off_h * stride_oh + dest[:, None] * stride_os + offs_d[None, :]
-    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=(dest >= 0)[:, None] & (offs_d < HEAD_DIM)[None, :])
+    out_rows = Out + off_b * stride_ob + off_h * stride_oh + dest[:, None] * stride_os
+    # Rows with no allowed key have l = 0 and acc = 0: they output 0, never NaN.
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    _store_lanes(out_rows, acc, l_safe, dest, offs_d, Rescale, Correction, stats_row, RECTIFY, HEAD_DIM)
+    if HEAD_SPLIT > 0:
+        _store_lanes(out_rows, acc_e, l_safe, dest, offs_e, Rescale, Correction, stats_row, RECTIFY, HEAD_DIM)
+
+
+@triton.jit
+def _store_lanes(out_rows, acc, l_safe, dest, offs_d, Rescale, Correction, stats_row, RECTIFY: tl.constexpr,
+                 HEAD_DIM: tl.constexpr):  # fmt: skip
+    """The epilogue for the lanes `offs_d` of the output: normalise, block rectification (`R_i * O + c_i`), store at
+    the rows `dest` (rows < 0 and lanes past HEAD_DIM are not stored)."""
+    out = acc / l_safe[:, None]
+    if RECTIFY == 1:
+        rescale = tl.load(Rescale + stats_row)
+        correction = tl.load(Correction + stats_row * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
+        out = out * rescale + correction[None, :]
+    out_ptrs = out_rows + offs_d[None, :]
+    tl.store(out_ptrs, out.to(out_rows.dtype.element_ty), mask=(dest >= 0)[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -355,31 +403,54 @@ def _block_sparse_attention_kernel(
 
 @dataclasses.dataclass(frozen=True)
 class TileConfig:
-    """An explicit tile configuration: query rows per program, keys per step, warps and software-pipeline stages.
-    Both tiles are powers of two >= 16 and must divide the plan's block size."""
+    """An explicit tile configuration: query rows per program, keys per step, warps, software-pipeline stages and an
+    optional register cap per thread (ptxas `maxnreg`; None: the compiler's choice). Both tiles are powers of two
+    >= 16 and must divide the plan's block size. A cap of 128 with 8 warps lets two programs share an SM (65,536
+    registers) when their shared memory fits too (<= 113 KB each): one program's softmax then overlaps the other's
+    products, which Triton 3.6 does not do within one program on Hopper."""
 
     block_m: int
     block_n: int
     num_warps: int = 8
     num_stages: int = 3
+    max_registers: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
             size = getattr(self, name)
             if isinstance(size, bool) or not isinstance(size, int) or size < 16 or size & (size - 1):
                 raise ValueError(f"TileConfig.{name}={size!r}: expected a power of two >= 16")
+        regs = self.max_registers
+        if regs is not None and (isinstance(regs, bool) or not isinstance(regs, int) or not 24 <= regs <= 255):
+            raise ValueError(f"TileConfig.max_registers={regs!r}: expected None or an int in [24, 255]")
 
     @classmethod
     def of(cls, config: triton.Config) -> TileConfig:
-        return cls(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
+        maxnreg = getattr(config, "maxnreg", None)
+        return cls(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages, maxnreg)
+
+    def to_triton(self) -> triton.Config:
+        return triton.Config(
+            {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n},
+            num_warps=self.num_warps,
+            num_stages=self.num_stages,
+            maxnreg=self.max_registers,
+        )
 
     def launch_options(self) -> dict[str, int]:
-        return {
+        options = {
             "BLOCK_M": self.block_m,
             "BLOCK_N": self.block_n,
             "num_warps": self.num_warps,
             "num_stages": self.num_stages,
         }
+        if self.max_registers is not None:
+            options["maxnreg"] = self.max_registers
+        return options
+
+    def __str__(self) -> str:
+        regs = f" regs<={self.max_registers}" if self.max_registers is not None else ""
+        return f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages}{regs}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -393,11 +464,16 @@ class KernelVariant:
     pooled_dtype (query mode): "input" casts the pooled keys and values to the inputs' dtype once in the launcher
         (half the bytes per virtual key, no cast in the loop); "float32" reads them as given.
     trusted_chunk (query mode): virtual keys per step (None: 64 on the GPU, 16 under the interpreter).
+    head_lanes: "pad" computes a head dim that is not a power of two over the next power of two's lanes (D = 96 as
+        128: a quarter of the tensor work and of the accumulator's registers is padding); "split" computes it as two
+        lane groups, half the padded width and the rest's power of two (96 = 64 + 32, 80 = 64 + 16), two products
+        per step each for QK^T and PV, no lane wasted at D = 96 (`lane_groups`). Powers of two are never split.
     """
 
     key_mask: Literal["load", "select"] = "load"
     pooled_dtype: Literal["input", "float32"] = "input"
     trusted_chunk: int | None = None
+    head_lanes: Literal["pad", "split"] = "pad"
 
     def __post_init__(self) -> None:
         if self.key_mask not in ("load", "select"):
@@ -407,42 +483,62 @@ class KernelVariant:
         chunk = self.trusted_chunk
         if chunk is not None and (not isinstance(chunk, int) or chunk < 16 or chunk & (chunk - 1)):
             raise ValueError(f"KernelVariant.trusted_chunk={chunk!r}: expected None or a power of two >= 16")
+        if self.head_lanes not in ("pad", "split"):
+            raise ValueError(f"KernelVariant.head_lanes={self.head_lanes!r}: expected 'pad' or 'split'")
 
 
-# Autotuning candidates (BLOCK_M, BLOCK_N, warps, stages) per (padded head dim, gathered reads), for Hopper. The
-# stages come from the compiled kernels' shared-memory buffers (benchmarks/NOTES_attention.md): canonical reads get
-# three K/V buffers (two tiles in flight) at 3 stages, gathered reads (one more level of indirection: list -> row
-# index -> rows) at 5; that is 224-226 KB of the 227 KB an H100/H200 block may use with 128 x 128 tiles at D = 128.
-# (128, 128, 8 warps) won at D = 128 on an H100 with the previous kernel; (64, 64, 4 warps) runs two programs per SM
-# (115 KB each), whose softmax and products can overlap, at twice the L2 traffic per FLOP.
-_CANDIDATES: dict[tuple[int, bool], tuple[tuple[int, int, int, int], ...]] = {
-    (64, False): ((128, 128, 8, 3), (128, 128, 8, 4), (64, 64, 4, 3)),
-    (64, True): ((128, 128, 8, 5), (128, 128, 8, 7), (64, 64, 4, 5)),
-    (128, False): ((128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)),
-    (128, True): ((128, 128, 8, 5), (128, 128, 8, 3), (64, 64, 4, 5)),
-    (256, False): ((64, 64, 4, 2), (64, 64, 4, 3)),
-    (256, True): ((64, 64, 4, 3), (64, 64, 4, 4)),
+def lane_groups(head_dim: int, head_lanes: str = "split") -> tuple[int, int]:
+    """The kernel's `(HEAD_SPLIT, HEAD_REST)` for a head dim: `(0, 0)` for one group of `padded_head_dim(head_dim)`
+    lanes (head_lanes "pad", a power of two, or no lane saved by splitting), else the two groups' widths."""
+    padded = padded_head_dim(head_dim)
+    if head_lanes == "pad" or padded == head_dim:
+        return 0, 0
+    first = padded // 2
+    rest = padded_head_dim(head_dim - first)
+    return (first, rest) if first + rest < padded else (0, 0)
+
+
+# Autotuning candidates per (padded head dim, gathered reads), for Hopper. The stages come from the compiled kernels'
+# shared-memory buffers (benchmarks/NOTES_attention.md): canonical reads get three K/V buffers (two tiles in flight) at
+# 3 stages, gathered reads (one more level of indirection: list -> row index -> rows) at 5; that is 224-226 KB of the
+# 227 KB an H100/H200 block may use with 128 x 128 tiles at D = 128. (128, 128, 8 warps) won at D = 128 on an H100
+# with the previous kernel; (64, 64, 4 warps) runs two programs per SM (115 KB each), whose softmax and products can
+# overlap, at twice the L2 traffic per FLOP. The register-capped candidates also run two programs per SM, at the
+# L2 traffic of 128-row tiles (sm_90 compiles, gathered, query mode: 128 registers, 82 KB at D = 64 with no spill;
+# 98.5 KB at D = 128 with one spilled value reloaded per step).
+def _tiles(*tiles: tuple[int, ...]) -> tuple[TileConfig, ...]:
+    return tuple(TileConfig(*tile) for tile in tiles)
+
+
+_CANDIDATES: dict[tuple[int, bool], tuple[TileConfig, ...]] = {
+    (64, False): _tiles((128, 128, 8, 3), (128, 128, 8, 4), (64, 64, 4, 3)),
+    (64, True): _tiles((128, 128, 8, 5), (128, 128, 8, 7), (64, 64, 4, 5), (128, 128, 8, 4, 128)),
+    (128, False): _tiles((128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)),
+    (128, True): _tiles((128, 128, 8, 5), (128, 128, 8, 3), (64, 64, 4, 5), (128, 64, 8, 3, 128)),
+    (256, False): _tiles((64, 64, 4, 2), (64, 64, 4, 3)),
+    (256, True): _tiles((64, 64, 4, 3), (64, 64, 4, 4)),
 }
-_SMALL_BLOCK_CANDIDATES = ((64, 64, 4, 3), (32, 32, 4, 3), (16, 16, 4, 2))
+_SMALL_BLOCK_CANDIDATES = _tiles((64, 64, 4, 3), (32, 32, 4, 3), (16, 16, 4, 2))
+
+
+def _tile_key(tile: TileConfig) -> tuple[int, int, int, int, int]:
+    return (tile.block_m, tile.block_n, tile.num_warps, tile.num_stages, tile.max_registers or 0)
 
 
 def autotune_configs() -> list[triton.Config]:
     """Every candidate tile configuration of the CUDA path (before pruning by head dim and block size)."""
     tiles = {tile for candidates in _CANDIDATES.values() for tile in candidates} | set(_SMALL_BLOCK_CANDIDATES)
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
-        for m, n, warps, stages in sorted(tiles, reverse=True)
-    ]
+    return [tile.to_triton() for tile in sorted(tiles, key=_tile_key, reverse=True)]
 
 
-def _candidate_tiles(block_size: int, head_pad: int, gather: bool) -> list[tuple[int, int, int, int]]:
-    """The (BLOCK_M, BLOCK_N, warps, stages) candidates of a call whose tiles divide its block size; for blocks smaller
-    than those tiles, the largest small tiles that fit."""
+def _candidate_tiles(block_size: int, head_pad: int, gather: bool) -> list[TileConfig]:
+    """The candidates of a call whose tiles divide its block size; for blocks smaller than those tiles, the largest
+    small tiles that fit."""
     wanted = _CANDIDATES[(64 if head_pad <= 64 else 128 if head_pad <= 128 else 256, gather)]
-    tiles = [tile for tile in wanted if tile[0] <= block_size and tile[1] <= block_size]
+    tiles = [tile for tile in wanted if tile.block_m <= block_size and tile.block_n <= block_size]
     if not tiles:
-        small = [tile for tile in _SMALL_BLOCK_CANDIDATES if tile[0] <= block_size and tile[1] <= block_size]
-        tiles = [tile for tile in small if tile[0] == small[0][0]]
+        small = [t for t in _SMALL_BLOCK_CANDIDATES if t.block_m <= block_size and t.block_n <= block_size]
+        tiles = [tile for tile in small if tile.block_m == small[0].block_m]
     return tiles
 
 
@@ -450,13 +546,14 @@ def prune_tile_configs(configs: list[triton.Config], named_args: dict, **kwargs:
     """The autotuner's pruning hook: the candidates of the call's padded head dim, read mode and block size."""
     args = {**named_args, **kwargs}
     tiles = _candidate_tiles(int(args["BLOCK_SIZE"]), int(args["HEAD_PAD"]), bool(args["GATHER"]))
-    return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in tiles]
+    return [config for config in configs if TileConfig.of(config) in tiles]
 
 
 _AUTOTUNE_KEY = [
     "BLOCK_SIZE",
     "HEAD_DIM",
     "HEAD_PAD",
+    "HEAD_SPLIT",
     "RECTIFY",
     "GATHER",
     "HAS_KEY_MASK",
@@ -470,6 +567,12 @@ _autotuned_kernel = triton.autotune(
     key=_AUTOTUNE_KEY,
     prune_configs_by={"early_config_prune": prune_tile_configs},
 )(_block_sparse_attention_kernel)
+
+
+def forget_tile_choices() -> None:
+    """Drop the autotuner's choices. They are keyed by the kernel's constexprs (`_AUTOTUNE_KEY`), not by shapes: the
+    first call of a key decides for every later shape, so a benchmark that compares shapes starts each afresh."""
+    getattr(_autotuned_kernel, "cache", {}).clear()
 
 
 def chosen_tile_config() -> TileConfig | None:
@@ -714,7 +817,7 @@ class _KernelCall:
             return []
         options = self.options
         candidates = _candidate_tiles(options["BLOCK_SIZE"], options["HEAD_PAD"], options["GATHER"])
-        tiles = [self.tile] if self.tile is not None else [TileConfig(*tile) for tile in candidates]
+        tiles = [self.tile] if self.tile is not None else candidates
         return [
             _block_sparse_attention_kernel.warmup(*self.args, grid=self.grid, **options, **tile.launch_options())
             for tile in tiles
@@ -781,6 +884,7 @@ def _prepare(launch: AttentionLaunch) -> _KernelCall:
         "BLOCK_SIZE": launch.block_size,
         "HEAD_DIM": head_dim,
         "HEAD_PAD": padded_head_dim(head_dim),
+        **dict(zip(("HEAD_SPLIT", "HEAD_REST"), lane_groups(head_dim, launch.variant.head_lanes))),
         "RECTIFY": RECTIFY_MODES.index(rectify_mode(rectify)),
         "GATHER": masks.query_rows is not None,
         "HAS_KEY_MASK": masks.block_full is not None,
