@@ -310,6 +310,7 @@ def _launch_params(draw, reads: str) -> dict:
                 pooled_dtype=st.sampled_from(["input", "float32"]),
                 trusted_chunk=st.sampled_from([None, 16, 32]),
                 head_lanes=st.sampled_from(["pad", "split"]),
+                row_offsets=st.sampled_from(["separate", "shared"]),
             )
         ),
         "priority": draw(st.sampled_from([0, 1, 2, 1000])),
@@ -591,6 +592,18 @@ def test_lane_groups(head_dim, pad, split):
     """Split only where two power-of-two groups need fewer lanes than the padded width (112 = 64 + 64 does not)."""
     assert lane_groups(head_dim, "pad") == pad
     assert lane_groups(head_dim, "split") == split
+
+
+@pytest.mark.parametrize("row_offsets", ["separate", "shared"])
+def test_gathered_keys_and_values_with_different_row_strides(row_offsets):
+    """K from a transposed `(B, S, H, D)` buffer, V a slice of wider rows (another row stride): "shared" row offsets
+    apply only where the strides agree, so both read their own rows."""
+    case = _small_case("query", heads=3, head_dim=24, masked_video_share=0.1)
+    q, k, v = case.original
+    k, v = _stored(k, "transposed"), _stored(v, "sliced")
+    assert k.stride(2) != v.stride(2)
+    case = dataclasses.replace(case, original=(q, k, v))
+    _run_and_check(case, reads="gathered", output="scatter", variant=KernelVariant(row_offsets=row_offsets))
 
 
 def test_tile_config_register_cap():
