@@ -1,7 +1,8 @@
 """The attention kernel's tile configurations and structural variants against cuDNN dense SDPA, side by side.
 
-    python benchmarks/tune_attention.py            # on a CUDA GPU (H200: about 3-4 minutes)
-    python benchmarks/tune_attention.py --smoke    # the CPU: Triton interpreter, toy shapes, every step
+    python benchmarks/tune_attention.py                    # on a CUDA GPU (H200: about 3-4 minutes)
+    python benchmarks/tune_attention.py --head-dims 64,96  # only the variants and shapes of these head dims
+    python benchmarks/tune_attention.py --smoke            # the CPU: Triton interpreter, toy shapes, every step
 
 Every variant runs through the public path's stage 3 (`SparseAttention.attend`: the rectification's inputs and the
 kernel, gathered reads, default settings: query rectification) with an explicit `TileConfig` and `KernelVariant`
@@ -167,12 +168,13 @@ def _describe(variant: Variant, head_dim: int) -> str:
     return name
 
 
-def check(lines: list[str]) -> bool:
-    """Section 1; appends its report lines, returns whether every variant passed."""
+def check(lines: list[str], keys: list[int]) -> bool:
+    """Section 1 for the variants of head dims `keys`; appends its report lines, returns whether every one passed."""
     lines += ["## Correctness: every variant vs float64 on the same plan", ""]
     lines += ["| head dim | variant | output rel. error | |", "|---|---|---|---|"]
     ok = True
-    for key, variants in VARIANTS.items():
+    for key in keys:
+        variants = VARIANTS[key]
         head_dim = HEAD_DIMS[key]
         shape = Shape(f"check D={head_dim}", CHECK_GRID, 2, head_dim, *CHECK_TEXT)
         problem = Problem.make(shape, seed=5)
@@ -265,7 +267,11 @@ def table(rows: list[Row]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, toy shapes")
-    parser.parse_args(argv)
+    parser.add_argument("--head-dims", default="128,64,96", help="comma-separated subset of 128, 64, 96")
+    args = parser.parse_args(argv)
+    keys = [int(d) for d in args.head_dims.split(",")]
+    if not keys or any(key not in VARIANTS for key in keys):
+        parser.error(f"--head-dims takes a comma-separated subset of {sorted(VARIANTS)}, got {args.head_dims!r}")
     if DEVICE.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("tune_attention.py needs a CUDA GPU (or --smoke)")
     start = time.perf_counter()
@@ -280,12 +286,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{REPEATS} timed calls.",
         "",
     ]
-    checked = check(report)
+    checked = check(report, keys)
     print("\n".join(report))
     print(f"correctness: {'passed' if checked else 'FAILED'} ({time.perf_counter() - start:.0f} s)")
     rows: list[Row] = []
     for shape, sparsities, key in TIMING:
-        rows += measure(shape, sparsities, key, start)
+        if key in keys:
+            rows += measure(shape, sparsities, key, start)
     lines = table(rows)
     wall = time.perf_counter() - start
     report += ["## Timing", "", *lines, "", f"Wall time {wall:.0f} s.", ""]
