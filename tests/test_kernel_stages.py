@@ -457,14 +457,18 @@ def _broadcast_inputs(generator, *, batch, heads, head_dim, layout, dtype):
     non_finite=st.sampled_from([0, 0, 1, 3]),
     outliers=st.booleans(),
     tile_dtype=st.sampled_from([None, torch.float32]),
+    variant=st.sampled_from(["", "reread", "split", "reread split"]),
 )
 def test_prepare_statistics_matches_reference(
     seed, batch, heads, head_dim, grid, text_len, text_first, blocking, mask_kind, masked_share, memory, dtype,
-    non_finite, outliers, tile_dtype,
+    non_finite, outliers, tile_dtype, variant,
 ):  # fmt: skip
     block_size, tile_size, chunk = blocking
     if outliers and chunk is not None and chunk < tile_size:
         chunk = tile_size  # outliers need whole tiles in a chunk
+    reread, split = "reread" in variant, "split" in variant
+    if variant and chunk is None:
+        chunk = max(tile_size, 16) if outliers else 16  # the interpreter's default chunk
     generator = torch.Generator().manual_seed(seed)
     layout = token_layout(grid, text_len, text_first, block_size)
     if memory == "expanded":
@@ -480,7 +484,7 @@ def test_prepare_statistics_matches_reference(
     mask = make_key_valid(generator, batch=batch, heads=heads, layout=layout, kind=mask_kind, masked_share=masked_share)
     valid = key_padding_valid(mask, batch, heads, layout.seq_len)
 
-    launch = {} if chunk is None else {"config": (chunk, 4)}
+    launch = {} if chunk is None else {"config": (chunk, 4, reread, None, split)}
     with poisoned_allocations():
         out = prepare_statistics(
             query, key, value, layout, tile_size=tile_size, key_valid=valid, outliers=outliers, tile_dtype=tile_dtype,
@@ -539,3 +543,111 @@ def test_prepare_statistics_reads_no_copy_and_rejects_bad_arguments():
         prepare_statistics(query, key, value, layout, tile_size=32)
     with pytest.raises(TypeError, match="layout must be a TokenLayout"):
         prepare_statistics(query, key, value, "layout", tile_size=16)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Launch variants of the planning kernels (benchmarks/tune_planning.py times them)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=12)
+@given(
+    seed=seeds(),
+    batch=st.integers(1, 2),
+    heads=st.integers(1, 2),
+    head_dim=head_dims(),
+    grid=kernel_grids(),
+    text_len=st.sampled_from([0, 5, 37]),
+    text_first=st.booleans(),
+    block_size=st.sampled_from([16, 32]),
+    mask_kind=st.sampled_from(["none", "per_head", "empty"]),
+    dtype=st.sampled_from([torch.float16, torch.float32]),
+    launch=st.sampled_from([(16, 16, 4, 1, True), (32, 16, 4, 1, True), (32, 32, 4, 2, True), (16, 16, 4, 1, False)]),
+)
+def test_pooled_scores_launch_variants_match_reference(
+    seed, batch, heads, head_dim, grid, text_len, text_first, block_size, mask_kind, dtype, launch
+):  # fmt: skip
+    """`pooled_scores` at explicit launch configurations, the fused key sets (one product of both sets per key tile)
+    included, equals the float64 reference (the same tolerance as the default launch's test)."""
+    from kernel_helpers import score_tolerance
+
+    from spattn_compile.estimators import PooledTiles
+    from spattn_compile.estimators.pooled import pooled_scores_reference
+    from spattn_compile.kernels.pooled_scores import pooled_scores
+
+    generator = torch.Generator().manual_seed(seed)
+    layout = token_layout(grid, text_len, text_first, block_size)
+    query, key, value = make_inputs(
+        generator, batch=batch, heads=heads, head_dim=head_dim, layout=layout, dtype=dtype, memory="transposed"
+    )
+    mask = make_key_valid(generator, batch=batch, heads=heads, layout=layout, kind=mask_kind, masked_share=0.3)
+    valid = key_padding_valid(mask, batch, heads, layout.seq_len)
+    scale = head_dim**-0.5
+    tiles_per_block = block_size // 16
+    launch = (max(launch[0], tiles_per_block), *launch[1:])
+    with poisoned_allocations():
+        found = prepare_statistics(query, key, value, layout, tile_size=16, key_valid=valid, outliers=True)
+        scores = pooled_scores(found.estimator_inputs(query, key, scale), outliers=True, config=launch)
+    estimator = PooledTiles(16, outliers=True)
+    reference_inputs = reference_prepared(query, key, value, mask, layout, 16, scale).estimator_inputs()
+    expected = pooled_scores_reference(reference_inputs, estimator)
+    assert torch.isfinite(scores).all(), "unwritten (poisoned) or non-finite scores"
+    assert relative_error(scores, expected) < score_tolerance(estimator, dtype)
+
+
+@settings(max_examples=10)
+@given(
+    **selection_settings,
+    mass_threshold=st.sampled_from([None, 0.5, 0.875]),
+    launch=st.sampled_from([(1, 1), (2, 1), (2, 2), (4, 1), (8, 2)]),
+)
+def test_selection_launch_variants_equal_the_default(
+    seed, heads, grid, text_len, text_first, empty_share, forced, sparsity, neighbors, gapr, rectify, mass_threshold,
+    launch,
+):  # fmt: skip
+    """`select_plan` with other rows and warps per program writes the default launch's plan (itself the reference's,
+    tests above), bit for bit; `gapr_gate` at another tile the same gate."""
+    layout, generator, valid_c, stats, key_block_count, forced_blocks = _selection_case(
+        seed, heads=heads, grid=grid, text_len=text_len, text_first=text_first, empty_share=empty_share, forced=forced
+    )
+    scores = _dyadic_scores(generator, 2, heads, layout.num_video_blocks).float()
+    stats32 = float32_stats(stats)
+    gate = gapr_gate(stats32, key_block_count, layout) if gapr else None
+    if gapr:
+        with poisoned_allocations():
+            assert torch.equal(gapr_gate(stats32, key_block_count, layout, config=(32, 2)), gate)
+    nb = layout.num_video_blocks
+    common = dict(
+        budget=max(1, round((1 - sparsity) * nb)), estimator="test", mass_threshold=mass_threshold, neighbors=neighbors,
+        trusted=rectify != "none", gate=gate, forced_blocks=forced_blocks,
+    )  # fmt: skip
+    expected = select_plan(scores, key_block_count, layout, **common)
+    rows, warps = launch
+    with poisoned_allocations():
+        plan = select_plan(scores, key_block_count, layout, **common, rows_per_program=rows, num_warps=warps)
+    for name in ("kv_counts", "kv_indices", "trusted_counts", "trusted_indices"):
+        assert torch.equal(getattr(plan, name), getattr(expected, name)), name
+
+
+def test_launch_variants_reject_bad_configurations():
+    from spattn_compile.kernels.pooled_scores import pooled_scores
+
+    layout = token_layout((2, 3, 4), 0, False, 16)
+    query, key, value = make_inputs(torch.Generator().manual_seed(0), batch=1, heads=1, head_dim=16, layout=layout,
+                                    dtype=torch.float32)  # fmt: skip
+    with pytest.raises(ValueError, match="config rows per chunk"):
+        prepare_statistics(query, key, value, layout, tile_size=16, config=(24, 1))
+    with pytest.raises(TypeError, match="config reread"):
+        prepare_statistics(query, key, value, layout, tile_size=16, config=(16, 1, 1))
+    with pytest.raises(TypeError, match="config split"):
+        prepare_statistics(query, key, value, layout, tile_size=16, config=(16, 1, False, None, "yes"))
+    with pytest.raises(ValueError, match="maxnreg"):
+        prepare_statistics(query, key, value, layout, tile_size=16, config=(16, 1, True, 300))
+    found = prepare_statistics(query, key, value, layout, tile_size=16, outliers=True)
+    with pytest.raises(ValueError, match="BLOCK_M, BLOCK_N"):
+        pooled_scores(found.estimator_inputs(query, key, 0.25), outliers=True, config=(16, 16))
+    with pytest.raises(ValueError, match="num_warps"):
+        select_plan(torch.rand(1, 1, layout.num_video_blocks, layout.num_video_blocks + 1),
+                    found.key_block_count, layout, budget=1, estimator="x", num_warps=3)  # fmt: skip
+    with pytest.raises(ValueError, match="config tile"):
+        gapr_gate(found.stats, found.key_block_count, layout, config=(24, 4))

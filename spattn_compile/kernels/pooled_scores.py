@@ -18,6 +18,8 @@ dropped: slower, or no faster with 20x the error).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -26,7 +28,7 @@ from ..estimators.base import EstimatorInputs
 from ..layout import TokenLayout
 from .common import INTERPRETED, LOG2E, check_device, padded_head_dim
 
-__all__ = ["planning_heads", "pooled_scores", "scratch_dtype"]
+__all__ = ["ScoreLaunch", "planning_heads", "pooled_scores", "scratch_dtype"]
 
 
 @triton.jit
@@ -38,6 +40,21 @@ def _tile_logits(
     k_mask = in_range[:, None] & (offs_d < HEAD_DIM)[None, :]
     k = tl.load(Keys + (tile_base + tiles)[:, None] * HEAD_DIM + offs_d[None, :], mask=k_mask, other=0.0)
     count = tl.load(Counts + tile_base + tiles, mask=in_range, other=0.0)
+    log_count = tl.where(count > 0, tl.math.log2(tl.maximum(count, 1.0)), float("-inf"))
+    return tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale + log_count[None, :]
+
+
+@triton.jit
+def _tile_logits_two_sets(
+    q, KeyMean, MeanCounts, KeyOutlier, OutlierCounts, tiles, in_range, second, offs_d, qk_scale,
+    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """`_tile_logits` against two key sets at once: column j is tile `tiles[j]` (absolute) of the rest means where
+    `second[j]` is False, of the outliers where it is True."""
+    k_mask = in_range[:, None] & (offs_d < HEAD_DIM)[None, :]
+    rows = tiles[:, None] * HEAD_DIM + offs_d[None, :]
+    k = tl.load(tl.where(second[:, None], KeyOutlier + rows, KeyMean + rows), mask=k_mask, other=0.0)
+    count = tl.load(tl.where(second, OutlierCounts + tiles, MeanCounts + tiles), mask=in_range, other=0.0)
     log_count = tl.where(count > 0, tl.math.log2(tl.maximum(count, 1.0)), float("-inf"))
     return tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale + log_count[None, :]
 
@@ -105,6 +122,7 @@ def _pooled_scores_kernel(
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    FUSED_SETS: tl.constexpr = False,
 ):
     # Persistent programs: each takes work items (one (batch, head) and BLOCK_M query tiles, whole query blocks) in
     # turn and owns one slot of the scratch. The keys go by groups of BLOCK_N key blocks, one tile of each block per
@@ -121,6 +139,7 @@ def _pooled_scores_kernel(
     key_groups = tl.cdiv(num_video_blocks, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
+    offs_n2 = tl.arange(0, 2 * BLOCK_N)
     offs_d = tl.arange(0, HEAD_PAD)
     slot = pid.to(tl.int64) * scratch_rows
     partial_rows = Partial + (slot + offs_m)[:, None] * scratch_cols
@@ -147,20 +166,36 @@ def _pooled_scores_kernel(
             key_blocks = key_group * BLOCK_N + offs_n
             block_ok = key_blocks < num_video_blocks
             m_start = m_i
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for part in range(0, TILES_PER_BLOCK):
-                tiles = key_blocks * TILES_PER_BLOCK + part
-                logits = _tile_logits(
-                    q, KeyMean, KeyMeanCount, tile_base, tiles, block_ok, offs_d, qk_scale, HEAD_DIM, DOT_PRECISION
-                )
-                m_i, acc = _accumulate(m_i, acc, logits)
-                if HAS_OUTLIERS:
-                    # The second key set after the first: one tile of logits in registers at a time.
-                    logits = _tile_logits(
-                        q, KeyOutlier, KeyOutlierCount, tile_base, tiles, block_ok, offs_d, qk_scale, HEAD_DIM,
-                        DOT_PRECISION,
+            if HAS_OUTLIERS and FUSED_SETS:
+                # Both key sets in one product of 2 * BLOCK_N columns (the first BLOCK_N the tiles' rest means, the
+                # others their outliers): one product and one softmax step per tile instead of two; the two halves
+                # of the accumulator are added once per group.
+                pairs = key_group * BLOCK_N + offs_n2 % BLOCK_N
+                pair_ok = pairs < num_video_blocks
+                acc2 = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
+                for part in range(0, TILES_PER_BLOCK):
+                    tiles = tile_base + pairs * TILES_PER_BLOCK + part
+                    logits = _tile_logits_two_sets(
+                        q, KeyMean, KeyMeanCount, KeyOutlier, KeyOutlierCount, tiles, pair_ok, offs_n2 >= BLOCK_N,
+                        offs_d, qk_scale, HEAD_DIM, DOT_PRECISION,
                     )  # fmt: skip
+                    m_i, acc2 = _accumulate(m_i, acc2, logits)
+                acc = tl.sum(tl.reshape(acc2, (BLOCK_M, 2, BLOCK_N)), 1)
+            else:
+                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for part in range(0, TILES_PER_BLOCK):
+                    tiles = key_blocks * TILES_PER_BLOCK + part
+                    logits = _tile_logits(
+                        q, KeyMean, KeyMeanCount, tile_base, tiles, block_ok, offs_d, qk_scale, HEAD_DIM, DOT_PRECISION
+                    )
                     m_i, acc = _accumulate(m_i, acc, logits)
+                    if HAS_OUTLIERS:
+                        # The second key set after the first: one tile of logits in registers at a time.
+                        logits = _tile_logits(
+                            q, KeyOutlier, KeyOutlierCount, tile_base, tiles, block_ok, offs_d, qk_scale, HEAD_DIM,
+                            DOT_PRECISION,
+                        )  # fmt: skip
+                        m_i, acc = _accumulate(m_i, acc, logits)
             # The normaliser sums the sums as stored (rounded to the scratch's dtype), so that each row of scores
             # still sums to 1 to float32 rounding.
             stored = acc.to(Partial.dtype.element_ty)
@@ -215,12 +250,30 @@ def _pooled_scores_kernel(
         tl.store(score_rows + num_video_blocks, text_mass[:, None], mask=(q_blocks < num_video_blocks)[:, None])
         tl.debug_barrier()  # the slot is read before the next item writes it
 
-# (BLOCK_M query tiles, BLOCK_N key tiles, warps, stages). The fp32 operands of tf32x3 products take shared memory
-# for their high and low halves: these all fit Hopper's 227 KiB (128x64 only with one stage). Measured side by side
-# (`benchmarks/tune_planning.py`, H200, 2 programs per SM, results/2026-12-03-h200/session3/tune.log): the best
-# differs by shape: (128, 16, 8, 3) at Wan 14B 720p (3.13 ms against 3.24-4.11), (64, 32, 4, 2) at HunyuanVideo
-# 720p (5.47 ms against 5.73-10.0), so both are offered.
-_CANDIDATES = ((128, 32, 8, 3), (128, 16, 8, 2), (128, 32, 8, 2), (128, 16, 8, 3), (128, 16, 4, 2), (64, 32, 4, 2))
+class ScoreLaunch(NamedTuple):
+    """A launch configuration of `_pooled_scores_kernel`: query tiles and key blocks per step, warps, pipeline stages,
+    and whether the two key sets of the outlier form go through one product of 2 * BLOCK_N columns (`fused_sets`)."""
+
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+    fused_sets: bool = False
+
+
+# Measured side by side (`benchmarks/tune_planning.py`, H200, 2 programs per SM, results/2026-12-03-h200/session3/
+# tune.log): the best differs by shape: (128, 16, 8, 3) at Wan 14B 720p (3.13 ms against 3.24-4.11), (64, 32, 4, 2)
+# at HunyuanVideo 720p (5.47 ms against 5.73-10.0), so both are offered; (128, 16, 4, 2) was second at Hunyuan. The
+# fused-sets form (one product and one softmax step per key tile instead of two; 168 registers at (64, 16, 4, 2) for
+# sm_90 with triton 3.6, so two programs fit an SM) is a candidate until measured. Configurations measured slower in
+# both cases ((128, 32, 8, 3), (128, 16, 8, 2), (128, 32, 8, 2)) were dropped.
+_CANDIDATES = (
+    ScoreLaunch(128, 16, 8, 3),
+    ScoreLaunch(64, 32, 4, 2),
+    ScoreLaunch(128, 16, 4, 2),
+    ScoreLaunch(64, 16, 4, 2, fused_sets=True),
+    ScoreLaunch(64, 16, 4, 3, fused_sets=True),
+)
 # Persistent programs per SM, and the scratch slot each owns.
 _PROGRAMS_PER_SM = 2
 
@@ -234,8 +287,9 @@ def _prune_score_configs(configs: list[triton.Config], named_args: dict, **kwarg
 
 _autotuned_scores = triton.autotune(
     configs=[
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
-        for m, n, warps, stages in _CANDIDATES
+        triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "FUSED_SETS": c.fused_sets}, num_warps=c.warps,
+                      num_stages=c.stages)
+        for c in _CANDIDATES
     ],
     key=[
         "TILES_PER_BLOCK",
@@ -260,10 +314,10 @@ def _score_programs(items: int, device: torch.device, programs_per_sm: int = _PR
     return max(1, min(items, programs_per_sm * _multiprocessors(device)))
 
 
-def _candidates(tiles_per_block: int) -> list[tuple[int, int, int, int]]:
+def _candidates(tiles_per_block: int) -> list[ScoreLaunch]:
     """The configurations a launch may take (the interpreter runs one: its cost is per program)."""
     if INTERPRETED:
-        return [(max(16, tiles_per_block), 16, 4, 1)]
+        return [ScoreLaunch(max(16, tiles_per_block), 16, 4, 1)]
     return list(_CANDIDATES)
 
 
@@ -304,7 +358,7 @@ def pooled_scores(
     inputs: EstimatorInputs,
     *,
     outliers: bool,
-    config: tuple[int, int, int, int] | None = None,
+    config: tuple | None = None,
     programs_per_sm: int = _PROGRAMS_PER_SM,
 ) -> torch.Tensor:
     """`P_hat` float32 `(B, H, NB, NB + 1)` of the pooled estimator, as `estimators.pooled.pooled_scores_reference`.
@@ -317,8 +371,8 @@ def pooled_scores(
 
     `inputs` holds the caller's tensors read through `inputs.source_index` (`prepare_statistics(...)
     .estimator_inputs`); with `outliers`, the key tiles' outliers are `inputs.outliers`
-    (`prepare_statistics(outliers=True)`). `config`: (BLOCK_M, BLOCK_N, warps, stages) instead of the autotuned
-    choice; `programs_per_sm`: persistent programs (and scratch slots) per multiprocessor.
+    (`prepare_statistics(outliers=True)`). `config`: a `ScoreLaunch` (BLOCK_M, BLOCK_N, warps, stages[, fused_sets])
+    instead of the autotuned choice; `programs_per_sm`: persistent programs (and scratch slots) per multiprocessor.
     """
     stats, layout = inputs.stats, inputs.layout
     batch, heads, num_tiles, head_dim = stats.q_tile.shape
@@ -347,9 +401,15 @@ def pooled_scores(
         key_sets = (stats.k_tile, stats.k_tile_count, stats.k_tile, stats.k_tile_count)  # the second set is not read
     key = inputs.k
     scores = torch.empty(batch, heads, nb, nb + 1, device=device, dtype=torch.float32)
+    if config is not None:
+        if not isinstance(config, tuple) or not 4 <= len(config) <= 5:
+            raise ValueError(f"config must be (BLOCK_M, BLOCK_N, warps, stages[, fused_sets]), got {config!r}")
+        config = ScoreLaunch(*config)
+        if config.block_m < tiles_per_block or config.block_m % tiles_per_block:
+            raise ValueError(
+                f"config BLOCK_M={config.block_m} must be a multiple of the {tiles_per_block} tiles of a block"
+            )
     candidates = [config] if config is not None else _candidates(tiles_per_block)
-    if INTERPRETED:
-        candidates = _candidates(tiles_per_block)
     max_m = max(max(c[0] for c in candidates), tiles_per_block)
     steps = triton.cdiv(nb, min(c[1] for c in candidates))
     items = batch * heads * triton.cdiv(num_tiles, min(c[0] for c in candidates))
@@ -391,9 +451,9 @@ def pooled_scores(
         return (min(batch * heads * triton.cdiv(num_tiles, meta["BLOCK_M"]), programs),)
 
     if INTERPRETED or config is not None:
-        m, n, warps, stages = candidates[0]
-        meta = {"BLOCK_M": m, "BLOCK_N": n}
-        _pooled_scores_kernel[grid(meta)](*args, **constants, **meta, num_warps=warps, num_stages=stages)
+        chosen = candidates[0]
+        meta = {"BLOCK_M": chosen.block_m, "BLOCK_N": chosen.block_n, "FUSED_SETS": chosen.fused_sets}
+        _pooled_scores_kernel[grid(meta)](*args, **constants, **meta, num_warps=chosen.warps, num_stages=chosen.stages)
     else:
         _autotuned_scores[grid](*args, **constants)
     return scores

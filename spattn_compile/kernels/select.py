@@ -265,15 +265,23 @@ def _check_key_block_count(key_block_count: object, batch: int, heads: int, layo
         raise ValueError(f"key_block_count is on {key_block_count.device}, expected {device}")
 
 
-def gapr_gate(stats: PooledStats, key_block_count: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+def gapr_gate(
+    stats: PooledStats, key_block_count: torch.Tensor, layout: TokenLayout, *, config: tuple[int, int] | None = None
+) -> torch.Tensor:
     """int8 `(B, H, NB, NB)`, 1 where GAPR trusts the pooled pair (query block i, key block j) and key block j has an
-    unmasked key; equals `reference.gapr_trusted`."""
+    unmasked key; equals `reference.gapr_trusted`. `config`: (block pairs per side of a program's square, warps)
+    instead of (64, 4) on CUDA, (16, 4) under the interpreter (benchmarks)."""
     batch, heads, head_dim = _check_block_stats(stats, layout)
     device = stats.q_block.device
     _check_key_block_count(key_block_count, batch, heads, layout, device)
     nb = layout.num_video_blocks
     gate = torch.empty(batch, heads, nb, nb, device=device, dtype=torch.int8)
-    tile = 16 if INTERPRETED else 64
+    tile, warps = (16 if INTERPRETED else 64), 4
+    if config is not None:
+        tile, warps = config
+        for name, value, low, high in (("tile", tile, 16, 256), ("warps", warps, 1, 16)):
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high or value & (value - 1):
+                raise ValueError(f"config {name} must be a power of two in [{low}, {high}], got {value!r}")
     _gapr_gate_kernel[(triton.cdiv(nb, tile), triton.cdiv(nb, tile), batch * heads)](
         stats.q_block.contiguous(),
         stats.q_block_mad.contiguous(),
@@ -288,7 +296,7 @@ def gapr_gate(stats: PooledStats, key_block_count: torch.Tensor, layout: TokenLa
         DOT_PRECISION=STATS_DOT_PRECISION,
         BLOCK_I=tile,
         BLOCK_J=tile,
-        num_warps=4,
+        num_warps=warps,
     )
     return gate
 
@@ -327,6 +335,7 @@ def select_plan(
     gate: torch.Tensor | None = None,
     forced_blocks: torch.Tensor | None = None,
     rows_per_program: int | None = None,
+    num_warps: int | None = None,
 ) -> SparsePlan:
     """The plan `policies.topk.select_plan_reference` selects from `scores` (module docstring), by threshold search.
 
@@ -349,6 +358,8 @@ def select_plan(
         rows_per_program: query blocks per program, a power of two (default 4 on CUDA: 0.61 ms at Wan 14B 720p on
             the H200 against 1.26 ms with 16, benchmarks/NOTES_pipeline.md; 16 under the interpreter, whose cost is
             per program).
+        num_warps: warps per program, a power of two (default 4 for rows of up to 4096 padded entries, else 8). One
+            warp keeps each row's reductions inside a warp (1 or 2 rows: 224 / 255 registers for sm_90, no spill).
     """
     nb, nq = layout.num_video_blocks, layout.num_blocks
     check_plan_blocks(nq)
@@ -374,6 +385,9 @@ def select_plan(
     rows = (16 if INTERPRETED else 4) if rows_per_program is None else rows_per_program
     if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1 or rows & (rows - 1):
         raise ValueError(f"rows_per_program must be a power of two, got {rows_per_program!r}")
+    if num_warps is not None and (isinstance(num_warps, bool) or not isinstance(num_warps, int)
+                                  or not 1 <= num_warps <= 16 or num_warps & (num_warps - 1)):  # fmt: skip
+        raise ValueError(f"num_warps must be None or a power of two in [1, 16], got {num_warps!r}")
     cap = block_budget(max_density, nb)
     kv_counts = torch.empty(batch, heads, nq, device=device, dtype=torch.int32)
     kv_indices = torch.empty(batch, heads, nq, nq, device=device, dtype=INDEX_DTYPE)
@@ -405,6 +419,6 @@ def select_plan(
         PER_HEAD_BUDGET=isinstance(budget, torch.Tensor),
         GAPR=gate is not None,
         RECTIFY=trusted,
-        num_warps=4 if cols * rows <= 4096 else 8,
+        num_warps=num_warps or (4 if cols * rows <= 4096 else 8),
     )
     return SparsePlan(layout, kv_counts, kv_indices, trusted_counts, trusted_indices, scores, estimator)

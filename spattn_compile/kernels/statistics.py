@@ -20,6 +20,7 @@ H200 and doubled the memory: benchmarks/NOTES_pipeline.md.)
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import torch
 import triton
@@ -30,7 +31,7 @@ from ..layout import TokenLayout
 from ..plan import PooledStats
 from .common import INTERPRETED, check_device, check_kernel_inputs, padded_head_dim
 
-__all__ = ["PreparedStatistics", "prepare_statistics"]
+__all__ = ["PrepareLaunch", "PreparedStatistics", "prepare_statistics"]
 
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -102,6 +103,8 @@ def _prepare_stats_kernel(
     HAS_KEY_VALID: tl.constexpr,
     OUTLIERS: tl.constexpr,
     CHUNK: tl.constexpr,
+    RELOAD_KEYS: tl.constexpr = False,
+    ROLE: tl.constexpr = 0,
 ):
     # A chunk of CHUNK rows is held as (SEGS, SEG, HEAD_PAD): SEGS whole tiles when CHUNK >= TILE_SIZE (their sums,
     # and the outliers, are reductions over the middle axis), else one piece of a tile (PIECES chunks per tile).
@@ -111,6 +114,10 @@ def _prepare_stats_kernel(
     tl.static_assert(PIECES == 1 or not OUTLIERS, "outliers need whole tiles in a chunk (CHUNK >= TILE_SIZE)")
     CHUNKS: tl.constexpr = BLOCK_SIZE // CHUNK
     TILES_PER_BLOCK: tl.constexpr = BLOCK_SIZE // TILE_SIZE
+    # ROLE 0 reads Q, K and V; 1 only Q and writes only the queries' statistics; 2 only K and V and writes the rest.
+    # A role's skipped rows are constant zeros, so the compiler drops what depends on them alone.
+    QUERIES: tl.constexpr = ROLE != 2
+    KEYS: tl.constexpr = ROLE != 1
     # Heads vary fastest over the grid: programs running together read neighbouring heads of the same tokens, which
     # a (B, S, H, D) buffer stores side by side.
     pid_bh = tl.program_id(0)
@@ -153,16 +160,23 @@ def _prepare_stats_kernel(
         source = tl.load(SourceIndex + block_start + rows).to(tl.int64)
         real = source >= 0
         source = tl.where(real, source, 0)
-        if HAS_KEY_VALID:
+        if HAS_KEY_VALID and KEYS:
             unmasked = tl.load(valid_base + source * stride_valid_s, mask=real, other=0)
             key_ok = real & (unmasked != 0)
         else:
             key_ok = real
         # Queries of text blocks are never pooled; masked keys and values are never read.
-        q = _load_rows3(Q, stride_qb, stride_qh, stride_qs, off_b, off_h, source, real & video_seg[:, None], offs_d,
-                        HEAD_DIM)  # fmt: skip
-        k = _load_rows3(K, stride_kb, stride_kh, stride_ks, off_b, off_h, source, key_ok, offs_d, HEAD_DIM)
-        v = _load_rows3(V, stride_vb, stride_vh, stride_vs, off_b, off_h, source, key_ok, offs_d, HEAD_DIM)
+        if QUERIES:
+            q = _load_rows3(Q, stride_qb, stride_qh, stride_qs, off_b, off_h, source, real & video_seg[:, None],
+                            offs_d, HEAD_DIM)  # fmt: skip
+        else:
+            q = tl.zeros([SEGS, SEG, HEAD_PAD], dtype=tl.float32)
+        if KEYS:
+            k = _load_rows3(K, stride_kb, stride_kh, stride_ks, off_b, off_h, source, key_ok, offs_d, HEAD_DIM)
+            v = _load_rows3(V, stride_vb, stride_vh, stride_vs, off_b, off_h, source, key_ok, offs_d, HEAD_DIM)
+        else:
+            k = tl.zeros([SEGS, SEG, HEAD_PAD], dtype=tl.float32)
+            v = tl.zeros([SEGS, SEG, HEAD_PAD], dtype=tl.float32)
         q_seg = tl.sum(q, 1)
         k_seg = tl.sum(k, 1)
         v_seg = tl.sum(v, 1)
@@ -174,6 +188,16 @@ def _prepare_stats_kernel(
         dirty = tl.sum(tl.sum(((total - total) != 0.0).to(tl.int32), 1), 0) > 0
         if dirty:
             # Rare: a NaN or an infinity in the chunk. Sum again, leaving out the rows that hold one.
+            if RELOAD_KEYS:
+                # Read the rows again (L1/L2) rather than keep all three sets in registers until the test above.
+                if QUERIES:
+                    q = _load_rows3(Q, stride_qb, stride_qh, stride_qs, off_b, off_h, source,
+                                    real & video_seg[:, None], offs_d, HEAD_DIM)  # fmt: skip
+                if KEYS:
+                    k = _load_rows3(K, stride_kb, stride_kh, stride_ks, off_b, off_h, source, key_ok, offs_d,
+                                    HEAD_DIM)  # fmt: skip
+                    v = _load_rows3(V, stride_vb, stride_vh, stride_vs, off_b, off_h, source, key_ok, offs_d,
+                                    HEAD_DIM)  # fmt: skip
             query_ok = real & _rows_finite3(q)
             kv_finite = _rows_finite3(k) & _rows_finite3(v)
             usable = key_ok & kv_finite
@@ -183,8 +207,9 @@ def _prepare_stats_kernel(
             v_seg = tl.sum(tl.where(usable[:, :, None], v, 0.0), 1)
             block_clean = block_clean & False
         canonical = canonical_base + rows
-        tl.store(KeyValidC + canonical, key_ok.to(tl.int8))
-        tl.store(KeyUsableC + canonical, usable.to(tl.int8))
+        if KEYS:
+            tl.store(KeyValidC + canonical, key_ok.to(tl.int8))
+            tl.store(KeyUsableC + canonical, usable.to(tl.int8))
         q_seg_count = tl.sum((query_ok & video_seg[:, None]).to(tl.float32), 1)
         k_seg_count = tl.sum(usable.to(tl.float32), 1)
         valid_count += tl.sum(tl.sum(key_ok.to(tl.int32), 1), 0)
@@ -203,21 +228,38 @@ def _prepare_stats_kernel(
         tiles = tile_base + (chunk // PIECES) * SEGS + offs_seg
         vectors = tiles[:, None] * HEAD_DIM + offs_d[None, :]
         vector_mask = tile_done[:, None] & d_ok[None, :]
-        tl.store(QTile + vectors, (q_piece / tl.maximum(q_piece_count, 1.0)[:, None]).to(QTile.dtype.element_ty),
-                 mask=vector_mask)  # fmt: skip
+        if QUERIES:
+            q_tile_mean = q_piece / tl.maximum(q_piece_count, 1.0)[:, None]
+            tl.store(QTile + vectors, q_tile_mean.to(QTile.dtype.element_ty), mask=vector_mask)
+            tl.store(QTileCount + tiles, q_piece_count, mask=tile_done)
         k_mean = k_piece / tl.maximum(k_piece_count, 1.0)[:, None]
-        tl.store(KTile + vectors, k_mean.to(KTile.dtype.element_ty), mask=vector_mask)
-        tl.store(QTileCount + tiles, q_piece_count, mask=tile_done)
-        tl.store(KTileCount + tiles, k_piece_count, mask=tile_done)
-        if OUTLIERS:
+        if KEYS:
+            tl.store(KTile + vectors, k_mean.to(KTile.dtype.element_ty), mask=vector_mask)
+            tl.store(KTileCount + tiles, k_piece_count, mask=tile_done)
+        if OUTLIERS and KEYS:
             # Whole tiles are in registers (the launcher makes CHUNK >= TILE_SIZE): each tile's usable key farthest
             # from the tile's mean (the first on ties; a left-out row's -1 is below any distance), and the others' mean.
-            deviation = k - k_mean[:, None, :]
+            if RELOAD_KEYS:
+                # The keys read again (from L1/L2, after the stores above, so the compiler cannot reuse the first
+                # load): the chunk's keys need not stay in registers past their sums, which leaves room for more
+                # programs per SM; the outlier is then one gathered row per tile.
+                k_again = _load_rows3(K, stride_kb, stride_kh, stride_ks, off_b, off_h, source, usable, offs_d,
+                                      HEAD_DIM)  # fmt: skip
+                deviation = k_again - k_mean[:, None, :]
+            else:
+                deviation = k - k_mean[:, None, :]
             distance = tl.where(usable, tl.sum(deviation * deviation, 2), -1.0)
             farthest = tl.argmax(distance, 1, tie_break_left=True)
             is_outlier = (offs_r[None, :] == farthest[:, None]) & usable
-            outlier = tl.sum(tl.where(is_outlier[:, :, None], k, 0.0), 1)
             has = tl.sum(is_outlier.to(tl.float32), 1)
+            if RELOAD_KEYS:
+                outlier_row = tl.sum(tl.where(is_outlier, source, 0), 1)
+                outlier = tl.load(
+                    K + off_b * stride_kb + off_h * stride_kh + outlier_row[:, None] * stride_ks + offs_d[None, :],
+                    mask=(has > 0.0)[:, None] & d_ok[None, :], other=0.0,
+                ).to(tl.float32)  # fmt: skip
+            else:
+                outlier = tl.sum(tl.where(is_outlier[:, :, None], k, 0.0), 1)
             rest_count = k_piece_count - has
             rest_mean = (k_piece - outlier) / tl.maximum(rest_count, 1.0)[:, None]
             tl.store(RestMean + vectors, rest_mean.to(RestMean.dtype.element_ty), mask=vector_mask)
@@ -229,17 +271,20 @@ def _prepare_stats_kernel(
         q_piece_count = tl.where(tile_done, 0.0, q_piece_count)
         k_piece_count = tl.where(tile_done, 0.0, k_piece_count)
 
-    tl.store(KeyBlockCount + bh * num_blocks + block, valid_count.to(tl.float32))
-    tl.store(BlockNonFinite + bh * num_blocks + block, (non_finite > 0).to(tl.int8))
+    if KEYS:
+        tl.store(KeyBlockCount + bh * num_blocks + block, valid_count.to(tl.float32))
+        tl.store(BlockNonFinite + bh * num_blocks + block, (non_finite > 0).to(tl.int8))
 
     # Pass 2 (video blocks): deviations about the block means. The rows are read again: this program read them a
     # moment ago, so they come from L2 (Q and K cross HBM once). The barrier makes the key-usable stores visible.
     q_mean = q_sum / tl.maximum(q_count, 1.0)
     k_mean_block = k_sum / tl.maximum(k_count, 1.0)
     block_row = (bh * num_video_blocks + block) * HEAD_DIM + offs_d
-    tl.store(QBlock + block_row, q_mean, mask=video_d)
-    tl.store(KBlock + block_row, k_mean_block, mask=video_d)
-    tl.store(VBlock + block_row, v_sum / tl.maximum(k_count, 1.0), mask=video_d)
+    if QUERIES:
+        tl.store(QBlock + block_row, q_mean, mask=video_d)
+    if KEYS:
+        tl.store(KBlock + block_row, k_mean_block, mask=video_d)
+        tl.store(VBlock + block_row, v_sum / tl.maximum(k_count, 1.0), mask=video_d)
     q_dev = tl.zeros([HEAD_PAD], dtype=tl.float32)
     k_dev = tl.zeros([HEAD_PAD], dtype=tl.float32)
     if block < num_video_blocks:
@@ -249,16 +294,22 @@ def _prepare_stats_kernel(
             source = tl.load(SourceIndex + block_start + rows).to(tl.int64)
             real = source >= 0
             source = tl.where(real, source, 0)
-            usable = tl.load(KeyUsableC + canonical_base + rows) != 0
-            q = _load_rows3(Q, stride_qb, stride_qh, stride_qs, off_b, off_h, source, real, offs_d, HEAD_DIM)
-            k = _load_rows3(K, stride_kb, stride_kh, stride_ks, off_b, off_h, source, usable, offs_d, HEAD_DIM)
-            query_ok = real
-            if not block_clean:
-                query_ok = real & _rows_finite3(q)
-            q_dev += tl.sum(tl.sum(tl.where(query_ok[:, :, None], tl.abs(q - q_mean[None, None, :]), 0.0), 1), 0)
-            k_dev += tl.sum(tl.sum(tl.where(usable[:, :, None], tl.abs(k - k_mean_block[None, None, :]), 0.0), 1), 0)
-    tl.store(QBlockMad + block_row, q_dev / tl.maximum(q_count, 1.0), mask=video_d)
-    tl.store(KBlockMad + block_row, k_dev / tl.maximum(k_count, 1.0), mask=video_d)
+            if QUERIES:
+                q = _load_rows3(Q, stride_qb, stride_qh, stride_qs, off_b, off_h, source, real, offs_d, HEAD_DIM)
+                query_ok = real
+                if not block_clean:
+                    query_ok = real & _rows_finite3(q)
+                q_dev += tl.sum(tl.sum(tl.where(query_ok[:, :, None], tl.abs(q - q_mean[None, None, :]), 0.0), 1), 0)
+            if KEYS:
+                usable = tl.load(KeyUsableC + canonical_base + rows) != 0
+                k = _load_rows3(K, stride_kb, stride_kh, stride_ks, off_b, off_h, source, usable, offs_d, HEAD_DIM)
+                k_dev += tl.sum(
+                    tl.sum(tl.where(usable[:, :, None], tl.abs(k - k_mean_block[None, None, :]), 0.0), 1), 0
+                )
+    if QUERIES:
+        tl.store(QBlockMad + block_row, q_dev / tl.maximum(q_count, 1.0), mask=video_d)
+    if KEYS:
+        tl.store(KBlockMad + block_row, k_dev / tl.maximum(k_count, 1.0), mask=video_d)
 
 def _check_power_of_two(name: str, value: object, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high or value & (value - 1):
@@ -339,12 +390,35 @@ def _check_inputs(
 
 
 
-# (CHUNK rows held at once, warps): about 96 float32 registers per thread for the three (CHUNK, D = 128) row sets.
-# Compiled for sm_90 with triton 3.6 the multi-warp ones use 255 registers without spilling; one warp per 16-row tile
-# (which keeps the row sums inside a warp) spills 616 bytes, and is still the fastest measured: 1.49 ms against
-# 2.55-14.1 ms for the others at Wan 14B 720p on the H200 (`benchmarks/tune_planning.py`,
-# results/2026-12-03-h200/session3/tune.log; the row sums stay in one warp, and four times as many programs fit an SM).
-_PREPARE_CANDIDATES = ((16, 1), (16, 2), (32, 4), (64, 8))
+class PrepareLaunch(NamedTuple):
+    """A launch configuration of `_prepare_stats_kernel`: rows per chunk, warps, whether the keys are read again for
+    the outliers (and all three row sets for the rare non-finite chunk) instead of held in registers, a register
+    cap per thread (None: the compiler's choice), and `split`: two launches, one reading Q (the queries'
+    statistics), one reading K and V (the rest), each program with one third or two thirds of the rows to hold."""
+
+    chunk: int
+    warps: int
+    reread: bool = False
+    maxnreg: int | None = None
+    split: bool = False
+
+
+# About 96 float32 registers per thread hold the three (CHUNK, D = 128) row sets. Compiled for sm_90 with triton 3.6
+# every configuration takes 255 registers; one warp per 16-row tile (which keeps the row sums inside a warp) spills
+# 616 bytes, and is still the fastest measured: 1.49 ms against 2.55-14.1 ms for the others at Wan 14B 720p on the
+# H200 (`benchmarks/tune_planning.py`, results/2026-12-03-h200/session3/tune.log): a program's time hardly depends on
+# its warps (time grew with warps at a fixed 8 warps per SM), so programs per SM set the rate. The re-reading forms
+# free the row sets after their sums; they are candidates until measured. The split form (`PrepareLaunch.split`, two
+# launches: 147 and 255 registers at (16, 1)) is not a candidate (the autotuner times one launch); the benchmark times
+# it (benchmarks/NOTES_pipeline.md, "Planning launch variants").
+_PREPARE_CANDIDATES = (
+    PrepareLaunch(16, 1),
+    PrepareLaunch(16, 2),
+    PrepareLaunch(16, 1, reread=True),
+    PrepareLaunch(16, 2, reread=True),
+    PrepareLaunch(32, 2, reread=True),
+)
+
 
 def _prune_prepare_configs(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
     """The chunk must divide the block, and hold whole tiles when the outliers are computed."""
@@ -355,10 +429,28 @@ def _prune_prepare_configs(configs: list[triton.Config], named_args: dict, **kwa
 
 
 _autotuned_prepare = triton.autotune(
-    configs=[triton.Config({"CHUNK": chunk}, num_warps=warps) for chunk, warps in _PREPARE_CANDIDATES],
+    configs=[
+        triton.Config({"CHUNK": c.chunk, "RELOAD_KEYS": c.reread}, num_warps=c.warps, maxnreg=c.maxnreg)
+        for c in _PREPARE_CANDIDATES
+    ],
     key=["BLOCK_SIZE", "TILE_SIZE", "HEAD_PAD", "HAS_KEY_VALID", "OUTLIERS"],
     prune_configs_by={"early_config_prune": _prune_prepare_configs},
 )(_prepare_stats_kernel)
+
+
+def _launch_config(config: object) -> PrepareLaunch:
+    if not isinstance(config, tuple) or not 2 <= len(config) <= 5:
+        raise ValueError(f"config must be (rows per chunk, warps[, reread[, maxnreg[, split]]]), got {config!r}")
+    launch = PrepareLaunch(*config)
+    _check_power_of_two("config rows per chunk", launch.chunk, 1, 256)
+    _check_power_of_two("config warps", launch.warps, 1, 32)
+    for name in ("reread", "split"):
+        if not isinstance(getattr(launch, name), bool):
+            raise TypeError(f"config {name} must be a bool, got {getattr(launch, name)!r}")
+    if launch.maxnreg is not None and (isinstance(launch.maxnreg, bool) or not isinstance(launch.maxnreg, int)
+                                       or not 24 <= launch.maxnreg <= 255):  # fmt: skip
+        raise ValueError(f"config maxnreg must be None or an int in [24, 255], got {launch.maxnreg!r}")
+    return launch
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -398,7 +490,7 @@ def prepare_statistics(
     key_valid: torch.Tensor | None = None,
     outliers: bool = False,
     tile_dtype: torch.dtype | None = None,
-    config: tuple[int, int] | None = None,
+    config: tuple | None = None,
 ) -> PreparedStatistics:
     """The pooled statistics, the canonical key validity and the key tiles' outliers from one read of Q, K, V in the
     caller's order, through `layout.source_index`; nothing of the size of Q, K or V is written.
@@ -411,7 +503,8 @@ def prepare_statistics(
         outliers: also compute `estimators.KeyTileOutliers` (the pooled estimator's, in the same pass over K).
         tile_dtype: dtype of the tile means (q_tile, k_tile, the outliers' vectors); default: the inputs' dtype when
             16-bit (the estimators' products round the means to it anyway, so nothing is lost), else float32.
-        config: (rows per chunk, warps) instead of the autotuned choice (benchmarks).
+        config: a `PrepareLaunch` (rows per chunk, warps[, reread[, maxnreg]]) instead of the autotuned choice
+            (benchmarks, tests).
 
     Equals `reference.canonical_key_valid`, `reference.key_usable`, `reference.pool_statistics`,
     `reference.block_non_finite` and `estimators.pooled.tile_outliers_reference` on the canonical inputs (statistics in
@@ -455,15 +548,21 @@ def prepare_statistics(
     key_block_count = torch.empty(batch, heads, num_blocks, device=device, dtype=torch.float32)
     block_non_finite = torch.empty(batch, heads, num_blocks, device=device, dtype=torch.bool)
 
+    roles: list[dict[str, int]] = [{}]
     if config is not None:
-        chunk, warps = config
-        kernel, launch = _prepare_stats_kernel, {"CHUNK": chunk, "num_warps": warps}
+        chosen = _launch_config(config)
+        kernel = _prepare_stats_kernel
+        launch = {"CHUNK": chosen.chunk, "RELOAD_KEYS": chosen.reread, "num_warps": chosen.warps}
+        if chosen.maxnreg is not None:
+            launch["maxnreg"] = chosen.maxnreg
+        if chosen.split:
+            roles = [{"ROLE": 1}, {"ROLE": 2}]  # the queries' statistics, then the keys' and values'
     elif INTERPRETED:
         chunk = max(tile_size, 16) if outliers else 16
         kernel, launch = _prepare_stats_kernel, {"CHUNK": min(chunk, layout.block_size), "num_warps": 4}
     else:
         kernel, launch = _autotuned_prepare, {}
-    kernel[(batch * heads, num_blocks)](
+    args = (
         query,
         key,
         value,
@@ -493,14 +592,17 @@ def prepare_statistics(
         *key.stride()[:3],
         *value.stride()[:3],
         *(key_valid.stride() if key_valid is not None else (0, 0, 0)),
+    )
+    meta = dict(
         BLOCK_SIZE=layout.block_size,
         TILE_SIZE=tile_size,
         HEAD_DIM=head_dim,
         HEAD_PAD=padded_head_dim(head_dim),
         HAS_KEY_VALID=key_valid is not None,
         OUTLIERS=outliers,
-        **launch,
     )
+    for role in roles:
+        kernel[(batch * heads, num_blocks)](*args, **meta, **launch, **role)
     tiles_per_block = layout.block_size // tile_size
     stats = PooledStats(
         tile_size=tile_size,
