@@ -26,8 +26,10 @@ Suites:
 `--budgets` (any suite but drift) compares the per-head budget policies (`head_budget`,
 `spattn_compile.policies.budgets`) at the default estimator and rectification instead of the estimators: per case,
 density and head, the error as a multiple of the oracle's for each budget policy (`uniform`, `water_fill`, `residual`,
-or those of `--budget-policies`; from the estimate, and from the true mass: what an exact step would choose), each
-head's kept density, and the estimated recall (`SparsePlan.estimated_recall`) against the true recall.
+`calibrated`, or those of `--budget-policies`; from the estimate, and from the true mass: what an exact step would
+choose), each head's kept density, and the estimated recall (`SparsePlan.estimated_recall`) and the calibrated one
+(`policies.budgets.calibrated_recall`) against the true recall, per head and as the distribution over the suite's
+heads of the true missing mass over the estimated one.
 
 Run: `python benchmarks/fidelity.py --suite hard --device cuda` (tables printed last, also written to `--output`;
 `--json PATH` writes the rows too).
@@ -55,6 +57,7 @@ from spattn_compile.implementations import ReferenceImplementation
 from spattn_compile.layout import TokenLayout, token_layout
 from spattn_compile.plan import SparsePlan
 from spattn_compile.policies import Trust
+from spattn_compile.policies.budgets import calibrated_recall
 from spattn_compile.policies.topk import select_plan_reference
 from spattn_compile.testing import PlanEvaluator, VideoAttentionInputs, dit_attention_inputs, video_attention_inputs
 from spattn_compile.testing.benchmark import ATTENTION_CASES
@@ -156,7 +159,7 @@ def _plans(inputs, layout, evaluator, densities, rectify_modes, defaults: Sparse
     return plans
 
 
-BUDGETS = ("uniform", "water_fill", "residual")
+BUDGETS = ("uniform", "water_fill", "residual", "calibrated")
 
 
 def _budget_plans(inputs, layout, evaluator, densities, defaults: SparseAttentionConfig, budgets=BUDGETS):
@@ -216,6 +219,8 @@ def run_case(
                 head_x_oracle=[e / o for e, o in zip(result.head_error, oracle.head_error)],
                 head_density=plan.density().mean(0).tolist(),
                 head_recall=plan.estimated_recall().mean(0).tolist(),
+                # The recall `MissingMassCalibration` predicts from the same estimate (policies.budgets).
+                head_calibrated_recall=calibrated_recall(plan).mean(0).tolist(),
                 # The same measure on the true block mass: each head's true recall.
                 head_true_recall=dataclasses.replace(plan, block_scores=mass).estimated_recall().mean(0).tolist(),
             )
@@ -254,17 +259,39 @@ def render_budgets(rows: list[dict]) -> str:
             f"mean {sum(gaps) / len(gaps):+.4f}, min {min(gaps):+.4f}, max {max(gaps):+.4f}.",
             "",
             "Per head (default plan, uniform budget): estimated recall minus true recall, and the true missing mass "
-            "over the estimated one (`1 - recall`).",
+            "over the estimated one (`1 - recall`), before and after the calibration (`calibrated_recall`).",
             "",
-            "| case | density | est - true, per head | true / estimated missing mass, per head |",
-            "|---|---|---|---|",
+            "| case | density | est - true, per head | true / estimated missing mass | true / calibrated |",
+            "|---|---|---|---|---|",
         ]
+        before, after = [], []
         for r in estimated:
             pairs = list(zip(r["head_recall"], r["head_true_recall"]))
             gap = ", ".join(f"{e - t:+.4f}" for e, t in pairs)
-            ratio = ", ".join(f"{(1 - t) / max(1 - e, 1e-12):.2f}" for e, t in pairs)
-            lines.append(f"| {r['case']} | {r['density']:.0%} | {gap} | {ratio} |")
+            ratios = [(1 - t) / max(1 - e, 1e-12) for e, t in pairs]
+            calibrated = [
+                (1 - t) / max(1 - c, 1e-12) for c, t in zip(r["head_calibrated_recall"], r["head_true_recall"])
+            ]
+            before += ratios
+            after += calibrated
+            lines.append(
+                f"| {r['case']} | {r['density']:.0%} | {gap} | {', '.join(f'{x:.2f}' for x in ratios)} | "
+                f"{', '.join(f'{x:.2f}' for x in calibrated)} |"
+            )
+        lines += [
+            "",
+            f"True over estimated missing mass over the {len(before)} (case, density, head): "
+            f"{_spread(before)}; calibrated: {_spread(after)}.",
+        ]
     return "\n".join(lines)
+
+
+def _spread(ratios: list[float]) -> str:
+    """min, 10th percentile, median, 90th percentile and max of `ratios`, and the rms of their logarithm."""
+    values = torch.tensor(ratios, dtype=torch.float64).clamp(min=1e-12)
+    points = torch.quantile(values, torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0], dtype=torch.float64)).tolist()
+    rms = float(values.log().square().mean().sqrt())
+    return "min {:.2f}, p10 {:.2f}, median {:.2f}, p90 {:.2f}, max {:.2f}".format(*points) + f" (rms log {rms:.2f})"
 
 
 def render(rows: list[dict], densities, defaults: SparseAttentionConfig) -> str:

@@ -71,8 +71,9 @@ class SparseAttentionConfig:
         neighbors: always keep the blocks holding any 26-neighbour of a token of the query block.
         head_budget: a registered budget policy (`spattn_compile.policies.budgets`): how the key blocks are shared
             between the heads of a call at the same average density. "uniform" (every head keeps `1 - sparsity`),
-            "water_fill" (blocks go to the heads whose next block holds the most estimated mass) or "residual" (to
-            the heads whose next blocks leave the most error after rectification).
+            "water_fill" (blocks go to the heads whose next block holds the most estimated mass), "residual" (to
+            the heads whose next blocks leave the most error after rectification) or "calibrated" (the residual
+            policy on each head's calibrated missing mass).
     Rectification (attend, stage 3):
         rectify: a registered rectification mode (`spattn_compile.policies`): "none" (plain block-sparse), "block"
             (IPAR/GAPR scalar R and vector c per query block) or "query" (trusted skipped blocks enter the softmax as

@@ -18,9 +18,27 @@ from kernel_helpers import reference_call, sparse_call, triton_implementation
 
 from spattn_compile import SparseAttentionConfig
 from spattn_compile.layout import token_layout
-from spattn_compile.plan import PooledStats, block_budget
-from spattn_compile.policies import ResidualFilling, TopK, Trust, UniformBudget, WaterFilling, selection_settings
-from spattn_compile.policies.budgets import concave_gains, residual_budgets, residual_share, water_fill_budgets
+from spattn_compile.plan import PooledStats, SparsePlan, block_budget
+from spattn_compile.policies import (
+    CalibratedResidual,
+    MissingMassCalibration,
+    ResidualFilling,
+    TopK,
+    Trust,
+    UniformBudget,
+    WaterFilling,
+    selection_settings,
+)
+from spattn_compile.policies.budgets import (
+    calibrated_missing,
+    calibrated_recall,
+    calibrated_residual_budgets,
+    concave_gains,
+    residual_budgets,
+    residual_share,
+    top_share,
+    water_fill_budgets,
+)
 from spattn_compile.policies.topk import head_budgets, select_blocks
 from spattn_compile.testing import dit_attention_inputs
 
@@ -175,6 +193,145 @@ def test_residual_gives_blocks_to_the_head_whose_skipped_blocks_rectification_ca
     assert budgets[0, 0] < 4 < budgets[0, 1] and int(budgets.sum()) == 8
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    batch=st.integers(1, 2),
+    heads=st.integers(1, 6),
+    nb=st.integers(1, 24),
+    density=st.floats(0.01, 1.0),
+    min_share=st.sampled_from([0.0, 0.25, 0.5, 1.0]),
+    relative=st.sampled_from([0.0, 0.5, 1.0]),
+    trust=st.sampled_from(TRUSTS),
+    seed=st.integers(0, 2**16),
+)
+def test_calibrated_keeps_the_average_and_the_floors(batch, heads, nb, density, min_share, relative, trust, seed):
+    scores = _scores(batch, heads, nb, seed)
+    stats = _stats(batch, heads, nb, seed)
+    forced = torch.eye(nb, dtype=torch.bool)
+    uniform = block_budget(density, nb)
+    arguments = (forced, uniform, stats, None, trust, min_share, relative)
+    budgets = calibrated_residual_budgets(scores, *arguments)
+    assert budgets.dtype == torch.int32 and budgets.shape == (batch, heads)
+    floor = max(1, math.ceil(min_share * uniform - 1e-9))
+    assert int(budgets.min()) >= floor and int(budgets.max()) <= nb
+    assert torch.equal(budgets.sum(-1), torch.full((batch,), heads * uniform, dtype=torch.int64))
+    # Deterministic, and the same from float32 scores of the same values (the kernel path's dtype).
+    assert torch.equal(budgets, calibrated_residual_budgets(scores.clone(), *arguments))
+    assert torch.equal(budgets, calibrated_residual_budgets(scores.float().double(), *arguments)) or not torch.equal(
+        scores.float().double(), scores
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(heads=st.integers(1, 5), nb=st.integers(1, 20), density=st.floats(0.01, 1.0), seed=st.integers(0, 2**16))
+def test_calibrated_without_calibration_nor_relative_weights_is_the_residual_policy(heads, nb, density, seed):
+    scores = _scores(1, heads, nb, seed)
+    stats = _stats(1, heads, nb, seed)
+    forced = torch.eye(nb, dtype=torch.bool)
+    uniform = block_budget(density, nb)
+    trust = Trust(compensate=True, gapr=False)
+    identity = MissingMassCalibration(0.0, 1.0, 0.0, 1.0, 1.0)
+    expected = residual_budgets(scores, forced, uniform, stats, None, trust, 0.25)
+    got = calibrated_residual_budgets(scores, forced, uniform, stats, None, trust, 0.25, 0.0, identity)
+    assert torch.equal(got, expected)
+
+
+@settings(max_examples=40, deadline=None)
+@given(nb=st.integers(2, 16), density=st.floats(0.05, 0.9), seed=st.integers(0, 2**16))
+def test_relative_weights_protect_the_head_whose_error_is_small(nb, density, seed):
+    """Two heads: raising `relative` (each head's gains over its own residual at the uniform budget to that power)
+    never takes blocks from the head whose residual at the uniform budget is the smaller."""
+    scores = _scores(1, 2, nb, seed, sharpness=torch.tensor([6.0, 0.5], dtype=torch.float64))
+    stats = _stats(1, 2, nb, seed)
+    forced = torch.eye(nb, dtype=torch.bool)
+    uniform = block_budget(density, nb)
+    trust = Trust(compensate=True, gapr=False)
+    identity = MissingMassCalibration(0.0, 1.0, 0.0, 1.0, 1.0)
+    order = (scores[..., :nb] + 2.0 * forced).sort(dim=-1, descending=True, stable=True).indices
+    gain = (scores[..., :nb] * residual_share(stats, None, trust)).gather(-1, order).mean(-2)
+    small = int(gain[0, :, uniform:].sum(-1).argmin())
+    kept = [
+        int(calibrated_residual_budgets(scores, forced, uniform, stats, None, trust, 0.0, r, identity)[0, small])
+        for r in (0.0, 0.5, 1.0)
+    ]
+    assert kept == sorted(kept)
+
+
+def test_calibrated_missing_is_the_stated_function():
+    """`m * clamp(exp(intercept + top_share * T) * m ** (power - 1), low, high)`, at most 1, with `T` the mean
+    largest share of a head's rows: one-hot rows have T = 1, uniform rows 1 / NB; invariant to the rows' scale, the
+    text column and a permutation of the key blocks."""
+    nb = 8
+    one_hot = torch.zeros(1, 1, nb, nb + 1, dtype=torch.float64)
+    one_hot[..., 3] = 0.7
+    flat = torch.full((1, 1, nb, nb + 1), 1.0 / (nb + 1), dtype=torch.float64)
+    scores = torch.cat([one_hot, flat], 1)
+    assert torch.allclose(top_share(scores), torch.tensor([[1.0, 1.0 / nb]], dtype=torch.float64))
+    c = MissingMassCalibration(intercept=0.3, power=0.5, top_share=-0.4, low=0.01, high=100.0)
+    missing = torch.tensor([[0.04, 0.09]], dtype=torch.float64)
+    expected = missing.sqrt() * torch.tensor([[math.exp(0.3 - 0.4), math.exp(0.3 - 0.4 / nb)]], dtype=torch.float64)
+    assert torch.allclose(calibrated_missing(missing, top_share(scores), c), expected, rtol=1e-12)
+    permutation = torch.randperm(nb, generator=torch.Generator().manual_seed(0))
+    permuted = torch.cat([scores[..., permutation], scores[..., nb:]], -1)
+    rescaled = scores * 3.0
+    rescaled[..., nb] = 0.0
+    for other in (permuted, rescaled):
+        assert torch.allclose(calibrated_missing(missing, top_share(other), c), expected, rtol=1e-12)
+    # The factors are 4.52 and 4.28: clamped from above, then from below.
+    for low, high, factor in ((1.5, 2.0, 2.0), (5.0, 6.0, 5.0)):
+        tight = dataclasses.replace(c, low=low, high=high)
+        assert torch.allclose(calibrated_missing(missing, top_share(scores), tight), missing * factor, rtol=1e-12)
+    doubled = dataclasses.replace(c, low=2.0, high=2.0)
+    assert calibrated_missing(torch.tensor([[0.0, 0.9]]), top_share(scores), doubled).tolist() == [[0.0, 1.0]]
+    for bad in (dict(low=0.0), dict(low=2.0, high=1.0), dict(intercept=math.nan), dict(power=0.0)):
+        with pytest.raises(ValueError, match="MissingMassCalibration"):
+            MissingMassCalibration(**bad)
+    with pytest.raises(ValueError, match="CalibratedResidual.relative=2"):
+        CalibratedResidual(relative=2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    heads=st.integers(1, 4),
+    nb=st.integers(1, 16),
+    power=st.floats(0.05, 2.0),
+    intercept=st.floats(-2.0, 2.0),
+    slope=st.floats(-2.0, 2.0),
+    seed=st.integers(0, 2**16),
+)
+def test_calibrated_missing_is_monotone(heads, nb, power, intercept, slope, seed):
+    """For every calibration with `power > 0`: more estimated missing mass never predicts less true missing mass
+    (so a head's calibrated residual curve still falls as its budget grows), and the prediction stays in [0, 1]."""
+    scores = _scores(1, heads, nb, seed)
+    calibration = MissingMassCalibration(intercept, power, slope, 0.25, 8.0)
+    missing = torch.linspace(0.0, 1.0, 257, dtype=torch.float64).expand(1, heads, 257)
+    predicted = calibrated_missing(missing, top_share(scores), calibration)
+    assert bool((predicted[..., 1:] >= predicted[..., :-1]).all())
+    assert bool(((predicted >= 0) & (predicted <= 1)).all()) and bool((predicted[..., 0] == 0).all())
+
+
+@settings(max_examples=30, deadline=None)
+@given(heads=st.integers(1, 4), nb=st.integers(2, 12), seed=st.integers(0, 2**16))
+def test_calibrated_recall_is_monotone_in_the_kept_blocks(heads, nb, seed):
+    """Keeping more blocks never lowers the calibrated recall; it stays in [0, 1] and is the calibrated missing mass
+    of the plan's estimated recall."""
+    grid = (1, 1, nb * 16)
+    scores = _scores(1, heads, nb, seed)
+    order = scores[..., :nb].argsort(-1, descending=True)
+    previous = None
+    for kept in range(1, nb + 1):
+        mask = torch.zeros(1, heads, nb, nb, dtype=torch.bool)
+        mask.scatter_(-1, order[..., :kept], True)
+        plan = SparsePlan.from_mask(mask, video_grid=grid, block_size=16, reorder="none", block_scores=scores)
+        recall = calibrated_recall(plan)
+        assert bool(((recall >= 0) & (recall <= 1 + 1e-6)).all())
+        expected = 1 - calibrated_missing(1 - plan.estimated_recall().double(), top_share(scores))
+        assert torch.allclose(recall.double(), expected, atol=1e-6)
+        if previous is not None:
+            assert bool((recall >= previous - 1e-6).all())
+        previous = recall
+
+
 def test_residual_needs_the_statistics():
     layout = token_layout((1, 2, 16), 0, False, 16, "none")
     with pytest.raises(ValueError, match="head_budget='residual' needs the pooled statistics"):
@@ -252,13 +409,14 @@ def test_settings_choose_the_budget_policy():
     chosen = selection_settings(SparseAttentionConfig(head_budget="water_fill")).budget
     assert chosen == WaterFilling()
     assert selection_settings(SparseAttentionConfig(head_budget="residual")).budget == ResidualFilling()
+    assert selection_settings(SparseAttentionConfig(head_budget="calibrated")).budget == CalibratedResidual()
     with pytest.raises(ValueError, match="head_budget='best'.*uniform"):
         SparseAttentionConfig(head_budget="best")
     layout = token_layout((1, 2, 16), 0, False, 16, "none")
     assert head_budgets(_scores(1, 2, 2, 0), layout, TopK(0.5)) is None
 
 
-@pytest.mark.parametrize("policy", ["water_fill", "residual"])
+@pytest.mark.parametrize("policy", ["water_fill", "residual", "calibrated"])
 @pytest.mark.parametrize("text_len", [0, 9])
 def test_plans_keep_the_average_density(text_len, policy):
     """End to end through the reference orchestrator: each head's plan keeps its budget per video query block and the
@@ -279,7 +437,7 @@ def test_plans_keep_the_average_density(text_len, policy):
     assert float(kept.min()) >= 1.0
 
 
-@pytest.mark.parametrize("policy", ["water_fill", "residual"])
+@pytest.mark.parametrize("policy", ["water_fill", "residual", "calibrated"])
 def test_triton_implementation_selects_the_reference_plan(policy):
     """The Triton implementation with per-head budgets gives the reference's plan for the same scores."""
     grid = (2, 4, 8)
@@ -306,11 +464,11 @@ def test_the_budget_policy_is_part_of_the_cached_plans_key():
     inputs = dit_attention_inputs(grid, heads=2, head_dim=16, seed=1, dtype=torch.float64)
     layout = token_layout(grid, 0, False, 16, "hilbert")
     signatures = set()
-    for budget in ("uniform", "water_fill", "residual"):
+    for budget in ("uniform", "water_fill", "residual", "calibrated"):
         config = SparseAttentionConfig(block_size=16, head_budget=budget, min_seq_len=0)
         call = reference_call(inputs.query, inputs.key, inputs.value, None, layout, config)
         signatures.add(op.plan_signature(call, config))
-    assert len(signatures) == 3
+    assert len(signatures) == 4
 
 
 def test_report_shows_each_heads_density_and_estimated_recall(tmp_path):

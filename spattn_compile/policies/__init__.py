@@ -7,6 +7,7 @@ policy is and holds the registries).
 | budget | `UniformBudget` (`"uniform"`) | `budgets.py` | every head keeps the same budget |
 | budget | `WaterFilling` (`"water_fill"`) | `budgets.py` | per-head budgets at the same average: most estimated mass |
 | budget | `ResidualFilling` (`"residual"`) | `budgets.py` | per-head budgets: least error left after rectification |
+| budget | `CalibratedResidual` (`"calibrated"`) | `budgets.py` | the residual policy on the calibrated missing mass |
 | attend | `NoRectification` (`"none"`) | `rectification.py` | plain block-sparse attention |
 | attend | `BlockRectification` (`"block"`) | `rectification.py` | `R_i * O + c_i` per query block (IPAR/GAPR) |
 | attend | `QueryRectification` (`"query"`) | `rectification.py` | trusted blocks as virtual pooled keys per query |
@@ -46,7 +47,7 @@ from .base import (
     unregister_rectification,
     unregister_selection,
 )
-from .budgets import ResidualFilling, UniformBudget, WaterFilling
+from .budgets import CalibratedResidual, MissingMassCalibration, ResidualFilling, UniformBudget, WaterFilling
 from .rectification import BlockRectification, NoRectification, QueryRectification
 from .topk import TopK
 
@@ -58,7 +59,9 @@ __all__ = [
     "BlockRectification",
     "BudgetConfig",
     "BudgetInputs",
+    "CalibratedResidual",
     "KernelRectification",
+    "MissingMassCalibration",
     "NoRectification",
     "QueryRectification",
     "RectificationConfig",
