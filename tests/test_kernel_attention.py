@@ -792,3 +792,13 @@ def test_int16_block_lists_are_read_as_int32_words_or_widened(entries):
             assert torch.equal(torch.stack([low, high], 1).reshape(-1), original.to(torch.int32))
         else:
             assert torch.equal(words, original.to(torch.int32))
+
+
+def test_autotuned_choice_is_keyed_by_shape():
+    """The tile choice depends on the call's shape (query blocks and heads), not only on its constexprs: keyed by
+    constexprs alone, a small first call (a warm-up, a short clip) chose the tile of every later call, which cost the
+    Wan 14B 720p call 25% on the H200 (benchmarks/NOTES_attention.md)."""
+    from spattn_compile.kernels import block_sparse_attention as kernel_module
+
+    keys = kernel_module._autotuned_kernel.keys
+    assert "num_q_blocks" in keys and "num_heads" in keys, keys

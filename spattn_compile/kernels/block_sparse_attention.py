@@ -562,7 +562,11 @@ def prune_tile_configs(configs: list[triton.Config], named_args: dict, **kwargs:
     return [config for config in configs if TileConfig.of(config) in tiles]
 
 
+# The shape is in the key (query blocks and heads, whose product sets the number of programs): keyed by constexprs
+# alone, the first call's shape (a small warm-up, a short clip) would choose the tile of every later one.
 _AUTOTUNE_KEY = [
+    "num_q_blocks",
+    "num_heads",
     "BLOCK_SIZE",
     "HEAD_DIM",
     "HEAD_PAD",

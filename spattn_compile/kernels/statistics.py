@@ -433,7 +433,8 @@ _autotuned_prepare = triton.autotune(
         triton.Config({"CHUNK": c.chunk, "RELOAD_KEYS": c.reread}, num_warps=c.warps, maxnreg=c.maxnreg)
         for c in _PREPARE_CANDIDATES
     ],
-    key=["BLOCK_SIZE", "TILE_SIZE", "HEAD_PAD", "HAS_KEY_VALID", "OUTLIERS"],
+    # The shape is in the key (the block count): the best chunk differs between a small first call and a long video.
+    key=["BLOCK_SIZE", "TILE_SIZE", "HEAD_PAD", "HAS_KEY_VALID", "OUTLIERS", "ROLE", "num_blocks"],
     prune_configs_by={"early_config_prune": _prune_prepare_configs},
 )(_prepare_stats_kernel)
 
@@ -561,6 +562,9 @@ def prepare_statistics(
         chunk = max(tile_size, 16) if outliers else 16
         kernel, launch = _prepare_stats_kernel, {"CHUNK": min(chunk, layout.block_size), "num_warps": 4}
     else:
+        # One launch: the split form was faster alone (1.51 / 1.39 ms against 1.54 / 1.56 at Wan 14B / HunyuanVideo
+        # 720p, tune_planning.py) but planning through select_plan was slower with it as the default (6.5 / 9.7 ms
+        # against 6.2 / 9.0; benchmarks/NOTES_pipeline.md), so it stays an explicit option.
         kernel, launch = _autotuned_prepare, {}
     args = (
         query,
