@@ -638,16 +638,22 @@ def test_head_dim_padding_does_not_read_past_the_row():
     assert relative_error(out, case.expected, zero_reference=True) < _TOLERANCE[torch.float32]
 
 
-def test_bench_attention_runs_at_a_toy_size(tmp_path):
-    """benchmarks/bench_attention.py (the GPU table of issue 17) runs end to end on the CPU with --smoke: the
-    correctness checks pass, the markdown report is written under $OUT, the table is printed last."""
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_attention.py"
-    env = {**os.environ, "OUT": str(tmp_path), "TRITON_INTERPRET": "1"}
+def _run_benchmark_smoke(name: str, out: Path) -> tuple[list[str], int]:
+    """Run `benchmarks/<name> --smoke` on the CPU with $OUT set: its output lines and the index of its table's
+    header (the table is printed last)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / name
+    env = {**os.environ, "OUT": str(out), "TRITON_INTERPRET": "1"}
     result = subprocess.run([sys.executable, str(script), "--smoke"], env=env, capture_output=True, text=True,
                             timeout=900)  # fmt: skip
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     lines = result.stdout.strip().splitlines()
-    table = lines.index(next(line for line in lines if line.startswith("| shape | sparsity |")))
+    return lines, lines.index(next(line for line in lines if line.startswith("| shape | sparsity |")))
+
+
+def test_bench_attention_runs_at_a_toy_size(tmp_path):
+    """benchmarks/bench_attention.py (the GPU table of issue 17) runs end to end on the CPU with --smoke: the
+    correctness checks pass, the markdown report is written under $OUT, the table is printed last."""
+    lines, table = _run_benchmark_smoke("bench_attention.py", tmp_path)
     assert lines[table - 1] == "correctness: passed" and all(line.startswith("|") for line in lines[table:])
     assert len(lines) - table == 2 + 2  # header, rule, one timing row, one head-dim row
     report = (tmp_path / "bench_attention.md").read_text()
@@ -657,13 +663,7 @@ def test_bench_attention_runs_at_a_toy_size(tmp_path):
 def test_tune_attention_runs_at_a_toy_size(tmp_path):
     """benchmarks/tune_attention.py (every kernel variant against cuDNN) runs end to end on the CPU with --smoke:
     every variant passes its float64 check, the report is written under $OUT, the table is printed last."""
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "tune_attention.py"
-    env = {**os.environ, "OUT": str(tmp_path), "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, str(script), "--smoke"], env=env, capture_output=True, text=True,
-                            timeout=900)  # fmt: skip
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    lines = result.stdout.strip().splitlines()
-    table = lines.index(next(line for line in lines if line.startswith("| shape | sparsity |")))
+    lines, table = _run_benchmark_smoke("tune_attention.py", tmp_path)
     assert lines[table - 1].startswith("correctness: passed") and all(line.startswith("|") for line in lines[table:])
     assert any("split" in line and "[lanes 32+16]" in line for line in lines[table:])
     report = (tmp_path / "tune_attention.md").read_text()
